@@ -1,0 +1,266 @@
+"""Sparse-aware distillation divergences from cached top-k teacher distributions.
+
+Per position the teacher is the (k+1)-bin distribution P = (p_K, P_R): its top-k probabilities and the
+exact residual tail mass. The student Q = (q_K, Q_R) is exact: q gathered at K, and
+Q_R = exp(logsumexp(z_S[not K]/t) - logsumexp(z_S/t)). With k = |V| (P_R = 0) every sparse loss equals
+its dense twin. Logs of zero probabilities are floored at log(float32 tiny) so no finite input gives
+inf or NaN; 0·log 0 = 0.
+
+    fkl   KL(P‖Q) = Σ P (log P − log Q)
+    rkl   KL(Q‖P) = Σ Q (log Q − log P)
+    jsd   β·KL(P‖M) + (1−β)·KL(Q‖M), M = βP + (1−β)Q; β=0 is fkl, β=1 is rkl (TRL's generalized_jsd_loss)
+    tvd   ½ Σ |P − Q|
+    sfkl  KL(P ‖ αP + (1−α)Q)
+    srkl  KL(Q ‖ (1−α)P + αQ)
+    akl   w_head·fkl + w_tail·rkl; head H = smallest prefix of K (teacher-sorted) with Σ_H p ≥ μ,
+          g_head = Σ_H |p−q|, g_tail = Σ_{K∖H} |p−q| + |P_R − Q_R|, w = g / (g_head + g_tail) detached
+
+AKL follows the paper's head rule (the token that crosses μ is in the head); the authors' published
+snippet leaves that token out of the head.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+KINDS = ("fkl", "rkl", "akl", "jsd", "tvd", "sfkl", "srkl")
+LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+AKL_EPS = 1e-8
+ROW_CHUNK = 1024
+
+
+class AKLStats(NamedTuple):
+    g_head: torch.Tensor
+    g_tail: torch.Tensor
+    w_head: torch.Tensor
+
+
+# ---------------------------------------------------------------- divergences on bins
+
+def _floor(logx: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isneginf(logx), torch.full_like(logx, LOG_FLOOR), logx)
+
+
+def _kl(pa: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(A‖B) = Σ a (log a − log b), with 0·log 0 = 0."""
+    return torch.where(pa > 0, pa * (log_a - log_b), torch.zeros_like(pa)).sum(-1)
+
+
+def _log_mix(w: float, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """log(w·a + (1−w)·b)."""
+    if w <= 0:
+        return log_b
+    if w >= 1:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+def head_mask(p: torch.Tensor, mu: float, n_head_bins: int) -> torch.Tensor:
+    """AKL head over the first n_head_bins bins: smallest teacher-sorted prefix with Σ p ≥ μ (top-1 always in)."""
+    ph = p[..., :n_head_bins]
+    sorted_p, order = ph.sort(-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p
+    in_head_sorted = before < mu
+    in_head_sorted[..., 0] = True
+    mask = torch.zeros_like(in_head_sorted).scatter(-1, order, in_head_sorted)
+    pad = p.shape[-1] - n_head_bins
+    return torch.nn.functional.pad(mask, (0, pad), value=False) if pad else mask
+
+
+def akl_weights(p, q, mask):
+    diff = (p - q).abs()
+    g_head = torch.where(mask, diff, torch.zeros_like(diff)).sum(-1)
+    g_tail = torch.where(mask, torch.zeros_like(diff), diff).sum(-1)
+    denom = (g_head + g_tail).clamp_min(AKL_EPS)
+    return AKLStats(g_head, g_tail, g_head / denom)
+
+
+def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins=None):
+    """Per-position divergence between teacher bins logp and student bins logq, both [N, B] log-probs.
+
+    Returns (loss [N], AKLStats or None). n_head_bins: bins eligible for the AKL head (the tail bucket is not).
+    """
+    p, q = logp.exp(), logq.exp()
+    lp, lq = _floor(logp), _floor(logq)
+    if kind == "fkl" or (kind == "jsd" and beta == 0):
+        return _kl(p, lp, lq), None
+    if kind == "rkl" or (kind == "jsd" and beta == 1):
+        return _kl(q, lq, lp), None
+    if kind == "jsd":
+        lm = _log_mix(beta, lp, lq)
+        return beta * _kl(p, lp, lm) + (1 - beta) * _kl(q, lq, lm), None
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(-1), None
+    if kind == "sfkl":
+        return _kl(p, lp, _log_mix(alpha, lp, lq)), None
+    if kind == "srkl":
+        return _kl(q, lq, _log_mix(1 - alpha, lp, lq)), None
+    if kind == "akl":
+        mask = head_mask(p, mu, logp.shape[-1] if n_head_bins is None else n_head_bins)
+        with torch.no_grad():
+            stats = akl_weights(p, q, mask)
+        loss = stats.w_head * _kl(p, lp, lq) + (1 - stats.w_head) * _kl(q, lq, lp)
+        zero = (stats.g_head + stats.g_tail) == 0
+        loss = torch.where(zero, torch.zeros_like(loss), loss)
+        return loss, AKLStats(stats.g_head, stats.g_tail, torch.where(zero, torch.zeros_like(loss), stats.w_head))
+    raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+# ---------------------------------------------------------------- the student's side, O(N·k) extra memory
+
+class _GatherWithTail(torch.autograd.Function):
+    """(log q at ids [N, m], log Q_R [N]) from logits [N, V] at temperature t, never building [N, V] tensors
+    beyond row chunks: with s = z/t and c = max s, log q_i = (s_i − c) − log Σ e^(s−c),
+    log Q_R = log Σ_{j∉ids} e^(s_j−c) − log Σ e^(s−c)."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, t):
+        n = logits.shape[0]
+        stats = logits.new_empty(3, n, dtype=torch.float32)       # row max, log Σ e^(s−c), same over not-ids
+        log_q = logits.new_empty(ids.shape, dtype=torch.float32)
+        for a in range(0, n, ROW_CHUNK):
+            sl = slice(a, a + ROW_CHUNK)
+            s = logits[sl].float() / t
+            c = s.amax(-1, keepdim=True)
+            x = s - c
+            stats[0, sl] = c[:, 0]
+            stats[1, sl] = torch.logsumexp(x, -1)
+            stats[2, sl] = torch.logsumexp(x.scatter(-1, ids[sl], float("-inf")), -1)
+            log_q[sl] = x.gather(-1, ids[sl]) - stats[1, sl, None]
+        ctx.save_for_backward(logits, ids, stats)
+        ctx.t = t
+        return log_q, stats[2] - stats[1]
+
+    @staticmethod
+    def backward(ctx, g_q, g_r):
+        """d/ds_j = Σ_i g_q,i (δ_ij − q_j) + g_r (1[j∉ids]·e^(s_j)/Σ_{not ids} e^s − q_j), then ÷ t."""
+        logits, ids, stats = ctx.saved_tensors
+        t = ctx.t
+        grad = torch.empty_like(logits)
+        for a in range(0, logits.shape[0], ROW_CHUNK):
+            sl = slice(a, a + ROW_CHUNK)
+            x = logits[sl].float() / t - stats[0, sl, None]
+            gq, gr = g_q[sl], g_r[sl]
+            q = torch.exp(x - stats[1, sl, None])
+            log_r = stats[2, sl, None]
+            finite_r = torch.isfinite(log_r)
+            r = torch.where(finite_r, torch.exp(x - torch.where(finite_r, log_r, 0.0)), 0.0)
+            r = r.scatter(-1, ids[sl], 0.0)
+            g = gr[:, None] * r - q * (gq.sum(-1) + gr)[:, None]
+            g = g.scatter_add(-1, ids[sl], gq)
+            grad[sl] = (g / t).to(grad.dtype)
+        return grad, None, None
+
+
+def student_bins(student_logits, topk_ids, temperature=1.0):
+    """Student (k+1)-bin log-probs [N, k+1]: log q at the teacher's top-k ids, then log Q_R."""
+    log_q, log_r = _GatherWithTail.apply(student_logits, topk_ids, float(temperature))
+    return torch.cat([log_q, log_r[:, None]], -1)
+
+
+def token_logprob(logits, targets):
+    """log q(target) at temperature 1, [N]: the cross-entropy's negative, with no [N, V] log-softmax kept."""
+    return _GatherWithTail.apply(logits, targets[:, None], 1.0)[0][:, 0]
+
+
+# ---------------------------------------------------------------- public API
+
+def check_params(kind, mu=0.5, beta=0.5, alpha=0.1):
+    if kind not in KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
+    for name, v in (("mu", mu), ("beta", beta), ("alpha", alpha)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}={v} is out of range; it must lie in [0, 1]")
+
+
+def _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass):
+    n, v = student_logits.shape
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != n:
+        raise ValueError(f"shape mismatch: student_logits {tuple(student_logits.shape)}, topk_ids "
+                         f"{tuple(topk_ids.shape)}, topk_logprobs {tuple(topk_logprobs.shape)}; want [N, V], [N, k], [N, k]")
+    if tail_logmass.shape != (n,):
+        raise ValueError(f"shape mismatch: tail_logmass {tuple(tail_logmass.shape)}, want [{n}]")
+    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= v):
+        raise ValueError(f"teacher token id {int(topk_ids.max())} is outside the student's vocabulary of {v}; "
+                         "use a student with the teacher's tokenizer")
+
+
+def sparse_kd_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, kind, *, mu=0.5, beta=0.5,
+                   alpha=0.1, temperature=1.0, return_stats=False, validate=True):
+    """Per-position loss [N] between cached teacher (top-k + tail) and the student's logits at `temperature`.
+
+    With return_stats=True returns (loss, AKLStats or None).
+    """
+    check_params(kind, mu, beta, alpha)
+    if validate:
+        _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass)
+    logq = student_bins(student_logits, topk_ids.long(), temperature)
+    logp = torch.cat([topk_logprobs.float(), tail_logmass.float()[:, None]], -1)
+    loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha, n_head_bins=topk_ids.shape[1])
+    return (loss, stats) if return_stats else loss
+
+
+def dense_kd_loss(student_logits, teacher_logits, kind, *, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0,
+                  return_stats=False):
+    """The same divergences over the full vocabulary: the online baseline and the tests' oracle."""
+    check_params(kind, mu, beta, alpha)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"shape mismatch: student {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}")
+    logq = torch.log_softmax(student_logits.float() / temperature, -1)
+    logp = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha)
+    return (loss, stats) if return_stats else loss
+
+
+def sparse_kd_loss_from_hidden(hidden, lm_head_weight, topk_ids, topk_logprobs, tail_logmass, kind, *,
+                               chunk_size=1024, vocab_size=None, return_stats=False, **kw):
+    """sparse_kd_loss on logits = hidden @ W.T, computed chunk by chunk of positions.
+
+    Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory holds one
+    chunk × V of logits, never N × V. Same values and gradients as the unchunked path.
+    """
+    v = vocab_size or lm_head_weight.shape[0]
+
+    def chunk_loss(h, w, ids, lp, tail):
+        logits = (h @ w[:v].T)
+        loss, stats = sparse_kd_loss(logits, ids, lp, tail, kind, return_stats=True, **kw)
+        return (loss,) + (tuple(stats) if stats is not None else ())
+
+    outs = []
+    for a in range(0, hidden.shape[0], chunk_size):
+        sl = slice(a, a + chunk_size)
+        args = (hidden[sl], lm_head_weight, topk_ids[sl], topk_logprobs[sl], tail_logmass[sl])
+        outs.append(checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
+                    else chunk_loss(*args))
+    if not outs:
+        loss = hidden.new_zeros(0, dtype=torch.float32)
+        return (loss, AKLStats(loss, loss, loss) if kind == "akl" else None) if return_stats else loss
+    cols = [torch.cat(c) for c in zip(*outs)]
+    if not return_stats:
+        return cols[0]
+    return cols[0], (AKLStats(*cols[1:]) if len(cols) > 1 else None)
+
+
+def reduce_loss(per_position, mask=None, num_items=None):
+    """Σ loss·mask / num_items, num_items defaulting to Σ mask; 0 (not NaN) when nothing counts."""
+    if mask is not None:
+        per_position = torch.where(mask.bool(), per_position, torch.zeros_like(per_position))
+        count = mask.sum()
+    else:
+        count = per_position.numel()
+    denom = count if num_items is None else num_items
+    if isinstance(denom, torch.Tensor):
+        denom = denom.clamp_min(1)
+    else:
+        denom = max(denom, 1)
+    return per_position.sum() / denom
+
+
+def mix(ce, kd, kd_ratio):
+    """(1 − kd_ratio)·CE + kd_ratio·KD."""
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio={kd_ratio} is out of range; it must lie in [0, 1]")
+    return (1 - kd_ratio) * ce + kd_ratio * kd

@@ -1,0 +1,204 @@
+import math
+
+import pytest
+import torch
+
+from pipeline import losses
+from pipeline.losses import KINDS, dense_kd_loss, sparse_kd_loss, sparse_kd_loss_from_hidden
+
+
+def teacher_topk(teacher_logits, k, t=1.0):
+    logp = torch.log_softmax(teacher_logits.float() / t, -1)
+    lp, ids = logp.topk(k, -1)
+    rest = logp.scatter(-1, ids, float("-inf"))
+    return ids, lp.float(), torch.logsumexp(rest, -1).float()
+
+
+def grads(fn, x):
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
+def random_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 9, (1,), generator=g))
+    v = int(torch.randint(2, 40, (1,), generator=g))
+    scale = float(torch.rand(1, generator=g)) * 6 + 0.1
+    s = torch.randn(n, v, generator=g) * scale
+    t = torch.randn(n, v, generator=g) * scale
+    temp = [0.5, 1.0, 2.0][seed % 3]
+    params = dict(mu=float(torch.rand(1, generator=g)), beta=float(torch.rand(1, generator=g)),
+                  alpha=float(torch.rand(1, generator=g)))
+    return s, t, temp, params
+
+
+# -- the property: with k = |V| every sparse kind is its dense twin, values and gradients
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", range(12))
+def test_full_k_equals_dense(kind, seed):
+    s, t, temp, params = random_case(seed)
+    ids, lp, tail = teacher_topk(t, t.shape[1], temp)
+    assert torch.isneginf(tail).all()
+    sv, sg = grads(lambda x: sparse_kd_loss(x, ids, lp, tail, kind, temperature=temp, **params), s)
+    dv, dg = grads(lambda x: dense_kd_loss(x, t, kind, temperature=temp, **params), s)
+    torch.testing.assert_close(sv, dv, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sg, dg, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_endpoints_are_fkl_and_rkl(beta):
+    s, t, _, _ = random_case(3)
+    want = dense_kd_loss(s, t, "fkl" if beta == 0 else "rkl")
+    torch.testing.assert_close(dense_kd_loss(s, t, "jsd", beta=beta), want)
+
+
+def test_dense_jsd_matches_trl_formula():
+    """TRL generalized_jsd_loss: β·KL(P‖M) + (1−β)·KL(Q‖M) with M = βP + (1−β)Q."""
+    s, t, _, _ = random_case(5)
+    beta = 0.3
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
+    kl = torch.nn.functional.kl_div
+    want = beta * kl(lm, lt, reduction="none", log_target=True).sum(-1) + \
+        (1 - beta) * kl(lm, ls, reduction="none", log_target=True).sum(-1)
+    torch.testing.assert_close(dense_kd_loss(s, t, "jsd", beta=beta), want)
+
+
+def test_akl_head_contains_the_token_that_crosses_mu():
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    assert losses.head_mask(p, 0.5, 4).tolist() == [[True, True, False, False]]
+    assert losses.head_mask(p, 0.4, 4).tolist() == [[True, False, False, False]]
+    assert losses.head_mask(p, 0.0, 4).tolist() == [[True, False, False, False]]
+    assert losses.head_mask(torch.tensor([[0.2, 0.1, 0.7]]), 0.95, 2).tolist() == [[True, True, False]]
+
+
+def test_akl_weights_follow_the_gaps():
+    """Teacher (0.6, 0.3 | tail 0.1) vs student (0.3, 0.3 | 0.4): g_head = 0.3, g_tail = 0 + 0.3."""
+    tlp = torch.tensor([[0.6, 0.3]]).log()
+    tail = torch.tensor([0.1]).log()
+    # student logits over V=3 with probabilities (0.3, 0.3, 0.4); token 2 is the tail
+    s = torch.tensor([[0.3, 0.3, 0.4]]).log()
+    loss, st = sparse_kd_loss(s, torch.tensor([[0, 1]]), tlp, tail, "akl", mu=0.5, return_stats=True)
+    torch.testing.assert_close(st.g_head, torch.tensor([0.3]))
+    torch.testing.assert_close(st.g_tail, torch.tensor([0.3]))
+    torch.testing.assert_close(st.w_head, torch.tensor([0.5]))
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    want = 0.5 * (p * (p / q).log()).sum() + 0.5 * (q * (q / p).log()).sum()
+    torch.testing.assert_close(loss, want[None])
+
+
+def test_sparse_tail_bucket_is_a_lower_bound_of_dense_fkl():
+    s, t, _, _ = random_case(7)
+    ids, lp, tail = teacher_topk(t, 3)
+    assert (sparse_kd_loss(s, ids, lp, tail, "fkl") <= dense_kd_loss(s, t, "fkl") + 1e-6).all()
+
+
+def test_temperature_is_applied_to_the_student():
+    s, t, _, _ = random_case(1)
+    ids, lp, tail = teacher_topk(t, 5, 2.0)
+    a = sparse_kd_loss(s, ids, lp, tail, "fkl", temperature=2.0)
+    b = sparse_kd_loss(s / 2.0, ids, lp, tail, "fkl", temperature=1.0)
+    torch.testing.assert_close(a, b)
+
+
+# -- the chunked lm_head path
+
+@pytest.mark.parametrize("kind", ["fkl", "akl", "jsd"])
+def test_hidden_chunked_path_equals_logits_path(kind):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(37, 8, generator=g), torch.randn(50, 8, generator=g)
+    ids, lp, tail = teacher_topk(torch.randn(37, 50, generator=g), 6)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    a = sparse_kd_loss_from_hidden(h1, w1, ids, lp, tail, kind, chunk_size=8)
+    a.sum().backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    b = sparse_kd_loss(h2 @ w2.T, ids, lp, tail, kind)
+    b.sum().backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+# -- edge cases: nothing non-finite from finite (or -inf masked) inputs
+
+def assert_finite(kind, s, ids, lp, tail, **kw):
+    s = s.clone().requires_grad_()
+    loss = sparse_kd_loss(s, ids, lp, tail, kind, **kw)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all(), (kind, loss)
+    assert torch.isfinite(s.grad).all(), (kind, s.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_student_logits_and_zero_tail(kind):
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(4, 20, generator=g)
+    s[:, 10:] = float("-inf")
+    ids, lp, tail = teacher_topk(torch.randn(4, 20, generator=g), 5)
+    assert_finite(kind, s, ids, lp, tail)
+    assert_finite(kind, s, ids, lp, torch.full_like(tail, float("-inf")))
+    s2 = s.clone()
+    s2[:, 5:] = float("-inf")            # student puts no mass outside a set: Q_R may be 0
+    assert_finite(kind, s2, ids, lp, tail)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_hot_teacher(kind):
+    s = torch.randn(3, 10)
+    ids = torch.arange(4).repeat(3, 1)
+    lp = torch.tensor([0.0, float("-inf"), float("-inf"), float("-inf")]).repeat(3, 1)
+    assert_finite(kind, s, ids, lp, torch.full((3,), float("-inf")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_student_logits(kind, dtype):
+    s, t, _, _ = random_case(2)
+    ids, lp, tail = teacher_topk(t, 3)
+    s = s.to(dtype).requires_grad_()
+    loss = sparse_kd_loss(s, ids, lp.half(), tail, kind)
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all() and torch.isfinite(s.grad.float()).all()
+
+
+def test_identical_distributions_give_zero_for_every_kind():
+    t = torch.randn(5, 12)
+    ids, lp, tail = teacher_topk(t, 12)
+    for kind in KINDS:
+        torch.testing.assert_close(sparse_kd_loss(t, ids, lp, tail, kind), torch.zeros(5), atol=1e-5, rtol=0)
+
+
+def test_reduction_all_ignored_is_zero_and_num_items_normalizes():
+    loss = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    out = losses.reduce_loss(loss, torch.zeros(3))
+    out.backward()
+    assert out.item() == 0 and torch.isfinite(loss.grad).all()
+    assert losses.reduce_loss(loss, torch.tensor([1, 1, 0]), num_items=4).item() == pytest.approx(0.75)
+    assert losses.mix(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(2.5)
+
+
+def test_token_logprob_is_cross_entropy():
+    s, y = torch.randn(6, 30), torch.randint(0, 30, (6,))
+    a, ga = grads(lambda x: -losses.token_logprob(x, y), s)
+    b, gb = grads(lambda x: torch.nn.functional.cross_entropy(x, y, reduction="none"), s)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+
+
+# -- errors
+
+def test_clear_errors():
+    s = torch.randn(2, 10)
+    ids, lp, tail = teacher_topk(torch.randn(2, 10), 3)
+    with pytest.raises(ValueError, match="unknown loss kind 'kl'"):
+        sparse_kd_loss(s, ids, lp, tail, "kl")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        sparse_kd_loss(s, ids, lp[:, :2], tail, "fkl")
+    with pytest.raises(ValueError, match="outside the student's vocabulary"):
+        sparse_kd_loss(s[:, :5], ids.clamp_min(7), lp, tail, "fkl")
+    for bad in (dict(mu=1.5), dict(beta=-0.1), dict(alpha=2.0)):
+        with pytest.raises(ValueError, match="out of range"):
+            sparse_kd_loss(s, ids, lp, tail, "akl", **bad)
