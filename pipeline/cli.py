@@ -1,0 +1,136 @@
+"""The `pipeline` command: a thin layer that turns options into a stage's config and calls it."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+EXPECTED = (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, KeyError, OSError)
+
+
+def one_line_errors(fn):
+    """Known failures print one line `error: …` and exit 1, with no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except EXPECTED as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def data_options(fn):
+    for opt in reversed([
+        click.option("--data", "source", required=True, help="jsonl/json/parquet/csv/arrow file, saved dataset folder, or hub name"),
+        click.option("--split", default="train", show_default=True),
+        click.option("--prompt-field"), click.option("--response-field"), click.option("--text-field"),
+        click.option("--max-length", default=1024, show_default=True, type=int),
+        click.option("--limit", type=int, help="use only the first N samples"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def data_config(source, split, prompt_field, response_field, text_field, max_length, limit):
+    from pipeline.data import DataConfig
+    return DataConfig(source, split, prompt_field, response_field, text_field, max_length, limit)
+
+
+def parse_shard(value):
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not of the form I/N, e.g. 0/4")
+    return (i, n)
+
+
+@click.group()
+@click.version_option(package_name="distill-cache")
+def main():
+    """Cache a teacher's top-k distributions once; distill many students from the cache."""
+
+
+@main.command("cache-teacher")
+@click.option("--teacher", required=True, help="Hugging Face causal LM: local path or hub name")
+@data_options
+@click.option("--top-k", default=64, show_default=True, type=int)
+@click.option("--temperature", "temperatures", multiple=True, type=float, help="repeatable; default 1.0")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "arrow"]), default="zarr", show_default=True)
+@click.option("--out", help="cache folder")
+@click.option("--cache-root", help="folder of caches named by cache key (instead of --out)")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--batch-tokens", type=int, help="padded-token budget per batch (instead of --batch-size)")
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
+@click.option("--shard", help="I/N: fill only parts p with p mod N = I (torchrun ranks pick theirs)")
+@click.option("--part-size", default=256, show_default=True, type=int, help="samples per part")
+@click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace a different cache at --out")
+@click.option("--strict", is_flag=True, help="abort on non-finite teacher logits instead of skipping the sample")
+@click.option("--trust-remote-code", is_flag=True)
+@one_line_errors
+def cache_teacher(teacher, source, split, prompt_field, response_field, text_field, max_length, limit, top_k,
+                  temperatures, fmt, out, cache_root, batch_size, batch_tokens, dtype, device, shard, part_size,
+                  logprob_dtype, overwrite, strict, trust_remote_code):
+    """Run a teacher over a dataset and store its top-k log-probs and exact tail mass."""
+    from stages import cache_teacher as stage
+    cfg = stage.CacheTeacherConfig(
+        teacher=teacher, data=data_config(source, split, prompt_field, response_field, text_field, max_length, limit),
+        out=out, cache_root=cache_root, top_k=top_k, temperatures=tuple(temperatures) or (1.0,), format=fmt,
+        batch_size=batch_size, batch_tokens=batch_tokens, dtype=dtype, device=device, shard=parse_shard(shard),
+        part_size=part_size, logprob_dtype=logprob_dtype, overwrite=overwrite, strict=strict,
+        trust_remote_code=trust_remote_code)
+    result = stage.run(cfg)
+    if result["status"] == "hit":
+        click.echo(f"cache hit: {result['path']} (key {result['manifest']['cache_key'][:16]})")
+        return
+    m = result["manifest"]
+    truncated = m["counts"].get("truncated_samples", 0) if m else "?"
+    click.echo(f"{result['status']}: {result['path']}; wrote {result['parts_written']} parts, {result['samples']} samples, "
+               f"{result['tokens']} tokens in {result['seconds']:.1f}s" +
+               (f"; {m['counts']['samples']} samples in all, {truncated} truncated at --max-length {max_length}, "
+                f"{m['counts'].get('skipped_samples', 0)} skipped" if m else "; other shards still to finish"))
+
+
+@main.command()
+@click.argument("cache")
+@one_line_errors
+def verify(cache):
+    """Check checksums, shapes, dtypes and values of every part; name the first bad one."""
+    import storage
+    m = storage.verify(cache)
+    click.echo(f"ok: {cache}: {m['num_parts']} parts, {m['counts']['samples']} samples, "
+               f"{m['counts']['distilled_positions']} distilled positions")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="print the statistics as JSON")
+@one_line_errors
+def inspect(cache, as_json):
+    """Print the manifest summary and statistics of a cache."""
+    import storage
+    click.echo(json.dumps(storage.statistics(cache), indent=1) if as_json else storage.describe(cache))
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "arrow"]), required=True)
+@click.option("--overwrite", is_flag=True)
+@one_line_errors
+def convert(src, dst, fmt, overwrite):
+    """Rewrite a cache in the other backend; the contents stay identical."""
+    import storage
+    m = storage.convert(src, dst, fmt, overwrite)
+    click.echo(f"converted {src} → {dst} ({fmt}, {m['num_parts']} parts)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Loading Hugging Face causal LMs and tokenizers, their fingerprints, and logits at chosen positions only."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
+                        "architectures", "use_cache"}
+
+
+class ModelError(ValueError):
+    pass
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown --dtype {dtype!r}; choose auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def _check_exists(name: str) -> None:
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"model path {name} does not exist")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    _check_exists(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+    _check_exists(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"cannot load a causal LM from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return model.to(device)
+
+
+def config_sha256(config) -> str:
+    d = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_folder(name: str) -> Path | None:
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from transformers.utils import cached_file
+        return Path(cached_file(name, "config.json", local_files_only=True)).parent
+    except Exception:
+        return None
+
+
+def weights_fingerprint(name: str) -> str:
+    """sha256 over each weight file's name, size and first and last MiB: cheap enough for a 140 GB checkpoint,
+    and any re-save, fine-tune or conversion changes it."""
+    folder = model_folder(name)
+    if folder is None:
+        return "unknown"
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    d = {"vocab": sorted(tok.get_vocab().items()), "special": {k: str(v) for k, v in tok.special_tokens_map.items()},
+         "chat_template": getattr(tok, "chat_template", None)}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def output_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocab(model, tok, who: str) -> int:
+    """The softmax size: the tokenizer's vocabulary, which the model's lm_head must cover."""
+    v = len(tok)
+    if v > output_size(model):
+        raise ModelError(f"the {who} tokenizer has {v} tokens but its lm_head has {output_size(model)} outputs; "
+                         "use the tokenizer that belongs to the model")
+    return v
+
+
+class PositionLogits:
+    """Logits only where they are needed: the base model's hidden states, gathered at chosen positions, through
+    the lm_head. On first use it is checked against the model's own forward; a model with extra logit processing
+    (soft-capping, scaling) that breaks the match falls back to the full forward."""
+
+    def __init__(self, model, vocab_size: int):
+        self.model = model
+        self.vocab_size = vocab_size
+        self.head = model.get_output_embeddings()
+        self.fast = None
+
+    def hidden(self, input_ids, attention_mask):
+        if self.fast is None:
+            self.fast = self._fast_path_matches(input_ids[:1], attention_mask[:1])
+        if self.fast:
+            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def logits(self, rows):
+        """Logits [P, V] for gathered rows of hidden() output (or of full logits on the fallback path)."""
+        out = self.head(rows) if self.fast else rows
+        return out[:, :self.vocab_size]
+
+    @torch.no_grad()
+    def _fast_path_matches(self, input_ids, attention_mask) -> bool:
+        n = int(attention_mask[0].sum())
+        was_training = self.model.training
+        self.model.eval()
+        full = self.model(input_ids=input_ids[:, :n]).logits[0].float()
+        h = self.model.base_model(input_ids=input_ids[:, :n]).last_hidden_state[0]
+        fast = self.head(h).float()
+        self.model.train(was_training)
+        tol = 2e-2 if full.dtype != torch.float32 or h.dtype != torch.float32 else 1e-4
+        ok = fast.shape == full.shape and torch.allclose(fast, full, rtol=tol, atol=tol * max(1.0, full.abs().max().item()))
+        if not ok:
+            warnings.warn("lm_head on hidden states does not reproduce this model's logits; using the full forward")
+        return ok

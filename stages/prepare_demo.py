@@ -1,0 +1,97 @@
+"""The embedded default: procedurally generated instruction tasks with checkable answers, a tokenizer trained on
+them, and tiny model configs. Everything offline."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+TASKS = ("add", "reverse", "sort", "count", "max")
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def make_example(rng: random.Random) -> dict:
+    task = rng.choice(TASKS)
+    if task == "add":
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return {"task": task, "prompt": f"add {a} and {b}", "response": f"the sum is {a + b}", "answer": str(a + b)}
+    letters = [rng.choice("abcdefghij") for _ in range(rng.randint(3, 7))]
+    word = "".join(letters)
+    if task == "reverse":
+        out = word[::-1]
+        return {"task": task, "prompt": f"reverse {' '.join(word)}", "response": f"reversed : {' '.join(out)}", "answer": out}
+    if task == "sort":
+        out = "".join(sorted(word))
+        return {"task": task, "prompt": f"sort {' '.join(word)}", "response": f"sorted : {' '.join(out)}", "answer": out}
+    if task == "count":
+        c = rng.choice(letters)
+        n = letters.count(c)
+        return {"task": task, "prompt": f"count {c} in {' '.join(word)}", "response": f"{c} appears {n} times", "answer": str(n)}
+    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
+    return {"task": task, "prompt": f"max of {' '.join(map(str, nums))}", "response": f"the max is {max(nums)}",
+            "answer": str(max(nums))}
+
+
+@dataclass
+class DemoDataConfig:
+    out: str
+    train_size: int = 2000
+    test_size: int = 200
+    vocab_size: int = 600
+    seed: int = 0
+
+
+def run(cfg: DemoDataConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    splits = {"train": [make_example(rng) for _ in range(cfg.train_size)],
+              "test": [make_example(rng) for _ in range(cfg.test_size)]}
+    for name, rows in splits.items():
+        with open(out / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    texts = [r["prompt"] + " " + r["response"] for r in splits["train"]]
+    save_tokenizer(out / "tokenizer", texts, cfg.vocab_size)
+    return {"train": str(out / "train.jsonl"), "test": str(out / "test.jsonl"), "tokenizer": str(out / "tokenizer")}
+
+
+def save_tokenizer(folder, texts, vocab_size: int = 600):
+    """Train a byte-level BPE and save it as a PreTrainedTokenizerFast (what AutoTokenizer loads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def save_model(folder, tokenizer_folder, arch: str = "gpt2", layers: int = 2, width: int = 64, heads: int = 2,
+               seed: int = 0, vocab_size: int | None = None):
+    """A freshly initialized tiny causal LM (GPT-2 or Llama style) with its tokenizer, via save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    v = vocab_size or len(tok)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=v, n_positions=256, n_embd=width, n_layer=layers, n_head=heads, **ids)
+    elif arch == "llama":
+        config = LlamaConfig(vocab_size=v, hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                             max_position_embeddings=256, tie_word_embeddings=False, **ids)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; choose gpt2 or llama")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)

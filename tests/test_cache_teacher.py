@@ -1,0 +1,225 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import storage
+from pipeline.cli import main
+from pipeline.data import DataConfig
+from stages import cache_teacher as ct
+from tiny import build
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("tiny"))
+
+
+def instruction(paths, **kw):
+    return DataConfig(paths["train"], prompt_field="prompt", response_field="response", **kw)
+
+
+def run(paths, out, arch="gpt2", data=None, **kw):
+    cfg = ct.CacheTeacherConfig(teacher=paths[arch], data=data or instruction(paths), out=str(out), top_k=kw.pop("top_k", 5),
+                                part_size=kw.pop("part_size", 16), progress=False, **kw)
+    return ct.run(cfg)
+
+
+def recompute(paths, arch, sample, temperature):
+    model = AutoModelForCausalLM.from_pretrained(paths[arch], dtype=torch.float32).eval()
+    ids = torch.as_tensor(sample["input_ids"].astype(np.int64))[None]
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    vocab = len(AutoTokenizer.from_pretrained(paths[arch]))
+    j = np.nonzero(sample["loss_mask"])[0]
+    logp = torch.log_softmax(logits[j - 1, :vocab] / temperature, -1)
+    return logp
+
+
+# -- stored values equal an independent recomputation from the teacher's full logits
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["instruction", "plain"])
+def test_stored_values_equal_recomputation(tiny, tmp_path, arch, kind):
+    data = instruction(tiny) if kind == "instruction" else DataConfig(tiny["plain"], text_field="text")
+    result = run(tiny, tmp_path / "c", arch, data, temperatures=(1.0, 2.0), logprob_dtype="float32")
+    assert result["status"] == "complete"
+    cache = storage.open_cache(tmp_path / "c")
+    storage.verify(tmp_path / "c")
+    for t in (1.0, 2.0):
+        c = cache.at_temperature(t)
+        for i in (0, 7, len(c) - 1):
+            s = c[i]
+            logp = recompute(tiny, arch, s, t)
+            lp, ids = logp.topk(5, -1)
+            np.testing.assert_array_equal(s["topk_ids"], ids.numpy())
+            np.testing.assert_allclose(s["topk_logprobs"], lp.numpy(), atol=1e-5)
+            tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), -1)
+            np.testing.assert_allclose(s["tail_logmass"], tail.numpy(), atol=1e-5)
+
+
+def test_instruction_masks_only_the_response_with_eos(tiny, tmp_path):
+    run(tiny, tmp_path / "c")
+    s = storage.open_cache(tmp_path / "c")[0]
+    tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    row = json.loads(open(tiny["train"]).readline())
+    distilled = s["input_ids"][s["loss_mask"] == 1]
+    assert distilled[-1] == tok.eos_token_id
+    assert tok.decode(distilled[:-1]).strip() == row["response"]
+    assert tok.decode(s["input_ids"][s["loss_mask"] == 0]).endswith("### Response:\n")
+
+
+def test_plain_text_distills_every_token_after_the_first(tiny, tmp_path):
+    run(tiny, tmp_path / "c", data=DataConfig(tiny["plain"], text_field="text"))
+    s = storage.open_cache(tmp_path / "c")[3]
+    assert s["loss_mask"][0] == 0 and s["loss_mask"][1:].all()
+
+
+def test_truncation_is_counted(tiny, tmp_path):
+    result = run(tiny, tmp_path / "c", data=instruction(tiny, max_length=24))
+    assert result["manifest"]["counts"]["truncated_samples"] > 0
+    assert max(len(s["input_ids"]) for s in storage.open_cache(tmp_path / "c").stream()) == 24
+
+
+def test_token_budget_batches_equal_fixed_batches(tiny, tmp_path):
+    run(tiny, tmp_path / "a", batch_size=3)
+    run(tiny, tmp_path / "b", batch_tokens=200)
+    a, b = storage.open_cache(tmp_path / "a"), storage.open_cache(tmp_path / "b")
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i]["topk_ids"], b[i]["topk_ids"])
+        np.testing.assert_allclose(a[i]["tail_logmass"], b[i]["tail_logmass"], atol=1e-5)
+
+
+# -- many writers, resume, reuse
+
+def test_shards_merge_into_the_single_process_cache(tiny, tmp_path):
+    ref = run(tiny, tmp_path / "one", part_size=8)["manifest"]
+    first = run(tiny, tmp_path / "many", part_size=8, shard=(1, 3))
+    assert first["status"] == "partial" and not (tmp_path / "many/manifest.json").exists()
+    run(tiny, tmp_path / "many", part_size=8, shard=(0, 3))
+    merged = run(tiny, tmp_path / "many", part_size=8, shard=(2, 3))["manifest"]
+    assert merged["parts"] == ref["parts"] and merged["counts"] == ref["counts"]
+
+
+def test_same_inputs_are_a_cache_hit(tiny, tmp_path):
+    run(tiny, tmp_path / "c")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "c/parts").rglob("*")}
+    res = CliRunner().invoke(main, ["cache-teacher", "--teacher", tiny["gpt2"], "--data", tiny["train"], "--prompt-field",
+                                    "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "16",
+                                    "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0 and res.output.startswith("cache hit"), res.output
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "c/parts").rglob("*")}
+
+
+def test_cache_root_names_the_cache_by_key(tiny, tmp_path):
+    cfg = ct.CacheTeacherConfig(teacher=tiny["gpt2"], data=instruction(tiny), cache_root=str(tmp_path), top_k=5,
+                                progress=False)
+    first, second = ct.run(cfg), ct.run(cfg)
+    assert first["status"] == "complete" and second["status"] == "hit" and first["path"] == second["path"]
+    assert Path(first["path"]).name == first["manifest"]["cache_key"][:16]
+
+
+def test_another_teacher_at_the_same_path_is_refused(tiny, tmp_path):
+    run(tiny, tmp_path / "c")
+    key = json.loads((tmp_path / "c/manifest.json").read_text())["cache_key"]
+    with pytest.raises(storage.CacheMismatch, match="identity.teacher"):
+        run(tiny, tmp_path / "c", "llama")
+    assert json.loads((tmp_path / "c/manifest.json").read_text())["cache_key"] == key
+    assert run(tiny, tmp_path / "c", "llama", overwrite=True)["status"] == "complete"
+
+
+def test_sigkill_then_resume_computes_only_missing_parts(tiny, tmp_path):
+    args = [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--teacher", tiny["llama"], "--data", tiny["train"],
+            "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "2",
+            "--batch-size", "1", "--out", str(tmp_path / "c")]
+    ref = run(tiny, tmp_path / "ref", "llama", part_size=2, batch_size=1)["manifest"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "c/parts"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(parts.glob("part-*"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in parts.glob("part-*"))
+    assert 3 <= len(done) < ref["num_parts"], done
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        storage.verify(tmp_path / "c")
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert f"wrote {ref['num_parts'] - len(done)} parts" in out
+    assert storage.verify(tmp_path / "c")["parts"] == ref["parts"]
+
+
+# -- bad input: one line, non-zero exit, nothing visible written
+
+def cli(tiny, out, *extra, teacher=None, data=None):
+    args = ["cache-teacher", "--teacher", teacher or tiny["gpt2"], "--data", data or tiny["train"], "--out", str(out)]
+    if "--text-field" not in extra:
+        args += ["--prompt-field", "prompt", "--response-field", "response"]
+    return CliRunner().invoke(main, args + list(extra))
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing-teacher", "model path"),
+    ("missing-field", "column 'question' not in"),
+    ("empty", "is empty"),
+    ("malformed", "cannot read dataset"),
+    ("k-too-large", "--top-k 100000 must lie between 1 and the vocabulary size"),
+    ("tokenizer-too-big", "tokenizer has"),
+])
+def test_bad_input_is_one_line(tiny, tmp_path, case, expect):
+    out = tmp_path / "c"
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("")
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response\n')
+    if case == "missing-teacher":
+        res = cli(tiny, out, teacher=str(tmp_path / "nope"))
+    elif case == "missing-field":
+        res = CliRunner().invoke(main, ["cache-teacher", "--teacher", tiny["gpt2"], "--data", tiny["train"], "--out",
+                                        str(out), "--prompt-field", "question", "--response-field", "response"])
+    elif case == "empty":
+        res = cli(tiny, out, data=str(empty))
+    elif case == "malformed":
+        res = cli(tiny, out, data=str(bad))
+    elif case == "k-too-large":
+        res = cli(tiny, out, "--top-k", "100000")
+    else:
+        from stages import prepare_demo
+        small = prepare_demo.save_model(tmp_path / "small", tiny["tokenizer"], "gpt2", 1, 16, 2, vocab_size=50)
+        res = cli(tiny, out, teacher=small)
+    assert res.exit_code != 0
+    lines = [l for l in res.output.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0], res.output
+    assert not (out / "manifest.json").exists() and not list(out.glob("parts/part-*"))
+
+
+def test_non_finite_logits_skip_the_sample_or_abort_when_strict(tiny, tmp_path):
+    """A NaN input embedding (untied Llama, so the lm_head stays finite) poisons exactly the samples using that token."""
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    poison = tok("reverse", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[poison] = float("nan")
+    model.save_pretrained(tmp_path / "bad")
+    tok.save_pretrained(tmp_path / "bad")
+    paths = {**tiny, "bad": str(tmp_path / "bad")}
+    from pipeline.data import load_rows, tokenize
+    cfg = instruction(tiny)
+    n_poisoned = sum(poison in s["input_ids"] for s in tokenize(load_rows(cfg), tok, cfg))
+    assert 0 < n_poisoned < 48
+    with pytest.warns(UserWarning, match="non-finite teacher logits"):
+        m = run(paths, tmp_path / "c", "bad")["manifest"]
+    assert m["counts"]["skipped_samples"] == n_poisoned
+    storage.verify(tmp_path / "c")
+    with pytest.raises(ct.NonFiniteLogits):
+        run(paths, tmp_path / "d", "bad", strict=True)
