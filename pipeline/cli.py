@@ -23,9 +23,9 @@ def one_line_errors(fn):
     return wrapper
 
 
-def data_options(fn):
+def data_options(fn, required=True):
     for opt in reversed([
-        click.option("--data", "source", required=True, help="jsonl/json/parquet/csv/arrow file, saved dataset folder, or hub name"),
+        click.option("--data", "source", required=required, help="jsonl/json/parquet/csv/arrow file, saved dataset folder, or hub name"),
         click.option("--split", default="train", show_default=True),
         click.option("--prompt-field"), click.option("--response-field"), click.option("--text-field"),
         click.option("--max-length", default=1024, show_default=True, type=int),
@@ -96,6 +96,58 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
                f"{result['tokens']} tokens in {result['seconds']:.1f}s" +
                (f"; {m['counts']['samples']} samples in all, {truncated} truncated at --max-length {max_length}, "
                 f"{m['counts'].get('skipped_samples', 0)} skipped" if m else "; other shards still to finish"))
+
+
+@main.command()
+@click.option("--student", required=True, help="Hugging Face model (path or hub name), or a config with --init-from-config")
+@click.option("--out", required=True, help="run folder")
+@click.option("--loss", default="fkl", show_default=True, help="ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl")
+@click.option("--cache", help="teacher cache to distill from")
+@lambda fn: data_options(fn, required=False)
+@click.option("--init-from-config", is_flag=True, help="initialize the student from --student's config, not its weights")
+@click.option("--tokenizer", help="tokenizer for --init-from-config")
+@click.option("--kd-ratio", type=float, help="weight of KD in (1 - r)·CE + r·KD; default 1 (0 for ce)")
+@click.option("--mu", default=0.5, show_default=True, type=float, help="AKL head mass")
+@click.option("--beta", default=0.5, show_default=True, type=float, help="JSD mixture weight")
+@click.option("--alpha", default=0.1, show_default=True, type=float, help="skew KL weight")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="must be one the cache holds")
+@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option("--min-lr-ratio", default=0.1, show_default=True, type=float, help="cosine floor as a fraction of --lr")
+@click.option("--warmup-steps", default=10, show_default=True, type=int)
+@click.option("--weight-decay", default=0.01, show_default=True, type=float)
+@click.option("--grad-clip", default=1.0, show_default=True, type=float)
+@click.option("--batch-size", default=8, show_default=True, type=int, help="samples per micro-batch, all ranks together")
+@click.option("--batch-tokens", type=int, help="padded-token budget per micro-batch (instead of --batch-size)")
+@click.option("--grad-accum", default=1, show_default=True, type=int)
+@click.option("--epochs", default=1, show_default=True, type=int)
+@click.option("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--eval-cache", help="held-out teacher cache for eval loss")
+@click.option("--eval-data", help="held-out dataset for eval CE (same fields as --data)")
+@click.option("--eval-split", default="train", show_default=True)
+@click.option("--eval-every", default=0, show_default=True, type=int)
+@click.option("--eval-samples", default=256, show_default=True, type=int)
+@click.option("--save-every", default=0, show_default=True, type=int, help="checkpoint interval in steps")
+@click.option("--log-every", default=10, show_default=True, type=int)
+@click.option("--max-nonfinite", default=10, show_default=True, type=int, help="abort after this many skipped steps")
+@click.option("--num-workers", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, help="auto: bf16 autocast on GPU, float32 on CPU")
+@click.option("--resume", is_flag=True, help="continue from the run's latest checkpoint")
+@click.option("--allow-tokenizer-mismatch", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+@one_line_errors
+def train(student, out, loss, cache, source, split, prompt_field, response_field, text_field, max_length, limit,
+          eval_data, eval_split, **kw):
+    """Distill a student from a teacher cache, or fine-tune it on a dataset (--loss ce)."""
+    from stages import train as stage
+    data = data_config(source, split, prompt_field, response_field, text_field, max_length, limit) if source else None
+    eval_cfg = data_config(eval_data, eval_split, prompt_field, response_field, text_field, max_length, None) \
+        if eval_data else None
+    summary = stage.run(stage.TrainConfig(student=student, out=out, loss=loss, cache=cache, data=data,
+                                          eval_data=eval_cfg, **kw))
+    click.echo(f"trained {summary['steps']} steps ({summary['tokens']} tokens, {summary['nonfinite']} skipped) "
+               f"in {summary['seconds']:.1f}s; model in {out}/final")
 
 
 @main.command()

@@ -115,28 +115,34 @@ def check_vocab(model, tok, who: str) -> int:
     return v
 
 
-class PositionLogits:
-    """Logits only where they are needed: the base model's hidden states, gathered at chosen positions, through
-    the lm_head. On first use it is checked against the model's own forward; a model with extra logit processing
-    (soft-capping, scaling) that breaks the match falls back to the full forward."""
+class PositionLogits(torch.nn.Module):
+    """Logits only where they are needed: the base model's hidden states at chosen (row, column) positions,
+    through the lm_head, restricted to the real vocabulary. On first use it is checked against the model's own
+    forward; a model with extra logit processing (soft-capping, scaling) that breaks the match falls back to
+    gathering the full forward's logits."""
 
     def __init__(self, model, vocab_size: int):
+        super().__init__()
         self.model = model
         self.vocab_size = vocab_size
-        self.head = model.get_output_embeddings()
         self.fast = None
 
-    def hidden(self, input_ids, attention_mask):
+    def hidden_rows(self, input_ids, attention_mask, rows, cols):
+        """[P, H] hidden states (or [P, V'] logits on the fallback path) at the given positions."""
         if self.fast is None:
             self.fast = self._fast_path_matches(input_ids[:1], attention_mask[:1])
         if self.fast:
-            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            h = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            h = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return h[rows, cols]
 
-    def logits(self, rows):
-        """Logits [P, V] for gathered rows of hidden() output (or of full logits on the fallback path)."""
-        out = self.head(rows) if self.fast else rows
+    def logits(self, hidden_rows):
+        out = self.model.get_output_embeddings()(hidden_rows) if self.fast else hidden_rows
         return out[:, :self.vocab_size]
+
+    def forward(self, input_ids, attention_mask, rows, cols):
+        return self.logits(self.hidden_rows(input_ids, attention_mask, rows, cols))
 
     @torch.no_grad()
     def _fast_path_matches(self, input_ids, attention_mask) -> bool:
@@ -145,9 +151,9 @@ class PositionLogits:
         self.model.eval()
         full = self.model(input_ids=input_ids[:, :n]).logits[0].float()
         h = self.model.base_model(input_ids=input_ids[:, :n]).last_hidden_state[0]
-        fast = self.head(h).float()
+        fast = self.model.get_output_embeddings()(h).float()
         self.model.train(was_training)
-        tol = 2e-2 if full.dtype != torch.float32 or h.dtype != torch.float32 else 1e-4
+        tol = 1e-4 if h.dtype == torch.float32 else 2e-2
         ok = fast.shape == full.shape and torch.allclose(fast, full, rtol=tol, atol=tol * max(1.0, full.abs().max().item()))
         if not ok:
             warnings.warn("lm_head on hidden states does not reproduce this model's logits; using the full forward")

@@ -212,9 +212,8 @@ def _compute(cfg, writer, parts, samples, tok, vocab) -> dict:
 @torch.inference_mode()
 def _teacher_batch(cfg, head, batch, tok, device, chunk) -> list[dict | None]:
     ids, attn = pad(batch, tok.pad_token_id, device)
-    hidden = head.hidden(ids, attn)
     b, c = distilled_rows(batch)
-    rows = hidden[b.to(device), c.to(device)]
+    rows = head.hidden_rows(ids, attn, b.to(device), c.to(device))
     out_ids, out_lp, out_tail, finite = [], [], [], []
     for a in range(0, len(rows), chunk):
         logits = head.logits(rows[a:a + chunk]).float()

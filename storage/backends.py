@@ -75,13 +75,16 @@ class ArrowBackend:
     def read(folder: Path, names: list[str]) -> dict:
         with pa.memory_map(str(folder / ARROW_NAME)) as source:
             table = pa.ipc.open_stream(source).read_all().combine_chunks()
-        out = {"sample_index": table["sample_index"].to_numpy()}
-        for name in names:
-            if name in out or name.endswith("_offsets"):
-                continue
-            col = table[name].chunk(0) if table.num_rows else None
-            out.update(_flatten(name, col, table.schema.field(name).type))
-        return out
+        out = {}
+        for col in {OFFSET_OWNER.get(n, n) for n in names}:
+            if col == "sample_index":
+                out[col] = table[col].to_numpy()
+            else:
+                out.update(_flatten(col, table[col].chunk(0) if table.num_rows else None, table.schema.field(col).type))
+        return {n: out[n] for n in names}
+
+
+OFFSET_OWNER = {"token_offsets": "input_ids", "position_offsets": "topk_ids"}
 
 
 def _flatten(name, col, list_type):

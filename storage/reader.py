@@ -91,6 +91,11 @@ class Cache:
         p, j = self.locate(int(i))
         return P.sample(self.read_part(p), j, self.temperature_index)
 
+    def sample_lengths(self) -> np.ndarray:
+        """Token count of every stored sample, read from the offsets alone."""
+        offs = [self.backend.read(self.part_folder(p), ["token_offsets"])["token_offsets"] for p in range(self.num_parts)]
+        return np.concatenate([np.diff(o) for o in offs]) if offs else np.zeros(0, np.int64)
+
     def iter_parts(self, parts=None, readahead: int = 2):
         """Yield (p, arrays) for parts in order, decoding the next `readahead` parts in a background thread."""
         parts = list(range(self.num_parts)) if parts is None else list(parts)

@@ -1,0 +1,88 @@
+"""Stage 3: held-out response NLL and perplexity, ROUGE-L and exact match of greedy generations, and KL to the
+teacher when a cache of the evaluation split exists."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline import batching, data as D, models
+from stages.train import score
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    data: D.DataConfig
+    out: str
+    teacher_cache: str | None = None
+    answer_field: str | None = "answer"
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    generate: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+def normalize(text: str) -> str:
+    return "".join(text.split()).lower()
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, device, progress=True) -> list[str]:
+    """Greedy continuations of prompts rendered with the training template, batched with left padding."""
+    tok.padding_side = "left"
+    out = []
+    for a in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+        enc = [D.encode_instruction(tok, p, "")[0] for p in prompts[a:a + batch_size]]
+        width = max(map(len, enc))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc], device=device)
+        attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return [o.strip() for o in out]
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return 100 * sum(scores) / max(1, len(scores))
+
+
+def run(cfg: EvalConfig) -> dict:
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    tok = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    model = models.load_model(cfg.model, dtype, device, cfg.trust_remote_code).eval()
+    head = models.PositionLogits(model, models.check_vocab(model, tok, "evaluated"))
+    rows = D.load_rows(cfg.data)
+    samples = D.tokenize(rows, tok, cfg.data)
+    nll = score(head, batching.TokenizedSource(samples), tok.pad_token_id, device, "ce", batch_size=cfg.batch_size)
+    metrics = {"model": cfg.model, "samples": len(samples), "nll": nll["ce"], "ppl": math.exp(min(nll["ce"], 50))}
+    if cfg.generate and cfg.data.prompt_field:
+        preds = generate(model, tok, [r[cfg.data.prompt_field] for r in rows], cfg.max_new_tokens, cfg.batch_size,
+                         device, cfg.progress)
+        refs = [str(r[cfg.data.response_field]) for r in rows]
+        metrics["rougeL"] = rouge_l(preds, refs)
+        metrics["exact_match"] = 100 * sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
+        if cfg.answer_field and cfg.answer_field in rows.column_names:
+            answers = [str(r[cfg.answer_field]) for r in rows]
+            metrics["answer_accuracy"] = 100 * sum(normalize(p).endswith(normalize(a)) for p, a in zip(preds, answers)) / len(answers)
+        metrics["examples"] = [{"prompt": r[cfg.data.prompt_field], "reference": ref, "prediction": p}
+                               for r, ref, p in list(zip(rows, refs, preds))[:5]]
+    if cfg.teacher_cache:
+        source = batching.CacheSource(cfg.teacher_cache)
+        for kind in ("fkl", "rkl"):
+            metrics[f"{kind}_to_teacher"] = score(head, source, tok.pad_token_id, device, kind,
+                                                  batch_size=cfg.batch_size)["kd"]
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(metrics, indent=1))
+    return metrics

@@ -1,0 +1,341 @@
+"""Stage 2: train a student from a teacher cache (sparse KD + CE), or plain SFT from a dataset."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import batching, checkpoint, losses, models
+from pipeline.data import DataConfig, load_rows, tokenize
+
+LOSSES = ("ce",) + losses.KINDS
+
+
+@dataclass
+class TrainConfig:
+    student: str
+    out: str
+    loss: str = "fkl"
+    cache: str | None = None
+    data: DataConfig | None = None
+    init_from_config: bool = False
+    tokenizer: str | None = None
+    kd_ratio: float | None = None
+    mu: float = 0.5
+    beta: float = 0.5
+    alpha: float = 0.1
+    temperature: float = 1.0
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    batch_tokens: int | None = None
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 0
+    eval_cache: str | None = None
+    eval_data: DataConfig | None = None
+    eval_every: int = 0
+    eval_samples: int = 256
+    save_every: int = 0
+    log_every: int = 10
+    max_nonfinite: int = 10
+    num_workers: int = 0
+    shuffle_window: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    resume: bool = False
+    allow_tokenizer_mismatch: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.loss == "ce" and self.data is None and self.cache is None:
+            raise ValueError("--loss ce needs --data (or --cache)")
+        if self.loss != "ce" and self.cache is None:
+            raise ValueError(f"--loss {self.loss} distills from a teacher cache; pass --cache")
+        if self.kd_ratio is None:
+            self.kd_ratio = 0.0 if self.loss == "ce" else 1.0
+        losses.check_params(self.loss if self.loss != "ce" else "fkl", self.mu, self.beta, self.alpha)
+        if not 0 <= self.kd_ratio <= 1:
+            raise ValueError(f"--kd-ratio {self.kd_ratio} must lie in [0, 1]")
+        if self.init_from_config and not self.tokenizer:
+            raise ValueError("--init-from-config needs --tokenizer")
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def load_student(cfg: TrainConfig, dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tok = models.load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
+    if cfg.init_from_config:
+        torch.manual_seed(cfg.seed)
+        config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        model = model.to(device)
+    else:
+        model = models.load_model(cfg.student, torch.float32, device, cfg.trust_remote_code)
+    return model, tok
+
+
+def check_cache_compatible(manifest: dict, tok, model, cfg: TrainConfig) -> int:
+    """The softmax size; refuses a cache the student cannot use, with the reason."""
+    vocab = models.check_vocab(model, tok, "student")
+    max_id = manifest["counts"].get("max_token_id", -1)
+    if max_id >= vocab or manifest["vocab_size"] > models.output_size(model):
+        raise ValueError(f"the cache holds token ids up to {max(max_id, manifest['vocab_size'] - 1)} but the student's "
+                         f"vocabulary has {vocab}; distill into a student that shares the teacher's tokenizer")
+    want = manifest["identity"]["tokenizer"]["fingerprint"]
+    if models.tokenizer_fingerprint(tok) != want:
+        if not cfg.allow_tokenizer_mismatch:
+            raise ValueError("the student's tokenizer differs from the one the cache was written with; "
+                             "pass --allow-tokenizer-mismatch if the ids really mean the same tokens")
+        warnings.warn("student tokenizer differs from the cache's; continuing (--allow-tokenizer-mismatch)")
+    if manifest["vocab_size"] != vocab:
+        if not cfg.allow_tokenizer_mismatch:
+            raise ValueError(f"the cache's softmax ran over {manifest['vocab_size']} tokens, the student's tokenizer has {vocab}")
+    return vocab
+
+
+def make_source(cache, data, tok, temperature):
+    if cache:
+        return batching.CacheSource(cache, temperature)
+    return batching.TokenizedSource(tokenize(load_rows(data), tok, data))
+
+
+def distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def step_losses(head, batch, device, autocast, kind, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
+    """Per-micro-batch sums over its distilled positions: CE, and for a KD kind the KD loss and AKL stats."""
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = head(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
+    ce = -losses.token_logprob(logits, b["targets"])
+    out = {"ce": ce.sum()}
+    if kind != "ce" and "topk_ids" in b:
+        kd, stats = losses.sparse_kd_loss(logits, b["topk_ids"], b["topk_logprobs"], b["tail_logmass"], kind,
+                                          mu=mu, beta=beta, alpha=alpha, temperature=temperature,
+                                          return_stats=True, validate=False)
+        out["kd"] = kd.sum()
+        if stats is not None:
+            out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())
+    return out
+
+
+def run(cfg: TrainConfig) -> dict:
+    rank, world = distributed()
+    device = models.resolve_device(cfg.device)
+    autocast = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_student(cfg, None, device)
+    if cfg.cache:
+        source = batching.CacheSource(cfg.cache, cfg.temperature)
+        vocab = check_cache_compatible(source.cache.manifest, tok, model, cfg)
+    else:
+        source = make_source(None, cfg.data, tok, None)
+        vocab = models.check_vocab(model, tok, "student")
+    head = models.PositionLogits(model, vocab)
+    wrapped = torch.nn.parallel.DistributedDataParallel(head) if world > 1 else head
+
+    plan = lambda epoch: batching.epoch_plan(source, cfg.seed, epoch, cfg.batch_size, cfg.batch_tokens,
+                                             cfg.shuffle_window, world)
+    steps_per_epoch = math.ceil(len(plan(0)) / cfg.grad_accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"no batch fits: {len(source)} samples for batch size {cfg.batch_size} on {world} ranks")
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
+
+    state = {"epoch": 0, "step_in_epoch": 0, "nonfinite": 0, "tokens": 0}
+    step = 0
+    ckpt_dir = out / "checkpoints"
+    if cfg.resume and (last := checkpoint.latest(ckpt_dir)) is not None:
+        saved = json.loads((out / "config.json").read_text())
+        if saved != _config_json(cfg):
+            diff = [k for k in saved if saved[k] != _config_json(cfg).get(k) and k not in ("resume", "progress")]
+            if diff:
+                raise ValueError(f"--resume with different settings than the run in {out}: {', '.join(diff)}")
+        loaded = checkpoint.load(last, model, opt, sched)
+        step = loaded.pop("step")
+        state.update(loaded)
+        _truncate_metrics(out / "metrics.jsonl", step)
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_json(cfg), indent=1))
+        (out / "metrics.jsonl").write_text("")
+    eval_source = None
+    if cfg.eval_cache or cfg.eval_data:
+        eval_source = make_source(cfg.eval_cache, cfg.eval_data, tok, cfg.temperature if cfg.eval_cache else None)
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not cfg.progress or rank > 0)
+    log, t_log, tok_log = {}, time.perf_counter(), 0
+    t_start = time.perf_counter()
+    while step < total:
+        batches = plan(state["epoch"])
+        first = state["step_in_epoch"] * cfg.grad_accum
+        mine = [b[rank::world] for b in batches[first:]]
+        loader = torch.utils.data.DataLoader(
+            batching.IndexDataset(source), batch_sampler=mine, num_workers=cfg.num_workers,
+            collate_fn=lambda s: batching.collate(s, tok.pad_token_id), pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),
+            persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+        it = iter(loader)
+        while step < total and state["step_in_epoch"] < steps_per_epoch:
+            group = [b for _, b in zip(range(cfg.grad_accum), it)]
+            sums = _train_step(cfg, wrapped, group, device, autocast, world)
+            state["step_in_epoch"] += 1
+            finite = math.isfinite(sums["loss"])
+            if finite:
+                if cfg.grad_clip:
+                    sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                opt.step()
+            else:
+                state["nonfinite"] += 1
+                warnings.warn(f"non-finite loss at step {step + 1}; step skipped ({state['nonfinite']} so far)")
+                if state["nonfinite"] > cfg.max_nonfinite:
+                    raise RuntimeError(f"{state['nonfinite']} non-finite losses (more than --max-nonfinite "
+                                       f"{cfg.max_nonfinite}); lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            state["tokens"] += sums["tokens"]
+            tok_log += sums["tokens"]
+            for k, v in sums.items():
+                log[k] = log.get(k, 0.0) + v
+            log["n"] = log.get("n", 0) + 1
+            bar.update(1)
+            if rank == 0 and (step % cfg.log_every == 0 or step == total):
+                dt = time.perf_counter() - t_log
+                row = {"step": step, "epoch": state["epoch"], "lr": sched.get_last_lr()[0],
+                       "tokens_per_s": tok_log * world / dt if dt > 0 else None, "nonfinite": state["nonfinite"],
+                       **{k: v / log["n"] for k, v in log.items() if k not in ("n", "tokens")}}
+                _append(out / "metrics.jsonl", row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                log, t_log, tok_log = {}, time.perf_counter(), 0
+            if eval_source is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                row = evaluate_source(cfg, head, eval_source, tok, device, autocast)
+                if rank == 0:
+                    _append(out / "metrics.jsonl", {"step": step, **row})
+            if cfg.save_every and step % cfg.save_every == 0 and step < total and rank == 0:
+                checkpoint.save(ckpt_dir, step, model, opt, sched, state)
+        if state["step_in_epoch"] >= steps_per_epoch:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+    bar.close()
+    summary = {"steps": step, "nonfinite": state["nonfinite"], "tokens": state["tokens"],
+               "seconds": time.perf_counter() - t_start, "world_size": world}
+    if rank == 0:
+        model.save_pretrained(out / "final")
+        tok.save_pretrained(out / "final")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if world > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def _train_step(cfg, wrapped, group, device, autocast, world) -> dict:
+    """Forward/backward every micro-batch of one optimizer step, normalized by the step's global item count."""
+    n_local = sum(int(len(b["rows"])) for b in group)
+    counts = torch.tensor([n_local, sum(int(b["tokens"]) for b in group)], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    n_items, n_tokens = max(1.0, float(counts[0])), int(counts[1])
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(group):
+        sync = i == len(group) - 1 or world == 1
+        ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
+        with ctx:
+            parts = step_losses(wrapped, batch, device, autocast, cfg.loss, **loss_params(cfg))
+            kd = parts.get("kd", torch.zeros((), device=device))
+            loss = losses.mix(parts["ce"], kd, cfg.kd_ratio) / n_items
+            (loss * world).backward()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+    if world > 1:
+        names = sorted(sums)
+        t = torch.tensor([sums[k] for k in names], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        sums = dict(zip(names, t.tolist()))
+    out = {k: v / n_items for k, v in sums.items()}
+    out["loss"] = (1 - cfg.kd_ratio) * out["ce"] + cfg.kd_ratio * out.get("kd", 0.0)
+    out["tokens"] = n_tokens
+    return out
+
+
+def loss_params(cfg: TrainConfig) -> dict:
+    return {"mu": cfg.mu, "beta": cfg.beta, "alpha": cfg.alpha, "temperature": cfg.temperature}
+
+
+@torch.no_grad()
+def score(head, source, pad_id, device, kind="fkl", max_samples=None, batch_size=8, autocast=False, **params) -> dict:
+    """Mean CE and (from a cache) mean `kind` divergence to the teacher per distilled token, in eval mode."""
+    was_training = head.model.training
+    head.model.eval()
+    n = len(source) if max_samples is None else min(len(source), max_samples)
+    totals, items = {}, 0
+    for a in range(0, n, batch_size):
+        batch = batching.collate([source[i] for i in range(a, min(n, a + batch_size))], pad_id)
+        parts = step_losses(head, batch, device, autocast, kind, **params)
+        items += len(batch["rows"])
+        for k in ("ce", "kd"):
+            if k in parts:
+                totals[k] = totals.get(k, 0.0) + float(parts[k])
+    head.model.train(was_training)
+    return {k: v / max(1, items) for k, v in totals.items()} | {"positions": items}
+
+
+def evaluate_source(cfg, head, source, tok, device, autocast) -> dict:
+    kind = cfg.loss if cfg.loss != "ce" else "fkl"
+    row = score(head, source, tok.pad_token_id, device, kind, cfg.eval_samples, cfg.batch_size, autocast,
+                **loss_params(cfg))
+    return {f"eval_{k}": v for k, v in row.items() if k != "positions"}
+
+
+def _config_json(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("resume")
+    d.pop("progress")
+    return json.loads(json.dumps(d, default=str))
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        rows = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))

@@ -1,0 +1,176 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from pipeline import batching, losses, models
+from pipeline.cli import main
+from pipeline.data import DataConfig
+from stages import cache_teacher as ct, prepare_demo, train as tr
+from stages.train import TrainConfig
+from tiny import build
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny teacher fine-tuned by SFT (so it is far from uniform), its caches of train and test, a fresh student."""
+    root = tmp_path_factory.mktemp("train")
+    paths = build(root, train_size=96, test_size=16, archs=("gpt2", "llama"))
+    train_data = DataConfig(paths["train"], prompt_field="prompt", response_field="response")
+    tr.run(TrainConfig(student=paths["gpt2"], out=str(root / "teacher"), loss="ce", data=train_data, max_steps=40,
+                       lr=3e-3, batch_size=16, progress=False, log_every=40))
+    paths["teacher"] = str(root / "teacher/final")
+    for split in ("train", "test"):
+        ct.run(ct.CacheTeacherConfig(teacher=paths["teacher"], data=DataConfig(paths[split], prompt_field="prompt",
+                                     response_field="response"), out=str(root / f"cache-{split}"), top_k=16,
+                                     temperatures=(1.0, 2.0), part_size=32, progress=False))
+        paths[f"cache_{split}"] = str(root / f"cache-{split}")
+    paths["root"] = root
+    return paths
+
+
+def heldout_kl(model_path, cache):
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    tok = models.load_tokenizer(model_path)
+    head = models.PositionLogits(model, len(tok))
+    return tr.score(head, batching.CacheSource(cache), tok.pad_token_id, torch.device("cpu"), "fkl")["kd"]
+
+
+def distill(world, out, loss="fkl", **kw):
+    cfg = dict(student=world["llama"], out=str(out), loss=loss, cache=world["cache_train"], max_steps=30, lr=3e-3,
+               batch_size=8, progress=False, log_every=5)
+    return tr.run(TrainConfig(**{**cfg, **kw}))
+
+
+# -- every loss brings the student closer to the teacher
+
+@pytest.mark.parametrize("loss", losses.KINDS)
+def test_every_loss_lowers_heldout_kl_to_the_teacher(world, tmp_path, loss):
+    before = heldout_kl(world["llama"], world["cache_test"])
+    distill(world, tmp_path / "run", loss)
+    after = heldout_kl(str(tmp_path / "run/final"), world["cache_test"])
+    assert after < 0.8 * before, (before, after)
+    rows = [json.loads(l) for l in open(tmp_path / "run/metrics.jsonl")]
+    assert rows[-1]["step"] == 30 and all(k in rows[-1] for k in ("loss", "ce", "kd", "lr", "tokens_per_s"))
+    if loss == "akl":
+        assert all(0 <= r["w_head"] <= 1 and r["g_head"] >= 0 and r["g_tail"] >= 0 for r in rows)
+
+
+def test_sft_without_a_cache_lowers_ce(world, tmp_path):
+    data = DataConfig(world["train"], prompt_field="prompt", response_field="response")
+    tr.run(TrainConfig(student=world["llama"], out=str(tmp_path / "sft"), loss="ce", data=data, max_steps=30,
+                       lr=3e-3, progress=False, log_every=1))
+    rows = [json.loads(l) for l in open(tmp_path / "sft/metrics.jsonl")]
+    assert rows[-1]["ce"] < rows[0]["ce"] - 0.5
+
+
+def test_init_from_config_and_kd_mix_and_accumulation(world, tmp_path):
+    s = distill(world, tmp_path / "r", "akl", student=world["llama"], init_from_config=True,
+                tokenizer=world["tokenizer"], kd_ratio=0.5, grad_accum=2, batch_tokens=300, max_steps=4,
+                eval_cache=world["cache_test"], eval_every=2)
+    assert s["steps"] == 4
+    rows = [json.loads(l) for l in open(tmp_path / "r/metrics.jsonl")]
+    assert any("eval_kd" in r for r in rows)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "r/final")
+
+
+def test_accumulation_normalizes_over_the_whole_step(world, tmp_path):
+    """2 micro-batches of 4 accumulate to the same update as one batch of 8 (token-weighted mean)."""
+    distill(world, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3)
+    distill(world, tmp_path / "b", batch_size=4, grad_accum=2, max_steps=3)
+    a, b = load_file(tmp_path / "a/final/model.safetensors"), load_file(tmp_path / "b/final/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+# -- interruption: a killed run resumed ends bit-identical to an uninterrupted one
+
+def test_sigkill_and_resume_is_bit_identical(world, tmp_path):
+    args = ["train", "--student", world["gpt2"], "--cache", world["cache_train"], "--loss", "akl", "--max-steps", "150",
+            "--batch-size", "4", "--save-every", "20", "--lr", "1e-3", "--log-every", "5"]
+    ref = CliRunner().invoke(main, args + ["--out", str(tmp_path / "ref")])
+    assert ref.exit_code == 0, ref.output
+    cmd = [sys.executable, "-m", "pipeline.cli"] + args + ["--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "run/checkpoints/latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not latest.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists() and not (tmp_path / "run/final").exists(), "the kill did not land mid-run"
+    subprocess.run(cmd + ["--resume"], cwd=ROOT, check=True, capture_output=True)
+    a, b = load_file(tmp_path / "ref/final/model.safetensors"), load_file(tmp_path / "run/final/model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(l) for l in open(tmp_path / "run/metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(5, 151, 5))
+
+
+def test_resume_with_other_settings_is_refused(world, tmp_path):
+    distill(world, tmp_path / "r", max_steps=4, save_every=2)
+    with pytest.raises(ValueError, match="different settings.*lr"):
+        distill(world, tmp_path / "r", max_steps=4, save_every=2, lr=1e-2, resume=True)
+
+
+# -- DDP: two CPU processes with gloo match one process
+
+def test_ddp_two_processes_match_one(world, tmp_path):
+    args = ["train", "--student", world["llama"], "--cache", world["cache_train"], "--loss", "jsd", "--max-steps", "6",
+            "--batch-size", "8", "--lr", "2e-3"]
+    single = CliRunner().invoke(main, args + ["--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                    "-m", "pipeline.cli"] + args + ["--out", str(tmp_path / "two")], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two/summary.json").read_text())["world_size"] == 2
+
+
+# -- refusals
+
+def test_vocabulary_mismatched_student_is_refused(world, tmp_path):
+    other_tok = prepare_demo.save_tokenizer(tmp_path / "tok", ["completely different text " * 5], 280)
+    small = prepare_demo.save_model(tmp_path / "s", tmp_path / "tok", "llama", 1, 16, 2)
+    res = CliRunner().invoke(main, ["train", "--student", small, "--cache", world["cache_train"], "--out",
+                                    str(tmp_path / "r")])
+    assert res.exit_code == 1 and res.output.count("error:") == 1
+    assert "cache holds token ids up to" in res.output or "tokenizer differs" in res.output
+    assert not (tmp_path / "r/final").exists()
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--temperature", "3.0"], "temperature 3.0 is not in this cache; cached temperatures: 1.0, 2.0"),
+    (["--loss", "kl"], "unknown --loss 'kl'"),
+    (["--loss", "akl", "--mu", "2"], "mu=2.0 is out of range"),
+])
+def test_bad_training_options_are_one_line_errors(world, tmp_path, extra, expect):
+    res = CliRunner().invoke(main, ["train", "--student", world["llama"], "--cache", world["cache_train"], "--out",
+                                    str(tmp_path / "r")] + extra)
+    assert res.exit_code == 1 and expect in res.output, res.output
+
+
+def test_non_finite_losses_are_skipped_then_abort(world, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(world["llama"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    models.load_tokenizer(world["llama"]).save_pretrained(tmp_path / "nan")
+    with pytest.raises(RuntimeError, match="non-finite losses"):
+        with pytest.warns(UserWarning, match="step skipped"):
+            distill(world, tmp_path / "r", student=str(tmp_path / "nan"), max_nonfinite=2)
