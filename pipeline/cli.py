@@ -151,6 +151,92 @@ def train(student, out, loss, cache, source, split, prompt_field, response_field
 
 
 @main.command()
+@click.option("--model", required=True, help="model folder (e.g. RUN/final) or hub name")
+@data_options
+@click.option("--out", required=True, help="metrics JSON")
+@click.option("--teacher-cache", help="cache of this split, for KL to the teacher")
+@click.option("--answer-field", default="answer", show_default=True, help="column with a checkable answer, if any")
+@click.option("--max-new-tokens", default=48, show_default=True, type=int)
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--no-generate", is_flag=True, help="skip generation (NLL and KL only)")
+@click.option("--label", help="row name in the report (default: the run folder's name)")
+@click.option("--run", "run_dir", help="training run folder, for learning curves in the report")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@one_line_errors
+def evaluate(model, source, split, prompt_field, response_field, text_field, max_length, limit, out, teacher_cache,
+             answer_field, max_new_tokens, batch_size, no_generate, label, run_dir, device, dtype):
+    """Held-out NLL/perplexity, ROUGE-L and exact match of greedy generations, KL to the teacher."""
+    from stages import evaluate as stage
+    cfg = stage.EvalConfig(model=model, data=data_config(source, split, prompt_field, response_field, text_field,
+                                                         max_length, limit), out=out, teacher_cache=teacher_cache,
+                           answer_field=answer_field, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           generate=not no_generate, device=device, dtype=dtype)
+    metrics = stage.run(cfg)
+    if label or run_dir:
+        metrics.update({k: v for k, v in (("label", label), ("run", run_dir)) if v})
+        from pathlib import Path
+        Path(out).write_text(json.dumps(metrics, indent=1))
+    click.echo(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+@main.command()
+@click.argument("evals", nargs=-1, required=True)
+@click.option("--out", default="results/report.md", show_default=True)
+@click.option("--title", default="Distillation report", show_default=True)
+@one_line_errors
+def report(evals, out, title):
+    """Gather evaluation JSONs into a Markdown table with PNG plots."""
+    from stages import report as stage
+    click.echo(f"wrote {stage.run(stage.ReportConfig(list(evals), out, title))}")
+
+
+@main.command("prepare-demo")
+@click.option("--out", required=True)
+@click.option("--train-size", default=2000, show_default=True, type=int)
+@click.option("--test-size", default=200, show_default=True, type=int)
+@click.option("--vocab-size", default=600, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@one_line_errors
+def prepare_demo(out, train_size, test_size, vocab_size, seed):
+    """Generate the embedded default: instruction tasks with checkable answers and a trained tokenizer."""
+    from stages import prepare_demo as stage
+    click.echo(json.dumps(stage.run(stage.DemoDataConfig(out, train_size, test_size, vocab_size, seed))))
+
+
+@main.command("prepare-data")
+@click.option("--data", "source", required=True)
+@click.option("--out", required=True)
+@click.option("--prompt-field", default="instruction", show_default=True)
+@click.option("--response-field", default="response", show_default=True)
+@click.option("--context-field", help="appended to the prompt when present (dolly's `context`)")
+@click.option("--split", default="train", show_default=True)
+@click.option("--test-size", default=500, show_default=True, type=int)
+@click.option("--limit", type=int)
+@one_line_errors
+def prepare_data(source, out, prompt_field, response_field, context_field, split, test_size, limit):
+    """Write train/test JSONL (prompt, response) from any datasets source."""
+    from stages import prepare_data as stage
+    click.echo(json.dumps(stage.run(stage.PrepareDataConfig(source, out, prompt_field, response_field, context_field,
+                                                            split, test_size, limit))))
+
+
+@main.command("init-model")
+@click.option("--tokenizer", required=True)
+@click.option("--out", required=True)
+@click.option("--arch", type=click.Choice(["gpt2", "llama"]), default="llama", show_default=True)
+@click.option("--layers", default=2, show_default=True, type=int)
+@click.option("--width", default=64, show_default=True, type=int)
+@click.option("--heads", default=2, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@one_line_errors
+def init_model(tokenizer, out, arch, layers, width, heads, seed):
+    """Save a freshly initialized small causal LM with a tokenizer (for the offline demo)."""
+    from stages import prepare_demo as stage
+    click.echo(stage.save_model(out, tokenizer, arch, layers, width, heads, seed))
+
+
+@main.command()
 @click.argument("cache")
 @one_line_errors
 def verify(cache):

@@ -317,10 +317,17 @@ def score(head, source, pad_id, device, kind="fkl", max_samples=None, batch_size
 
 
 def evaluate_source(cfg, head, source, tok, device, autocast) -> dict:
-    kind = cfg.loss if cfg.loss != "ce" else "fkl"
-    row = score(head, source, tok.pad_token_id, device, kind, cfg.eval_samples, cfg.batch_size, autocast,
-                **loss_params(cfg))
-    return {f"eval_{k}": v for k, v in row.items() if k != "positions"}
+    """eval_ce; from a cache also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
+    kinds = ["fkl"] if cfg.loss in ("ce", "fkl") or not source.has_teacher else [cfg.loss, "fkl"]
+    out = {}
+    for kind in kinds:
+        row = score(head, source, tok.pad_token_id, device, kind, cfg.eval_samples, cfg.batch_size, autocast,
+                    **loss_params(cfg))
+        out.setdefault("eval_ce", row["ce"])
+        if "kd" in row:
+            out[f"eval_{kind}"] = row["kd"]
+            out.setdefault("eval_kd", row["kd"])
+    return out
 
 
 def _config_json(cfg: TrainConfig) -> dict:

@@ -1,0 +1,29 @@
+# make demo: set everything up and run the offline end-to-end demo.  make test: set up and run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORES ?= 2
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[workflow,test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	snakemake --cores $(CORES) --configfile config/demo.yaml
+	@echo "report: results/report.md"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf work results

@@ -1,0 +1,171 @@
+"""Throughput ratios, measured side by side in one process on the same model and batches:
+
+  cache-teacher / plain teacher forward   the stage's per-batch work (positions-only lm_head, chunked top-k and
+                                          exact tail, background part writes) vs `model(ids).logits`
+  cache training / plain SFT              one optimizer step with the sparse AKL loss from cached rows vs the
+                                          same step with cross-entropy only
+  cache training / online KD              vs a step that also runs the teacher and uses dense_kd_loss
+
+Models are Llama-style, randomly initialized, V = 32000; batches of 8 × 256 tokens, half of each sequence
+distilled (instruction-like) or all of it (plain text). Each figure is the median of `repeats` timed passes
+after a warm-up. Writes bench/out/throughput.json.
+"""
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import storage  # noqa: E402
+from pipeline import batching, losses, models  # noqa: E402
+from stages import cache_teacher as ct  # noqa: E402
+from stages.train import step_losses  # noqa: E402
+
+V = 32000
+
+
+def llama(layers, width, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=width, intermediate_size=width * 3, num_hidden_layers=layers,
+                      num_attention_heads=max(1, width // 64), num_key_value_heads=max(1, width // 64),
+                      max_position_embeddings=1024, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_batches(n_batches, batch, seq, distilled, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        samples = []
+        for i in range(batch):
+            mask = np.zeros(seq, np.uint8)
+            mask[max(1, int(seq * (1 - distilled))):] = 1
+            samples.append({"sample_index": i, "input_ids": rng.integers(0, V, seq), "loss_mask": mask})
+        out.append(samples)
+    return out
+
+
+def median_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+class Cfg:
+    top_k, temperatures = 64, (1.0,)
+
+
+def cache_teacher_ratio(teacher, batches, repeats):
+    head = models.PositionLogits(teacher, V)
+    chunk = max(1, (1 << 29) // (V * 4 * 3))
+
+    @torch.inference_mode()
+    def forward():
+        for b in batches:
+            ids, attn = ct.pad(b, 0, "cpu")
+            teacher(input_ids=ids, attention_mask=attn).logits
+
+    def cache():
+        with tempfile.TemporaryDirectory() as d:
+            plan = storage.make_plan(backend="zarr", k=64, temperatures=[1.0], vocab_size=V,
+                                     num_rows=sum(map(len, batches)), part_size=len(batches[0]), identity={})
+            w = ct.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
+            for p, b in enumerate(batches):
+                res = ct._teacher_batch(Cfg, head, b, type("T", (), {"pad_token_id": 0}), "cpu", chunk)
+                w.put(p, [{**s, **r} for s, r in zip(b, res)])
+            w.close()
+
+    return median_time(forward, repeats), median_time(cache, repeats)
+
+
+def teacher_rows(teacher, samples):
+    head = models.PositionLogits(teacher, V)
+    with torch.inference_mode():
+        ids, attn = ct.pad(samples, 0, "cpu")
+        b, c = ct.distilled_rows(samples)
+        i, lp, tail = ct.teacher_topk(head(ids, attn, b, c).float(), 64, (1.0,))
+    out, start = [], 0
+    for s in samples:
+        n = int(s["loss_mask"].sum())
+        out.append({**s, "topk_ids": i[start:start + n].numpy(), "topk_logprobs": lp[0, start:start + n].numpy(),
+                    "tail_logmass": tail[0, start:start + n].numpy()})
+        start += n
+    return out
+
+
+def train_ratios(student, teacher, batches, repeats):
+    head = models.PositionLogits(student, V)
+    theads = models.PositionLogits(teacher, V)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    cached = [batching.collate(teacher_rows(teacher, b), 0) for b in batches]
+    plain = [batching.collate(b, 0) for b in batches]
+    student.train()
+
+    def step(loss_fn, data):
+        def run():
+            for batch in data:
+                loss_fn(batch).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return run
+
+    sft = lambda b: step_losses(head, b, torch.device("cpu"), False, "ce")["ce"] / len(b["rows"])
+    kd = lambda b: step_losses(head, b, torch.device("cpu"), False, "akl")["kd"] / len(b["rows"])
+
+    def online(b):
+        with torch.no_grad():
+            t_logits = theads(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
+        s_logits = head(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
+        return losses.dense_kd_loss(s_logits, t_logits, "akl").mean()
+
+    return (median_time(step(sft, plain), repeats), median_time(step(kd, cached), repeats),
+            median_time(step(online, plain), repeats))
+
+
+def main(repeats=5, n_batches=4, batch=8, seq=256):
+    torch.manual_seed(0)
+    torch.set_num_threads(torch.get_num_threads())
+    teacher, student = llama(4, 512), llama(2, 256)
+    results = {"device": "cpu", "threads": torch.get_num_threads(), "vocab": V, "batch": batch, "seq": seq,
+               "teacher_params": params(teacher), "student_params": params(student), "rows": []}
+    tokens = n_batches * batch * seq
+    for distilled, name in ((0.5, "instruction"), (1.0, "plain-text")):
+        bs = make_batches(n_batches, batch, seq, distilled)
+        fwd, cache = cache_teacher_ratio(teacher, bs, repeats)
+        row = {"data": name, "teacher_forward_tok_s": tokens / fwd, "cache_teacher_tok_s": tokens / cache,
+               "cache_teacher_over_forward": fwd / cache}
+        print(f"{name:12s} cache-teacher {tokens / cache:8.0f} tok/s, forward {tokens / fwd:8.0f} tok/s, "
+              f"ratio {fwd / cache:.3f}")
+        sft, kd, online = train_ratios(student, teacher, bs, repeats)
+        row.update({"sft_tok_s": tokens / sft, "cached_kd_tok_s": tokens / kd, "online_kd_tok_s": tokens / online,
+                    "cached_kd_over_sft": sft / kd, "cached_kd_speedup_over_online": online / kd})
+        print(f"{name:12s} cached KD {tokens / kd:8.0f} tok/s, SFT {tokens / sft:8.0f} tok/s (ratio {sft / kd:.3f}), "
+              f"online KD {tokens / online:8.0f} tok/s (cached is {online / kd:.2f}× faster)")
+        results["rows"].append(row)
+    # Theory: a training step costs ~3 forward-passes of the student (forward + backward); online KD adds one
+    # teacher forward. FLOPs per token ∝ parameters (embedding lookups excluded, lm_head included).
+    s_flops = params(student) - V * student.config.hidden_size
+    t_flops = params(teacher) - V * teacher.config.hidden_size
+    results["theoretical_speedup_over_online"] = (3 * s_flops + t_flops) / (3 * s_flops)
+    print(f"theoretical speed-up over online KD: {results['theoretical_speedup_over_online']:.2f}× "
+          f"(teacher {params(teacher) / 1e6:.1f}M, student {params(student) / 1e6:.1f}M parameters)")
+    return results
+
+
+if __name__ == "__main__":
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(main(), indent=1))

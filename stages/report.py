@@ -1,0 +1,122 @@
+"""Stage 4: gather evaluated runs into results/report.md with PNG plots: the metrics per loss, learning curves,
+and AKL's head and tail gaps over training."""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+ORDER = ["teacher", "sft", "fkl", "rkl", "jsd", "tvd", "sfkl", "srkl", "akl"]
+METRICS = [("rougeL", "ROUGE-L", "{:.1f}"), ("answer_accuracy", "answer acc. %", "{:.1f}"),
+           ("exact_match", "exact match %", "{:.1f}"), ("nll", "NLL", "{:.3f}"), ("ppl", "PPL", "{:.2f}"),
+           ("fkl_to_teacher", "KL(T‖S)", "{:.4f}"), ("rkl_to_teacher", "KL(S‖T)", "{:.4f}")]
+
+
+@dataclass
+class ReportConfig:
+    evals: list[str]
+    out: str
+    title: str = "Distillation report"
+
+
+def _label(e: dict) -> str:
+    return e.get("label") or Path(e["model"]).parent.name
+
+
+def _fmt(values: list[float], fmt: str) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def _metrics_rows(run_dir: str | None) -> list[dict]:
+    if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
+        return []
+    return [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl") if l.strip()]
+
+
+def run(cfg: ReportConfig) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [json.loads(Path(p).read_text()) for p in cfg.evals]
+    groups: dict[str, list[dict]] = {}
+    for e in evals:
+        groups.setdefault(_label(e), []).append(e)
+    labels = sorted(groups, key=lambda l: (ORDER.index(l) if l in ORDER else len(ORDER), l))
+    present = [m for m in METRICS if any(m[0] in e for e in evals)]
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {cfg.title}", "", "| model | seeds | " + " | ".join(m[1] for m in present) + " |",
+             "|---|---|" + "---|" * len(present)]
+    for label in labels:
+        g = groups[label]
+        cells = [_fmt([e[m] for e in g if m in e], fmt) for m, _, fmt in present]
+        lines.append(f"| {label} | {len(g)} | " + " | ".join(cells) + " |")
+
+    plots = []
+    fig, axes = plt.subplots(1, len(present[:3]) or 1, figsize=(4.5 * max(1, len(present[:3])), 3.5))
+    for ax, (m, name, _) in zip(axes if hasattr(axes, "__iter__") else [axes], present[:3]):
+        vals = [[e[m] for e in groups[l] if m in e] for l in labels]
+        ax.bar(labels, [statistics.mean(v) if v else 0 for v in vals],
+               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], color="#4c72b0", capsize=3)
+        ax.set_title(name)
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(out.parent / "metrics_per_loss.png", dpi=110)
+    plt.close(fig)
+    plots.append(("Metrics per loss", "metrics_per_loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = plt.get_cmap("tab10")
+    for c, label in enumerate(labels):
+        for n, e in enumerate(groups[label]):
+            rows = [r for r in _metrics_rows(e.get("run")) if "eval_fkl" in r]
+            if rows and label != "teacher":
+                ax.plot([r["step"] for r in rows], [r["eval_fkl"] for r in rows], color=colors(c % 10),
+                        label=label if n == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out KL(teacher ‖ student) per token")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("Learning curves (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(out.parent / "learning_curves.png", dpi=110)
+    plt.close(fig)
+    plots.append(("Learning curves", "learning_curves.png"))
+
+    akl = [r for e in groups.get("akl", []) for r in [_metrics_rows(e.get("run"))] if r]
+    if akl:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        rows = [r for r in akl[0] if "g_head" in r]
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["g_head"] for r in rows], label="g_head")
+        ax.plot(steps, [r["g_tail"] for r in rows], label="g_tail")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["w_head"] for r in rows], "k--", label="w_head")
+        ax2.set_ylabel("w_head")
+        ax2.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("gap (sum of |p − q|)")
+        ax.legend(loc="upper left")
+        ax2.legend(loc="upper right")
+        ax.set_title("AKL head and tail gaps over training")
+        fig.tight_layout()
+        fig.savefig(out.parent / "akl_gaps.png", dpi=110)
+        plt.close(fig)
+        plots.append(("AKL head and tail gaps", "akl_gaps.png"))
+
+    lines += ["", "Mean ± standard deviation over seeds where there are several. KL columns: per distilled token,",
+              "on the held-out split's teacher cache (top-k + tail bucket)."]
+    for title, name in plots:
+        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    examples = next((e.get("examples") for l in reversed(labels) for e in groups[l] if e.get("examples")), None)
+    if examples:
+        lines += ["", "## Sample generations (" + labels[-1] + ")", "", "| prompt | reference | prediction |", "|---|---|---|"]
+        lines += [f"| {x['prompt']} | {x['reference']} | {x['prediction']} |" for x in examples]
+    out.write_text("\n".join(lines) + "\n")
+    return str(out)
