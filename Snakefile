@@ -1,19 +1,22 @@
 # One teacher cache, many students: data → (teacher SFT) → cache-teacher (sharded) → one run per
 # student × loss × seed → evaluate → report.   snakemake --cores N [--configfile config/gpu_dolly.yaml]
+from pathlib import Path
+
 import yaml
 
 if not config:  # --configfile X replaces the default instead of merging into it
     config.update(yaml.safe_load(open("config/demo.yaml")))
 
 W, R = config["work_dir"], config["results_dir"]
-LOSSES, SEEDS = config["losses"], config["seeds"]
+LOSSES, SEEDS, STUDENTS = config["losses"], config["seeds"], config["students"]
 SHARDS = config["cache"]["shards"]
 GPUS = config.get("gpus_per_job", 0)
-RUNS = expand("{loss}-s{seed}", loss=LOSSES + (["sft"] if config.get("sft") else []), seed=SEEDS)
+RUNS = expand("{student}-{loss}-s{seed}", student=STUDENTS, loss=LOSSES + (["sft"] if config.get("sft") else []),
+              seed=SEEDS)
 DATA_FIELDS = "--prompt-field prompt --response-field response"
 
 wildcard_constraints:
-    split="train|test", shard=r"\d+", seed=r"\d+", loss="|".join(LOSSES)
+    split="train|test", shard=r"\d+", seed=r"\d+", loss="|".join(LOSSES), student="|".join(STUDENTS)
 
 
 def opts(d):
@@ -30,10 +33,17 @@ LAUNCH = f"torchrun --nproc-per-node {GPUS} -m pipeline.cli" if GPUS >= 1 else "
 
 
 def model_path(role):
-    c = config[role]
+    """Where a model comes from: the SFT'd teacher, a freshly initialized config, or a path/hub name."""
+    c = config["teacher"] if role == "teacher" else STUDENTS[role]
     if role == "teacher" and c.get("train"):
         return f"{W}/teacher/final"
     return f"{W}/init/{role}" if c.get("init") else c["model"]
+
+
+def label(run):
+    """Report row of a run: the loss, prefixed by the student when there are several."""
+    student, loss = run.rsplit("-s", 1)[0].split("-", 1)
+    return loss if len(STUDENTS) == 1 else f"{student}/{loss}"
 
 
 def local(path):
@@ -75,9 +85,9 @@ rule init_model:
     output:
         directory(f"{W}/init/{{role}}"),
     wildcard_constraints:
-        role="teacher|student",
+        role="|".join(["teacher", *STUDENTS]),
     params:
-        lambda wc: opts(config[wc.role]["init"]),
+        lambda wc: opts((config["teacher"] if wc.role == "teacher" else STUDENTS[wc.role])["init"]),
     shell:
         "pipeline init-model --tokenizer {W}/data/tokenizer --out {output} {params}"
 
@@ -127,35 +137,36 @@ rule distill:
     input:
         cache=f"{W}/flags/cache-train.verified",
         eval_cache=f"{W}/flags/cache-test.verified",
-        student=local(model_path("student")),
+        student=lambda wc: local(model_path(wc.student)),
     output:
-        directory(f"{W}/runs/{{loss}}-s{{seed}}/final"),
+        directory(f"{W}/runs/{{student}}-{{loss}}-s{{seed}}/final"),
     params:
-        student=model_path("student"),
+        student=lambda wc: model_path(wc.student),
+        run=lambda wc, output: Path(output[0]).parent,
         train=opts(config["train"]),
     resources:
         gpu=GPUS,
     shell:
         "{LAUNCH} train --student {params.student} --cache {W}/cache/train --loss {wildcards.loss} "
-        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {W}/runs/{wildcards.loss}-s{wildcards.seed} "
-        "{params.train}"
+        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {params.run} {params.train}"
 
 
 rule sft:
     input:
         data=f"{W}/data/train.jsonl",
         eval_cache=f"{W}/flags/cache-test.verified",
-        student=local(model_path("student")),
+        student=lambda wc: local(model_path(wc.student)),
     output:
-        directory(f"{W}/runs/sft-s{{seed}}/final"),
+        directory(f"{W}/runs/{{student}}-sft-s{{seed}}/final"),
     params:
-        student=model_path("student"),
+        student=lambda wc: model_path(wc.student),
+        run=lambda wc, output: Path(output[0]).parent,
         train=opts(config["train"]),
     resources:
         gpu=GPUS,
     shell:
         "{LAUNCH} train --loss ce --student {params.student} --data {input.data} {DATA_FIELDS} "
-        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {W}/runs/sft-s{wildcards.seed} {params.train}"
+        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {params.run} {params.train}"
 
 
 rule evaluate:
@@ -167,7 +178,7 @@ rule evaluate:
         f"{W}/eval/{{name}}.json",
     params:
         model=lambda wc: model_path("teacher") if wc.name == "teacher" else f"{W}/runs/{wc.name}/final",
-        label=lambda wc: wc.name.rsplit("-s", 1)[0],
+        label=lambda wc: "teacher" if wc.name == "teacher" else label(wc.name),
         run=lambda wc: f"{W}/teacher" if wc.name == "teacher" else f"{W}/runs/{wc.name}",
         eval=opts(config.get("evaluate")),
     resources:

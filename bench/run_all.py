@@ -27,6 +27,10 @@ def tables(r: dict) -> str:
     for row in t["rows"]:
         lines.append(f"| {row['data']} | {row['cache_teacher_over_forward']:.3f} | {row['cached_kd_over_sft']:.3f} | "
                      f"{row['cached_kd_speedup_over_online']:.2f}× | {t['theoretical_speedup_over_online']:.2f}× |")
+    lines += ["", f"Peak memory above the loaded model, instruction batches: plain forward "
+              f"{t['peak_mb']['teacher_forward']:.0f} MB, cache-teacher {t['peak_mb']['cache_teacher']:.0f} MB. "
+              f"Teacher {t['teacher_params'] / 1e6:.0f}M, student {t['student_params'] / 1e6:.0f}M parameters, "
+              f"V = {t['vocab']}, batches of {t['batch']} × {t['seq']} tokens."]
     return "\n".join(lines)
 
 

@@ -46,7 +46,7 @@ def build(path, backend, rows, k, vocab, seq=512, distilled=0.5):
     per_sample = int(seq * distilled)
     n_samples = len(ids) // per_sample
     plan = storage.make_plan(backend=backend, k=k, temperatures=[1.0], vocab_size=vocab, num_rows=n_samples,
-                             part_size=64, identity={"bench": True})
+                             part_size=256, identity={"bench": True})
     w = storage.CacheWriter(path, plan)
     for p in w.missing_parts():
         samples = []

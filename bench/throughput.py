@@ -11,6 +11,8 @@ distilled (instruction-like) or all of it (plain text). Each figure is the media
 after a warm-up. Writes bench/out/throughput.json.
 """
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -135,6 +137,27 @@ def train_ratios(student, teacher, batches, repeats):
             median_time(step(online, plain), repeats))
 
 
+def peak_memory(mode, n_batches=4, batch=8, seq=256):
+    """Run one pass of `forward` or `cache` in this process; print its peak RSS above the loaded model."""
+    teacher = llama(4, 512)
+    bs = make_batches(n_batches, batch, seq, 0.5)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    head = models.PositionLogits(teacher, V)
+    with torch.inference_mode():
+        for b in bs:
+            ids, attn = ct.pad(b, 0, "cpu")
+            if mode == "forward":
+                teacher(input_ids=ids, attention_mask=attn).logits
+            else:
+                ct._teacher_batch(Cfg, head, b, type("T", (), {"pad_token_id": 0}), "cpu", max(1, (1 << 29) // (V * 12)))
+    print(json.dumps({"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+
+
+def measured_peak(mode):
+    out = subprocess.run([sys.executable, __file__, "--memory", mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
 def main(repeats=5, n_batches=4, batch=8, seq=256):
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
@@ -160,12 +183,18 @@ def main(repeats=5, n_batches=4, batch=8, seq=256):
     s_flops = params(student) - V * student.config.hidden_size
     t_flops = params(teacher) - V * teacher.config.hidden_size
     results["theoretical_speedup_over_online"] = (3 * s_flops + t_flops) / (3 * s_flops)
+    results["peak_mb"] = {"teacher_forward": measured_peak("forward"), "cache_teacher": measured_peak("cache")}
+    print(f"peak memory above the loaded teacher (instruction batches): forward {results['peak_mb']['teacher_forward']:.0f} MB, "
+          f"cache-teacher {results['peak_mb']['cache_teacher']:.0f} MB")
     print(f"theoretical speed-up over online KD: {results['theoretical_speedup_over_online']:.2f}× "
           f"(teacher {params(teacher) / 1e6:.1f}M, student {params(student) / 1e6:.1f}M parameters)")
     return results
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory":
+        peak_memory(sys.argv[2])
+        sys.exit(0)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(main(), indent=1))

@@ -24,6 +24,12 @@ def _label(e: dict) -> str:
     return e.get("label") or Path(e["model"]).parent.name
 
 
+def _order(label: str):
+    """teacher first, then by student, then losses in ORDER."""
+    student, _, loss = label.rpartition("/")
+    return (label != "teacher", student, ORDER.index(loss) if loss in ORDER else len(ORDER), loss)
+
+
 def _fmt(values: list[float], fmt: str) -> str:
     if not values:
         return "–"
@@ -47,7 +53,7 @@ def run(cfg: ReportConfig) -> str:
     groups: dict[str, list[dict]] = {}
     for e in evals:
         groups.setdefault(_label(e), []).append(e)
-    labels = sorted(groups, key=lambda l: (ORDER.index(l) if l in ORDER else len(ORDER), l))
+    labels = sorted(groups, key=_order)
     present = [m for m in METRICS if any(m[0] in e for e in evals)]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +95,7 @@ def run(cfg: ReportConfig) -> str:
     plt.close(fig)
     plots.append(("Learning curves", "learning_curves.png"))
 
-    akl = [r for e in groups.get("akl", []) for r in [_metrics_rows(e.get("run"))] if r]
+    akl = [r for l in labels if l.rpartition("/")[2] == "akl" for e in groups[l] for r in [_metrics_rows(e.get("run"))] if r]
     if akl:
         fig, ax = plt.subplots(figsize=(7, 4))
         rows = [r for r in akl[0] if "g_head" in r]

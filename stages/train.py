@@ -86,7 +86,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def load_student(cfg: TrainConfig, dtype, device):
+def load_student(cfg: TrainConfig, device):
     from transformers import AutoConfig, AutoModelForCausalLM
     tok = models.load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
     if cfg.init_from_config:
@@ -155,7 +155,7 @@ def run(cfg: TrainConfig) -> dict:
     autocast = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    model, tok = load_student(cfg, None, device)
+    model, tok = load_student(cfg, device)
     if cfg.cache:
         source = batching.CacheSource(cfg.cache, cfg.temperature)
         vocab = check_cache_compatible(source.cache.manifest, tok, model, cfg)

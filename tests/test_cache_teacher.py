@@ -223,3 +223,33 @@ def test_non_finite_logits_skip_the_sample_or_abort_when_strict(tiny, tmp_path):
     storage.verify(tmp_path / "c")
     with pytest.raises(ct.NonFiniteLogits):
         run(paths, tmp_path / "d", "bad", strict=True)
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_template_masks_the_assistant_turn(tiny, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    tok.chat_template = CHAT
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    model.save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    m = run({**tiny, "chat": str(tmp_path / "chat")}, tmp_path / "c", "chat")["manifest"]
+    assert m["identity"]["dataset"]["template"] == "chat-template"
+    s = storage.open_cache(tmp_path / "c")[0]
+    row = json.loads(open(tiny["train"]).readline())
+    distilled = s["input_ids"][s["loss_mask"] == 1]
+    assert distilled[-1] == tok.eos_token_id and (distilled == tok.eos_token_id).sum() == 1
+    assert tok.decode(distilled, skip_special_tokens=True) == row["response"]
+    assert tok.decode(s["input_ids"][s["loss_mask"] == 0]).endswith("<|assistant|>")
+
+
+def test_torchrun_ranks_take_their_shards_and_merge_to_one_run(tiny, tmp_path):
+    ref = run(tiny, tmp_path / "one", part_size=8)["manifest"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+                    "-m", "pipeline.cli", "cache-teacher", "--teacher", tiny["gpt2"], "--data", tiny["train"],
+                    "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "8",
+                    "--out", str(tmp_path / "two")], cwd=ROOT, check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert storage.verify(tmp_path / "two")["parts"] == ref["parts"]

@@ -174,3 +174,21 @@ def test_non_finite_losses_are_skipped_then_abort(world, tmp_path):
     with pytest.raises(RuntimeError, match="non-finite losses"):
         with pytest.warns(UserWarning, match="step skipped"):
             distill(world, tmp_path / "r", student=str(tmp_path / "nan"), max_nonfinite=2)
+
+
+def test_dataloader_workers_give_the_same_run(world, tmp_path):
+    distill(world, tmp_path / "w0", max_steps=3)
+    distill(world, tmp_path / "w2", max_steps=3, num_workers=2)
+    a, b = load_file(tmp_path / "w0/final/model.safetensors"), load_file(tmp_path / "w2/final/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_padded_embedding_rows_are_outside_the_softmax(world, tmp_path):
+    """A student whose tables are padded past the tokenizer trains; the padded lm_head rows get no gradient."""
+    tok = models.load_tokenizer(world["llama"])
+    padded = prepare_demo.save_model(tmp_path / "padded", world["tokenizer"], "llama", 2, 32, 2, vocab_size=len(tok) + 13)
+    distill(world, tmp_path / "r", student=padded, max_steps=3, weight_decay=0.0)
+    before = load_file(tmp_path / "padded/model.safetensors")["lm_head.weight"]
+    after = load_file(tmp_path / "r/final/model.safetensors")["lm_head.weight"]
+    assert after.shape[0] == len(tok) + 13
+    assert torch.equal(before[len(tok):], after[len(tok):]) and not torch.equal(before[:len(tok)], after[:len(tok)])

@@ -30,8 +30,9 @@ def test_dry_run_resolves_the_whole_dag(config, tmp_path):
     counts = job_counts(snakemake("-n", "--configfile", str(ROOT / config), "--config", f"work_dir={tmp_path}/w",
                                   f"results_dir={tmp_path}/r"))
     c = yaml.safe_load(open(ROOT / config))
-    runs = (len(c["losses"]) + bool(c.get("sft"))) * len(c["seeds"])
-    assert counts["cache_shard"] == 2 * c["cache"]["shards"] and counts["distill"] == len(c["losses"]) * len(c["seeds"])
+    per_student = len(c["students"]) * len(c["seeds"])
+    runs = (len(c["losses"]) + bool(c.get("sft"))) * per_student
+    assert counts["cache_shard"] == 2 * c["cache"]["shards"] and counts["distill"] == len(c["losses"]) * per_student
     assert counts["evaluate"] == runs + 1 and counts["report"] == 1
 
 
@@ -43,7 +44,8 @@ def mini(tmp_path_factory):
         "data": {"generate": {"train_size": 120, "test_size": 16, "vocab_size": 300}},
         "teacher": {"init": {"arch": "llama", "layers": 1, "width": 32, "heads": 2},
                     "train": {"max_steps": 15, "batch_size": 16, "lr": 3.0e-3, "log_every": 5}},
-        "student": {"init": {"arch": "gpt2", "layers": 1, "width": 32, "heads": 2}},
+        "students": {"tiny": {"init": {"arch": "gpt2", "layers": 1, "width": 32, "heads": 2}},
+                     "wide": {"init": {"arch": "llama", "layers": 1, "width": 48, "heads": 2}}},
         "cache": {"shards": 2, "top_k": 8, "part_size": 32},
         "losses": ["fkl", "akl"], "sft": True, "seeds": [0],
         "train": {"max_steps": 10, "batch_size": 16, "lr": 3.0e-3, "log_every": 2, "eval_every": 5},
@@ -57,11 +59,11 @@ def mini(tmp_path_factory):
 def test_miniature_end_to_end_run_writes_the_report(mini):
     root, _ = mini
     report = (root / "results/report.md").read_text()
-    for row in ("| teacher |", "| sft |", "| fkl |", "| akl |"):
+    for row in ("| teacher |", "| tiny/sft |", "| tiny/fkl |", "| wide/akl |"):
         assert row in report
     for png in ("metrics_per_loss.png", "learning_curves.png", "akl_gaps.png"):
         assert (root / "results" / png).stat().st_size > 1000
-    akl = json.loads((root / "work/eval/akl-s0.json").read_text())
+    akl = json.loads((root / "work/eval/wide-akl-s0.json").read_text())
     assert {"nll", "ppl", "rougeL", "exact_match", "answer_accuracy", "fkl_to_teacher"} <= akl.keys()
     manifest = json.loads((root / "work/cache/train/manifest.json").read_text())
     assert manifest["num_parts"] == 4 and manifest["counts"]["samples"] == 120
@@ -71,4 +73,4 @@ def test_adding_a_loss_trains_only_the_new_student_and_reuses_the_cache(mini):
     root, config = mini
     (root / "more.yaml").write_text(yaml.safe_dump({**config, "losses": ["fkl", "akl", "tvd"]}))
     counts = job_counts(snakemake("-n", "--configfile", str(root / "more.yaml")))
-    assert counts == {"distill": 1, "evaluate": 1, "report": 1, "all": 1, "total": 4}
+    assert counts == {"distill": 2, "evaluate": 2, "report": 1, "all": 1, "total": 6}
