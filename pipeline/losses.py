@@ -112,37 +112,40 @@ def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins
 # ---------------------------------------------------------------- the student's side, O(N·k) extra memory
 
 class _GatherWithTail(torch.autograd.Function):
-    """(log q at ids [N, m], log Q_R [N]) from logits [N, V] at temperature t, in row chunks, keeping nothing of
-    size [N, V] but the logits. With x = z/t − max: log q_i = x_i − log Σ e^x, log Q_R = log Σ_{j∉ids} e^x_j −
-    log Σ e^x; the tail sum adds the non-top-k terms directly (no 1 − Σ cancellation). One exp per pass."""
+    """(log q at ids [N, m], log Q_R [N], log q at targets [N]) from logits [N, V] at temperature t, in row chunks,
+    keeping nothing of size [N, V] but the logits. With x = z/t − max: log q_i = x_i − log Σ e^x,
+    log Q_R = log Σ_{j∉ids} e^x_j − log Σ e^x; the tail sum adds the non-top-k terms directly (no 1 − Σ
+    cancellation). The targets do not affect the tail: they let the cross-entropy share the pass. One exp per pass."""
 
     @staticmethod
-    def forward(ctx, logits, ids, t):
+    def forward(ctx, logits, ids, t, targets):
         n = logits.shape[0]
         stats = logits.new_empty(3, n, dtype=torch.float32)       # row max, log Σ e^x, log Σ_{not ids} e^x
         log_q = logits.new_empty(ids.shape, dtype=torch.float32)
+        log_y = logits.new_empty(n, dtype=torch.float32)
         for a in range(0, n, ROW_CHUNK):
             sl = slice(a, a + ROW_CHUNK)
             s = logits[sl].float()
             c = s.amax(-1, keepdim=True) / t
             x = s / t - c
-            gathered = x.gather(-1, ids[sl])
+            gathered, at_target = x.gather(-1, ids[sl]), x.gather(-1, targets[sl, None])[:, 0]
             e = x.exp_()
             stats[0, sl], stats[1, sl] = c[:, 0], e.sum(-1).log()
             stats[2, sl] = e.scatter_(-1, ids[sl], 0.0).sum(-1).log()
             log_q[sl] = gathered - stats[1, sl, None]
-        ctx.save_for_backward(logits, ids, stats, log_q)
+            log_y[sl] = at_target - stats[1, sl]
+        ctx.save_for_backward(logits, ids, targets, stats, log_q)
         ctx.t = t
-        return log_q, stats[2] - stats[1]
+        return log_q, stats[2] - stats[1], log_y
 
     @staticmethod
-    def backward(ctx, g_q, g_r):
-        """d/ds_j = g_q,j − q_j (Σ g_q + g_r) on ids; r_j (g_r − Q_R (Σ g_q + g_r)) elsewhere, where
-        r_j = e^x_j / Σ_{not ids} e^x and q_j = Q_R r_j; then ÷ t."""
-        logits, ids, stats, log_q = ctx.saved_tensors
+    def backward(ctx, g_q, g_r, g_y):
+        """With G = Σ g_q + g_r + g_y: d/ds_j = g_q,j − q_j G on ids; r_j (g_r − Q_R G) elsewhere, where
+        r_j = e^x_j / Σ_{not ids} e^x and q_j = Q_R r_j; plus g_y at the target; then ÷ t."""
+        logits, ids, targets, stats, log_q = ctx.saved_tensors
         t = ctx.t
         grad = torch.empty_like(logits)
-        total = g_q.sum(-1) + g_r
+        total = g_q.sum(-1) + g_r + g_y
         q_r = torch.exp(stats[2] - stats[1])
         outside = g_r - q_r * total
         on_ids = g_q - log_q.exp() * total[:, None]
@@ -151,19 +154,23 @@ class _GatherWithTail(torch.autograd.Function):
             sl = slice(a, a + ROW_CHUNK)
             g = (logits[sl].float() / t).sub_(stats[0, sl, None] + log_r[sl, None]).exp_()
             g.mul_(outside[sl, None]).scatter_(-1, ids[sl], on_ids[sl])
+            g.scatter_add_(-1, targets[sl, None], g_y[sl, None])
             grad[sl] = g.div_(t)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def student_bins(student_logits, topk_ids, temperature=1.0):
-    """Student (k+1)-bin log-probs [N, k+1]: log q at the teacher's top-k ids, then log Q_R."""
-    log_q, log_r = _GatherWithTail.apply(student_logits, topk_ids, float(temperature))
-    return torch.cat([log_q, log_r[:, None]], -1)
+def student_bins(student_logits, topk_ids, temperature=1.0, targets=None):
+    """Student (k+1)-bin log-probs [N, k+1]: log q at the teacher's top-k ids, then log Q_R; with targets,
+    also log q(target) [N] from the same pass."""
+    log_q, log_r, log_y = _GatherWithTail.apply(student_logits, topk_ids, float(temperature),
+                                                topk_ids[:, 0] if targets is None else targets)
+    bins = torch.cat([log_q, log_r[:, None]], -1)
+    return bins if targets is None else (bins, log_y)
 
 
 def token_logprob(logits, targets):
     """log q(target) at temperature 1, [N]: the cross-entropy's negative, with no [N, V] log-softmax kept."""
-    return _GatherWithTail.apply(logits, targets[:, None], 1.0)[0][:, 0]
+    return _GatherWithTail.apply(logits, targets[:, None], 1.0, targets)[2]
 
 
 # ---------------------------------------------------------------- public API
@@ -194,13 +201,28 @@ def sparse_kd_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, kind, 
 
     With return_stats=True returns (loss, AKLStats or None).
     """
+    loss, _, stats = sparse_kd_loss_with_ce(student_logits, None, topk_ids, topk_logprobs, tail_logmass, kind, mu=mu,
+                                            beta=beta, alpha=alpha, temperature=temperature, validate=validate)
+    return (loss, stats) if return_stats else loss
+
+
+def sparse_kd_loss_with_ce(student_logits, targets, topk_ids, topk_logprobs, tail_logmass, kind, *, mu=0.5,
+                           beta=0.5, alpha=0.1, temperature=1.0, validate=True):
+    """(KD loss [N], cross-entropy at temperature 1 [N] or None without targets, AKLStats or None); the CE
+    shares the KD's pass over the logits when the temperature is 1."""
     check_params(kind, mu, beta, alpha)
     if validate:
         _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass)
-    logq = student_bins(student_logits, topk_ids.long(), temperature)
+    ids = topk_ids.long()
+    if targets is None:
+        logq, log_y = student_bins(student_logits, ids, temperature), None
+    elif float(temperature) == 1.0:
+        logq, log_y = student_bins(student_logits, ids, 1.0, targets)
+    else:
+        logq, log_y = student_bins(student_logits, ids, temperature), token_logprob(student_logits, targets)
     logp = torch.cat([topk_logprobs.float(), tail_logmass.float()[:, None]], -1)
-    loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha, n_head_bins=topk_ids.shape[1])
-    return (loss, stats) if return_stats else loss
+    loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha, n_head_bins=ids.shape[1])
+    return loss, (None if log_y is None else -log_y), stats
 
 
 def dense_kd_loss(student_logits, teacher_logits, kind, *, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0,

@@ -54,17 +54,20 @@ class CacheTeacherConfig:
             raise ValueError(f"--shard {self.shard[0]}/{self.shard[1]} is not of the form I/N with 0 <= I < N")
 
 
-def teacher_topk(logits: torch.Tensor, k: int, temperatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of float32 logits [P, V] → ids [P, k] (sorted by p), log p [T, P, k], log P_R [T, P], where
-    log P_R = logsumexp(z[not topk]/t) − logsumexp(z/t)."""
+def teacher_topk(logits: torch.Tensor, k: int, temperatures):
+    """Rows of float32 logits [P, V] → ids [P, k] (sorted by p), log p [T, P, k], log P_R [T, P], and whether
+    each row was finite; log P_R = logsumexp(z[not topk]/t) − logsumexp(z/t), summed over the non-top-k terms
+    themselves. A NaN or +inf logit makes the row's log-normalizer non-finite, which is how rows are checked."""
     vals, ids = logits.topk(k, dim=-1)
     lps, tails = [], []
     for t in temperatures:
-        z = logits / t
-        log_z = torch.logsumexp(z, -1, keepdim=True)
-        lps.append(vals / t - log_z)
-        tails.append((torch.logsumexp(z.scatter(-1, ids, float("-inf")), -1, keepdim=True) - log_z)[:, 0])
-    return ids, torch.stack(lps), torch.stack(tails)
+        top = vals[:, :1] / t
+        e = (logits / t).sub_(top).exp_()
+        log_z = e.sum(-1, keepdim=True).log_()
+        lps.append(vals / t - top - log_z)
+        tails.append(e.scatter_(-1, ids, 0.0).sum(-1).log_() - log_z[:, 0])
+    finite = torch.isfinite(log_z[:, 0]) & torch.isfinite(top[:, 0])
+    return ids, torch.stack(lps), torch.stack(tails), finite
 
 
 def batches(lengths: list[int], batch_size: int, batch_tokens: int | None) -> list[list[int]]:
@@ -216,9 +219,8 @@ def _teacher_batch(cfg, head, batch, tok, device, chunk) -> list[dict | None]:
     rows = head.hidden_rows(ids, attn, b.to(device), c.to(device))
     out_ids, out_lp, out_tail, finite = [], [], [], []
     for a in range(0, len(rows), chunk):
-        logits = head.logits(rows[a:a + chunk]).float()
-        finite.append(torch.isfinite(logits).all(-1))
-        i, lp, tail = teacher_topk(torch.nan_to_num(logits), cfg.top_k, cfg.temperatures)
+        i, lp, tail, ok = teacher_topk(head.logits(rows[a:a + chunk]).float(), cfg.top_k, cfg.temperatures)
+        finite.append(ok)
         out_ids.append(i)
         out_lp.append(lp)
         out_tail.append(tail)

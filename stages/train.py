@@ -137,15 +137,14 @@ def step_losses(head, batch, device, autocast, kind, mu=0.5, beta=0.5, alpha=0.1
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = head(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
-    ce = -losses.token_logprob(logits, b["targets"])
-    out = {"ce": ce.sum()}
-    if kind != "ce" and "topk_ids" in b:
-        kd, stats = losses.sparse_kd_loss(logits, b["topk_ids"], b["topk_logprobs"], b["tail_logmass"], kind,
-                                          mu=mu, beta=beta, alpha=alpha, temperature=temperature,
-                                          return_stats=True, validate=False)
-        out["kd"] = kd.sum()
-        if stats is not None:
-            out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())
+    if kind == "ce" or "topk_ids" not in b:
+        return {"ce": -losses.token_logprob(logits, b["targets"]).sum()}
+    kd, ce, stats = losses.sparse_kd_loss_with_ce(logits, b["targets"], b["topk_ids"], b["topk_logprobs"],
+                                                  b["tail_logmass"], kind, mu=mu, beta=beta, alpha=alpha,
+                                                  temperature=temperature, validate=False)
+    out = {"ce": ce.sum(), "kd": kd.sum()}
+    if stats is not None:
+        out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())
     return out
 
 
@@ -239,7 +238,7 @@ def run(cfg: TrainConfig) -> dict:
             if rank == 0 and (step % cfg.log_every == 0 or step == total):
                 dt = time.perf_counter() - t_log
                 row = {"step": step, "epoch": state["epoch"], "lr": sched.get_last_lr()[0],
-                       "tokens_per_s": tok_log * world / dt if dt > 0 else None, "nonfinite": state["nonfinite"],
+                       "tokens_per_s": tok_log / dt if dt > 0 else None, "nonfinite": state["nonfinite"],
                        **{k: v / log["n"] for k, v in log.items() if k not in ("n", "tokens")}}
                 _append(out / "metrics.jsonl", row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -202,3 +202,27 @@ def test_clear_errors():
     for bad in (dict(mu=1.5), dict(beta=-0.1), dict(alpha=2.0)):
         with pytest.raises(ValueError, match="out of range"):
             sparse_kd_loss(s, ids, lp, tail, "akl", **bad)
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("kind", ["fkl", "akl"])
+def test_fused_cross_entropy_equals_separate_losses(kind, temp):
+    """One pass for KD + CE gives the values and gradients of sparse_kd_loss and F.cross_entropy apart."""
+    g = torch.Generator().manual_seed(4)
+    s, y = torch.randn(9, 30, generator=g), torch.randint(0, 30, (9,), generator=g)
+    ids, lp, tail = teacher_topk(torch.randn(9, 30, generator=g), 5, temp)
+    y[0] = ids[0, 0]                                   # a target inside the top-k and others outside
+    w = torch.rand(9, generator=g)
+
+    def fused(x):
+        kd, ce, _ = losses.sparse_kd_loss_with_ce(x, y, ids, lp, tail, kind, temperature=temp)
+        return kd + w * ce
+
+    def apart(x):
+        return sparse_kd_loss(x, ids, lp, tail, kind, temperature=temp) + \
+            w * torch.nn.functional.cross_entropy(x, y, reduction="none")
+
+    a, ga = grads(fused, s)
+    b, gb = grads(apart, s)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
