@@ -10,7 +10,6 @@ Peak = max RSS during the case minus RSS after inputs are allocated. CPU only he
 measured side by side in one run. Writes bench/out/loss_memory.json.
 """
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path

@@ -10,7 +10,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -196,6 +195,8 @@ def run(cfg: TrainConfig) -> dict:
     eval_source = None
     if cfg.eval_cache or cfg.eval_data:
         eval_source = make_source(cfg.eval_cache, cfg.eval_data, tok, cfg.temperature if cfg.eval_cache else None)
+        if cfg.eval_cache:
+            check_cache_compatible(eval_source.cache.manifest, tok, model, cfg)
 
     model.train()
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not cfg.progress or rank > 0)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import part as P
 
 ZARR_NAME = "data.zarr"
 ARROW_NAME = "data.arrow"

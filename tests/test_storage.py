@@ -186,7 +186,6 @@ def test_verify_catches_a_flipped_byte_in_any_part_file(tmp_path, backend):
 
 def test_verify_checks_values_not_only_checksums(tmp_path):
     """A writer that stored unsorted log-probs is caught even with matching checksums."""
-    from storage import manifest as M
     from storage.writer import write_manifest
     w = storage.CacheWriter(tmp_path / "c", plan(num_rows=4, part_size=4))
     bad = samples(4)

@@ -145,7 +145,7 @@ def test_ddp_two_processes_match_one(world, tmp_path):
 # -- refusals
 
 def test_vocabulary_mismatched_student_is_refused(world, tmp_path):
-    other_tok = prepare_demo.save_tokenizer(tmp_path / "tok", ["completely different text " * 5], 280)
+    prepare_demo.save_tokenizer(tmp_path / "tok", ["completely different text " * 5], 280)
     small = prepare_demo.save_model(tmp_path / "s", tmp_path / "tok", "llama", 1, 16, 2)
     res = CliRunner().invoke(main, ["train", "--student", small, "--cache", world["cache_train"], "--out",
                                     str(tmp_path / "r")])
