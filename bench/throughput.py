@@ -183,13 +183,16 @@ def main(repeats=5, n_batches=4, batch=8, seq=256):
     results = {"device": "cpu", "threads": torch.get_num_threads(), "vocab": V, "batch": batch, "seq": seq,
                "teacher_params": params(teacher), "student_params": params(student), "rows": []}
     tokens = n_batches * batch * seq
+    body_heavy = llama(12, 1024)
+    results["body_heavy_teacher_params"] = params(body_heavy)
     for distilled, name in ((0.5, "instruction"), (1.0, "plain-text")):
         bs = make_batches(n_batches, batch, seq, distilled)
         fwd, cache = cache_teacher_ratio(teacher, bs, repeats)
+        big_fwd, big_cache = cache_teacher_ratio(body_heavy, bs, max(3, repeats - 2))
         row = {"data": name, "teacher_forward_tok_s": tokens / fwd, "cache_teacher_tok_s": tokens / cache,
-               "cache_teacher_over_forward": fwd / cache}
+               "cache_teacher_over_forward": fwd / cache, "body_heavy_cache_teacher_over_forward": big_fwd / big_cache}
         print(f"{name:12s} cache-teacher {tokens / cache:8.0f} tok/s, forward {tokens / fwd:8.0f} tok/s, "
-              f"ratio {fwd / cache:.3f}")
+              f"ratio {fwd / cache:.3f}; 12×1024 teacher ratio {big_fwd / big_cache:.3f}")
         sft, kd, online = train_ratios(student, teacher, bs, repeats)
         row.update({"sft_tok_s": tokens / sft, "cached_kd_tok_s": tokens / kd, "online_kd_tok_s": tokens / online,
                     "cached_kd_over_sft": sft / kd, "cached_kd_speedup_over_online": online / kd})

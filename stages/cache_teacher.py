@@ -62,7 +62,7 @@ def teacher_topk(logits: torch.Tensor, k: int, temperatures):
     lps, tails = [], []
     for t in temperatures:
         top = vals[:, :1] / t
-        e = (logits / t).sub_(top).exp_()
+        e = (logits - top if t == 1 else (logits / t).sub_(top)).exp_()
         log_z = e.sum(-1, keepdim=True).log_()
         lps.append(vals / t - top - log_z)
         tails.append(e.scatter_(-1, ids, 0.0).sum(-1).log_() - log_z[:, 0])
