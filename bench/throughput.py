@@ -78,8 +78,8 @@ def cache_teacher_ratio(teacher, batches, repeats):
     @torch.inference_mode()
     def forward():
         for b in batches:
-            ids, attn = ct.pad(b, 0, "cpu")
-            teacher(input_ids=ids, attention_mask=attn).logits
+            c = batching.collate(b, 0)
+            teacher(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
 
     def cache():
         with tempfile.TemporaryDirectory() as d:
@@ -97,9 +97,9 @@ def cache_teacher_ratio(teacher, batches, repeats):
 def teacher_rows(teacher, samples):
     head = models.PositionLogits(teacher, V)
     with torch.inference_mode():
-        ids, attn = ct.pad(samples, 0, "cpu")
-        b, c = ct.distilled_rows(samples)
-        i, lp, tail, _ = ct.teacher_topk(head(ids, attn, b, c).float(), 64, (1.0,))
+        c = batching.collate(samples, 0)
+        i, lp, tail, _ = ct.teacher_topk(head(c["input_ids"], c["attention_mask"], c["rows"], c["cols"]).float(),
+                                         64, (1.0,))
     out, start = [], 0
     for s in samples:
         n = int(s["loss_mask"].sum())
@@ -161,9 +161,9 @@ def peak_memory(mode, n_batches=4, batch=8, seq=256):
     head = models.PositionLogits(teacher, V)
     with torch.inference_mode():
         for b in bs:
-            ids, attn = ct.pad(b, 0, "cpu")
+            c = batching.collate(b, 0)
             if mode == "forward":
-                teacher(input_ids=ids, attention_mask=attn).logits
+                teacher(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
             else:
                 ct._teacher_batch(Cfg, head, b, type("T", (), {"pad_token_id": 0}), "cpu", max(1, (1 << 29) // (V * 12)))
     done.set()

@@ -171,12 +171,8 @@ def evaluate(model, source, split, prompt_field, response_field, text_field, max
     cfg = stage.EvalConfig(model=model, data=data_config(source, split, prompt_field, response_field, text_field,
                                                          max_length, limit), out=out, teacher_cache=teacher_cache,
                            answer_field=answer_field, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           generate=not no_generate, device=device, dtype=dtype)
+                           generate=not no_generate, label=label, run=run_dir, device=device, dtype=dtype)
     metrics = stage.run(cfg)
-    if label or run_dir:
-        metrics.update({k: v for k, v in (("label", label), ("run", run_dir)) if v})
-        from pathlib import Path
-        Path(out).write_text(json.dumps(metrics, indent=1))
     click.echo(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
 

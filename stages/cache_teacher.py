@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import storage
-from pipeline import __version__, data as D, models
+from pipeline import __version__, batching, data as D, models
 
 
 class NonFiniteLogits(RuntimeError):
@@ -82,26 +82,6 @@ def batches(lengths: list[int], batch_size: int, batch_tokens: int | None) -> li
             cur = []
         cur.append(i)
     return out + [cur] if cur else out
-
-
-def pad(samples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s["input_ids"]) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(samples), width), dtype=torch.long)
-    for b, s in enumerate(samples):
-        ids[b, :len(s["input_ids"])] = torch.as_tensor(s["input_ids"])
-        attn[b, :len(s["input_ids"])] = 1
-    return ids.to(device), attn.to(device)
-
-
-def distilled_rows(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch row, logit column) for every distilled token j of every sample: the logits at j − 1 predict j."""
-    b, c = [], []
-    for i, s in enumerate(samples):
-        j = np.nonzero(s["loss_mask"])[0]
-        b.append(np.full(len(j), i))
-        c.append(j - 1)
-    return torch.as_tensor(np.concatenate(b)), torch.as_tensor(np.concatenate(c))
 
 
 class BackgroundWriter:
@@ -214,9 +194,8 @@ def _compute(cfg, writer, parts, samples, tok, vocab) -> dict:
 
 @torch.inference_mode()
 def _teacher_batch(cfg, head, batch, tok, device, chunk) -> list[dict | None]:
-    ids, attn = pad(batch, tok.pad_token_id, device)
-    b, c = distilled_rows(batch)
-    rows = head.hidden_rows(ids, attn, b.to(device), c.to(device))
+    c = batching.collate(batch, tok.pad_token_id)
+    rows = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "rows", "cols")))
     out_ids, out_lp, out_tail, finite = [], [], [], []
     for a in range(0, len(rows), chunk):
         i, lp, tail, ok = teacher_topk(head.logits(rows[a:a + chunk]).float(), cfg.top_k, cfg.temperatures)

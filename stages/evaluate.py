@@ -26,6 +26,8 @@ class EvalConfig:
     generate: bool = True
     device: str = "auto"
     dtype: str = "auto"
+    label: str | None = None
+    run: str | None = None
     trust_remote_code: bool = False
     progress: bool = True
 
@@ -65,7 +67,7 @@ def run(cfg: EvalConfig) -> dict:
     head = models.PositionLogits(model, models.check_vocab(model, tok, "evaluated"))
     rows = D.load_rows(cfg.data)
     samples = D.tokenize(rows, tok, cfg.data)
-    nll = score(head, batching.TokenizedSource(samples), tok.pad_token_id, device, "ce", batch_size=cfg.batch_size)
+    nll = score(head, batching.TokenizedSource(samples), tok.pad_token_id, device, (), batch_size=cfg.batch_size)
     metrics = {"model": cfg.model, "samples": len(samples), "nll": nll["ce"], "ppl": math.exp(min(nll["ce"], 50))}
     if cfg.generate and cfg.data.prompt_field:
         preds = generate(model, tok, [r[cfg.data.prompt_field] for r in rows], cfg.max_new_tokens, cfg.batch_size,
@@ -79,10 +81,10 @@ def run(cfg: EvalConfig) -> dict:
         metrics["examples"] = [{"prompt": r[cfg.data.prompt_field], "reference": ref, "prediction": p}
                                for r, ref, p in list(zip(rows, refs, preds))[:5]]
     if cfg.teacher_cache:
-        source = batching.CacheSource(cfg.teacher_cache)
-        for kind in ("fkl", "rkl"):
-            metrics[f"{kind}_to_teacher"] = score(head, source, tok.pad_token_id, device, kind,
-                                                  batch_size=cfg.batch_size)["kd"]
+        kl = score(head, batching.CacheSource(cfg.teacher_cache), tok.pad_token_id, device, ("fkl", "rkl"),
+                   batch_size=cfg.batch_size)
+        metrics.update(fkl_to_teacher=kl["fkl"], rkl_to_teacher=kl["rkl"])
+    metrics.update({k: v for k, v in (("label", cfg.label), ("run", cfg.run)) if v})
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -131,11 +131,15 @@ def distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def step_losses(head, batch, device, autocast, kind, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
-    """Per-micro-batch sums over its distilled positions: CE, and for a KD kind the KD loss and AKL stats."""
+def batch_logits(head, batch, device, autocast):
+    """The batch on the device, and the student's logits at its distilled positions."""
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = head(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
+        return b, head(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
+
+
+def batch_losses(logits, b, kind, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
+    """Sums over the distilled positions: CE, and for a KD kind (with teacher rows) the KD loss and AKL stats."""
     if kind == "ce" or "topk_ids" not in b:
         return {"ce": -losses.token_logprob(logits, b["targets"]).sum()}
     kd, ce, stats = losses.sparse_kd_loss_with_ce(logits, b["targets"], b["topk_ids"], b["topk_logprobs"],
@@ -145,6 +149,11 @@ def step_losses(head, batch, device, autocast, kind, mu=0.5, beta=0.5, alpha=0.1
     if stats is not None:
         out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())
     return out
+
+
+def step_losses(head, batch, device, autocast, kind, **params) -> dict:
+    b, logits = batch_logits(head, batch, device, autocast)
+    return batch_losses(logits, b, kind, **params)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -299,34 +308,37 @@ def loss_params(cfg: TrainConfig) -> dict:
 
 
 @torch.no_grad()
-def score(head, source, pad_id, device, kind="fkl", max_samples=None, batch_size=8, autocast=False, **params) -> dict:
-    """Mean CE and (from a cache) mean `kind` divergence to the teacher per distilled token, in eval mode."""
+def score(head, source, pad_id, device, kinds=("fkl",), max_samples=None, batch_size=8, autocast=False,
+          **params) -> dict:
+    """Mean CE and (from a cache) mean divergence to the teacher of each kind, per distilled token, in eval mode;
+    one forward per batch serves every kind."""
     was_training = head.model.training
     head.model.eval()
     n = len(source) if max_samples is None else min(len(source), max_samples)
     totals, items = {}, 0
     for a in range(0, n, batch_size):
-        batch = batching.collate([source[i] for i in range(a, min(n, a + batch_size))], pad_id)
-        parts = step_losses(head, batch, device, autocast, kind, **params)
-        items += len(batch["rows"])
-        for k in ("ce", "kd"):
-            if k in parts:
-                totals[k] = totals.get(k, 0.0) + float(parts[k])
+        b, logits = batch_logits(head, batching.collate([source[i] for i in range(a, min(n, a + batch_size))],
+                                                        pad_id), device, autocast)
+        items += len(b["rows"])
+        for j, kind in enumerate(kinds or ("ce",)):
+            parts = batch_losses(logits, b, kind, **params)
+            if j == 0:
+                totals["ce"] = totals.get("ce", 0.0) + float(parts["ce"])
+            if "kd" in parts:
+                totals[kind] = totals.get(kind, 0.0) + float(parts["kd"])
     head.model.train(was_training)
     return {k: v / max(1, items) for k, v in totals.items()} | {"positions": items}
 
 
 def evaluate_source(cfg, head, source, tok, device, autocast) -> dict:
     """eval_ce; from a cache also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
-    kinds = ["fkl"] if cfg.loss in ("ce", "fkl") or not source.has_teacher else [cfg.loss, "fkl"]
-    out = {}
-    for kind in kinds:
-        row = score(head, source, tok.pad_token_id, device, kind, cfg.eval_samples, cfg.batch_size, autocast,
-                    **loss_params(cfg))
-        out.setdefault("eval_ce", row["ce"])
-        if "kd" in row:
-            out[f"eval_{kind}"] = row["kd"]
-            out.setdefault("eval_kd", row["kd"])
+    kind = "fkl" if cfg.loss == "ce" else cfg.loss
+    row = score(head, source, tok.pad_token_id, device, tuple(dict.fromkeys([kind, "fkl"])), cfg.eval_samples,
+                cfg.batch_size, autocast, **loss_params(cfg))
+    out = {"eval_ce": row["ce"]}
+    if kind in row:
+        out.update(eval_kd=row[kind], eval_fkl=row["fkl"])
+        out[f"eval_{kind}"] = row[kind]
     return out
 
 

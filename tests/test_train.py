@@ -44,7 +44,7 @@ def heldout_kl(model_path, cache):
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     tok = models.load_tokenizer(model_path)
     head = models.PositionLogits(model, len(tok))
-    return tr.score(head, batching.CacheSource(cache), tok.pad_token_id, torch.device("cpu"), "fkl")["kd"]
+    return tr.score(head, batching.CacheSource(cache), tok.pad_token_id, torch.device("cpu"), ("fkl",))["fkl"]
 
 
 def distill(world, out, loss="fkl", **kw):
