@@ -27,6 +27,8 @@ def make_plan(*, backend, k, temperatures, vocab_size, num_rows, part_size, iden
               package_version="0"):
     if logprob_dtype not in P.LOGPROB_DTYPES:
         raise ValueError(f"logprob dtype {logprob_dtype!r} is not supported; choose {' or '.join(P.LOGPROB_DTYPES)}")
+    if part_size < 1:
+        raise ValueError(f"part size {part_size} must be at least 1 sample")
     if k < 1 or k > vocab_size:
         raise ValueError(f"top-k {k} must lie between 1 and the vocabulary size {vocab_size}")
     ids = str(P.id_dtype(vocab_size))

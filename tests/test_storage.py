@@ -85,6 +85,11 @@ def test_block_shuffle_is_a_fresh_permutation_per_epoch():
     assert storage.block_shuffle(sizes, 0, 0, 2).tolist() == a.tolist()
 
 
+def test_a_part_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="part size 0 must be at least 1 sample"):
+        storage.make_plan(backend="zarr", k=4, temperatures=[1], vocab_size=100, num_rows=5, part_size=0, identity={})
+
+
 def test_temperature_not_cached_is_refused(tmp_path):
     write_cache(tmp_path / "c")
     with pytest.raises(ValueError, match="temperature 2.0 is not in this cache; cached temperatures: 1.0"):
