@@ -1,38 +1,58 @@
-"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON, written atomically
-(a temporary folder renamed into place, then the `latest.json` pointer)."""
+"""Training checkpoints without pickle: model and optimizer tensors through torch.distributed.checkpoint into
+safetensors files (under FSDP every rank writes its own shard; the state is resharded on load), everything else
+in JSON. A checkpoint folder appears by rename once whole, then the `latest.json` pointer moves to it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+
+from pipeline import distributed
 
 LATEST = "latest.json"
+TENSORS = "tensors"
 
 
-def _optimizer_split(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for idx, entry in state["state"].items():
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _tensors(student, optimizer) -> tuple[dict, dict, list]:
+    """The flat dict DCP saves and loads in place (model.{fqn}, optim.{fqn}.{name}; a tensor shared by several names,
+    like tied embeddings, under its first name only), the other names of shared tensors, and the param groups."""
+    osd = student.optimizer_state(optimizer)
+    flat, aliases, seen = {}, {}, {}
+    for k, v in student.model_state().items():
+        local = v.to_local() if hasattr(v, "to_local") else v
+        ptr = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if ptr in seen:
+            aliases[f"model.{k}"] = seen[ptr]
+            continue
+        seen[ptr] = f"model.{k}"
+        flat[f"model.{k}"] = v
+    for fqn, entry in osd["state"].items():
         for name, v in entry.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{idx}.{name}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = v
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+            flat[f"optim.{fqn}.{name}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return flat, aliases, osd["param_groups"]
 
 
-def _optimizer_join(tensors: dict, meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes a single process even when told so; in one process that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,32 +77,43 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
-def save(folder: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    tmp = folder / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+def save(folder: Path, step: int, student, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
+    """Every rank calls this (a collective under DDP/FSDP)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    rank, name = _rank(), f"step-{step:08d}"
+    tmp = folder / f".tmp-{name}"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    flat, _, groups = _tensors(student, optimizer)
+    with _single_process_quiet():
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / TENSORS), save_distributed=True),
+                 no_dist=not dist.is_initialized())
     rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    with open(tmp / "state.json", "w") as f:
-        json.dump({"step": step, "trainer": trainer_state, "optimizer": opt_meta, "rng": rng_meta,
-                   "scheduler": scheduler.state_dict()}, f)
-    for p in tmp.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    final = folder / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    pointer = folder / f".{LATEST}.{uuid.uuid4().hex[:8]}"
-    pointer.write_text(json.dumps({"checkpoint": name, "step": step}))
-    os.replace(pointer, folder / LATEST)
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    save_file(rng_tensors, str(tmp / f"rng-{rank}.safetensors"))
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_meta))
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "trainer": trainer_state, "param_groups": groups,
+                                                    "scheduler": scheduler.state_dict()}))
+    distributed.barrier()
+    if rank == 0:
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        final = folder / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer = folder / f".{LATEST}.{uuid.uuid4().hex[:8]}"
+        pointer.write_text(json.dumps({"checkpoint": name, "step": step}))
+        os.replace(pointer, folder / LATEST)
+        for old in sorted(folder.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return folder / name
 
 
 def latest(folder: Path) -> Path | None:
@@ -92,11 +123,22 @@ def latest(folder: Path) -> Path | None:
     return folder / json.loads(pointer.read_text())["checkpoint"]
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG states in place; returns the trainer state."""
-    load_model(model, str(path / "model.safetensors"))
+def load(path: Path, student, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG states in place; returns the trainer state."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    flat, aliases, _ = _tensors(student, optimizer)
+    with _single_process_quiet():
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / TENSORS)), no_dist=not dist.is_initialized())
+    model = {k: v for k, v in flat.items() if k.startswith("model.")} | {k: flat[v] for k, v in aliases.items()}
+    student.load_model_state({k[len("model."):]: v for k, v in model.items()})
+    state: dict[str, dict] = {}
+    for key, v in flat.items():
+        if key.startswith("optim."):
+            fqn, name = key[len("optim."):].rsplit(".", 1)
+            state.setdefault(fqn, {})[name] = v
     meta = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
+    student.load_optimizer_state(optimizer, {"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
-    set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+    rank = _rank() if (path / f"rng-{_rank()}.json").exists() else 0
+    set_rng_state(load_file(str(path / f"rng-{rank}.safetensors")), json.loads((path / f"rng-{rank}.json").read_text()))
     return {"step": meta["step"], **meta["trainer"]}

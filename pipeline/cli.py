@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
 
 EXPECTED = (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, KeyError, OSError)
+LOGPROB_CHOICES = ("float16", "float32", "q8", "q6", "q5", "q4", "q3", "q2")
 
 
 def one_line_errors(fn):
@@ -59,7 +61,16 @@ def main():
 @main.command("cache-teacher")
 @click.option("--teacher", required=True, help="Hugging Face causal LM: local path or hub name")
 @data_options
-@click.option("--top-k", default=64, show_default=True, type=int)
+@click.option("--top-k", default=64, show_default=True, type=int, help="largest row width")
+@click.option("--top-p", type=float, help="keep per row the smallest teacher-sorted prefix with this mass (ragged rows)")
+@click.option("--min-k", default=1, show_default=True, type=int, help="narrowest row with --top-p")
+@click.option("--ids", "id_codec", type=click.Choice(["plain", "bitpack"]), default="plain", show_default=True,
+              help="token id encoding: narrowest integer, or ceil(log2 V) bits")
+@click.option("--logprob-dtype", type=click.Choice(list(LOGPROB_CHOICES)), default="float16", show_default=True,
+              help="float16/float32, or qB: B-bit power quantization (rows still sum to 1 with the exact tail)")
+@click.option("--tail-draws", default=0, show_default=True, type=int,
+              help="tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the tail draws")
 @click.option("--temperature", "temperatures", multiple=True, type=float, help="repeatable; default 1.0")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "arrow"]), default="zarr", show_default=True)
 @click.option("--out", help="cache folder")
@@ -68,27 +79,35 @@ def main():
 @click.option("--batch-tokens", type=int, help="padded-token budget per batch (instead of --batch-size)")
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
-@click.option("--shard", help="I/N: fill only parts p with p mod N = I (torchrun ranks pick theirs)")
+@click.option("--tp", default=1, show_default=True, type=int,
+              help="tensor-parallel size under torchrun: WORLD_SIZE / TP groups each fill their own shard")
+@click.option("--device-map", help="spread the teacher over this process's devices: auto, balanced, sequential")
+@click.option("--max-memory", help="with --device-map: per-device limits, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+@click.option("--shard", help="I/N: fill only parts p with p mod N = I (torchrun groups split it further)")
 @click.option("--part-size", default=256, show_default=True, type=int, help="samples per part")
-@click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--num-proc", default=1, show_default=True, type=int, help="tokenizer processes")
 @click.option("--overwrite", is_flag=True, help="replace a different cache at --out")
 @click.option("--strict", is_flag=True, help="abort on non-finite teacher logits instead of skipping the sample")
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
-def cache_teacher(teacher, source, split, prompt_field, response_field, text_field, max_length, limit, top_k,
-                  temperatures, fmt, out, cache_root, batch_size, batch_tokens, dtype, device, shard, part_size,
-                  logprob_dtype, overwrite, strict, trust_remote_code):
-    """Run a teacher over a dataset and store its top-k log-probs and exact tail mass."""
+def cache_teacher(teacher, source, split, prompt_field, response_field, text_field, max_length, limit, top_k, top_p,
+                  min_k, id_codec, logprob_dtype, tail_draws, seed, temperatures, fmt, out, cache_root, batch_size,
+                  batch_tokens, dtype, device, tp, device_map, max_memory, shard, part_size, num_proc, overwrite, strict,
+                  trust_remote_code):
+    """Run a teacher over a dataset and store its top-k log-probs, exact tail mass and target log-probs."""
     from stages import cache_teacher as stage
     cfg = stage.CacheTeacherConfig(
         teacher=teacher, data=data_config(source, split, prompt_field, response_field, text_field, max_length, limit),
-        out=out, cache_root=cache_root, top_k=top_k, temperatures=tuple(temperatures) or (1.0,), format=fmt,
-        batch_size=batch_size, batch_tokens=batch_tokens, dtype=dtype, device=device, shard=parse_shard(shard),
-        part_size=part_size, logprob_dtype=logprob_dtype, overwrite=overwrite, strict=strict,
-        trust_remote_code=trust_remote_code)
+        out=out, cache_root=cache_root, top_k=top_k, top_p=top_p, min_k=min_k, ids=id_codec,
+        logprob_dtype=logprob_dtype, tail_draws=tail_draws, seed=seed, temperatures=tuple(temperatures) or (1.0,),
+        format=fmt, batch_size=batch_size, batch_tokens=batch_tokens, dtype=dtype, device=device, tp=tp,
+        device_map=device_map, max_memory=max_memory, shard=parse_shard(shard), part_size=part_size,
+        num_proc=num_proc, overwrite=overwrite, strict=strict, trust_remote_code=trust_remote_code)
     result = stage.run(cfg)
     if result["status"] == "hit":
         click.echo(f"cache hit: {result['path']} (key {result['manifest']['cache_key'][:16]})")
+        return
+    if result.get("parts_written", 0) == 0 and result["status"] == "partial" and int(os.environ.get("RANK", "0")):
         return
     m = result["manifest"]
     truncated = m["counts"].get("truncated_samples", 0) if m else "?"
@@ -103,6 +122,9 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @click.option("--out", required=True, help="run folder")
 @click.option("--loss", default="fkl", show_default=True, help="ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl")
 @click.option("--cache", help="teacher cache to distill from")
+@click.option("--teacher", help="run this teacher online over --data instead of a cache (the fidelity reference)")
+@click.option("--online-topk", type=int, help="with --teacher: top-k + exact tail computed on the fly (default: dense)")
+@click.option("--teacher-device-map", help="with --teacher: spread it over devices (auto), e.g. beside the student")
 @lambda fn: data_options(fn, required=False)
 @click.option("--init-from-config", is_flag=True, help="initialize the student from --student's config, not its weights")
 @click.option("--tokenizer", help="tokenizer for --init-from-config")
@@ -111,6 +133,8 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @click.option("--beta", default=0.5, show_default=True, type=float, help="JSD mixture weight")
 @click.option("--alpha", default=0.1, show_default=True, type=float, help="skew KL weight")
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="must be one the cache holds")
+@click.option("--tail", type=click.Choice(["bucket", "renormalize"]), default="bucket", show_default=True,
+              help="the teacher's tail as one exact bin, or dropped with the head renormalized (the peers' default)")
 @click.option("--lr", default=5e-4, show_default=True, type=float)
 @click.option("--min-lr-ratio", default=0.1, show_default=True, type=float, help="cosine floor as a fraction of --lr")
 @click.option("--warmup-steps", default=10, show_default=True, type=int)
@@ -122,6 +146,13 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @click.option("--epochs", default=1, show_default=True, type=int)
 @click.option("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--packing", is_flag=True, help="pack samples into rows of --pack-length tokens, no padding")
+@click.option("--pack-length", default=2048, show_default=True, type=int)
+@click.option("--part-size", default=256, show_default=True, type=int,
+              help="with --data: the cache-teacher part size whose epoch plan to follow")
+@click.option("--fsdp", is_flag=True, help="shard the student with FSDP2 (under torchrun)")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--attn-implementation", help="transformers attention: sdpa, eager, flash_attention_2, …")
 @click.option("--eval-cache", help="held-out teacher cache for eval loss")
 @click.option("--eval-data", help="held-out dataset for eval CE (same fields as --data)")
 @click.option("--eval-split", default="train", show_default=True)
@@ -131,15 +162,16 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @click.option("--log-every", default=10, show_default=True, type=int)
 @click.option("--max-nonfinite", default=10, show_default=True, type=int, help="abort after this many skipped steps")
 @click.option("--num-workers", default=0, show_default=True, type=int)
+@click.option("--num-proc", default=1, show_default=True, type=int, help="tokenizer processes for --data")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True, help="auto: bf16 autocast on GPU, float32 on CPU")
+@click.option("--dtype", default="auto", show_default=True, help="auto: bf16 on GPU, float32 on CPU")
 @click.option("--resume", is_flag=True, help="continue from the run's latest checkpoint")
 @click.option("--allow-tokenizer-mismatch", is_flag=True)
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
 def train(student, out, loss, cache, source, split, prompt_field, response_field, text_field, max_length, limit,
           eval_data, eval_split, **kw):
-    """Distill a student from a teacher cache, or fine-tune it on a dataset (--loss ce)."""
+    """Distill a student from a teacher cache (or the teacher online), or fine-tune it on a dataset (--loss ce)."""
     from stages import train as stage
     data = data_config(source, split, prompt_field, response_field, text_field, max_length, limit) if source else None
     eval_cfg = data_config(eval_data, eval_split, prompt_field, response_field, text_field, max_length, None) \
@@ -154,7 +186,8 @@ def train(student, out, loss, cache, source, split, prompt_field, response_field
 @click.option("--model", required=True, help="model folder (e.g. RUN/final) or hub name")
 @data_options
 @click.option("--out", required=True, help="metrics JSON")
-@click.option("--teacher-cache", help="cache of this split, for KL to the teacher")
+@click.option("--teacher-cache", help="cache of this split, for KL to the teacher (top-k + tail bucket)")
+@click.option("--teacher", help="the teacher model, for the exact full-vocabulary KL on this split")
 @click.option("--answer-field", default="answer", show_default=True, help="column with a checkable answer, if any")
 @click.option("--max-new-tokens", default=48, show_default=True, type=int)
 @click.option("--batch-size", default=16, show_default=True, type=int)
@@ -165,12 +198,12 @@ def train(student, out, loss, cache, source, split, prompt_field, response_field
 @click.option("--dtype", default="auto", show_default=True)
 @one_line_errors
 def evaluate(model, source, split, prompt_field, response_field, text_field, max_length, limit, out, teacher_cache,
-             answer_field, max_new_tokens, batch_size, no_generate, label, run_dir, device, dtype):
+             teacher, answer_field, max_new_tokens, batch_size, no_generate, label, run_dir, device, dtype):
     """Held-out NLL/perplexity, ROUGE-L and exact match of greedy generations, KL to the teacher."""
     from stages import evaluate as stage
     cfg = stage.EvalConfig(model=model, data=data_config(source, split, prompt_field, response_field, text_field,
                                                          max_length, limit), out=out, teacher_cache=teacher_cache,
-                           answer_field=answer_field, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           teacher=teacher, answer_field=answer_field, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            generate=not no_generate, label=label, run=run_dir, device=device, dtype=dtype)
     metrics = stage.run(cfg)
     click.echo(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -256,14 +289,18 @@ def inspect(cache, as_json):
 @main.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "arrow"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["zarr", "arrow"]), help="default: the source's")
+@click.option("--top-p", type=float, help="narrow the rows to this mass")
+@click.option("--min-k", type=int)
+@click.option("--ids", "id_codec", type=click.Choice(["plain", "bitpack"]))
+@click.option("--logprob-dtype", type=click.Choice(list(LOGPROB_CHOICES)))
 @click.option("--overwrite", is_flag=True)
 @one_line_errors
-def convert(src, dst, fmt, overwrite):
-    """Rewrite a cache in the other backend; the contents stay identical."""
+def convert(src, dst, fmt, top_p, min_k, id_codec, logprob_dtype, overwrite):
+    """Rewrite a cache (any version) as the current format, in another backend and/or encoding."""
     import storage
-    m = storage.convert(src, dst, fmt, overwrite)
-    click.echo(f"converted {src} → {dst} ({fmt}, {m['num_parts']} parts)")
+    m = storage.convert(src, dst, fmt, overwrite, top_p=top_p, min_k=min_k, ids=id_codec, logprobs=logprob_dtype)
+    click.echo(f"converted {src} → {dst} ({m['backend']}, {m['encoding']['logprobs']['name']}, {m['num_parts']} parts)")
 
 
 if __name__ == "__main__":

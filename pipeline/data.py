@@ -1,8 +1,16 @@
 """Datasets to token sequences with a loss mask: instruction pairs (response tokens distilled, EOS included)
-or plain text (every token after the first)."""
+or plain text (every token after the first).
+
+Tokenization runs through `datasets.map` (batched, `num_proc` workers, fast tokenizers) into an Arrow file in the
+datasets cache, memory-mapped: token ids never sit in memory as a Python list of the whole dataset. The file is
+named by a fingerprint of the source, the tokenizer and the options, so every process and every shard job reuses
+one tokenized copy (a file lock lets the first one write it while the others wait). Each row also gets an 8-byte
+digest of its tokens, so the dataset's content hash is one pass over 8 bytes per row.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -10,6 +18,7 @@ import numpy as np
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+TOKENIZE_VERSION = "2"          # bump when the tokenization below changes what it produces
 
 
 class DataError(ValueError):
@@ -98,53 +107,121 @@ def prompt_text(tokenizer, prompt: str) -> str:
 
 
 def encode_instruction(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids ending in EOS)."""
-    eos = tokenizer.eos_token_id
+    """(prompt ids, response ids ending in EOS) for one pair."""
+    p_ids, r_ids = encode_instructions(tokenizer, [prompt], [response])
+    return p_ids[0], r_ids[0]
+
+
+def encode_instructions(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list, list]:
+    """Prompt ids and response ids (ending in EOS) for a batch of pairs, tokenized in two batched calls."""
     if getattr(tokenizer, "chat_template", None):
-        head = prompt_text(tokenizer, prompt)
-        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": response}], tokenize=False)
-        if not full.startswith(head):
-            raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the "
-                            "conversation; this template is not supported for distillation")
-        p_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(full[len(head):].rstrip("\n"), add_special_tokens=False)["input_ids"]
+        heads, tails = [], []
+        for prompt, response in zip(prompts, responses):
+            head = prompt_text(tokenizer, prompt)
+            full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": response}], tokenize=False)
+            if not full.startswith(head):
+                raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the "
+                                "conversation; this template is not supported for distillation")
+            heads.append(head)
+            tails.append(full[len(head):].rstrip("\n"))
+        p_ids = tokenizer(heads, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(tails, add_special_tokens=False)["input_ids"] if tails else []
     else:
-        p_ids = tokenizer(PLAIN_TEMPLATE.format(prompt=prompt))["input_ids"]
-        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if eos is not None and (not r_ids or r_ids[-1] != eos):
-        r_ids = r_ids + [eos]
+        p_ids = tokenizer([PLAIN_TEMPLATE.format(prompt=p) for p in prompts])["input_ids"]
+        r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        r_ids = [r if r and r[-1] == eos else r + [eos] for r in r_ids]
     return p_ids, r_ids
 
 
-def tokenize(rows, tokenizer, cfg: DataConfig) -> list[dict]:
-    """Rows → [{sample_index, input_ids, loss_mask, truncated}] with token j distilled iff loss_mask[j] = 1."""
-    out = []
-    for i, row in enumerate(rows):
-        if cfg.text_field:
-            ids = tokenizer(str(row[cfg.text_field]))["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                ids = ids + [tokenizer.eos_token_id]
-            mask = [0] + [1] * (len(ids) - 1)
-        else:
-            p_ids, r_ids = encode_instruction(tokenizer, str(row[cfg.prompt_field]), str(row[cfg.response_field]))
-            ids = p_ids + r_ids
-            mask = [0] * len(p_ids) + [1] * len(r_ids)
-        truncated = len(ids) > cfg.max_length
-        ids, mask = ids[:cfg.max_length], mask[:cfg.max_length]
-        mask[0] = 0
-        out.append({"sample_index": i, "input_ids": np.asarray(ids, np.int64),
-                    "loss_mask": np.asarray(mask, np.uint8), "truncated": truncated})
+def _tokenize_batch(batch, tokenizer, text_field, prompt_field, response_field, max_length):
+    """datasets.map function: a batch of rows → input_ids, loss_mask, truncated, length, digest."""
+    if text_field:
+        ids = tokenizer([str(x) for x in batch[text_field]])["input_ids"]
+        eos = tokenizer.eos_token_id
+        ids = [x + [eos] if eos is not None else x for x in ids]
+        masks = [[0] + [1] * (len(x) - 1) for x in ids]
+    else:
+        p_ids, r_ids = encode_instructions(tokenizer, [str(x) for x in batch[prompt_field]],
+                                           [str(x) for x in batch[response_field]])
+        ids = [p + r for p, r in zip(p_ids, r_ids)]
+        masks = [[0] * len(p) + [1] * len(r) for p, r in zip(p_ids, r_ids)]
+    out = {"input_ids": [], "loss_mask": [], "truncated": [], "length": [], "digest": []}
+    for x, m in zip(ids, masks):
+        out["truncated"].append(len(x) > max_length)
+        x, m = np.asarray(x[:max_length], np.int32), np.asarray(m[:max_length], np.uint8)
+        m[0] = 0
+        out["input_ids"].append(x)
+        out["loss_mask"].append(m)
+        out["length"].append(len(x))
+        digest = hashlib.blake2b(x.astype("<i4").tobytes() + b"|" + m.tobytes(), digest_size=8).digest()
+        out["digest"].append(int.from_bytes(digest, "little", signed=True))
     return out
 
 
-def fingerprint(samples: list[dict], tokenizer, cfg: DataConfig) -> dict:
+def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = True):
+    """The dataset tokenized: a memory-mapped datasets.Dataset (numpy format) with columns input_ids (int32),
+    loss_mask (uint8), truncated, length and digest, one row per source row (token j is distilled iff
+    loss_mask[j] = 1). Reused from the datasets cache when the source, tokenizer and options are unchanged."""
+    import datasets
+    from filelock import FileLock
+
+    rows = load_rows(cfg)
+    key = hashlib.sha256(json.dumps({
+        "rows": rows._fingerprint, "tokenizer": _tokenizer_fingerprint(tokenizer), "version": TOKENIZE_VERSION,
+        **{k: v for k, v in asdict(cfg).items() if k not in ("source", "split", "limit")}},
+        sort_keys=True).encode()).hexdigest()[:32]
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "loss_mask": datasets.Sequence(datasets.Value("uint8")),
+                                  "truncated": datasets.Value("bool"), "length": datasets.Value("int32"),
+                                  "digest": datasets.Value("int64")})
+    kwargs = dict(batched=True, batch_size=1000, remove_columns=rows.column_names, features=features,
+                  new_fingerprint=f"tok{key}", num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None,
+                  fn_kwargs={"tokenizer": tokenizer, "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
+                             "response_field": cfg.response_field, "max_length": cfg.max_length},
+                  desc=f"tokenize {Path(cfg.source).name}")
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        if rows.cache_files:
+            lock = Path(rows.cache_files[0]["filename"]).parent / f"tok{key}.lock"
+            with FileLock(str(lock)):
+                out = rows.map(_tokenize_batch, **kwargs)
+        else:
+            out = rows.map(_tokenize_batch, **kwargs)
+    finally:
+        if not progress:
+            datasets.enable_progress_bars()
+    return out.with_format("numpy")
+
+
+def _tokenizer_fingerprint(tok) -> str:
+    from pipeline.models import tokenizer_fingerprint
+    return tokenizer_fingerprint(tok)
+
+
+def content_sha256(ds) -> str:
+    """sha256 over every row's 8-byte digest, in order: content-sensitive, one pass over 8 bytes per row."""
     h = hashlib.sha256()
-    for s in samples:
-        h.update(s["input_ids"].astype(np.int64).tobytes())
-        h.update(s["loss_mask"].tobytes())
-        h.update(b"|")
+    col = ds.data.column("digest")
+    for chunk in col.chunks:
+        h.update(chunk.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(ds, tokenizer, cfg: DataConfig) -> dict:
+    """The dataset's identity in a cache manifest."""
     fields = {k: v for k, v in asdict(cfg).items() if k.endswith("_field") and v}
     return {"source": cfg.source, "split": cfg.split, "fields": fields, "template": template_name(tokenizer, cfg),
-            "max_length": cfg.max_length, "limit": cfg.limit, "content_sha256": h.hexdigest(),
-            "num_rows": len(samples)}
+            "max_length": cfg.max_length, "limit": cfg.limit, "content_sha256": content_sha256(ds),
+            "num_rows": len(ds)}
+
+
+def rows_of(ds, start: int, stop: int) -> list[dict]:
+    """Rows [start, stop) of a tokenized dataset as samples {sample_index, input_ids, loss_mask, truncated}."""
+    batch = ds[start:stop]
+    return [{"sample_index": start + i, "input_ids": np.asarray(ids, np.int64), "loss_mask": np.asarray(m, np.uint8),
+             "truncated": bool(t)} for i, (ids, m, t) in enumerate(zip(batch["input_ids"], batch["loss_mask"],
+                                                                         batch["truncated"]))]

@@ -1,6 +1,6 @@
 """Sparse-aware distillation divergences from cached top-k teacher distributions.
 
-Per position the teacher is the (k+1)-bin distribution P = (p_K, P_R): its top-k probabilities and the
+Per position the teacher is the (k+1)-bin distribution P = (p_K, P_R): its top-k (head) probabilities and the
 exact residual tail mass. The student Q = (q_K, Q_R) is exact: q gathered at K, and
 Q_R = exp(logsumexp(z_S[not K]/t) - logsumexp(z_S/t)). With k = |V| (P_R = 0) every sparse loss equals
 its dense twin. Logs of zero probabilities are floored at log(float32 tiny) so no finite input gives
@@ -14,6 +14,21 @@ inf or NaN; 0·log 0 = 0.
     srkl  KL(Q ‖ (1−α)P + αQ)
     akl   w_head·fkl + w_tail·rkl; head H = smallest prefix of K (teacher-sorted) with Σ_H p ≥ μ,
           g_head = Σ_H |p−q|, g_tail = Σ_{K∖H} |p−q| + |P_R − Q_R|, w = g / (g_head + g_tail) detached
+
+Rows may be ragged: id −1 marks padding (the teacher's log-prob there is −inf).
+
+Drawn tail tokens (Random-Sampling KD) refine the tail bucket: each drawn token j gets the teacher estimate
+p̂_j = P_R·c_j/N and the student its own q_j, and the rest of the tail gets teacher mass 0 (the estimate) and
+the student's exact remainder. Terms weighted by the teacher's probabilities (fkl, sfkl, jsd's β·KL(P‖M),
+akl's FKL part) are evaluated on these refined bins; their teacher-linear part is then an unbiased estimate
+of the full-vocabulary one, so the FKL gradient with respect to the student's logits is unbiased. Terms
+weighted by the student's probabilities (rkl, srkl, jsd's (1−β)·KL(Q‖M), akl's RKL part), tvd and AKL's
+gaps and weights keep the exact bucket: they need the teacher's mass wherever the student puts mass, which
+a sample cannot give.
+
+tail="renormalize" is the peers' default (DistillKit's sparse KL): the head renormalized to sum to 1, the
+tail and any drawn tokens dropped, and the student's log-probs gathered from its full softmax, so every
+divergence runs over the head bins alone. It is biased; "bucket" (ours) is the default.
 
 AKL follows the paper's head rule (the token that crosses μ is in the head); the authors' published
 snippet leaves that token out of the head.
@@ -78,31 +93,36 @@ def akl_weights(p, q, mask):
     return AKLStats(g_head, g_tail, g_head / denom)
 
 
-def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins=None):
+def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins=None, refined=None):
     """Per-position divergence between teacher bins logp and student bins logq, both [N, B] log-probs.
 
-    Returns (loss [N], AKLStats or None). n_head_bins: bins eligible for the AKL head (the tail bucket is not).
+    refined: optional (logp, logq) bins in which the teacher-weighted terms are evaluated instead (drawn tail
+    tokens, see the module docstring). Returns (loss [N], AKLStats or None). n_head_bins: bins eligible for the
+    AKL head (the tail bucket is not).
     """
     p, q = logp.exp(), logq.exp()
     lp, lq = _floor(logp), _floor(logq)
+    if refined is None:
+        pa, lpa, lqa = p, lp, lq
+    else:
+        pa, lpa, lqa = refined[0].exp(), _floor(refined[0]), _floor(refined[1])
     if kind == "fkl" or (kind == "jsd" and beta == 0):
-        return _kl(p, lp, lq), None
+        return _kl(pa, lpa, lqa), None
     if kind == "rkl" or (kind == "jsd" and beta == 1):
         return _kl(q, lq, lp), None
     if kind == "jsd":
-        lm = _log_mix(beta, lp, lq)
-        return beta * _kl(p, lp, lm) + (1 - beta) * _kl(q, lq, lm), None
+        return beta * _kl(pa, lpa, _log_mix(beta, lpa, lqa)) + (1 - beta) * _kl(q, lq, _log_mix(beta, lp, lq)), None
     if kind == "tvd":
         return 0.5 * (p - q).abs().sum(-1), None
     if kind == "sfkl":
-        return _kl(p, lp, _log_mix(alpha, lp, lq)), None
+        return _kl(pa, lpa, _log_mix(alpha, lpa, lqa)), None
     if kind == "srkl":
         return _kl(q, lq, _log_mix(1 - alpha, lp, lq)), None
     if kind == "akl":
         mask = head_mask(p, mu, logp.shape[-1] if n_head_bins is None else n_head_bins)
         with torch.no_grad():
             stats = akl_weights(p, q, mask)
-        loss = stats.w_head * _kl(p, lp, lq) + (1 - stats.w_head) * _kl(q, lq, lp)
+        loss = stats.w_head * _kl(pa, lpa, lqa) + (1 - stats.w_head) * _kl(q, lq, lp)
         zero = (stats.g_head + stats.g_tail) == 0
         loss = torch.where(zero, torch.zeros_like(loss), loss)
         return loss, AKLStats(stats.g_head, stats.g_tail, torch.where(zero, torch.zeros_like(loss), stats.w_head))
@@ -141,19 +161,20 @@ class _GatherWithTail(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_q, g_r, g_y):
         """With G = Σ g_q + g_r + g_y: d/ds_j = g_q,j − q_j G on ids; r_j (g_r − Q_R G) elsewhere, where
-        r_j = e^x_j / Σ_{not ids} e^x and q_j = Q_R r_j; plus g_y at the target; then ÷ t."""
+        r_j = e^x_j / Σ_{not ids} e^x and q_j = Q_R r_j; plus g_y at the target; then ÷ t. An id listed twice in a
+        row (padding repeats a row's first id) gets −q_j G once and the sum of its g_q."""
         logits, ids, targets, stats, log_q = ctx.saved_tensors
         t = ctx.t
         grad = torch.empty_like(logits)
         total = g_q.sum(-1) + g_r + g_y
         q_r = torch.exp(stats[2] - stats[1])
         outside = g_r - q_r * total
-        on_ids = g_q - log_q.exp() * total[:, None]
+        on_ids = -log_q.exp() * total[:, None]
         log_r = torch.where(torch.isfinite(stats[2]), stats[2], float("inf"))
         for a in range(0, logits.shape[0], ROW_CHUNK):
             sl = slice(a, a + ROW_CHUNK)
             g = (logits[sl].float() / t).sub_(stats[0, sl, None] + log_r[sl, None]).exp_()
-            g.mul_(outside[sl, None]).scatter_(-1, ids[sl], on_ids[sl])
+            g.mul_(outside[sl, None]).scatter_(-1, ids[sl], on_ids[sl]).scatter_add_(-1, ids[sl], g_q[sl])
             g.scatter_add_(-1, targets[sl, None], g_y[sl, None])
             grad[sl] = g.div_(t)
         return grad, None, None, None
@@ -166,6 +187,23 @@ def student_bins(student_logits, topk_ids, temperature=1.0, targets=None):
                                                 topk_ids[:, 0] if targets is None else targets)
     bins = torch.cat([log_q, log_r[:, None]], -1)
     return bins if targets is None else (bins, log_y)
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim that gives −inf (and zero gradients, not NaN) for rows of −inf."""
+    m = x.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    total = (x - m).exp().sum(-1)
+    return torch.where(total > 0, total.clamp_min(torch.finfo(total.dtype).tiny).log() + m[..., 0],
+                       torch.full_like(total, float("-inf")))
+
+
+def _pad_with_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids [N, W] with −1 padding → the same ids with each pad replaced by its row's first real id, and the mask of
+    real entries. Repeating an id in a row keeps the student's tail sum exact (see _GatherWithTail)."""
+    valid = ids >= 0
+    first = ids.gather(1, valid.to(torch.uint8).argmax(1, keepdim=True)).clamp_min(0)
+    return torch.where(valid, ids, first), valid
 
 
 def token_logprob(logits, targets):
@@ -183,46 +221,77 @@ def check_params(kind, mu=0.5, beta=0.5, alpha=0.1):
             raise ValueError(f"{name}={v} is out of range; it must lie in [0, 1]")
 
 
-def _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass):
+TAIL_MODES = ("bucket", "renormalize")
+
+
+def _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass, drawn_ids=None, drawn_logprobs=None):
     n, v = student_logits.shape
     if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != n:
         raise ValueError(f"shape mismatch: student_logits {tuple(student_logits.shape)}, topk_ids "
                          f"{tuple(topk_ids.shape)}, topk_logprobs {tuple(topk_logprobs.shape)}; want [N, V], [N, k], [N, k]")
     if tail_logmass.shape != (n,):
         raise ValueError(f"shape mismatch: tail_logmass {tuple(tail_logmass.shape)}, want [{n}]")
-    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= v):
-        raise ValueError(f"teacher token id {int(topk_ids.max())} is outside the student's vocabulary of {v}; "
-                         "use a student with the teacher's tokenizer")
+    if (drawn_ids is None) != (drawn_logprobs is None) or drawn_ids is not None and (
+            drawn_ids.shape != drawn_logprobs.shape or drawn_ids.dim() != 2 or drawn_ids.shape[0] != n):
+        raise ValueError("drawn_ids and drawn_logprobs go together, both [N, m]")
+    for ids in (topk_ids, drawn_ids):
+        if ids is not None and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= v):
+            raise ValueError(f"teacher token id {int(ids.max())} is outside the student's vocabulary of {v}; "
+                             "use a student with the teacher's tokenizer")
 
 
 def sparse_kd_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, kind, *, mu=0.5, beta=0.5,
-                   alpha=0.1, temperature=1.0, return_stats=False, validate=True):
-    """Per-position loss [N] between cached teacher (top-k + tail) and the student's logits at `temperature`.
+                   alpha=0.1, temperature=1.0, return_stats=False, validate=True, **teacher):
+    """Per-position loss [N] between cached teacher rows (top-k + tail; −1-padded; optional drawn_ids and
+    drawn_logprobs; tail="bucket"|"renormalize") and the student's logits at `temperature`.
 
     With return_stats=True returns (loss, AKLStats or None).
     """
     loss, _, stats = sparse_kd_loss_with_ce(student_logits, None, topk_ids, topk_logprobs, tail_logmass, kind, mu=mu,
-                                            beta=beta, alpha=alpha, temperature=temperature, validate=validate)
+                                            beta=beta, alpha=alpha, temperature=temperature, validate=validate,
+                                            **teacher)
     return (loss, stats) if return_stats else loss
 
 
 def sparse_kd_loss_with_ce(student_logits, targets, topk_ids, topk_logprobs, tail_logmass, kind, *, mu=0.5,
-                           beta=0.5, alpha=0.1, temperature=1.0, validate=True):
+                           beta=0.5, alpha=0.1, temperature=1.0, validate=True, drawn_ids=None, drawn_logprobs=None,
+                           tail="bucket"):
     """(KD loss [N], cross-entropy at temperature 1 [N] or None without targets, AKLStats or None); the CE
     shares the KD's pass over the logits when the temperature is 1."""
     check_params(kind, mu, beta, alpha)
+    if tail not in TAIL_MODES:
+        raise ValueError(f"unknown tail handling {tail!r}; choose {' or '.join(TAIL_MODES)}")
     if validate:
-        _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass)
-    ids = topk_ids.long()
-    if targets is None:
-        logq, log_y = student_bins(student_logits, ids, temperature), None
-    elif float(temperature) == 1.0:
-        logq, log_y = student_bins(student_logits, ids, 1.0, targets)
+        _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass, drawn_ids, drawn_logprobs)
+    head = topk_ids.long()
+    width = head.shape[1]
+    drawn = drawn_ids is not None and tail == "bucket" and drawn_ids.shape[1] > 0
+    ids, valid = _pad_with_first(torch.cat([head, drawn_ids.long()], 1) if drawn else head)
+    t = float(temperature)
+    fused = targets is not None and t == 1.0
+    log_q, log_rest, log_y = _GatherWithTail.apply(student_logits, ids, t, targets if fused else ids[:, 0])
+    if targets is not None and not fused:
+        log_y = token_logprob(student_logits, targets)
+    log_q = log_q.masked_fill(~valid, float("-inf"))
+    lq_head = log_q[:, :width]
+    lp_head = topk_logprobs.float().masked_fill(~valid[:, :width], float("-inf"))
+    none = torch.full_like(tail_logmass.float()[:, None], float("-inf"))
+    refined = None
+    if tail == "renormalize":
+        norm = logsumexp(lp_head)[:, None]
+        lp_head = torch.where(torch.isfinite(norm), lp_head - norm, torch.full_like(lp_head, float("-inf")))
+        logp, logq = torch.cat([lp_head, none], -1), torch.cat([lq_head, none], -1)
+    elif drawn:
+        lq_drawn = log_q[:, width:]
+        lp_drawn = drawn_logprobs.float().masked_fill(~valid[:, width:], float("-inf"))
+        logp = torch.cat([lp_head, tail_logmass.float()[:, None]], -1)
+        logq = torch.cat([lq_head, logsumexp(torch.cat([log_rest[:, None], lq_drawn], -1))[:, None]], -1)
+        refined = (torch.cat([lp_head, lp_drawn, none], -1), torch.cat([lq_head, lq_drawn, log_rest[:, None]], -1))
     else:
-        logq, log_y = student_bins(student_logits, ids, temperature), token_logprob(student_logits, targets)
-    logp = torch.cat([topk_logprobs.float(), tail_logmass.float()[:, None]], -1)
-    loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha, n_head_bins=ids.shape[1])
-    return loss, (None if log_y is None else -log_y), stats
+        logp = torch.cat([lp_head, tail_logmass.float()[:, None]], -1)
+        logq = torch.cat([lq_head, log_rest[:, None]], -1)
+    loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha, n_head_bins=width, refined=refined)
+    return loss, (None if targets is None else -log_y), stats
 
 
 def dense_kd_loss(student_logits, teacher_logits, kind, *, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0,
@@ -238,7 +307,8 @@ def dense_kd_loss(student_logits, teacher_logits, kind, *, mu=0.5, beta=0.5, alp
 
 
 def sparse_kd_loss_from_hidden(hidden, lm_head_weight, topk_ids, topk_logprobs, tail_logmass, kind, *,
-                               chunk_size=1024, vocab_size=None, return_stats=False, **kw):
+                               chunk_size=1024, vocab_size=None, return_stats=False, drawn_ids=None,
+                               drawn_logprobs=None, **kw):
     """sparse_kd_loss on logits = hidden @ W.T, computed chunk by chunk of positions.
 
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory holds one
@@ -246,15 +316,17 @@ def sparse_kd_loss_from_hidden(hidden, lm_head_weight, topk_ids, topk_logprobs, 
     """
     v = vocab_size or lm_head_weight.shape[0]
 
-    def chunk_loss(h, w, ids, lp, tail):
+    def chunk_loss(h, w, ids, lp, tail, d_ids, d_lp):
         logits = (h @ w[:v].T)
-        loss, stats = sparse_kd_loss(logits, ids, lp, tail, kind, return_stats=True, **kw)
+        loss, stats = sparse_kd_loss(logits, ids, lp, tail, kind, return_stats=True, drawn_ids=d_ids,
+                                     drawn_logprobs=d_lp, **kw)
         return (loss,) + (tuple(stats) if stats is not None else ())
 
     outs = []
     for a in range(0, hidden.shape[0], chunk_size):
         sl = slice(a, a + chunk_size)
-        args = (hidden[sl], lm_head_weight, topk_ids[sl], topk_logprobs[sl], tail_logmass[sl])
+        args = (hidden[sl], lm_head_weight, topk_ids[sl], topk_logprobs[sl], tail_logmass[sl],
+                None if drawn_ids is None else drawn_ids[sl], None if drawn_logprobs is None else drawn_logprobs[sl])
         outs.append(checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
                     else chunk_loss(*args))
     if not outs:

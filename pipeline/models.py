@@ -36,14 +36,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def _check_exists(name: str) -> None:
+def check_exists(name: str) -> None:
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise ModelError(f"model path {name} does not exist")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    _check_exists(name)
+    check_exists(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -53,11 +53,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, **kwargs):
     from transformers import AutoModelForCausalLM
-    _check_exists(name)
+    check_exists(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:
         raise ModelError(f"cannot load a causal LM from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return model.to(device)
@@ -127,31 +127,40 @@ class PositionLogits(torch.nn.Module):
         self.vocab_size = vocab_size
         self.fast = None
 
-    def hidden_rows(self, input_ids, attention_mask, rows, cols):
-        """[P, H] hidden states (or [P, V'] logits on the fallback path) at the given positions."""
+    def hidden_rows(self, input_ids, attention_mask, rows, cols, position_ids=None):
+        """[P, H] hidden states (or [P, V'] logits on the fallback path) at the given positions. Packed rows pass
+        position_ids that restart at each sample and no attention mask (transformers then masks across samples)."""
         if self.fast is None:
-            self.fast = self._fast_path_matches(input_ids[:1], attention_mask[:1])
-        if self.fast:
-            h = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        else:
-            h = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return h[rows, cols]
+            self.fast = self._fast_path_matches(input_ids[:1], attention_mask[:1] if attention_mask is not None
+                                                else None, None if position_ids is None else position_ids[:1])
+        dev = self.model.get_input_embeddings().weight.device
+        kw = dict(input_ids=input_ids.to(dev), use_cache=False,
+                  attention_mask=None if attention_mask is None else attention_mask.to(dev),
+                  position_ids=None if position_ids is None else position_ids.to(dev))
+        h = self.model.base_model(**kw).last_hidden_state if self.fast else self.model(**kw).logits
+        return h[rows.to(h.device), cols.to(h.device)]
 
     def logits(self, hidden_rows):
         out = self.model.get_output_embeddings()(hidden_rows) if self.fast else hidden_rows
         return out[:, :self.vocab_size]
 
-    def forward(self, input_ids, attention_mask, rows, cols):
-        return self.logits(self.hidden_rows(input_ids, attention_mask, rows, cols))
+    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None):
+        return self.logits(self.hidden_rows(input_ids, attention_mask, rows, cols, position_ids))
 
     @torch.no_grad()
-    def _fast_path_matches(self, input_ids, attention_mask) -> bool:
-        n = int(attention_mask[0].sum())
+    def _fast_path_matches(self, input_ids, attention_mask, position_ids) -> bool:
+        """The lm_head on the base model's hidden states against the model's own logits, on one sample."""
+        n = int(attention_mask[0].sum()) if attention_mask is not None else input_ids.shape[1]
+        if position_ids is not None:            # packed: the first sample is where the positions first restart
+            restart = (position_ids[0, 1:] == 0).nonzero()
+            n = int(restart[0]) + 1 if len(restart) else n
+        dev = self.model.get_input_embeddings().weight.device
+        ids = input_ids[:, :n].to(dev)
         was_training = self.model.training
         self.model.eval()
-        full = self.model(input_ids=input_ids[:, :n]).logits[0].float()
-        h = self.model.base_model(input_ids=input_ids[:, :n]).last_hidden_state[0]
-        fast = self.model.get_output_embeddings()(h).float()
+        full = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        h = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        fast = self.model.get_output_embeddings()(h).float().to(full.device)
         self.model.train(was_training)
         tol = 1e-4 if h.dtype == torch.float32 else 2e-2
         ok = fast.shape == full.shape and torch.allclose(fast, full, rtol=tol, atol=tol * max(1.0, full.abs().max().item()))

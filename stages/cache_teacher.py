@@ -1,6 +1,8 @@
-"""Stage 1: run the teacher over a dataset and store, per distilled token, its top-k log-probs and exact tail mass."""
+"""Stage 1: run the teacher over a dataset and store, per distilled token, its top-k log-probs, exact tail mass,
+the log-prob of the actual next token and, optionally, tokens drawn from its tail."""
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
@@ -14,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 import storage
-from pipeline import __version__, batching, data as D, models
+from pipeline import __version__, batching, data as D, distributed, models, teacher_rows
+from storage.codecs import top_p_widths
 
 
 class NonFiniteLogits(RuntimeError):
@@ -28,15 +31,24 @@ class CacheTeacherConfig:
     out: str | None = None
     cache_root: str | None = None
     top_k: int = 64
+    top_p: float | None = None
+    min_k: int = 1
+    ids: str = "plain"
+    logprob_dtype: str = "float16"
+    tail_draws: int = 0
+    seed: int = 0
     temperatures: tuple[float, ...] = (1.0,)
     format: str = "zarr"
     batch_size: int = 8
     batch_tokens: int | None = None
     dtype: str = "auto"
     device: str = "auto"
+    tp: int = 1
+    device_map: str | None = None
+    max_memory: str | None = None
     shard: tuple[int, int] | None = None
     part_size: int = 256
-    logprob_dtype: str = "float16"
+    num_proc: int = 1
     overwrite: bool = False
     strict: bool = False
     trust_remote_code: bool = False
@@ -52,22 +64,8 @@ class CacheTeacherConfig:
             raise ValueError("give --out or --cache-root")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             raise ValueError(f"--shard {self.shard[0]}/{self.shard[1]} is not of the form I/N with 0 <= I < N")
-
-
-def teacher_topk(logits: torch.Tensor, k: int, temperatures):
-    """Rows of float32 logits [P, V] → ids [P, k] (sorted by p), log p [T, P, k], log P_R [T, P], and whether
-    each row was finite; log P_R = logsumexp(z[not topk]/t) − logsumexp(z/t), summed over the non-top-k terms
-    themselves. A NaN or +inf logit makes the row's log-normalizer non-finite, which is how rows are checked."""
-    vals, ids = logits.topk(k, dim=-1)
-    lps, tails = [], []
-    for t in temperatures:
-        top = vals[:, :1] / t
-        e = (logits - top if t == 1 else (logits / t).sub_(top)).exp_()
-        log_z = e.sum(-1, keepdim=True).log_()
-        lps.append(vals / t - top - log_z)
-        tails.append(e.scatter_(-1, ids, 0.0).sum(-1).log_() - log_z[:, 0])
-    finite = torch.isfinite(log_z[:, 0]) & torch.isfinite(top[:, 0])
-    return ids, torch.stack(lps), torch.stack(tails), finite
+        if self.batch_size < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
+            raise ValueError("--batch-size and --batch-tokens must be at least 1")
 
 
 def batches(lengths: list[int], batch_size: int, batch_tokens: int | None) -> list[list[int]]:
@@ -113,108 +111,153 @@ class BackgroundWriter:
             raise self.error
 
 
-def default_shard(cfg: CacheTeacherConfig) -> tuple[int, int]:
-    if cfg.shard is not None:
-        return cfg.shard
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world)
+def shard_of(cfg: CacheTeacherConfig, group: distributed.TeacherGroup) -> tuple[int, int]:
+    """This TP group's shard: the torchrun groups split `--shard I/N` (or the whole cache) further."""
+    i, n = cfg.shard or (0, 1)
+    return i * group.groups + group.group, n * group.groups
 
 
 def run(cfg: CacheTeacherConfig) -> dict:
-    """Returns {status: hit|complete|partial, path, manifest?, samples_written, tokens, seconds}."""
+    """Returns {status: hit|complete|partial, path, manifest?, samples, tokens, seconds, parts_written}."""
+    group = distributed.teacher_group(cfg.tp)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        distributed.init()
     tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-    rows = D.load_rows(cfg.data)
-    samples = D.tokenize(rows, tok, cfg.data)
+    ds = D.tokenized(cfg.data, tok, cfg.num_proc, progress=cfg.progress)
     vocab = len(tok)
     if cfg.top_k < 1 or cfg.top_k > vocab:
         raise ValueError(f"--top-k {cfg.top_k} must lie between 1 and the vocabulary size {vocab}")
     from transformers import AutoConfig
+    models.check_exists(cfg.teacher)
     teacher_cfg = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
     identity = {
         "teacher": {"name_or_path": cfg.teacher, "config_sha256": models.config_sha256(teacher_cfg),
-                    "weights_fingerprint": models.weights_fingerprint(cfg.teacher)},
+                    "weights_fingerprint": models.weights_fingerprint(cfg.teacher), "dtype": str(dtype).split(".")[-1]},
         "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tok), "size": vocab},
-        "dataset": D.fingerprint(samples, tok, cfg.data),
+        "dataset": D.fingerprint(ds, tok, cfg.data),
     }
     plan = storage.make_plan(backend=cfg.format, k=cfg.top_k, temperatures=cfg.temperatures, vocab_size=vocab,
-                             num_rows=len(samples), part_size=cfg.part_size, identity=identity,
-                             logprob_dtype=cfg.logprob_dtype, package_version=__version__)
+                             num_rows=len(ds), part_size=cfg.part_size, identity=identity,
+                             logprob_dtype=cfg.logprob_dtype, top_p=cfg.top_p, min_k=cfg.min_k, ids=cfg.ids,
+                             draws=cfg.tail_draws, package_version=__version__)
     out = Path(cfg.out) if cfg.out else Path(cfg.cache_root) / plan["cache_key"][:16]
     done = storage.complete_manifest(out, plan["cache_key"])
     if done is not None and not cfg.overwrite:
         return {"status": "hit", "path": str(out), "manifest": done}
-    writer = storage.CacheWriter(out, plan, overwrite=cfg.overwrite)
-    shard, num_shards = default_shard(cfg)
-    missing = writer.missing_parts(shard, num_shards)
+    writer = None
+    if int(os.environ.get("RANK", "0")) == 0:       # prepares the folder (and any --overwrite) before the others
+        writer = storage.CacheWriter(out, plan, overwrite=cfg.overwrite)
+    distributed.barrier()
+    if group.writer and writer is None:
+        writer = storage.CacheWriter(out, plan)
+    shard, num_shards = shard_of(cfg, group)
+    missing = distributed.broadcast_in_group(writer.missing_parts(shard, num_shards) if group.writer else [], group)
     t0 = time.perf_counter()
     stats = {"samples": 0, "tokens": 0}
     if missing:
-        stats = _compute(cfg, writer, missing, samples, tok, vocab)
-    manifest = writer.finalize()
+        stats = _compute(cfg, writer, plan, missing, ds, tok, vocab, device, dtype)
+    manifest = writer.finalize() if writer else None
+    distributed.barrier()
+    if manifest is None:
+        manifest = storage.complete_manifest(out, plan["cache_key"])
     return {"status": "complete" if manifest else "partial", "path": str(out), "manifest": manifest,
-            "seconds": time.perf_counter() - t0, "parts_written": len(missing), **stats}
+            "seconds": time.perf_counter() - t0, "parts_written": len(missing) if group.writer else 0, **stats}
 
 
-def _compute(cfg, writer, parts, samples, tok, vocab) -> dict:
-    device = models.resolve_device(cfg.device)
-    dtype = models.resolve_dtype(cfg.dtype, device)
-    model = models.load_model(cfg.teacher, dtype, device, cfg.trust_remote_code).eval()
+def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype) -> dict:
+    model = distributed.load_teacher(cfg.teacher, dtype, device, tp=cfg.tp, device_map=cfg.device_map,
+                                     max_memory=cfg.max_memory, trust_remote_code=cfg.trust_remote_code)
     models.check_vocab(model, tok, "teacher")
     head = models.PositionLogits(model, vocab)
-    chunk = max(1, cfg.chunk_bytes // (vocab * 4 * 3))
-    total = sum(len(samples[i]["input_ids"]) for p in parts for i in writer.part_rows(p))
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="cache-teacher", disable=not cfg.progress)
-    out_writer = BackgroundWriter(writer)
+    copies = 4 if cfg.tail_draws else 3
+    chunk = max(1, cfg.chunk_bytes // (vocab * 4 * copies))
+    lengths = ds.data.column("length").to_numpy()
+    rows_of = lambda p: storage.part_rows(plan, p)
+    total = int(sum(lengths[rows_of(p).start:rows_of(p).stop].sum() for p in parts))
+    show = cfg.progress and writer is not None
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="cache-teacher", disable=not show)
+    out_writer = BackgroundWriter(writer) if writer is not None else None
     n_samples = 0
     try:
         for p in parts:
-            part = [samples[i] for i in writer.part_rows(p)]
+            r = rows_of(p)
+            part = D.rows_of(ds, r.start, r.stop)
             results, skipped = [None] * len(part), 0
             for batch in batches([len(s["input_ids"]) for s in part], cfg.batch_size, cfg.batch_tokens):
-                for i, r in zip(batch, _teacher_batch(cfg, head, [part[i] for i in batch], tok, device, chunk)):
-                    results[i] = r
+                for i, res in zip(batch, _teacher_batch(cfg, head, [part[i] for i in batch], tok, device, chunk)):
+                    results[i] = res
                 bar.update(sum(len(part[i]["input_ids"]) for i in batch))
-                bar.set_postfix(samples=n_samples + sum(r is not None for r in results))
-            for s, r in zip(part, results):
-                if r is None:
+                bar.set_postfix(samples=n_samples + sum(x is not None for x in results))
+            for s, res in zip(part, results):
+                if res is None:
                     skipped += 1
                     msg = f"non-finite teacher logits in sample {s['sample_index']}"
                     if cfg.strict:
                         raise NonFiniteLogits(msg + " (--strict)")
                     warnings.warn(msg + "; skipped")
-            kept = [{**s, **r} for s, r in zip(part, results) if r is not None]
+            kept = [{**s, **res} for s, res in zip(part, results) if res is not None]
             n_samples += len(kept)
-            out_writer.put(p, kept, {"truncated_samples": sum(int(s["truncated"]) for s in kept),
-                                     "skipped_samples": skipped})
+            if out_writer is not None:
+                out_writer.put(p, kept, {"truncated_samples": sum(int(s["truncated"]) for s in kept),
+                                         "skipped_samples": skipped})
     finally:
-        out_writer.close()
+        if out_writer is not None:
+            out_writer.close()
         bar.close()
     return {"samples": n_samples, "tokens": total}
+
+
+def _generator(cfg, batch, device) -> torch.Generator:
+    """Draws depend on the seed and the batch's samples only, so a resumed or sharded run draws the same tokens."""
+    key = hashlib.sha256(f"{cfg.seed}:{','.join(str(s['sample_index']) for s in batch)}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
 
 
 @torch.inference_mode()
 def _teacher_batch(cfg, head, batch, tok, device, chunk) -> list[dict | None]:
     c = batching.collate(batch, tok.pad_token_id)
     rows = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "rows", "cols")))
-    out_ids, out_lp, out_tail, finite = [], [], [], []
+    targets = c["targets"].to(rows.device)
+    narrow = cfg.top_p is not None or cfg.tail_draws
+    gen = _generator(cfg, batch, rows.device) if cfg.tail_draws else None
+    cols = {"topk_ids": [], "topk_logprobs": [], "tail_logmass": [], "target_logprob": [], "widths": [], "draws": [],
+            "finite": []}
     for a in range(0, len(rows), chunk):
-        i, lp, tail, ok = teacher_topk(head.logits(rows[a:a + chunk]).float(), cfg.top_k, cfg.temperatures)
-        finite.append(ok)
-        out_ids.append(i)
-        out_lp.append(lp)
-        out_tail.append(tail)
+        logits = head.logits(rows[a:a + chunk]).float()
+        r = teacher_rows.topk_rows(logits, cfg.top_k, cfg.temperatures, targets[a:a + chunk].to(logits.device))
+        lp = r["logprobs"].cpu().numpy()
+        widths = top_p_widths(lp[0], cfg.top_p, cfg.min_k) if narrow else np.full(len(lp[0]), cfg.top_k)
+        if cfg.tail_draws:
+            d = teacher_rows.draw_tail(logits, r["ids"], torch.from_numpy(widths).to(logits.device), cfg.temperatures,
+                                       cfg.tail_draws, gen)
+            cols["draws"].append(d.cpu().numpy())
+        cols["topk_ids"].append(r["ids"].cpu().numpy())
+        cols["topk_logprobs"].append(lp)
+        cols["tail_logmass"].append(r["tail"].cpu().numpy())
+        cols["target_logprob"].append(r["target"].cpu().numpy())
+        cols["widths"].append(widths)
+        cols["finite"].append(r["finite"].cpu().numpy())
     k, nt = cfg.top_k, len(cfg.temperatures)
-    ids_all = torch.cat(out_ids).cpu().numpy() if out_ids else np.zeros((0, k), np.int64)
-    lp_all = torch.cat(out_lp, 1).cpu().numpy() if out_lp else np.zeros((nt, 0, k), np.float32)
-    tail_all = torch.cat(out_tail, 1).cpu().numpy() if out_tail else np.zeros((nt, 0), np.float32)
-    ok = torch.cat(finite).cpu().numpy() if finite else np.zeros(0, bool)
+    empty = {"topk_ids": np.zeros((0, k), np.int64), "topk_logprobs": np.zeros((nt, 0, k), np.float32),
+             "tail_logmass": np.zeros((nt, 0), np.float32), "target_logprob": np.zeros((nt, 0), np.float32),
+             "widths": np.zeros(0, np.int64), "draws": np.zeros((nt, 0, cfg.tail_draws), np.int64),
+             "finite": np.zeros(0, bool)}
+    axis = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "draws": 1}
+    full = {key: np.concatenate(v, axis=axis.get(key, 0)) if v else empty[key] for key, v in cols.items()}
     results, start = [], 0
     for s in batch:
         n = int(s["loss_mask"].sum())
         sl = slice(start, start + n)
         start += n
-        if not ok[sl].all():
+        if not full["finite"][sl].all():
             results.append(None)
             continue
-        results.append({"topk_ids": ids_all[sl], "topk_logprobs": lp_all[:, sl], "tail_logmass": tail_all[:, sl]})
+        res = {"topk_ids": full["topk_ids"][sl], "topk_logprobs": full["topk_logprobs"][:, sl],
+               "tail_logmass": full["tail_logmass"][:, sl], "target_logprob": full["target_logprob"][:, sl],
+               "widths": full["widths"][sl]}
+        if cfg.tail_draws:
+            res["draws"] = full["draws"][:, sl]
+        results.append(res)
     return results

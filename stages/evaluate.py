@@ -1,5 +1,6 @@
 """Stage 3: held-out response NLL and perplexity, ROUGE-L and exact match of greedy generations, and KL to the
-teacher when a cache of the evaluation split exists."""
+teacher: from a cache of the evaluation split (top-k + tail bucket), or exact over the full vocabulary with the
+teacher model itself."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import batching, data as D, models
+from pipeline import batching, data as D, distributed, models, teachers
 from stages.train import score
 
 
@@ -20,6 +21,7 @@ class EvalConfig:
     data: D.DataConfig
     out: str
     teacher_cache: str | None = None
+    teacher: str | None = None
     answer_field: str | None = "answer"
     max_new_tokens: int = 48
     batch_size: int = 16
@@ -42,7 +44,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     tok.padding_side = "left"
     out = []
     for a in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-        enc = [D.encode_instruction(tok, p, "")[0] for p in prompts[a:a + batch_size]]
+        enc = D.encode_instructions(tok, prompts[a:a + batch_size], [""] * len(prompts[a:a + batch_size]))[0]
         width = max(map(len, enc))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc], device=device)
         attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
@@ -65,13 +67,13 @@ def run(cfg: EvalConfig) -> dict:
     tok = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = models.load_model(cfg.model, dtype, device, cfg.trust_remote_code).eval()
     head = models.PositionLogits(model, models.check_vocab(model, tok, "evaluated"))
-    rows = D.load_rows(cfg.data)
-    samples = D.tokenize(rows, tok, cfg.data)
-    nll = score(head, batching.TokenizedSource(samples), tok.pad_token_id, device, (), batch_size=cfg.batch_size)
-    metrics = {"model": cfg.model, "samples": len(samples), "nll": nll["ce"], "ppl": math.exp(min(nll["ce"], 50))}
+    source = batching.TokenizedSource(D.tokenized(cfg.data, tok, progress=cfg.progress))
+    nll = score(head, model, teachers.Teacher(source), tok.pad_token_id, device, (), batch_size=cfg.batch_size)
+    metrics = {"model": cfg.model, "samples": len(source), "nll": nll["ce"], "ppl": math.exp(min(nll["ce"], 50))}
     if cfg.generate and cfg.data.prompt_field:
-        preds = generate(model, tok, [r[cfg.data.prompt_field] for r in rows], cfg.max_new_tokens, cfg.batch_size,
-                         device, cfg.progress)
+        rows = D.load_rows(cfg.data)
+        preds = generate(model, tok, [str(r[cfg.data.prompt_field]) for r in rows], cfg.max_new_tokens,
+                         cfg.batch_size, device, cfg.progress)
         refs = [str(r[cfg.data.response_field]) for r in rows]
         metrics["rougeL"] = rouge_l(preds, refs)
         metrics["exact_match"] = 100 * sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
@@ -81,9 +83,14 @@ def run(cfg: EvalConfig) -> dict:
         metrics["examples"] = [{"prompt": r[cfg.data.prompt_field], "reference": ref, "prediction": p}
                                for r, ref, p in list(zip(rows, refs, preds))[:5]]
     if cfg.teacher_cache:
-        kl = score(head, batching.CacheSource(cfg.teacher_cache), tok.pad_token_id, device, ("fkl", "rkl"),
+        kl = score(head, model, teachers.CachedTeacher(cfg.teacher_cache), tok.pad_token_id, device, ("fkl", "rkl"),
                    batch_size=cfg.batch_size)
         metrics.update(fkl_to_teacher=kl["fkl"], rkl_to_teacher=kl["rkl"])
+    if cfg.teacher:
+        t_model = distributed.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
+        kl = score(head, model, teachers.OnlineTeacher(source, t_model, len(tok)), tok.pad_token_id, device,
+                   ("fkl", "rkl"), batch_size=cfg.batch_size)
+        metrics.update(exact_fkl_to_teacher=kl["fkl"], exact_rkl_to_teacher=kl["rkl"])
     metrics.update({k: v for k, v in (("label", cfg.label), ("run", cfg.run)) if v})
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(metrics, indent=1))

@@ -1,10 +1,9 @@
-"""Stage 2: train a student from a teacher cache (sparse KD + CE), or plain SFT from a dataset."""
+"""Stage 2: train a student from a teacher's rows (a cache, or the teacher run online) with sparse KD + CE, or
+plain SFT from a dataset. Single process, DDP or FSDP2; padded or packed batches."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -13,8 +12,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import batching, checkpoint, losses, models
-from pipeline.data import DataConfig, load_rows, tokenize
+from pipeline import batching, checkpoint, distributed, losses, models, teachers
+from pipeline.data import DataConfig, tokenized
 
 LOSSES = ("ce",) + losses.KINDS
 
@@ -26,6 +25,9 @@ class TrainConfig:
     loss: str = "fkl"
     cache: str | None = None
     data: DataConfig | None = None
+    teacher: str | None = None
+    online_topk: int | None = None
+    teacher_device_map: str | None = None
     init_from_config: bool = False
     tokenizer: str | None = None
     kd_ratio: float | None = None
@@ -33,6 +35,7 @@ class TrainConfig:
     beta: float = 0.5
     alpha: float = 0.1
     temperature: float = 1.0
+    tail: str = "bucket"
     lr: float = 5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -44,6 +47,12 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None
     seed: int = 0
+    packing: bool = False
+    pack_length: int = 2048
+    part_size: int = batching.DEFAULT_PART_SIZE
+    fsdp: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
     eval_cache: str | None = None
     eval_data: DataConfig | None = None
     eval_every: int = 0
@@ -52,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     max_nonfinite: int = 10
     num_workers: int = 0
+    num_proc: int = 1
     shuffle_window: int = 4
     device: str = "auto"
     dtype: str = "auto"
@@ -63,17 +73,27 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.cache and self.teacher:
+            raise ValueError("give --cache (a cached teacher) or --teacher (run online), not both")
+        if self.teacher and self.data is None:
+            raise ValueError("--teacher runs the teacher online over --data; pass --data and its fields")
         if self.loss == "ce" and self.data is None and self.cache is None:
             raise ValueError("--loss ce needs --data (or --cache)")
-        if self.loss != "ce" and self.cache is None:
-            raise ValueError(f"--loss {self.loss} distills from a teacher cache; pass --cache")
+        if self.loss != "ce" and self.cache is None and self.teacher is None:
+            raise ValueError(f"--loss {self.loss} distills from a teacher: pass --cache, or --teacher with --data")
         if self.kd_ratio is None:
             self.kd_ratio = 0.0 if self.loss == "ce" else 1.0
         losses.check_params(self.loss if self.loss != "ce" else "fkl", self.mu, self.beta, self.alpha)
+        if self.tail not in losses.TAIL_MODES:
+            raise ValueError(f"unknown --tail {self.tail!r}; choose {' or '.join(losses.TAIL_MODES)}")
         if not 0 <= self.kd_ratio <= 1:
             raise ValueError(f"--kd-ratio {self.kd_ratio} must lie in [0, 1]")
         if self.init_from_config and not self.tokenizer:
             raise ValueError("--init-from-config needs --tokenizer")
+        if self.batch_size < 1 or self.grad_accum < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
+            raise ValueError("--batch-size, --grad-accum and --batch-tokens must be at least 1")
+        if self.packing and self.pack_length < 2:
+            raise ValueError(f"--pack-length {self.pack_length} must be at least 2")
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -88,95 +108,113 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 def load_student(cfg: TrainConfig, device):
     from transformers import AutoConfig, AutoModelForCausalLM
     tok = models.load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
+    extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.init_from_config:
         torch.manual_seed(cfg.seed)
         config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                                                 **extra)
         model = model.to(device)
     else:
-        model = models.load_model(cfg.student, torch.float32, device, cfg.trust_remote_code)
+        model = models.load_model(cfg.student, torch.float32, device, cfg.trust_remote_code, **extra)
     return model, tok
 
 
-def check_cache_compatible(manifest: dict, tok, model, cfg: TrainConfig) -> int:
-    """The softmax size; refuses a cache the student cannot use, with the reason."""
+def check_teacher_compatible(fingerprint: str, vocab_size: int, max_id: int, tok, model, cfg, what="cache") -> int:
+    """The softmax size; refuses a teacher whose vocabulary the student cannot use, with the reason."""
     vocab = models.check_vocab(model, tok, "student")
-    max_id = manifest["counts"].get("max_token_id", -1)
-    if max_id >= vocab or manifest["vocab_size"] > models.output_size(model):
-        raise ValueError(f"the cache holds token ids up to {max(max_id, manifest['vocab_size'] - 1)} but the student's "
+    if max_id >= vocab or vocab_size > models.output_size(model):
+        raise ValueError(f"the {what} holds token ids up to {max(max_id, vocab_size - 1)} but the student's "
                          f"vocabulary has {vocab}; distill into a student that shares the teacher's tokenizer")
-    want = manifest["identity"]["tokenizer"]["fingerprint"]
-    if models.tokenizer_fingerprint(tok) != want:
+    if models.tokenizer_fingerprint(tok) != fingerprint:
         if not cfg.allow_tokenizer_mismatch:
-            raise ValueError("the student's tokenizer differs from the one the cache was written with; "
-                             "pass --allow-tokenizer-mismatch if the ids really mean the same tokens")
-        warnings.warn("student tokenizer differs from the cache's; continuing (--allow-tokenizer-mismatch)")
-    if manifest["vocab_size"] != vocab:
-        if not cfg.allow_tokenizer_mismatch:
-            raise ValueError(f"the cache's softmax ran over {manifest['vocab_size']} tokens, the student's tokenizer has {vocab}")
+            raise ValueError(f"the student's tokenizer differs from the {what}'s; pass --allow-tokenizer-mismatch "
+                             "if the ids really mean the same tokens")
+        warnings.warn(f"student tokenizer differs from the {what}'s; continuing (--allow-tokenizer-mismatch)")
+    if vocab_size != vocab and not cfg.allow_tokenizer_mismatch:
+        raise ValueError(f"the {what}'s softmax runs over {vocab_size} tokens, the student's tokenizer has {vocab}")
     return vocab
 
 
-def make_source(cache, data, tok, temperature):
+def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, tok, model, device, online_model=None):
+    """The teacher for a split: its cache, the online teacher over its data, or none (SFT)."""
     if cache:
-        return batching.CacheSource(cache, temperature)
-    return batching.TokenizedSource(tokenize(load_rows(data), tok, data))
+        t = teachers.CachedTeacher(cache, cfg.temperature)
+        m = t.manifest
+        check_teacher_compatible(m["identity"]["tokenizer"]["fingerprint"], m["vocab_size"],
+                                 m["counts"].get("max_token_id", -1), tok, model, cfg)
+        return t
+    source = batching.TokenizedSource(tokenized(data, tok, cfg.num_proc, cfg.progress), cfg.part_size)
+    if online_model is None:
+        return teachers.Teacher(source)
+    return teachers.OnlineTeacher(source, online_model, len(tok), cfg.online_topk, cfg.temperature)
 
 
-def distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+def load_online_teacher(cfg: TrainConfig, tok, model, device):
+    t_tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    teacher = distributed.load_teacher(cfg.teacher, models.resolve_dtype(cfg.dtype, device), device,
+                                       device_map=cfg.teacher_device_map, trust_remote_code=cfg.trust_remote_code)
+    models.check_vocab(teacher, t_tok, "teacher")
+    check_teacher_compatible(models.tokenizer_fingerprint(t_tok), len(t_tok), len(t_tok) - 1, tok, model, cfg,
+                             "teacher")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
-def batch_logits(head, batch, device, autocast):
-    """The batch on the device, and the student's logits at its distilled positions."""
-    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        return b, head(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
-
-
-def batch_losses(logits, b, kind, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
-    """Sums over the distilled positions: CE, and for a KD kind (with teacher rows) the KD loss and AKL stats."""
-    if kind == "ce" or "topk_ids" not in b:
+def batch_losses(logits, b, rows, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
+    """Sums over the distilled positions: CE, and with teacher rows the KD loss (and AKL's stats)."""
+    if kind == "ce" or not rows:
         return {"ce": -losses.token_logprob(logits, b["targets"]).sum()}
-    kd, ce, stats = losses.sparse_kd_loss_with_ce(logits, b["targets"], b["topk_ids"], b["topk_logprobs"],
-                                                  b["tail_logmass"], kind, mu=mu, beta=beta, alpha=alpha,
-                                                  temperature=temperature, validate=False)
+    if "teacher_logits" in rows:
+        kd, stats = losses.dense_kd_loss(logits, rows["teacher_logits"], kind, mu=mu, beta=beta, alpha=alpha,
+                                         temperature=temperature, return_stats=True)
+        ce = -losses.token_logprob(logits, b["targets"])
+    else:
+        kd, ce, stats = losses.sparse_kd_loss_with_ce(
+            logits, b["targets"], rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"], kind, mu=mu,
+            beta=beta, alpha=alpha, temperature=temperature, validate=False, tail=tail,
+            drawn_ids=rows.get("drawn_ids"), drawn_logprobs=rows.get("drawn_logprobs"))
     out = {"ce": ce.sum(), "kd": kd.sum()}
     if stats is not None:
         out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())
     return out
 
 
-def step_losses(head, batch, device, autocast, kind, **params) -> dict:
-    b, logits = batch_logits(head, batch, device, autocast)
-    return batch_losses(logits, b, kind, **params)
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward(student, b, autocast: bool):
+    """The student's logits at the batch's distilled positions."""
+    device_type = b["input_ids"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        return student(b["input_ids"], b.get("attention_mask"), b["rows"], b["cols"], b.get("position_ids"))
+
+
+def loss_params(cfg: TrainConfig) -> dict:
+    return {"mu": cfg.mu, "beta": cfg.beta, "alpha": cfg.alpha, "temperature": cfg.temperature, "tail": cfg.tail}
 
 
 def run(cfg: TrainConfig) -> dict:
-    rank, world = distributed()
+    rank, world = distributed.init()
     device = models.resolve_device(cfg.device)
-    autocast = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
+    bf16 = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     model, tok = load_student(cfg, device)
-    if cfg.cache:
-        source = batching.CacheSource(cfg.cache, cfg.temperature)
-        vocab = check_cache_compatible(source.cache.manifest, tok, model, cfg)
-    else:
-        source = make_source(None, cfg.data, tok, None)
-        vocab = models.check_vocab(model, tok, "student")
-    head = models.PositionLogits(model, vocab)
-    wrapped = torch.nn.parallel.DistributedDataParallel(head) if world > 1 else head
-
-    plan = lambda epoch: batching.epoch_plan(source, cfg.seed, epoch, cfg.batch_size, cfg.batch_tokens,
-                                             cfg.shuffle_window, world)
+    online = load_online_teacher(cfg, tok, model, device) if cfg.teacher else None
+    teacher = make_teacher(cfg, cfg.data, cfg.cache, tok, model, device, online)
+    vocab = models.check_vocab(model, tok, "student")
+    student = distributed.Student(models.PositionLogits(model, vocab), model, world=world, fsdp=cfg.fsdp,
+                                  bf16=bf16 and cfg.fsdp, gradient_checkpointing=cfg.gradient_checkpointing)
+    autocast = bf16 and not cfg.fsdp
+    pack = cfg.pack_length if cfg.packing else None
+    plan = lambda epoch: batching.epoch_plan(teacher.source, cfg.seed, epoch, cfg.batch_size, cfg.batch_tokens,
+                                             cfg.shuffle_window, world, packed=cfg.packing)
     steps_per_epoch = math.ceil(len(plan(0)) / cfg.grad_accum)
     if steps_per_epoch == 0:
-        raise ValueError(f"no batch fits: {len(source)} samples for batch size {cfg.batch_size} on {world} ranks")
+        raise ValueError(f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batch_size} on {world} ranks")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -193,19 +231,18 @@ def run(cfg: TrainConfig) -> dict:
             diff = [k for k in saved if saved[k] != _config_json(cfg).get(k) and k not in ("resume", "progress")]
             if diff:
                 raise ValueError(f"--resume with different settings than the run in {out}: {', '.join(diff)}")
-        loaded = checkpoint.load(last, model, opt, sched)
+        loaded = checkpoint.load(last, student, opt, sched)
         step = loaded.pop("step")
         state.update(loaded)
-        _truncate_metrics(out / "metrics.jsonl", step)
+        if rank == 0:
+            _truncate_metrics(out / "metrics.jsonl", step)
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(_config_json(cfg), indent=1))
         (out / "metrics.jsonl").write_text("")
-    eval_source = None
+    eval_teacher = None
     if cfg.eval_cache or cfg.eval_data:
-        eval_source = make_source(cfg.eval_cache, cfg.eval_data, tok, cfg.temperature if cfg.eval_cache else None)
-        if cfg.eval_cache:
-            check_cache_compatible(eval_source.cache.manifest, tok, model, cfg)
+        eval_teacher = make_teacher(cfg, cfg.eval_data, cfg.eval_cache, tok, model, device, online)
 
     model.train()
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not cfg.progress or rank > 0)
@@ -216,19 +253,19 @@ def run(cfg: TrainConfig) -> dict:
         first = state["step_in_epoch"] * cfg.grad_accum
         mine = [b[rank::world] for b in batches[first:]]
         loader = torch.utils.data.DataLoader(
-            batching.IndexDataset(source), batch_sampler=mine, num_workers=cfg.num_workers,
-            collate_fn=lambda s: batching.collate(s, tok.pad_token_id), pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),
+            batching.IndexDataset(teacher.source), batch_sampler=mine, num_workers=cfg.num_workers,
+            collate_fn=lambda s: batching.collate(s, tok.pad_token_id, pack), pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),   # not the global RNG: resume
             persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
         it = iter(loader)
         while step < total and state["step_in_epoch"] < steps_per_epoch:
             group = [b for _, b in zip(range(cfg.grad_accum), it)]
-            sums = _train_step(cfg, wrapped, group, device, autocast, world)
+            sums = _train_step(cfg, student, teacher, group, device, autocast, world)
             state["step_in_epoch"] += 1
             finite = math.isfinite(sums["loss"])
             if finite:
                 if cfg.grad_clip:
-                    sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    sums["grad_norm"] = student.clip_grad_norm(cfg.grad_clip)
                 opt.step()
             else:
                 state["nonfinite"] += 1
@@ -253,88 +290,79 @@ def run(cfg: TrainConfig) -> dict:
                 _append(out / "metrics.jsonl", row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 log, t_log, tok_log = {}, time.perf_counter(), 0
-            if eval_source is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-                row = evaluate_source(cfg, head, eval_source, tok, device, autocast)
+            if eval_teacher is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                row = evaluate_teacher(cfg, student, model, eval_teacher, tok, device, autocast)
                 if rank == 0:
                     _append(out / "metrics.jsonl", {"step": step, **row})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total and rank == 0:
-                checkpoint.save(ckpt_dir, step, model, opt, sched, state)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                checkpoint.save(ckpt_dir, step, student, opt, sched, state)
         if state["step_in_epoch"] >= steps_per_epoch:
             state["epoch"] += 1
             state["step_in_epoch"] = 0
     bar.close()
     summary = {"steps": step, "nonfinite": state["nonfinite"], "tokens": state["tokens"],
                "seconds": time.perf_counter() - t_start, "world_size": world}
+    full = student.full_state_dict()
     if rank == 0:
-        model.save_pretrained(out / "final")
+        model.save_pretrained(out / "final", state_dict=full)
         tok.save_pretrained(out / "final")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if world > 1:
-        torch.distributed.barrier()
+    distributed.barrier()
     return summary
 
 
-def _train_step(cfg, wrapped, group, device, autocast, world) -> dict:
+def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
     """Forward/backward every micro-batch of one optimizer step, normalized by the step's global item count."""
-    n_local = sum(int(len(b["rows"])) for b in group)
-    counts = torch.tensor([n_local, sum(int(b["tokens"]) for b in group)], dtype=torch.float64)
-    if world > 1:
-        torch.distributed.all_reduce(counts)
-    n_items, n_tokens = max(1.0, float(counts[0])), int(counts[1])
+    n_items, n_tokens = distributed.all_sum([sum(int(len(b["rows"])) for b in group),
+                                             sum(int(b["tokens"]) for b in group)])
+    n_items, n_tokens = max(1.0, n_items), int(n_tokens)
     sums: dict[str, float] = {}
     for i, batch in enumerate(group):
-        sync = i == len(group) - 1 or world == 1
-        ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
-        with ctx:
-            parts = step_losses(wrapped, batch, device, autocast, cfg.loss, **loss_params(cfg))
+        with student.sync(i == len(group) - 1):
+            b = to_device(batch, device)
+            parts = batch_losses(forward(student, b, autocast), b, teacher.rows(b), cfg.loss, **loss_params(cfg))
             kd = parts.get("kd", torch.zeros((), device=device))
             loss = losses.mix(parts["ce"], kd, cfg.kd_ratio) / n_items
             (loss * world).backward()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
-    if world > 1:
-        names = sorted(sums)
-        t = torch.tensor([sums[k] for k in names], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        sums = dict(zip(names, t.tolist()))
+    names = sorted(sums)
+    sums = dict(zip(names, distributed.all_sum([sums[k] for k in names])))
     out = {k: v / n_items for k, v in sums.items()}
     out["loss"] = (1 - cfg.kd_ratio) * out["ce"] + cfg.kd_ratio * out.get("kd", 0.0)
     out["tokens"] = n_tokens
     return out
 
 
-def loss_params(cfg: TrainConfig) -> dict:
-    return {"mu": cfg.mu, "beta": cfg.beta, "alpha": cfg.alpha, "temperature": cfg.temperature}
-
-
 @torch.no_grad()
-def score(head, source, pad_id, device, kinds=("fkl",), max_samples=None, batch_size=8, autocast=False,
+def score(student, model, teacher, pad_id, device, kinds=("fkl",), max_samples=None, batch_size=8, autocast=False,
           **params) -> dict:
-    """Mean CE and (from a cache) mean divergence to the teacher of each kind, per distilled token, in eval mode;
-    one forward per batch serves every kind."""
-    was_training = head.model.training
-    head.model.eval()
+    """Mean CE and (with teacher rows) the mean divergence of each kind, per distilled token, in eval mode; one
+    forward per batch serves every kind."""
+    was_training = model.training
+    model.eval()
+    source = teacher.source
     n = len(source) if max_samples is None else min(len(source), max_samples)
     totals, items = {}, 0
     for a in range(0, n, batch_size):
-        b, logits = batch_logits(head, batching.collate([source[i] for i in range(a, min(n, a + batch_size))],
-                                                        pad_id), device, autocast)
+        b = to_device(batching.collate([source[i] for i in range(a, min(n, a + batch_size))], pad_id), device)
+        logits, rows = forward(student, b, autocast), teacher.rows(b)
         items += len(b["rows"])
         for j, kind in enumerate(kinds or ("ce",)):
-            parts = batch_losses(logits, b, kind, **params)
+            parts = batch_losses(logits, b, rows, kind, **params)
             if j == 0:
                 totals["ce"] = totals.get("ce", 0.0) + float(parts["ce"])
             if "kd" in parts:
                 totals[kind] = totals.get(kind, 0.0) + float(parts["kd"])
-    head.model.train(was_training)
+    model.train(was_training)
     return {k: v / max(1, items) for k, v in totals.items()} | {"positions": items}
 
 
-def evaluate_source(cfg, head, source, tok, device, autocast) -> dict:
-    """eval_ce; from a cache also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
+def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dict:
+    """eval_ce; with teacher rows also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
     kind = "fkl" if cfg.loss == "ce" else cfg.loss
-    row = score(head, source, tok.pad_token_id, device, tuple(dict.fromkeys([kind, "fkl"])), cfg.eval_samples,
-                cfg.batch_size, autocast, **loss_params(cfg))
+    row = score(student, model, teacher, tok.pad_token_id, device, tuple(dict.fromkeys([kind, "fkl"])),
+                cfg.eval_samples, cfg.batch_size, autocast, **loss_params(cfg))
     out = {"eval_ce": row["ce"]}
     if kind in row:
         out.update(eval_kd=row[kind], eval_fkl=row["fkl"])

@@ -8,13 +8,14 @@ import uuid
 from pathlib import Path
 
 FORMAT_NAME = "distill-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
 PARTS = "parts"
 PART_RECORD = "part.json"
 
-KEY_FIELDS = ("format_version", "k", "temperatures", "vocab_size", "dtypes", "identity")
+KEY_FIELDS = ("format_version", "k", "temperatures", "vocab_size", "dtypes", "encoding", "identity")
 
 
 def canonical(obj) -> bytes:
@@ -23,7 +24,7 @@ def canonical(obj) -> bytes:
 
 def cache_key(plan: dict) -> str:
     """sha256 of everything that determines the contents (not the backend or the part layout)."""
-    return hashlib.sha256(canonical({f: plan[f] for f in KEY_FIELDS})).hexdigest()
+    return hashlib.sha256(canonical({f: plan[f] for f in KEY_FIELDS if f in plan})).hexdigest()
 
 
 def write_json_atomic(path: Path, obj) -> None:

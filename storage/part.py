@@ -1,126 +1,275 @@
-"""The columnar part: the in-memory form of one part of a cache, shared by every backend.
+"""The columnar part: one part of a cache as flat numpy arrays (names as in FORMAT.md), encoded for disk or decoded
+for reading. Samples are ragged (token_offsets, position_offsets) and so are teacher rows (topk_width).
 
-A part is a dict of flat numpy arrays (names as in FORMAT.md); samples are ragged, addressed by offsets.
+A decoded part holds flat arrays plus offsets: topk_offsets/topk_ids, and per temperature index t
+topk_logprobs_{t} (float32), tail_logmass_{t}, target_logprob_{t}, drawn_offsets_{t}/drawn_ids_{t}/drawn_logprobs_{t}.
+`sample` turns one sample into padded [rows, width] arrays (ids −1 and log-probs −inf where a row is shorter).
 """
 from __future__ import annotations
 
 import numpy as np
 
-LOGPROB_DTYPES = ("float16", "float32")
+from . import codecs as C
+
+LOGPROB_CODECS = {"float32": {"codec": "float32"}, "float16": {"codec": "float16"},
+                  **{f"q{b}": {"codec": "power", "bits": b, "gamma": C.POWER_GAMMA} for b in (8, 6, 5, 4, 3, 2)}}
+ID_CODECS = ("plain", "bitpack")
 
 
-def id_dtype(vocab_size: int) -> np.dtype:
-    """Narrowest unsigned integer type holding every id below vocab_size."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if vocab_size - 1 <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    return np.dtype(np.uint64)
+def make_encoding(*, k, vocab_size, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0,
+                  target_logprob=True) -> dict:
+    if logprobs not in LOGPROB_CODECS:
+        raise ValueError(f"log-prob encoding {logprobs!r} is not supported; choose one of {', '.join(LOGPROB_CODECS)}")
+    if ids not in ID_CODECS:
+        raise ValueError(f"id encoding {ids!r} is not supported; choose {' or '.join(ID_CODECS)}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p {top_p} must lie in (0, 1]")
+    if not 0 <= min_k <= k:
+        raise ValueError(f"--min-k {min_k} must lie between 0 and --top-k {k}")
+    if draws < 0 or draws > 65535:
+        raise ValueError(f"--tail-draws {draws} must lie between 0 and 65535")
+    id_codec = {"codec": "bitpack", "bits": C.id_bits(vocab_size)} if ids == "bitpack" else \
+        {"codec": "plain", "dtype": str(C.uint_dtype(vocab_size - 1))}
+    return {"top_k": int(k), "top_p": None if top_p is None else float(top_p), "min_k": int(min_k),
+            "ids": id_codec, "logprobs": dict(LOGPROB_CODECS[logprobs], name=logprobs),
+            "draws": {"n": int(draws), "counts_dtype": str(C.uint_dtype(draws))} if draws else None,
+            "target_logprob": bool(target_logprob)}
 
 
-def array_names(n_temperatures: int) -> list[str]:
-    names = ["sample_index", "token_offsets", "input_ids", "loss_mask", "position_offsets", "topk_ids"]
-    for j in range(n_temperatures):
-        names += [f"topk_logprobs_{j}", f"tail_logmass_{j}"]
+def width_dtype(encoding) -> np.dtype:
+    return C.uint_dtype(encoding["top_k"])
+
+
+def array_names(encoding: dict, n_temps: int) -> list[str]:
+    names = ["sample_index", "token_offsets", "input_ids", "loss_mask", "position_offsets", "topk_width", "topk_ids"]
+    for t in range(n_temps):
+        names += [f"topk_logprobs_{t}", f"tail_logmass_{t}"] + ([f"target_logprob_{t}"] if encoding["target_logprob"] else [])
+        if encoding["draws"]:
+            names += [f"drawn_width_{t}", f"drawn_ids_{t}", f"drawn_counts_{t}"]
     return names
 
 
-def pack(samples: list[dict], k: int, n_temps: int, ids_dtype, logprob_dtype) -> dict[str, np.ndarray]:
-    """Samples (dicts with sample_index, input_ids, loss_mask, topk_ids [P,k], topk_logprobs [T,P,k],
-    tail_logmass [T,P]) → one columnar part."""
-    def offsets(lengths):
-        return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+def target_dtype(encoding) -> str:
+    return "float32" if encoding["logprobs"]["codec"] == "float32" else "float16"
 
-    def cat(arrs, dtype, shape_tail=()):
-        return np.concatenate(arrs).astype(dtype) if arrs else np.zeros((0,) + shape_tail, dtype)
 
-    part = {
-        "sample_index": np.array([s["sample_index"] for s in samples], dtype=np.int64),
-        "token_offsets": offsets([len(s["input_ids"]) for s in samples]),
-        "input_ids": cat([np.asarray(s["input_ids"]) for s in samples], ids_dtype),
-        "loss_mask": cat([np.asarray(s["loss_mask"]) for s in samples], np.uint8),
-        "position_offsets": offsets([len(s["topk_ids"]) for s in samples]),
-        "topk_ids": cat([np.asarray(s["topk_ids"]).reshape(-1, k) for s in samples], ids_dtype, (k,)),
-    }
-    for j in range(n_temps):
-        part[f"topk_logprobs_{j}"] = cat([np.asarray(s["topk_logprobs"][j]).reshape(-1, k) for s in samples],
-                                         logprob_dtype, (k,))
-        part[f"tail_logmass_{j}"] = cat([np.asarray(s["tail_logmass"][j]) for s in samples], np.float32)
+# ---------------------------------------------------------------- encode
+
+def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tuple[dict, dict]:
+    """Samples → (encoded part arrays, counts and decode-error statistics).
+
+    A sample holds sample_index, input_ids, loss_mask, topk_ids [P, k] (teacher-sorted), topk_logprobs [T, P, k]
+    and tail_logmass [T, P] in float32, target_logprob [T, P], and optionally widths [P] (the encoding's
+    top_p_widths at temperature index 0 decide; rows never grow past given widths) and draws [T, P, N] (tail tokens drawn beyond each
+    row's kept prefix; −1 for none)."""
+    k = encoding["top_k"]
     for s in samples:
         if int(np.asarray(s["loss_mask"]).sum()) != len(s["topk_ids"]):
             raise ValueError(f"sample {s['sample_index']}: loss_mask has {int(np.asarray(s['loss_mask']).sum())} "
                              f"distilled positions but {len(s['topk_ids'])} teacher rows")
-    return part
+
+    def cat(key, shape_tail=(), dtype=np.float32, axis=0):
+        arrs = [np.asarray(s[key]) for s in samples]
+        if not arrs:
+            return np.zeros(shape_tail, dtype)
+        return np.concatenate(arrs, axis=axis)
+
+    ids = cat("topk_ids", (0, k), np.int64).reshape(-1, k)
+    lps = cat("topk_logprobs", (n_temps, 0, k), axis=1).reshape(n_temps, -1, k).astype(np.float32)
+    tails = cat("tail_logmass", (n_temps, 0), axis=1).reshape(n_temps, -1).astype(np.float32)
+    targets = cat("target_logprob", (n_temps, 0), axis=1).reshape(n_temps, -1) if encoding["target_logprob"] else None
+    widths = C.top_p_widths(lps[0], encoding["top_p"], encoding["min_k"])
+    if samples and "widths" in samples[0]:      # rows that hold fewer entries than k (re-encoding a ragged cache)
+        widths = np.minimum(widths, np.concatenate([np.asarray(s["widths"]) for s in samples]).astype(np.int64))
+    offsets = C.offsets_of(widths)
+    keep = np.arange(k)[None, :] < widths[:, None]
+    arrays = {
+        "sample_index": np.array([s["sample_index"] for s in samples], dtype=np.int64),
+        "token_offsets": C.offsets_of([len(s["input_ids"]) for s in samples]),
+        "input_ids": cat("input_ids", (0,), np.int64).astype(token_dtype),
+        "loss_mask": cat("loss_mask", (0,), np.uint8).astype(np.uint8),
+        "position_offsets": C.offsets_of([len(s["topk_ids"]) for s in samples]),
+        "topk_width": widths.astype(width_dtype(encoding)),
+        "topk_ids": C.encode_ids(ids[keep], encoding["ids"]),
+    }
+    stats = {"topk_entries": int(offsets[-1]),
+             "max_token_id": int(ids[keep].max()) if offsets[-1] else -1}
+    for t in range(n_temps):
+        flat, tail = C.truncate(lps[t], tails[t], widths)
+        arrays[f"topk_logprobs_{t}"] = C.encode_logprobs(flat, offsets, encoding["logprobs"])
+        arrays[f"tail_logmass_{t}"] = tail
+        if targets is not None:
+            arrays[f"target_logprob_{t}"] = targets[t].astype(target_dtype(encoding))
+        decoded = C.decode_logprobs(arrays[f"topk_logprobs_{t}"], offsets, tail, encoding["logprobs"])
+        kl = C.bins_kl(flat, tail, decoded, tail, offsets)
+        stats[f"decode_kl_sum_{t}"] = float(kl.sum())
+        stats[f"decode_kl_max_{t}"] = float(kl.max()) if kl.size else 0.0
+        if encoding["draws"]:
+            draws = cat("draws", (n_temps, 0, encoding["draws"]["n"]), np.int64, axis=1).reshape(
+                n_temps, -1, encoding["draws"]["n"])[t]
+            d_widths, d_ids, d_counts = C.count_draws(draws)
+            arrays[f"drawn_width_{t}"] = d_widths.astype(C.uint_dtype(encoding["draws"]["n"]))
+            arrays[f"drawn_ids_{t}"] = C.encode_ids(d_ids, encoding["ids"])
+            arrays[f"drawn_counts_{t}"] = d_counts.astype(encoding["draws"]["counts_dtype"])
+            stats[f"drawn_entries_{t}"] = int(d_widths.sum())
+            if d_ids.size:
+                stats["max_token_id"] = max(stats["max_token_id"], int(d_ids.max()))
+    return arrays, stats
+
+
+# ---------------------------------------------------------------- decode
+
+def decode(arrays: dict, encoding: dict, temperatures: list[int]) -> dict:
+    """Encoded part arrays → decoded flat arrays for the given temperature indices."""
+    widths = arrays["topk_width"].astype(np.int64)
+    offsets = C.offsets_of(widths)
+    out = {name: arrays[name] for name in ("sample_index", "token_offsets", "input_ids", "loss_mask",
+                                           "position_offsets")}
+    out["topk_offsets"] = offsets
+    out["topk_ids"] = C.decode_ids(arrays["topk_ids"], encoding["ids"], int(offsets[-1]))
+    for t in temperatures:
+        tail = arrays[f"tail_logmass_{t}"].astype(np.float32)
+        out[f"tail_logmass_{t}"] = tail
+        out[f"topk_logprobs_{t}"] = C.decode_logprobs(arrays[f"topk_logprobs_{t}"], offsets, tail, encoding["logprobs"])
+        if f"target_logprob_{t}" in arrays:
+            out[f"target_logprob_{t}"] = arrays[f"target_logprob_{t}"].astype(np.float32)
+        if encoding["draws"]:
+            d_off = C.offsets_of(arrays[f"drawn_width_{t}"].astype(np.int64))
+            out[f"drawn_offsets_{t}"] = d_off
+            out[f"drawn_ids_{t}"] = C.decode_ids(arrays[f"drawn_ids_{t}"], encoding["ids"], int(d_off[-1]))
+            out[f"drawn_counts_{t}"] = arrays[f"drawn_counts_{t}"].astype(np.int64)
+            out[f"drawn_logprobs_{t}"] = C.drawn_logprobs(out[f"drawn_counts_{t}"], d_off, tail, encoding["draws"]["n"])
+    return out
+
+
+def samples_for_encoding(part: dict, temperatures: list[int], k: int, n_draws: int) -> list[dict]:
+    """A decoded part (every temperature) back into encode()'s input: rows padded to k, draws re-expanded."""
+    out = []
+    for i in range(n_samples(part)):
+        views = [sample(part, i, t) for t in temperatures]
+        first = views[0]
+        rows, width = first["topk_ids"].shape
+
+        def to_k(a, pad):
+            return np.pad(a, ((0, 0), (0, k - width)), constant_values=pad)
+
+        s = {"sample_index": first["sample_index"], "input_ids": first["input_ids"], "loss_mask": first["loss_mask"],
+             "topk_ids": to_k(first["topk_ids"], -1), "widths": (first["topk_ids"] >= 0).sum(1),
+             "topk_logprobs": np.stack([to_k(v["topk_logprobs"], -np.inf) for v in views]),
+             "tail_logmass": np.stack([v["tail_logmass"] for v in views])}
+        if "target_logprob" in first:
+            s["target_logprob"] = np.stack([v["target_logprob"] for v in views])
+        if n_draws:
+            p0, p1 = part["position_offsets"][i:i + 2]
+            s["draws"] = np.stack([_expand_draws(part, t, p0, p1, n_draws) for t in temperatures])
+        out.append(s)
+    return out
+
+
+def _expand_draws(part, t, p0, p1, n_draws) -> np.ndarray:
+    off = part[f"drawn_offsets_{t}"]
+    draws = np.full((p1 - p0, n_draws), -1, np.int64)
+    for r in range(p0, p1):
+        a, b = off[r], off[r + 1]
+        if b > a:
+            draws[r - p0] = np.repeat(part[f"drawn_ids_{t}"][a:b], part[f"drawn_counts_{t}"][a:b])
+    return draws
 
 
 def n_samples(part) -> int:
     return len(part["sample_index"])
 
 
-def sample(part: dict, i: int, temperature_index: int = 0) -> dict[str, np.ndarray]:
+def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
+    """Sample i of a decoded part at temperature index t, teacher rows padded to the sample's widest row."""
     t0, t1 = part["token_offsets"][i:i + 2]
-    p0, p1 = part["position_offsets"][i:i + 2]
-    return {
+    p0, p1 = (int(x) for x in part["position_offsets"][i:i + 2])
+    out = {
         "sample_index": int(part["sample_index"][i]),
         "input_ids": part["input_ids"][t0:t1],
         "loss_mask": part["loss_mask"][t0:t1],
-        "topk_ids": part["topk_ids"][p0:p1],
-        "topk_logprobs": part[f"topk_logprobs_{temperature_index}"][p0:p1],
-        "tail_logmass": part[f"tail_logmass_{temperature_index}"][p0:p1],
+        "topk_ids": C.padded(part["topk_ids"], part["topk_offsets"], p0, p1, -1),
+        "topk_logprobs": C.padded(part[f"topk_logprobs_{t}"], part["topk_offsets"], p0, p1, -np.inf),
+        "tail_logmass": part[f"tail_logmass_{t}"][p0:p1],
     }
+    if f"target_logprob_{t}" in part:
+        out["target_logprob"] = part[f"target_logprob_{t}"][p0:p1]
+    if f"drawn_ids_{t}" in part:
+        out["drawn_ids"] = C.padded(part[f"drawn_ids_{t}"], part[f"drawn_offsets_{t}"], p0, p1, -1)
+        out["drawn_logprobs"] = C.padded(part[f"drawn_logprobs_{t}"], part[f"drawn_offsets_{t}"], p0, p1, -np.inf)
+    return out
 
 
 def counts(part: dict) -> dict[str, int]:
-    return {
-        "samples": n_samples(part),
-        "tokens": int(part["token_offsets"][-1]),
-        "distilled_positions": int(part["position_offsets"][-1]),
-        "max_token_id": int(part["topk_ids"].max()) if part["topk_ids"].size else -1,
-    }
+    return {"samples": n_samples(part), "tokens": int(part["token_offsets"][-1]),
+            "distilled_positions": int(part["position_offsets"][-1])}
 
 
-def problems(part: dict, k: int, n_temps: int, vocab_size: int, dtypes: dict, tol: float) -> list[str]:
-    """What is wrong with a decoded part: shapes, dtypes and values (empty list when it is sound)."""
+# ---------------------------------------------------------------- invariants
+
+def problems(part: dict, encoding: dict, temperatures: list[int], vocab_size: int, tol: float) -> list[str]:
+    """What is wrong with a decoded part (empty when it is sound)."""
     out = []
-    missing = [n for n in array_names(n_temps) if n not in part]
-    if missing:
-        return [f"missing arrays {missing}"]
     s, t_off, p_off = n_samples(part), part["token_offsets"], part["position_offsets"]
-    n_tok, n_pos = int(t_off[-1]), int(p_off[-1])
-    want_dtype = {"input_ids": dtypes["token_ids"], "topk_ids": dtypes["topk_ids"], "loss_mask": "uint8"}
-    for name, dt in want_dtype.items():
-        if str(part[name].dtype) != dt:
-            out.append(f"{name} has dtype {part[name].dtype}, manifest says {dt}")
     if len(t_off) != s + 1 or len(p_off) != s + 1 or np.any(np.diff(t_off) < 0) or np.any(np.diff(p_off) < 0):
-        out.append("offsets are not monotone arrays of length samples + 1")
-        return out
+        return ["offsets are not monotone arrays of length samples + 1"]
+    n_tok, n_pos = int(t_off[-1]), int(p_off[-1])
     if part["input_ids"].shape != (n_tok,) or part["loss_mask"].shape != (n_tok,):
-        out.append(f"input_ids/loss_mask length {part['input_ids'].shape} differs from token offsets ({n_tok})")
-    if part["topk_ids"].shape != (n_pos, k):
-        out.append(f"topk_ids shape {part['topk_ids'].shape} != ({n_pos}, {k})")
+        return [f"input_ids/loss_mask length {part['input_ids'].shape} differs from token offsets ({n_tok})"]
     mask = part["loss_mask"].astype(np.int64)
     per_sample = np.add.reduceat(mask, t_off[:-1]) if n_tok and s else np.zeros(s, np.int64)
-    per_sample = np.where(np.diff(t_off) > 0, per_sample, 0)
-    if not np.array_equal(per_sample, np.diff(p_off)):
+    if not np.array_equal(np.where(np.diff(t_off) > 0, per_sample, 0), np.diff(p_off)):
         out.append("loss_mask counts differ from the number of teacher rows per sample")
-    if part["topk_ids"].size and int(part["topk_ids"].max()) >= vocab_size:
-        out.append(f"token id {int(part['topk_ids'].max())} >= vocab_size {vocab_size}")
-    for j in range(n_temps):
-        lp = part[f"topk_logprobs_{j}"].astype(np.float32)
-        tail = part[f"tail_logmass_{j}"]
-        if str(part[f"topk_logprobs_{j}"].dtype) != dtypes["topk_logprobs"] or str(tail.dtype) != dtypes["tail_logmass"]:
-            out.append(f"temperature {j}: dtypes differ from the manifest")
-        if lp.shape != (n_pos, k) or tail.shape != (n_pos,):
-            out.append(f"temperature {j}: logprob shapes {lp.shape}, {tail.shape} differ from ({n_pos}, {k})")
+    offsets = part["topk_offsets"]
+    widths = np.diff(offsets)
+    if len(widths) != n_pos:
+        return out + [f"{len(widths)} row widths for {n_pos} distilled positions"]
+    if widths.size and (widths.max() > encoding["top_k"] or widths.min() < min(encoding["min_k"], encoding["top_k"])):
+        out.append(f"row widths outside [{encoding['min_k']}, {encoding['top_k']}]")
+    rows = np.repeat(np.arange(n_pos), widths)
+    ids = part["topk_ids"]
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        out.append(f"token id {int(ids.max())} >= vocab_size {vocab_size}")
+    keys = [rows.astype(np.int64) * vocab_size + ids]
+    for t in temperatures:
+        lp, tail = part[f"topk_logprobs_{t}"].astype(np.float64), part[f"tail_logmass_{t}"].astype(np.float64)
+        if tail.shape != (n_pos,) or lp.shape != ids.shape:
+            out.append(f"temperature {t}: {lp.shape[0]} log-probs and {tail.shape[0]} tails for {ids.shape[0]} "
+                       f"entries and {n_pos} rows")
             continue
         if np.isnan(lp).any() or np.isnan(tail).any():
-            out.append(f"temperature {j}: NaN log-probabilities")
+            out.append(f"temperature {t}: NaN log-probabilities")
         if (lp > 0).any() or (tail > 0).any():
-            out.append(f"temperature {j}: positive log-probabilities")
-        if (np.diff(lp, axis=1) > 0).any():
-            out.append(f"temperature {j}: top-k log-probabilities are not sorted descending")
+            out.append(f"temperature {t}: positive log-probabilities")
+        same_row = rows[1:] == rows[:-1]
+        if (np.diff(lp)[same_row] > 0).any():
+            out.append(f"temperature {t}: top-k log-probabilities are not sorted descending")
         if n_pos:
-            total = np.exp(lp.astype(np.float64)).sum(1) + np.exp(tail.astype(np.float64))
+            total = np.bincount(rows, np.exp(lp), minlength=n_pos) + np.exp(tail)
             worst = float(np.abs(total - 1).max())
             if worst > tol:
-                out.append(f"temperature {j}: top-k mass + tail mass is off 1 by {worst:.3g} (tolerance {tol})")
+                out.append(f"temperature {t}: top-k mass + tail mass is off 1 by {worst:.3g} (tolerance {tol})")
+        target = part.get(f"target_logprob_{t}")
+        if encoding["target_logprob"] and target is None:
+            out.append(f"temperature {t}: target log-probabilities are missing")
+        if target is not None and (target.shape != (n_pos,) or np.isnan(target).any() or (target > 0).any()):
+            out.append(f"temperature {t}: target log-probabilities are NaN, positive or misshapen")
+        if encoding["draws"]:
+            d_off, d_ids = part[f"drawn_offsets_{t}"], part[f"drawn_ids_{t}"]
+            d_counts = part[f"drawn_counts_{t}"]
+            if len(d_off) != n_pos + 1:
+                out.append(f"temperature {t}: {len(d_off) - 1} drawn-token rows for {n_pos} positions")
+                continue
+            d_rows = np.repeat(np.arange(n_pos), np.diff(d_off))
+            sums = np.bincount(d_rows, d_counts, minlength=n_pos)
+            if ((sums != 0) & (sums != encoding["draws"]["n"])).any():
+                out.append(f"temperature {t}: drawn counts do not sum to {encoding['draws']['n']} per row")
+            if d_ids.size and (d_ids.min() < 0 or d_ids.max() >= vocab_size):
+                out.append(f"temperature {t}: drawn token id outside the vocabulary")
+            keys.append(d_rows.astype(np.int64) * vocab_size + d_ids)
+            if len(np.unique(np.concatenate(keys))) != sum(len(x) for x in keys):
+                out.append(f"temperature {t}: a token appears twice in one row (head and drawn tokens overlap)")
+            keys.pop()
+    if len(np.unique(keys[0])) != len(keys[0]):
+        out.append("a token id repeats within one row")
     return out

@@ -12,6 +12,7 @@ import numpy as np
 from . import backends
 from . import manifest as M
 from . import part as P
+from . import v1
 
 
 class Cache:
@@ -25,10 +26,12 @@ class Cache:
                 else "not a teacher cache"
             raise FileNotFoundError(f"{self.path} is {state}; run `pipeline cache-teacher` to create or finish it")
         self.manifest = M.read_json(f)
-        if self.manifest.get("format_version") != M.FORMAT_VERSION:
-            raise ValueError(f"{self.path} has format version {self.manifest.get('format_version')}; "
-                             f"this reader understands {M.FORMAT_VERSION}")
+        self.version = self.manifest.get("format_version")
+        if self.version not in M.READABLE_VERSIONS:
+            raise ValueError(f"{self.path} has format version {self.version}; this reader understands "
+                             f"{', '.join(map(str, M.READABLE_VERSIONS))} (upgrade distill-cache)")
         self.backend = backends.get(self.manifest["backend"])
+        self.encoding = self.manifest["encoding"] if self.version >= 2 else v1.encoding(self.manifest)
         self.temperature_index = self.temperature_index_of(temperature)
         sizes = [self.manifest["parts"][M.part_name(p)]["counts"]["samples"] for p in range(self.num_parts)]
         self.part_sizes = sizes
@@ -70,16 +73,36 @@ class Cache:
     def part_folder(self, p: int) -> Path:
         return self.path / M.PARTS / M.part_name(p)
 
+    def read_encoded(self, p: int, names: list[str] | None = None) -> dict:
+        """Part p's arrays as stored (version-2 encoded form; a version-1 part is converted on the way)."""
+        if self.version == 1:
+            arrays = v1.read(self.backend.name, self.part_folder(p), self.manifest)
+            return arrays if names is None else {n: arrays[n] for n in names}
+        return self.backend.read(self.part_folder(p), names or P.array_names(self.encoding, len(self.temperatures)))
+
+    def decode(self, p: int, temperatures: list[int] | None = None) -> dict:
+        """Part p decoded at the given temperature indices (default: this cache's temperature)."""
+        temps = [self.temperature_index] if temperatures is None else temperatures
+        return P.decode(self.read_encoded(p), self.encoding, temps)
+
     def read_part(self, p: int) -> dict:
-        """All arrays of part p (every temperature), from the in-memory cache of recent parts or from disk."""
+        """Part p decoded at this cache's temperature, from the in-memory cache of recent parts or from disk."""
         if p in self._lru:
             self._lru.move_to_end(p)
             return self._lru[p]
-        arrays = self.backend.read(self.part_folder(p), P.array_names(len(self.temperatures)))
+        arrays = self.decode(p)
         self._lru[p] = arrays
         while len(self._lru) > self._max_parts:
             self._lru.popitem(last=False)
         return arrays
+
+    @property
+    def has_target_logprob(self) -> bool:
+        return bool(self.encoding.get("target_logprob"))
+
+    @property
+    def draws(self) -> int:
+        return self.encoding["draws"]["n"] if self.encoding.get("draws") else 0
 
     def locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
@@ -93,13 +116,13 @@ class Cache:
 
     def sample_lengths(self) -> np.ndarray:
         """Token count of every stored sample, read from the offsets alone."""
-        offs = [self.backend.read(self.part_folder(p), ["token_offsets"])["token_offsets"] for p in range(self.num_parts)]
+        offs = [self.read_encoded(p, ["token_offsets"])["token_offsets"] for p in range(self.num_parts)]
         return np.concatenate([np.diff(o) for o in offs]) if offs else np.zeros(0, np.int64)
 
-    def iter_parts(self, parts=None, readahead: int = 2):
-        """Yield (p, arrays) for parts in order, decoding the next `readahead` parts in a background thread."""
+    def iter_parts(self, parts=None, readahead: int = 2, temperatures: list[int] | None = None):
+        """Yield (p, decoded arrays) for parts in order, decoding the next `readahead` parts in a background thread."""
         parts = list(range(self.num_parts)) if parts is None else list(parts)
-        read = lambda p: self.backend.read(self.part_folder(p), P.array_names(len(self.temperatures)))
+        read = lambda p: self.decode(p, temperatures)
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = [pool.submit(read, p) for p in parts[:readahead + 1]]
             for n, p in enumerate(parts):

@@ -8,9 +8,9 @@ import numpy as np
 from . import manifest as M
 from . import part as P
 from .reader import open_cache
-from .writer import CacheWriter
+from .writer import CacheWriter, make_plan
 
-TOLERANCE = {"float16": 5e-3, "float32": 1e-4}
+TOLERANCE = {"float16": 5e-3, "float32": 1e-4, "power": 1e-4}
 
 
 class VerifyError(ValueError):
@@ -18,10 +18,11 @@ class VerifyError(ValueError):
 
 
 def verify(path) -> dict:
-    """Check every part's checksum, shapes, dtypes and values; raise VerifyError naming the first bad part."""
+    """Check every part's checksum, shapes, dtypes, decoding and values; raise VerifyError naming the first bad part."""
     cache = open_cache(path, max_parts_in_memory=1)
-    m = cache.manifest
-    tol = TOLERANCE[m["dtypes"]["topk_logprobs"]]
+    m, enc = cache.manifest, cache.encoding
+    temps = list(range(len(m["temperatures"])))
+    tol = TOLERANCE[enc["logprobs"]["codec"]]
     totals = {}
     for p in range(m["num_parts"]):
         name = M.part_name(p)
@@ -33,13 +34,13 @@ def verify(path) -> dict:
             bad = [f for f, h in record["files"].items() if not (folder / f).exists() or M.file_sha256(folder / f) != h]
             raise VerifyError(f"{name}: checksum mismatch" + (f" in {bad[0]}" if bad else " (part record changed)"))
         try:
-            arrays = cache.backend.read(folder, P.array_names(len(m["temperatures"])))
+            decoded = cache.decode(p, temps)
         except Exception as e:  # a corrupt file can fail inside any decoder
             raise VerifyError(f"{name}: cannot be decoded ({type(e).__name__}: {e})") from e
-        issues = P.problems(arrays, m["k"], len(m["temperatures"]), m["vocab_size"], m["dtypes"], tol)
+        issues = P.problems(decoded, enc, temps, m["vocab_size"], tol)
         if issues:
             raise VerifyError(f"{name}: {issues[0]}")
-        counts = P.counts(arrays)
+        counts = P.counts(decoded)
         for key in ("samples", "tokens", "distilled_positions"):
             if counts[key] != m["parts"][name]["counts"][key]:
                 raise VerifyError(f"{name}: holds {counts[key]} {key}, manifest says {m['parts'][name]['counts'][key]}")
@@ -55,50 +56,77 @@ def disk_bytes(path) -> int:
 
 
 def statistics(path, temperature=None, max_positions: int = 1_000_000) -> dict:
-    """Summary figures: sizes, bytes per distilled position, tail mass and a top-1 mass histogram."""
+    """Summary figures: sizes, bytes per distilled position, widths, tail mass, decode error, top-1 histogram."""
     cache = open_cache(path, temperature, max_parts_in_memory=1)
-    m = cache.manifest
-    j = cache.temperature_index
-    tails, top1 = [], []
+    m, j = cache.manifest, cache.temperature_index
+    tails, top1, widths, drawn = [], [], [], []
     seen = 0
-    for _, arrays in cache.iter_parts():
+    for _, part in cache.iter_parts():
         if seen >= max_positions:
             break
-        tails.append(np.exp(arrays[f"tail_logmass_{j}"].astype(np.float64)))
-        top1.append(np.exp(arrays[f"topk_logprobs_{j}"][:, :1].astype(np.float64)).ravel())
-        seen += len(tails[-1])
-    tails = np.concatenate(tails) if tails else np.zeros(0)
-    top1 = np.concatenate(top1) if top1 else np.zeros(0)
+        off = part["topk_offsets"]
+        w = np.diff(off)
+        widths.append(w)
+        tails.append(np.exp(part[f"tail_logmass_{j}"].astype(np.float64)))
+        top1.append(np.exp(part[f"topk_logprobs_{j}"][off[:-1][w > 0]].astype(np.float64)))
+        if f"drawn_offsets_{j}" in part:
+            drawn.append(np.diff(part[f"drawn_offsets_{j}"]))
+        seen += len(w)
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
+    tails, top1, widths, drawn = cat(tails), cat(top1), cat(widths), cat(drawn)
     hist, edges = np.histogram(top1, bins=10, range=(0, 1))
     nbytes = disk_bytes(path)
-    n_pos = m["counts"]["distilled_positions"]
-    return {
-        "samples": m["counts"]["samples"], "tokens": m["counts"]["tokens"], "distilled_positions": n_pos,
-        "truncated_samples": m["counts"].get("truncated_samples", 0), "skipped_samples": m["counts"].get("skipped_samples", 0),
+    c = m["counts"]
+    n_pos = c["distilled_positions"]
+    out = {
+        "samples": c["samples"], "tokens": c["tokens"], "distilled_positions": n_pos,
+        "truncated_samples": c.get("truncated_samples", 0), "skipped_samples": c.get("skipped_samples", 0),
         "bytes_on_disk": nbytes, "bytes_per_distilled_position": nbytes / n_pos if n_pos else float("nan"),
+        "mean_width": float(widths.mean()) if widths.size else float("nan"),
         "mean_tail_mass": float(tails.mean()) if tails.size else float("nan"),
         "top1_mass_histogram": {"edges": edges.round(2).tolist(), "counts": hist.tolist()},
         "temperature": m["temperatures"][j], "positions_sampled": int(tails.size),
+        "encoding": cache.encoding,
     }
+    if f"decode_kl_sum_{j}" in c and n_pos:
+        out["decode_kl_mean"] = c[f"decode_kl_sum_{j}"] / n_pos
+        out["decode_kl_max"] = c[f"decode_kl_max_{j}"]
+    if drawn.size:
+        out["mean_drawn_width"] = float(drawn.mean())
+    return out
+
+
+def encoding_text(enc: dict) -> str:
+    width = f"top-k {enc['top_k']}" + (f", top-p {enc['top_p']} (min {enc['min_k']})" if enc["top_p"] else "")
+    ids = enc["ids"]["codec"] + (f" {enc['ids']['bits']} bits" if enc["ids"]["codec"] == "bitpack" else
+                                 f" {enc['ids']['dtype']}")
+    lp = enc["logprobs"]
+    lp_text = lp["codec"] if lp["codec"] != "power" else f"{lp['bits']}-bit power (γ={lp['gamma']:g})"
+    draws = f", {enc['draws']['n']} tail draws" if enc.get("draws") else ""
+    return f"{width}; ids {ids}; log-probs {lp_text}{draws}; target log-prob {'yes' if enc['target_logprob'] else 'no'}"
 
 
 def describe(path) -> str:
     """The text `pipeline inspect` prints."""
-    m = open_cache(path).manifest
+    cache = open_cache(path)
+    m = cache.manifest
     s = statistics(path)
     ident = m["identity"]
     lines = [
         f"cache       {Path(path)}  ({m['backend']}, format v{m['format_version']}, key {m['cache_key'][:16]})",
         f"teacher     {ident.get('teacher', {}).get('name_or_path', '?')}",
         f"dataset     {ident.get('dataset', {}).get('source', '?')} [{ident.get('dataset', {}).get('split', '?')}]",
-        f"top-k       {m['k']}   temperatures {m['temperatures']}   vocab {m['vocab_size']}   dtypes "
-        f"ids={m['dtypes']['topk_ids']} logprobs={m['dtypes']['topk_logprobs']}",
+        f"encoding    {encoding_text(cache.encoding)}",
+        f"            temperatures {m['temperatures']}   vocab {m['vocab_size']}",
         f"samples     {s['samples']}  (truncated {s['truncated_samples']}, skipped {s['skipped_samples']})",
-        f"tokens      {s['tokens']}   distilled positions {s['distilled_positions']}",
+        f"tokens      {s['tokens']}   distilled positions {s['distilled_positions']}   mean row width "
+        f"{s['mean_width']:.1f}" + (f"   mean drawn tokens {s['mean_drawn_width']:.1f}" if "mean_drawn_width" in s else ""),
         f"on disk     {s['bytes_on_disk'] / 1e6:.2f} MB = {s['bytes_per_distilled_position']:.1f} B per distilled position",
         f"tail mass   mean {s['mean_tail_mass']:.4f} at T={s['temperature']}",
-        "top-1 mass histogram:",
     ]
+    if "decode_kl_mean" in s:
+        lines.append(f"decode err  KL(exact ‖ decoded bins) mean {s['decode_kl_mean']:.2e}, max {s['decode_kl_max']:.2e} nats")
+    lines.append("top-1 mass histogram:")
     counts = s["top1_mass_histogram"]["counts"]
     edges = s["top1_mass_histogram"]["edges"]
     peak = max(counts) or 1
@@ -107,20 +135,32 @@ def describe(path) -> str:
     return "\n".join(lines)
 
 
-def convert(src, dst, backend: str, overwrite: bool = False) -> dict:
-    """Rewrite a finished cache in another backend, part by part; contents are identical."""
+def convert(src, dst, backend: str | None = None, overwrite: bool = False, *, top_p=None, min_k=None,
+            ids: str | None = None, logprobs: str | None = None) -> dict:
+    """Rewrite a finished cache part by part in another backend and/or encoding (always as the current format
+    version). With the encoding unchanged the encoded arrays are copied as they are; otherwise each part is
+    decoded and encoded again, so a lossy encoding's decode error is measured against the source's values."""
     cache = open_cache(src, max_parts_in_memory=1)
-    plan = {k: v for k, v in cache.manifest.items() if k not in ("counts", "parts", "complete")}
-    plan["backend"] = backend
+    m, old = cache.manifest, cache.encoding
+    narrower = top_p is not None or (min_k is not None and min_k != old["min_k"])
+    if old.get("draws") and narrower:
+        raise ValueError("cannot narrow the rows of a cache with drawn tail tokens: the draws came from the old tail; "
+                         "rerun cache-teacher with the new --top-p")
+    plan = make_plan(backend=backend or m["backend"], k=m["k"], temperatures=m["temperatures"],
+                     vocab_size=m["vocab_size"], num_rows=m["num_rows"], part_size=m["part_size"],
+                     identity=m["identity"], logprob_dtype=logprobs or old["logprobs"]["name"],
+                     top_p=top_p if top_p is not None else old["top_p"],
+                     min_k=min_k if min_k is not None else old["min_k"], ids=ids or old["ids"]["codec"],
+                     draws=cache.draws, target_logprob=old["target_logprob"], package_version=m.get("package_version", "0"))
     writer = CacheWriter(dst, plan, overwrite=overwrite)
-    n_t = len(plan["temperatures"])
-    for p, arrays in cache.iter_parts(writer.missing_parts()):
-        samples = []
-        for j in range(P.n_samples(arrays)):
-            rows = [P.sample(arrays, j, t) for t in range(n_t)]
-            samples.append({**rows[0], "topk_logprobs": [r["topk_logprobs"] for r in rows],
-                            "tail_logmass": [r["tail_logmass"] for r in rows]})
-        extra = {k: v for k, v in cache.manifest["parts"][M.part_name(p)]["counts"].items()
-                 if k not in ("samples", "tokens", "distilled_positions", "max_token_id")}
-        writer.write_part(p, samples, extra)
+    temps = list(range(len(m["temperatures"])))
+    copy = cache.version == M.FORMAT_VERSION and plan["encoding"] == old
+    for p in writer.missing_parts():
+        source_counts = m["parts"][M.part_name(p)]["counts"]
+        if copy:
+            writer.write_arrays(p, cache.read_encoded(p), source_counts)
+        else:
+            samples = P.samples_for_encoding(cache.decode(p, temps), temps, m["k"], cache.draws)
+            extra = {k: v for k, v in source_counts.items() if k in ("truncated_samples", "skipped_samples")}
+            writer.write_part(p, samples, extra)
     return writer.finalize()

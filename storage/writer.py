@@ -16,6 +16,7 @@ import numpy as np
 
 from . import backends
 from . import manifest as M
+from . import codecs as C
 from . import part as P
 
 
@@ -24,19 +25,21 @@ class CacheMismatch(ValueError):
 
 
 def make_plan(*, backend, k, temperatures, vocab_size, num_rows, part_size, identity, logprob_dtype="float16",
-              package_version="0"):
-    if logprob_dtype not in P.LOGPROB_DTYPES:
-        raise ValueError(f"logprob dtype {logprob_dtype!r} is not supported; choose {' or '.join(P.LOGPROB_DTYPES)}")
+              top_p=None, min_k=1, ids="plain", draws=0, target_logprob=True, package_version="0"):
+    """What the writers fill: the cache's identity, encoding (see part.make_encoding) and part layout."""
     if part_size < 1:
         raise ValueError(f"part size {part_size} must be at least 1 sample")
     if k < 1 or k > vocab_size:
         raise ValueError(f"top-k {k} must lie between 1 and the vocabulary size {vocab_size}")
-    ids = str(P.id_dtype(vocab_size))
+    encoding = P.make_encoding(k=k, vocab_size=vocab_size, top_p=top_p, min_k=min(min_k, k), ids=ids,
+                               logprobs=logprob_dtype, draws=draws, target_logprob=target_logprob)
     plan = {
         "format": M.FORMAT_NAME, "format_version": M.FORMAT_VERSION, "backend": backends.get(backend).name,
         "k": int(k), "temperatures": [float(t) for t in temperatures], "vocab_size": int(vocab_size),
-        "dtypes": {"token_ids": ids, "topk_ids": ids, "loss_mask": "uint8", "topk_logprobs": logprob_dtype,
-                   "tail_logmass": "float32", "offsets": "int64"},
+        "dtypes": {"token_ids": str(C.uint_dtype(vocab_size - 1)), "loss_mask": "uint8",
+                   "topk_width": str(P.width_dtype(encoding)), "tail_logmass": "float32",
+                   "target_logprob": P.target_dtype(encoding), "offsets": "int64"},
+        "encoding": encoding,
         "identity": identity, "num_rows": int(num_rows), "part_size": int(part_size),
         "num_parts": max(1, -(-int(num_rows) // int(part_size))),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -44,6 +47,12 @@ def make_plan(*, backend, k, temperatures, vocab_size, num_rows, part_size, iden
     }
     plan["cache_key"] = M.cache_key(plan)
     return plan
+
+
+def part_rows(plan: dict, p: int) -> range:
+    """Dataset rows that part p covers."""
+    size = plan["part_size"]
+    return range(p * size, min((p + 1) * size, plan["num_rows"]))
 
 
 class CacheWriter:
@@ -79,8 +88,7 @@ class CacheWriter:
         return self.plan["num_parts"]
 
     def part_rows(self, p: int) -> range:
-        size = self.plan["part_size"]
-        return range(p * size, min((p + 1) * size, self.plan["num_rows"]))
+        return part_rows(self.plan, p)
 
     def done_parts(self) -> set[int]:
         return {int(d.name.split("-")[1]) for d in self.parts_dir.glob("part-*") if d.is_dir()}
@@ -95,16 +103,21 @@ class CacheWriter:
         return [p for p in mine if p not in done]
 
     def write_part(self, p: int, samples: list[dict], extra_counts: dict | None = None) -> dict:
-        """Write part p from its samples (see part.pack) atomically; returns its record."""
+        """Encode part p from its samples (see part.encode) and write it atomically; returns its record."""
         plan = self.plan
-        arrays = P.pack(samples, plan["k"], len(plan["temperatures"]), np.dtype(plan["dtypes"]["topk_ids"]),
-                        np.dtype(plan["dtypes"]["topk_logprobs"]))
+        arrays, stats = P.encode(samples, plan["encoding"], len(plan["temperatures"]),
+                                 np.dtype(plan["dtypes"]["token_ids"]))
+        counts = {"samples": len(arrays["sample_index"]), "tokens": int(arrays["token_offsets"][-1]),
+                  "distilled_positions": int(arrays["position_offsets"][-1]), **stats, **(extra_counts or {})}
+        return self.write_arrays(p, arrays, counts)
+
+    def write_arrays(self, p: int, arrays: dict, counts: dict) -> dict:
+        """Write part p's encoded arrays under a temporary name, then rename it into place."""
         name = M.part_name(p)
         tmp = self.parts_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         self.backend.write(tmp, arrays)
-        record = {"part": p, "rows": [self.part_rows(p).start, self.part_rows(p).stop],
-                  "counts": {**P.counts(arrays), **(extra_counts or {})},
+        record = {"part": p, "rows": [self.part_rows(p).start, self.part_rows(p).stop], "counts": counts,
                   "files": {f.relative_to(tmp).as_posix(): M.file_sha256(f) for f in M.folder_files(tmp)}}
         M.write_json_atomic(tmp / M.PART_RECORD, record)
         M.fsync_tree(tmp)
@@ -130,7 +143,7 @@ def write_manifest(path: Path, plan: dict) -> dict:
         record = M.read_json(folder / M.PART_RECORD)
         parts[M.part_name(p)] = {"sha256": M.folder_sha256(folder), "counts": record["counts"]}
         for key, v in record["counts"].items():
-            totals[key] = max(totals.get(key, -1), v) if key == "max_token_id" else totals.get(key, 0) + v
+            totals[key] = max(totals.get(key, v), v) if "_max" in key or key.startswith("max_") else totals.get(key, 0) + v
     manifest = {**plan, "counts": totals, "parts": parts, "complete": True}
     M.write_json_atomic(path / M.MANIFEST, manifest)
     return manifest

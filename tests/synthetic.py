@@ -1,4 +1,5 @@
-"""Teacher-like samples from random logits (numpy only), for storage tests and benchmarks."""
+"""Teacher-like samples from random logits (numpy only), for storage tests and benchmarks: full distributions, so
+every stored quantity (top-k, exact tail, target log-prob, tail draws) has an exact reference."""
 import numpy as np
 
 
@@ -7,46 +8,72 @@ def log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def teacher_rows(rng, n, vocab, k, temperatures=(1.0,), sharpness=3.0):
+def teacher_rows(rng, n, vocab, k, temperatures=(1.0,), sharpness=3.0, targets=None, draws=0, top_p=None, min_k=1):
+    """Rows of a random teacher: ids [n, k], log-probs [T, n, k], exact tails [T, n], target log-probs [T, n] and,
+    with draws > 0, draws [T, n, draws] from each row's tail beyond its kept prefix (the top_p widths at the first
+    temperature; −1 where that tail is empty)."""
+    from storage.codecs import top_p_widths
     z = rng.standard_normal((n, vocab)).astype(np.float32) * sharpness
     z[np.arange(n), rng.integers(0, vocab, n)] += 8
     ids = np.argsort(-z, axis=1)[:, :k]
-    lps, tails = [], []
+    widths = top_p_widths(np.take_along_axis(log_softmax(z / temperatures[0]), ids, 1), top_p, min_k)
+    targets = rng.integers(0, vocab, n) if targets is None else np.asarray(targets)
+    out = {"topk_ids": ids, "topk_logprobs": [], "tail_logmass": [], "target_logprob": [], "full": []}
+    if draws:
+        out["draws"] = []
     for t in temperatures:
         lp = log_softmax(z / t)
-        top = np.take_along_axis(lp, ids, 1)
         rest = lp.copy()
         np.put_along_axis(rest, ids, -np.inf, 1)
-        m = rest.max(1, keepdims=True)
-        tails.append((np.log(np.exp(rest - m).sum(1)) + m[:, 0]).astype(np.float32) if k < vocab
-                     else np.full(n, -np.inf, np.float32))
-        lps.append(top)
-    return ids, np.stack(lps), np.stack(tails)
+        m = np.where(np.isfinite(rest.max(1, keepdims=True)), rest.max(1, keepdims=True), 0)
+        with np.errstate(divide="ignore"):
+            tail = (np.log(np.exp(rest - m).sum(1)) + m[:, 0]).astype(np.float32)
+        out["topk_logprobs"].append(np.take_along_axis(lp, ids, 1))
+        out["tail_logmass"].append(tail)
+        out["target_logprob"].append(lp[np.arange(n), targets].astype(np.float32))
+        out["full"].append(lp)
+        if draws:
+            kept = np.arange(k)[None, :] < widths[:, None]
+            p = np.exp(lp)
+            np.put_along_axis(p, np.where(kept, ids, ids[:, :1]), 0.0, 1)
+            d = np.full((n, draws), -1, np.int64)
+            for r in range(n):
+                if p[r].sum() > 0:
+                    d[r] = rng.choice(vocab, size=draws, p=p[r] / p[r].sum())
+            out["draws"].append(d)
+    return {key: np.stack(v) if isinstance(v, list) else v for key, v in out.items()}
 
 
-def samples(n_samples, vocab=300, k=8, temperatures=(1.0,), seed=0, start=0, min_len=3, max_len=40):
+def samples(n_samples, vocab=300, k=8, temperatures=(1.0,), seed=0, start=0, min_len=3, max_len=40, draws=0,
+            keep_full=False, top_p=None, min_k=1):
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_samples):
         length = int(rng.integers(min_len, max_len))
+        input_ids = rng.integers(0, vocab, length)
         mask = (rng.random(length) < 0.6).astype(np.uint8)
         mask[0] = 0
-        ids, lp, tail = teacher_rows(rng, int(mask.sum()), vocab, k, temperatures)
-        out.append({"sample_index": start + i, "input_ids": rng.integers(0, vocab, length), "loss_mask": mask,
-                    "topk_ids": ids, "topk_logprobs": lp, "tail_logmass": tail})
+        rows = teacher_rows(rng, int(mask.sum()), vocab, k, temperatures, targets=input_ids[mask == 1], draws=draws,
+                            top_p=top_p, min_k=min_k)
+        full = rows.pop("full")
+        out.append({"sample_index": start + i, "input_ids": input_ids, "loss_mask": mask, **rows,
+                    **({"full_logprobs": full} if keep_full else {})})
     return out
 
 
-def plan(backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), **kw):
+def plan(backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), **encoding):
     from storage import make_plan
     return make_plan(backend=backend, k=k, temperatures=temperatures, vocab_size=vocab, num_rows=num_rows,
-                     part_size=part_size, identity={"teacher": {"name_or_path": "synthetic"}, **kw})
+                     part_size=part_size, identity={"teacher": {"name_or_path": "synthetic"}}, **encoding)
 
 
-def write_cache(path, backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), seed=0):
+def write_cache(path, backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), seed=0,
+                **encoding):
+    """A finished synthetic cache and the exact samples it was written from."""
     from storage import CacheWriter
-    w = CacheWriter(path, plan(backend, num_rows, part_size, vocab, k, temperatures))
-    data = samples(num_rows, vocab, k, temperatures, seed)
+    w = CacheWriter(path, plan(backend, num_rows, part_size, vocab, k, temperatures, **encoding))
+    data = samples(num_rows, vocab, k, temperatures, seed, draws=encoding.get("draws", 0), top_p=encoding.get("top_p"),
+                   min_k=encoding.get("min_k", 1))
     for p in w.missing_parts():
         w.write_part(p, [data[i] for i in w.part_rows(p)])
     return w.finalize(), data

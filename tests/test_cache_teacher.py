@@ -213,9 +213,8 @@ def test_non_finite_logits_skip_the_sample_or_abort_when_strict(tiny, tmp_path):
     model.save_pretrained(tmp_path / "bad")
     tok.save_pretrained(tmp_path / "bad")
     paths = {**tiny, "bad": str(tmp_path / "bad")}
-    from pipeline.data import load_rows, tokenize
-    cfg = instruction(tiny)
-    n_poisoned = sum(poison in s["input_ids"] for s in tokenize(load_rows(cfg), tok, cfg))
+    from pipeline.data import tokenized
+    n_poisoned = sum(poison in ids for ids in tokenized(instruction(tiny), tok)[:]["input_ids"])
     assert 0 < n_poisoned < 48
     with pytest.warns(UserWarning, match="non-finite teacher logits"):
         m = run(paths, tmp_path / "c", "bad")["manifest"]

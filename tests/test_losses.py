@@ -124,9 +124,9 @@ def test_hidden_chunked_path_equals_logits_path(kind):
 
 # -- edge cases: nothing non-finite from finite (or -inf masked) inputs
 
-def assert_finite(kind, s, ids, lp, tail, **kw):
+def assert_finite(kind, s, ids, lp, tail_logmass, **kw):
     s = s.clone().requires_grad_()
-    loss = sparse_kd_loss(s, ids, lp, tail, kind, **kw)
+    loss = sparse_kd_loss(s, ids, lp, tail_logmass, kind, **kw)
     loss.sum().backward()
     assert torch.isfinite(loss).all(), (kind, loss)
     assert torch.isfinite(s.grad).all(), (kind, s.grad)
@@ -226,3 +226,104 @@ def test_fused_cross_entropy_equals_separate_losses(kind, temp):
     b, gb = grads(apart, s)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ga, gb)
+
+
+# -- ragged rows, drawn tail tokens, renormalization
+
+def pad_rows(ids, lp, widths, extra=3):
+    """Rows cut to the given widths and padded (id −1, log-prob −inf) to a common width plus `extra` columns."""
+    w = int(max(widths)) + extra
+    pid = torch.full((len(widths), w), -1, dtype=torch.long)
+    plp = torch.full((len(widths), w), float("-inf"))
+    for r, n in enumerate(widths):
+        pid[r, :n], plp[r, :n] = ids[r, :n], lp[r, :n]
+    return pid, plp
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_changes_nothing(kind):
+    """A row padded with id −1 gives the value and gradient of the same row alone (backward included, where the
+    padding repeats the row's first id)."""
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(6, 30, generator=g), torch.randn(6, 30, generator=g) * 2
+    widths = [1, 5, 3, 7, 2, 4]
+    ids, lp, _ = teacher_topk(t, 7)
+    logp = torch.log_softmax(t, -1)
+    tail = torch.stack([torch.logsumexp(logp[r].scatter(0, ids[r, :n], float("-inf")), 0) for r, n in enumerate(widths)])
+    pid, plp = pad_rows(ids, lp, widths)
+    padded_v, padded_g = grads(lambda x: sparse_kd_loss(x, pid, plp, tail, kind), s)
+    for r, n in enumerate(widths):
+        v, gr = grads(lambda x: sparse_kd_loss(x, ids[r:r + 1, :n], lp[r:r + 1, :n], tail[r:r + 1], kind), s[r:r + 1])
+        torch.testing.assert_close(padded_v[r:r + 1], v)
+        torch.testing.assert_close(padded_g[r:r + 1], gr)
+
+
+def fkl_grad_with_draws(s, logp, head, n_draws, reps, gen):
+    """Mean over `reps` independent draws of the sparse FKL gradient, head exact + N drawn tail tokens."""
+    v = logp.shape[-1]
+    p = logp.exp()
+    tail_p = p.clone()
+    tail_p[head] = 0
+    draws = torch.multinomial(tail_p.expand(reps, v), n_draws, replacement=True, generator=gen)
+    ids, counts = [], []
+    for d in draws:
+        u, c = d.unique(return_counts=True)
+        ids.append(u)
+        counts.append(c)
+    m = max(len(u) for u in ids)
+    d_ids = torch.full((reps, m), -1, dtype=torch.long)
+    d_lp = torch.full((reps, m), float("-inf"))
+    log_pr = torch.log(tail_p.sum())
+    for r, (u, c) in enumerate(zip(ids, counts)):
+        d_ids[r, :len(u)], d_lp[r, :len(u)] = u, log_pr + torch.log(c / n_draws)
+    h = len(head)
+    hid = head.expand(reps, h) if h else torch.zeros((reps, 0), dtype=torch.long)
+    _, gr = grads(lambda x: sparse_kd_loss(x, hid, logp[head].expand(reps, h), log_pr.expand(reps), "fkl",
+                                           drawn_ids=d_ids, drawn_logprobs=d_lp), s.expand(reps, v).contiguous())
+    return gr.mean(0)
+
+
+@pytest.mark.parametrize("head_width", [0, 3])
+def test_drawn_tail_tokens_give_an_unbiased_fkl_gradient(head_width):
+    """E[∇ sparse FKL with drawn tail] = ∇ dense FKL (q − p); the one-bucket tail's gradient is biased.
+    head_width 0 is Random-Sampling KD itself."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(1, 40, generator=g), torch.randn(1, 40, generator=g) * 1.5
+    logp = torch.log_softmax(t[0], -1)
+    head = logp.argsort(descending=True)[:head_width]
+    dense = torch.softmax(s[0], -1) - logp.exp()
+    est = fkl_grad_with_draws(s, logp, head, 16, 6000, g)
+    torch.testing.assert_close(est, dense, atol=4e-3, rtol=0)
+    if head_width:
+        rest = logp.clone()
+        rest[head] = float("-inf")
+        _, bucket = grads(lambda x: sparse_kd_loss(x, head[None], logp[head][None], torch.logsumexp(rest, 0)[None],
+                                                   "fkl"), s)
+        assert (bucket[0] - dense).abs().max() > 5 * (est - dense).abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_drawn_tokens_keep_every_kind_finite_and_student_weighted_terms_exact(kind):
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(4, 25, generator=g), torch.randn(4, 25, generator=g)
+    ids, lp, tail = teacher_topk(t, 3)
+    d_ids = torch.tensor([[5, 9, -1], [7, -1, -1], [-1, -1, -1], [11, 12, 13]])
+    d_ids = torch.where(torch.isin(d_ids, ids), torch.full_like(d_ids, -1), d_ids)
+    d_lp = torch.where(d_ids >= 0, tail[:, None] + math.log(1 / 3), torch.full_like(tail[:, None], float("-inf")).expand(4, 3))
+    assert_finite(kind, s, ids, lp, tail, drawn_ids=d_ids, drawn_logprobs=d_lp)
+    if kind in ("rkl", "srkl", "tvd"):          # no teacher-weighted term: the draws change nothing
+        torch.testing.assert_close(sparse_kd_loss(s, ids, lp, tail, kind, drawn_ids=d_ids, drawn_logprobs=d_lp),
+                                   sparse_kd_loss(s, ids, lp, tail, kind))
+
+
+def test_renormalize_is_distillkits_sparse_kl():
+    """Σ_K p̃ log(p̃ / q), p̃ the head renormalized, q the student's full softmax; the tail is ignored."""
+    g = torch.Generator().manual_seed(8)
+    s, t = torch.randn(5, 30, generator=g), torch.randn(5, 30, generator=g)
+    ids, lp, tail = teacher_topk(t, 6)
+    p_tilde = torch.softmax(lp, -1)
+    q = torch.log_softmax(s, -1).gather(1, ids)
+    want = (p_tilde * (p_tilde.log() - q)).sum(-1)
+    torch.testing.assert_close(sparse_kd_loss(s, ids, lp, tail, "fkl", tail="renormalize"), want)
+    for kind in KINDS:
+        assert_finite(kind, s, ids, lp, tail, tail="renormalize")

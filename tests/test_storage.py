@@ -16,8 +16,16 @@ BACKENDS = ["zarr", "arrow"]
 
 
 def assert_same_sample(a, b):
-    for key in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logmass"):
-        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+    for key in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"):
+        if key in a or key in b:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+def written(sample, t=0):
+    """What a float16 cache returns for a synthetic sample written at full width."""
+    return {**sample, "topk_logprobs": sample["topk_logprobs"][t].astype(np.float16).astype(np.float32),
+            "tail_logmass": sample["tail_logmass"][t],
+            "target_logprob": sample["target_logprob"][t].astype(np.float16).astype(np.float32)}
 
 
 # -- round trip: what is written is what is read, in both backends
@@ -27,43 +35,132 @@ def test_round_trip(tmp_path, backend):
     manifest, data = write_cache(tmp_path / "c", backend, num_rows=10, temperatures=(1.0, 2.0))
     cache = storage.open_cache(tmp_path / "c")
     assert len(cache) == 10 and manifest["complete"] and manifest["counts"]["samples"] == 10
+    assert manifest["format_version"] == 2 and manifest["encoding"]["ids"] == {"codec": "plain", "dtype": "uint16"}
     for i in range(10):
         got = cache[i]
-        assert got["topk_ids"].dtype == np.uint16 and got["topk_logprobs"].dtype == np.float16
-        assert got["tail_logmass"].dtype == np.float32
-        want = {**data[i], "topk_logprobs": data[i]["topk_logprobs"][0].astype(np.float16),
-                "tail_logmass": data[i]["tail_logmass"][0]}
-        assert_same_sample(got, want)
+        assert got["topk_ids"].dtype == np.int32 and got["topk_logprobs"].dtype == np.float32
+        assert got["topk_ids"].shape == (int(data[i]["loss_mask"].sum()), 8)
+        assert_same_sample(got, written(data[i]))
     hot = cache.at_temperature(2.0)
-    np.testing.assert_array_equal(hot[3]["topk_logprobs"], data[3]["topk_logprobs"][1].astype(np.float16))
+    assert_same_sample(hot[3], written(data[3], 1))
+    storage.verify(tmp_path / "c")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ragged_rows_are_padded_per_sample(tmp_path, backend):
+    """With --top-p each row keeps its own prefix: ids −1 and log-probs −inf past it, the tail exact for it."""
+    _, data = write_cache(tmp_path / "c", backend, num_rows=6, top_p=0.5, min_k=1, ids="bitpack")
+    cache = storage.open_cache(tmp_path / "c")
+    for i in range(6):
+        got, want = cache[i], data[i]
+        kept = got["topk_ids"] >= 0
+        assert kept[:, 0].all() and (np.isneginf(got["topk_logprobs"]) == ~kept).all()
+        for r, w in enumerate(kept.sum(1)):
+            np.testing.assert_array_equal(got["topk_ids"][r, :w], want["topk_ids"][r, :w])
+            mass = np.exp(want["topk_logprobs"][0, r, :w].astype(np.float64))
+            assert w == 1 or mass[:-1].sum() < 0.5 <= mass.sum() or w == 8
+            np.testing.assert_allclose(np.exp(got["tail_logmass"][r]), 1 - mass.sum(), atol=1e-5)
+    storage.verify(tmp_path / "c")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drawn_tail_tokens_come_back_as_estimates(tmp_path, backend):
+    _, data = write_cache(tmp_path / "c", backend, num_rows=5, draws=24, top_p=0.7, min_k=0)
+    cache = storage.open_cache(tmp_path / "c")
+    assert cache.draws == 24
+    for i in range(5):
+        got = cache[i]
+        for r in range(len(got["tail_logmass"])):
+            ids = got["drawn_ids"][r][got["drawn_ids"][r] >= 0]
+            assert not set(ids) & set(got["topk_ids"][r][got["topk_ids"][r] >= 0])
+            d = data[i]["draws"][0, r]
+            want_ids, want_counts = np.unique(d[d >= 0], return_counts=True)
+            np.testing.assert_array_equal(ids, want_ids)
+            est = np.exp(got["drawn_logprobs"][r][: len(ids)].astype(np.float64))
+            np.testing.assert_allclose(est, np.exp(got["tail_logmass"][r]) * want_counts / 24, rtol=1e-5)
+    storage.verify(tmp_path / "c")
+
+
+def test_empty_samples_and_parts_round_trip(tmp_path):
+    from storage import CacheWriter
+    w = CacheWriter(tmp_path / "c", plan(num_rows=3, part_size=2))
+    empty = {"sample_index": 1, "input_ids": np.arange(4), "loss_mask": np.zeros(4, np.uint8),
+             "topk_ids": np.zeros((0, 8), np.int64), "topk_logprobs": np.zeros((1, 0, 8), np.float32),
+             "tail_logmass": np.zeros((1, 0), np.float32), "target_logprob": np.zeros((1, 0), np.float32)}
+    w.write_part(0, [samples(1)[0], empty])
+    w.write_part(1, [])
+    m = w.finalize()
+    cache = storage.open_cache(tmp_path / "c")
+    assert len(cache) == 2 and cache[1]["topk_ids"].shape == (0, 0) and m["counts"]["samples"] == 2
     storage.verify(tmp_path / "c")
 
 
 def test_ids_use_the_narrowest_type(tmp_path):
     write_cache(tmp_path / "c", vocab=200)
-    assert storage.open_cache(tmp_path / "c").manifest["dtypes"]["topk_ids"] == "uint8"
+    assert storage.open_cache(tmp_path / "c").encoding["ids"]["dtype"] == "uint8"
     assert storage.make_plan(backend="zarr", k=4, temperatures=[1], vocab_size=151936, num_rows=1, part_size=1,
-                             identity={})["dtypes"]["topk_ids"] == "uint32"
+                             identity={})["encoding"]["ids"]["dtype"] == "uint32"
 
 
 @pytest.mark.parametrize("src,dst", [("zarr", "arrow"), ("arrow", "zarr")])
-def test_convert_keeps_contents(tmp_path, src, dst):
-    write_cache(tmp_path / "a", src, temperatures=(1.0, 0.5))
+def test_convert_between_backends_copies_the_encoded_arrays(tmp_path, src, dst):
+    write_cache(tmp_path / "a", src, temperatures=(1.0, 0.5), ids="bitpack", logprob_dtype="q6", top_p=0.8)
     m = storage.convert(tmp_path / "a", tmp_path / "b", dst)
     a, b = storage.open_cache(tmp_path / "a"), storage.open_cache(tmp_path / "b")
     assert m["backend"] == dst and m["cache_key"] == a.manifest["cache_key"] and len(a) == len(b)
-    for t in (1.0, 0.5):
-        for i in range(len(a)):
-            assert_same_sample(a.at_temperature(t)[i], b.at_temperature(t)[i])
+    for p in range(a.num_parts):
+        ea, eb = a.read_encoded(p), b.read_encoded(p)
+        assert all(np.array_equal(ea[n], eb[n]) for n in ea)
     storage.verify(tmp_path / "b")
 
 
-def test_arrow_part_loads_in_datasets(tmp_path):
-    import datasets
-    _, data = write_cache(tmp_path / "c", "arrow")
-    ds = datasets.Dataset.from_file(str(tmp_path / "c/parts/part-000001/data.arrow"))
-    assert len(ds) == 4 and ds[0]["sample_index"] == 4
-    np.testing.assert_array_equal(np.array(ds[0]["topk_ids"]), data[4]["topk_ids"])
+def test_convert_to_a_compact_encoding_records_its_decode_error(tmp_path):
+    write_cache(tmp_path / "a", num_rows=12, temperatures=(1.0, 2.0))
+    m = storage.convert(tmp_path / "a", tmp_path / "b", top_p=0.9, ids="bitpack", logprobs="q8")
+    assert m["encoding"]["logprobs"]["name"] == "q8" and m["cache_key"] != storage.open_cache(tmp_path / "a").manifest["cache_key"]
+    stats = storage.statistics(tmp_path / "b")
+    assert 0 < stats["decode_kl_mean"] < 1e-3 and stats["mean_width"] < 8
+    a, b = storage.open_cache(tmp_path / "a"), storage.open_cache(tmp_path / "b")
+    for i in range(len(a)):
+        np.testing.assert_allclose(a[i]["target_logprob"], b[i]["target_logprob"])
+        w = (b[i]["topk_ids"] >= 0).sum(1)
+        for r in range(len(w)):
+            np.testing.assert_array_equal(a[i]["topk_ids"][r, :w[r]], b[i]["topk_ids"][r, :w[r]])
+    storage.verify(tmp_path / "b")
+
+
+def test_draws_refuse_a_narrower_conversion(tmp_path):
+    write_cache(tmp_path / "a", draws=8)
+    with pytest.raises(ValueError, match="drawn tail tokens"):
+        storage.convert(tmp_path / "a", tmp_path / "b", top_p=0.5)
+
+
+# -- format version 1 keeps reading
+
+V1 = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_version_1_caches_still_read_verify_and_convert(tmp_path, backend):
+    """tests/data/v1-* were written by the version-1 writer (commit 6f6e31c) and are kept as they were."""
+    expected = json.loads((V1 / f"v1-{backend}.expected.json").read_text())
+    cache = storage.open_cache(V1 / f"v1-{backend}")
+    assert cache.manifest["format_version"] == 1 and not cache.has_target_logprob
+    storage.verify(V1 / f"v1-{backend}")
+    for t, temp in enumerate((1.0, 2.0)):
+        c = cache.at_temperature(temp)
+        for i, want in enumerate(expected):
+            got = c[i]
+            np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+            np.testing.assert_array_equal(got["topk_ids"], np.array(want["topk_ids"]).reshape(-1, 4))
+            np.testing.assert_array_equal(got["topk_logprobs"], np.array(want["topk_logprobs"][t], np.float32).reshape(-1, 4))
+            np.testing.assert_array_equal(got["tail_logmass"], np.array(want["tail_logmass"][t], np.float32))
+    storage.convert(V1 / f"v1-{backend}", tmp_path / "v2", "arrow")
+    new = storage.open_cache(tmp_path / "v2", temperature=2.0)
+    assert new.manifest["format_version"] == 2
+    for i in range(len(new)):
+        assert_same_sample(new[i], cache.at_temperature(2.0)[i])
+    storage.verify(tmp_path / "v2")
 
 
 # -- streaming, random access and splits
@@ -122,7 +219,7 @@ def test_disjoint_writers_fill_one_cache(tmp_path):
 
 def test_other_contents_at_the_same_path_are_refused(tmp_path):
     write_cache(tmp_path / "c")
-    with pytest.raises(storage.CacheMismatch, match="differs in k"):
+    with pytest.raises(storage.CacheMismatch, match="differs in encoding.top_k, k"):
         storage.CacheWriter(tmp_path / "c", plan(k=4))
     assert storage.open_cache(tmp_path / "c").k == 8
     storage.CacheWriter(tmp_path / "c", plan(k=4), overwrite=True)
@@ -194,7 +291,7 @@ def test_verify_checks_values_not_only_checksums(tmp_path):
     from storage.writer import write_manifest
     w = storage.CacheWriter(tmp_path / "c", plan(num_rows=4, part_size=4))
     bad = samples(4)
-    bad[1]["topk_logprobs"] = bad[1]["topk_logprobs"][..., ::-1].copy()
+    bad[1]["topk_logprobs"] = bad[1]["topk_logprobs"][..., ::-1].copy()      # stored as float16, as given
     w.write_part(0, bad)
     write_manifest(w.path, w.plan)
     with pytest.raises(storage.VerifyError, match="part-000000: temperature 0: top-k log-probabilities are not sorted"):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline import batching, losses, models
+from pipeline import losses, models, teachers
 from pipeline.cli import main
 from pipeline.data import DataConfig
 from stages import cache_teacher as ct, prepare_demo, train as tr
@@ -44,7 +44,7 @@ def heldout_kl(model_path, cache):
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     tok = models.load_tokenizer(model_path)
     head = models.PositionLogits(model, len(tok))
-    return tr.score(head, batching.CacheSource(cache), tok.pad_token_id, torch.device("cpu"), ("fkl",))["fkl"]
+    return tr.score(head, model, teachers.CachedTeacher(cache), tok.pad_token_id, torch.device("cpu"), ("fkl",))["fkl"]
 
 
 def distill(world, out, loss="fkl", **kw):

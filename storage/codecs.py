@@ -1,0 +1,223 @@
+"""Encodings of a part's teacher rows: pure numpy encode/decode pairs (no torch), property-tested.
+
+Rows are ragged: row r of a part owns entries [offsets[r], offsets[r+1]) of every flat per-entry array.
+
+  widths      top_p_widths: the smallest teacher-sorted prefix whose mass reaches top_p, within [min_k, k]
+  truncate    keep each row's prefix; the tail mass grows by the dropped entries, summed term by term
+  ids         plain (narrowest unsigned integer) or bitpack (ceil(log2 V) bits per id)
+  log-probs   float16 / float32, or power-quantized: u = (p_i / p_top1)^(1/γ) on a uniform grid of 2^bits − 1
+              steps; decoding rescales each row to the exact head mass 1 − P_R, so the (k+1) bins sum to 1
+              and stay sorted
+  draws       N tokens drawn from the teacher's tail (Random-Sampling KD) as unique ids with counts; decoded
+              as the unbiased estimate P_R · count / N of each drawn token's probability
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+POWER_GAMMA = 4.0
+
+
+def uint_dtype(max_value: int) -> np.dtype:
+    """Narrowest unsigned integer type holding max_value."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def id_bits(vocab_size: int) -> int:
+    """ceil(log2 V) bits, at least 1."""
+    return max(1, int(vocab_size - 1).bit_length())
+
+
+def offsets_of(widths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(widths, dtype=np.int64)]).astype(np.int64)
+
+
+# ---------------------------------------------------------------- bit packing
+
+def _block(bits: int) -> tuple[int, int]:
+    """(values, 64-bit words) in one repeating block: value i starts at bit i·bits of the stream."""
+    values = 64 // math.gcd(bits, 64)
+    return values, values * bits // 64
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned integers < 2^bits → the little-endian bit stream as uint8: value i occupies stream bits
+    [i·bits, (i+1)·bits), and stream bit j is bit (j mod 8) of byte j div 8."""
+    values = np.asarray(values).astype(np.uint64).ravel()
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bit width {bits} must lie in [1, 32]")
+    if values.size and int(values.max()) >> bits:
+        raise ValueError(f"value {int(values.max())} does not fit in {bits} bits")
+    n_vals, n_words = _block(bits)
+    blocks = -(-values.size // n_vals)
+    v = np.zeros(blocks * n_vals, np.uint64)
+    v[:values.size] = values
+    v = v.reshape(blocks, n_vals)
+    words = np.zeros((blocks, n_words + 1), np.uint64)
+    for j in range(n_vals):
+        w, s = divmod(j * bits, 64)
+        words[:, w] |= v[:, j] << np.uint64(s)
+        if s + bits > 64:
+            words[:, w + 1] |= v[:, j] >> np.uint64(64 - s)
+    return words[:, :n_words].astype("<u8").view(np.uint8).ravel()[:-(-values.size * bits // 8)].copy()
+
+
+def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of pack_bits: the first n values, as uint32."""
+    if np.asarray(data).size != -(-n * bits // 8):
+        raise ValueError(f"{np.asarray(data).size} packed bytes cannot hold exactly {n} values of {bits} bits")
+    n_vals, n_words = _block(bits)
+    blocks = -(-n // n_vals)
+    raw = np.zeros(blocks * n_words * 8, np.uint8)
+    data = np.asarray(data, np.uint8).ravel()
+    raw[:min(data.size, raw.size)] = data[:raw.size]
+    words = raw.view("<u8").reshape(blocks, n_words).astype(np.uint64)
+    out = np.empty((blocks, n_vals), np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for j in range(n_vals):
+        w, s = divmod(j * bits, 64)
+        v = words[:, w] >> np.uint64(s)
+        if s + bits > 64:
+            v |= words[:, w + 1] << np.uint64(64 - s)
+        out[:, j] = v & mask
+    return out.ravel()[:n].astype(np.uint32)
+
+
+def encode_ids(ids: np.ndarray, codec: dict) -> np.ndarray:
+    if codec["codec"] == "bitpack":
+        return pack_bits(ids, codec["bits"])
+    return np.asarray(ids).astype(codec["dtype"])
+
+
+def decode_ids(data: np.ndarray, codec: dict, n: int) -> np.ndarray:
+    if codec["codec"] == "bitpack":
+        return unpack_bits(data, codec["bits"], n).astype(np.int32)
+    if np.asarray(data).size != n:
+        raise ValueError(f"{np.asarray(data).size} ids stored where the row widths say {n}")
+    return np.asarray(data).astype(np.int32)
+
+
+# ---------------------------------------------------------------- widths and truncation
+
+def top_p_widths(logprobs: np.ndarray, top_p: float | None, min_k: int = 1) -> np.ndarray:
+    """Per row of teacher-sorted log-probs [P, k]: the smallest prefix with mass ≥ top_p, at least min_k and at most
+    k (top_p None: k)."""
+    n, k = logprobs.shape
+    if top_p is None:
+        return np.full(n, k, np.int64)
+    mass = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=1)
+    reached = (mass >= top_p).argmax(1) + 1
+    reached = np.where(mass[:, -1] >= top_p, reached, k) if k else np.zeros(n, np.int64)
+    return np.clip(reached, min(min_k, k), k).astype(np.int64)
+
+
+def log1mexp(x: np.ndarray) -> np.ndarray:
+    """log(1 − e^x) for x ≤ 0, stable at both ends."""
+    x = np.minimum(np.asarray(x, np.float64), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > -0.693, np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+
+
+def truncate(logprobs: np.ndarray, tail: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [P, k] with exact tail log-masses [P] → (the kept prefixes, flat [Σ widths]; the kept set's tail
+    log-masses [P]), the dropped entries' probabilities added to the tail one by one."""
+    k = logprobs.shape[1]
+    keep = np.arange(k)[None, :] < widths[:, None]
+    dropped = np.where(keep, 0.0, np.exp(logprobs.astype(np.float64))).sum(1)
+    with np.errstate(divide="ignore"):
+        new_tail = np.log(np.exp(tail.astype(np.float64)) + dropped).astype(np.float32)
+    return logprobs[keep], np.where(widths == k, tail, new_tail).astype(np.float32)
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+def _row_index(offsets: np.ndarray) -> np.ndarray:
+    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+
+
+def encode_logprobs(flat: np.ndarray, offsets: np.ndarray, codec: dict) -> np.ndarray:
+    if codec["codec"] in ("float16", "float32"):
+        return np.asarray(flat).astype(codec["codec"])
+    levels = (1 << codec["bits"]) - 1
+    top = flat[offsets[:-1][_row_index(offsets)]]
+    with np.errstate(invalid="ignore", over="ignore"):
+        u = np.exp((flat.astype(np.float64) - top) / codec["gamma"])
+    codes = np.rint(np.nan_to_num(u, nan=0.0) * levels).astype(np.uint32)
+    return codes.astype(np.uint8) if codec["bits"] == 8 else pack_bits(codes, codec["bits"])
+
+
+def decode_logprobs(data: np.ndarray, offsets: np.ndarray, tail: np.ndarray, codec: dict) -> np.ndarray:
+    """Flat float32 log-probs; quantized rows are rescaled to the exact head mass 1 − exp(tail)."""
+    n = int(offsets[-1])
+    if codec["codec"] in ("float16", "float32"):
+        if np.asarray(data).size != n:
+            raise ValueError(f"{np.asarray(data).size} log-probs stored where the row widths say {n}")
+        return np.asarray(data).astype(np.float32)
+    levels = (1 << codec["bits"]) - 1
+    if codec["bits"] == 8 and np.asarray(data).size != n:
+        raise ValueError(f"{np.asarray(data).size} log-prob codes stored where the row widths say {n}")
+    codes = data if codec["bits"] == 8 else unpack_bits(data, codec["bits"], n)
+    x = codec["gamma"] * np.log(np.maximum(codes[:n].astype(np.float64), 0.5) / levels)
+    if not n:
+        return x.astype(np.float32)
+    rows = _row_index(offsets)
+    starts = offsets[:-1][np.diff(offsets) > 0]
+    norm = np.zeros(len(offsets) - 1)
+    norm[np.diff(offsets) > 0] = np.log(np.add.reduceat(np.exp(x), starts))
+    return (x - norm[rows] + log1mexp(tail.astype(np.float64))[rows]).astype(np.float32)
+
+
+def bins_kl(exact_lp, exact_tail, lp, tail, offsets) -> np.ndarray:
+    """Per row KL(exact ‖ decoded) over the (width + 1) bins (0·log 0 = 0)."""
+    rows = _row_index(offsets)
+    p = np.exp(exact_lp.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0, p * (exact_lp.astype(np.float64) - lp.astype(np.float64)), 0.0)
+        pt = np.exp(exact_tail.astype(np.float64))
+        tail_term = np.where(pt > 0, pt * (exact_tail.astype(np.float64) - tail.astype(np.float64)), 0.0)
+    return np.bincount(rows, terms, minlength=len(offsets) - 1) + tail_term
+
+
+# ---------------------------------------------------------------- drawn tail tokens
+
+def count_draws(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draws [P, N] (−1 where the row has no tail to draw from) → (widths [P], unique ids, counts), ids ascending
+    within each row."""
+    s = np.sort(np.asarray(draws, np.int64), axis=1)
+    if s.size == 0:
+        return np.zeros(len(s), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    new = np.ones_like(s, bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    starts = np.flatnonzero(new.ravel())
+    counts = np.diff(np.append(starts, s.size))
+    ids = s.ravel()[starts]
+    keep = ids >= 0
+    widths = (new & (s >= 0)).sum(1)
+    return widths.astype(np.int64), ids[keep], counts[keep]
+
+
+def drawn_logprobs(counts: np.ndarray, offsets: np.ndarray, tail: np.ndarray, n_draws: int) -> np.ndarray:
+    """log(P_R · count / N): each drawn token's unbiased probability estimate, flat float32."""
+    rows = _row_index(offsets)
+    with np.errstate(divide="ignore"):
+        return (tail.astype(np.float64)[rows] + np.log(counts / n_draws)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- ragged → padded
+
+def padded(flat: np.ndarray, offsets: np.ndarray, start: int, stop: int, pad) -> np.ndarray:
+    """Rows [start, stop) of a ragged array as [stop − start, max width], right-padded with `pad`."""
+    o = offsets[start:stop + 1]
+    widths = np.diff(o)
+    width = int(widths.max()) if widths.size else 0
+    cols = np.arange(width)
+    idx = o[:-1, None] + cols[None, :]
+    valid = cols[None, :] < widths[:, None]
+    out = np.full((len(widths), width), pad, dtype=np.result_type(flat.dtype, np.min_scalar_type(pad)))
+    out[valid] = flat[idx[valid]]
+    return out
