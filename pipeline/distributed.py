@@ -184,8 +184,11 @@ class Student:
     def __init__(self, head, model, *, world: int, fsdp: bool = False, bf16: bool = False,
                  gradient_checkpointing: bool = False):
         self.model, self.head, self.world, self.fsdp = model, head, world, fsdp
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:        # transformers 5 renamed it; older versions know only the second name
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             if not dist.is_initialized():

@@ -119,7 +119,12 @@ def shard_of(cfg: CacheTeacherConfig, group: distributed.TeacherGroup) -> tuple[
 
 def run(cfg: CacheTeacherConfig) -> dict:
     """Returns {status: hit|complete|partial, path, manifest?, samples, tokens, seconds, parts_written}."""
+    from transformers import AutoConfig
     group = distributed.teacher_group(cfg.tp)
+    models.check_exists(cfg.teacher)
+    teacher_cfg = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    if cfg.tp > 1:
+        distributed.check_tensor_parallel(teacher_cfg, cfg.tp, cfg.teacher)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         distributed.init()
     tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
@@ -127,9 +132,6 @@ def run(cfg: CacheTeacherConfig) -> dict:
     vocab = len(tok)
     if cfg.top_k < 1 or cfg.top_k > vocab:
         raise ValueError(f"--top-k {cfg.top_k} must lie between 1 and the vocabulary size {vocab}")
-    from transformers import AutoConfig
-    models.check_exists(cfg.teacher)
-    teacher_cfg = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     identity = {

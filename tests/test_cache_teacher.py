@@ -252,3 +252,96 @@ def test_torchrun_ranks_take_their_shards_and_merge_to_one_run(tiny, tmp_path):
                     "--out", str(tmp_path / "two")], cwd=ROOT, check=True, capture_output=True, timeout=300,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert storage.verify(tmp_path / "two")["parts"] == ref["parts"]
+
+
+# -- compact encodings, target log-probs and tail draws, against the teacher's full distribution
+
+def test_compact_encoding_keeps_exact_prefixes_tails_and_targets(tiny, tmp_path):
+    """--top-p rows are prefixes of the exact top-k with the exact tail of what was kept; the target log-prob is
+    the teacher's own, in the top-k or not; drawn tokens lie in the tail; the 8-bit decode error is recorded.
+    (This untrained teacher is near uniform, p ≈ 1/367 per token, hence a top-p of 2 %.)"""
+    run(tiny, tmp_path / "c", "llama", top_k=12, top_p=0.02, min_k=1, ids="bitpack", logprob_dtype="q8", tail_draws=16)
+    storage.verify(tmp_path / "c")
+    stats = storage.statistics(tmp_path / "c")
+    assert 1 <= stats["mean_width"] < 12 and 0 < stats["decode_kl_mean"] < 1e-3
+    cache = storage.open_cache(tmp_path / "c")
+    outside = 0
+    for i in (0, 5, len(cache) - 1):
+        s = cache[i]
+        logp = recompute(tiny, "llama", s, 1.0)
+        targets = torch.as_tensor(s["input_ids"][s["loss_mask"] == 1].astype(np.int64))
+        np.testing.assert_allclose(s["target_logprob"], logp.gather(1, targets[:, None])[:, 0].numpy(), atol=2e-3)
+        order = logp.argsort(-1, descending=True)
+        for r in range(len(targets)):
+            w = int((s["topk_ids"][r] >= 0).sum())
+            np.testing.assert_array_equal(s["topk_ids"][r, :w], order[r, :w].numpy())
+            mass = logp[r].exp()[order[r, :w]].sum()
+            assert float(mass) >= 0.02 or w == 12
+            np.testing.assert_allclose(np.exp(s["tail_logmass"][r]), 1 - float(mass), atol=1e-5)
+            np.testing.assert_allclose(np.exp(s["topk_logprobs"][r, :w]), logp[r].exp()[order[r, :w]].numpy(),
+                                       rtol=0.05, atol=1e-4)
+            drawn = s["drawn_ids"][r][s["drawn_ids"][r] >= 0]
+            assert len(drawn) and not set(drawn) & set(order[r, :w].tolist())
+            outside += int(targets[r] not in set(order[r, :w].tolist()))
+    assert outside > 0, "some targets lie outside the kept rows"
+
+
+def test_tokenized_data_is_one_shared_copy_with_a_content_fingerprint(tiny, tmp_path):
+    from pipeline.data import content_sha256, tokenized
+    tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    data = tmp_path / "d.jsonl"
+    data.write_text(open(tiny["train"]).read())
+    cfg = instruction({"train": str(data)})
+    one, again, two = tokenized(cfg, tok), tokenized(cfg, tok), tokenized(cfg, tok, num_proc=2)
+    assert one.cache_files == again.cache_files                  # reused, not recomputed
+    assert content_sha256(one) == content_sha256(two)            # workers split the map, not the content
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1] + [lines[-1].replace("the", "a")]) + "\n")
+    assert content_sha256(tokenized(cfg, tok)) != content_sha256(one)
+
+
+# -- a teacher across processes or devices equals the single-device cache
+
+def test_tensor_parallel_teacher_equals_the_single_process_cache(tiny, tmp_path):
+    """torchrun with 2 gloo ranks, --tp 2: one TP group (4 heads, 2 KV heads) writes the cache."""
+    from stages import prepare_demo
+    teacher = prepare_demo.save_model(tmp_path / "llama4", tiny["tokenizer"], "llama", 2, 32, 4)
+    paths = {**tiny, "llama4": teacher}
+    run(paths, tmp_path / "one", "llama4", part_size=16, logprob_dtype="float32")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+                    "-m", "pipeline.cli", "cache-teacher", "--teacher", teacher, "--data", tiny["train"],
+                    "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "16",
+                    "--logprob-dtype", "float32", "--tp", "2", "--out", str(tmp_path / "tp")], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_same_cache(tmp_path / "one", tmp_path / "tp")
+
+
+def test_device_map_teacher_equals_the_single_device_cache(tiny, tmp_path):
+    run(tiny, tmp_path / "one", "llama", logprob_dtype="float32")
+    run(tiny, tmp_path / "map", "llama", logprob_dtype="float32", device_map="auto", max_memory="cpu=2GiB")
+    assert_same_cache(tmp_path / "one", tmp_path / "map")
+
+
+def assert_same_cache(a, b):
+    a, b = storage.open_cache(a), storage.open_cache(b)
+    assert len(a) == len(b) and a.manifest["cache_key"] == b.manifest["cache_key"]
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i]["topk_ids"], b[i]["topk_ids"])
+        for key in ("topk_logprobs", "tail_logmass", "target_logprob"):
+            np.testing.assert_allclose(a[i][key], b[i][key], atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("arch,expect", [("gpt2", "has no tensor-parallel plan"),
+                                         ("llama", "--tp 2 does not divide the teacher's 1 key/value heads")])
+def test_unsupported_tensor_parallel_teachers_are_one_line_errors(tiny, tmp_path, monkeypatch, arch, expect):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = cli(tiny, tmp_path / "c", "--tp", "2", teacher=tiny[arch])
+    assert res.exit_code == 1 and expect in res.output and res.output.count("error:") == 1, res.output
+
+
+def test_tp_groups_split_the_shards():
+    from pipeline.distributed import TeacherGroup
+    cfg = ct.CacheTeacherConfig(teacher="t", data=None, out="o", shard=(1, 3))
+    assert ct.shard_of(cfg, TeacherGroup(2, 1, 4, 0, [2, 3])) == (5, 12)
+    assert ct.shard_of(ct.CacheTeacherConfig(teacher="t", data=None, out="o"), TeacherGroup(2, 3, 4, 1, [6, 7])) == (3, 4)

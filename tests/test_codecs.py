@@ -7,7 +7,7 @@ from hypothesis.extra import numpy as hnp
 from storage import codecs as C, part as P
 from synthetic import log_softmax
 
-SETTINGS = settings(max_examples=60, deadline=None)
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 
 
 def naive_unpack(data, bits, n):
@@ -114,7 +114,7 @@ def test_logprob_codecs_keep_rows_sorted_and_summing_to_one(rows, name):
     total = np.bincount(rows_of, np.exp(got.astype(np.float64)), minlength=len(offsets) - 1) + np.exp(tail)
     nonempty = np.diff(offsets) > 0
     np.testing.assert_allclose(total[nonempty], 1, atol={"float16": 5e-3}.get(name, 1e-5))
-    if name == "q8":
+    if name == "q8" and flat.size:
         assert C.bins_kl(flat, tail, got, tail, offsets).max() < 2e-3
 
 

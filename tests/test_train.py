@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline import losses, models, teachers
+from pipeline import batching, losses, models, teachers
 from pipeline.cli import main
 from pipeline.data import DataConfig
 from stages import cache_teacher as ct, prepare_demo, train as tr
@@ -192,3 +192,148 @@ def test_padded_embedding_rows_are_outside_the_softmax(world, tmp_path):
     after = load_file(tmp_path / "r/final/model.safetensors")["lm_head.weight"]
     assert after.shape[0] == len(tok) + 13
     assert torch.equal(before[len(tok):], after[len(tok):]) and not torch.equal(before[:len(tok)], after[:len(tok)])
+
+
+# -- FSDP2 over 2 gloo processes, gradient checkpointing
+
+def torchrun(args, out, port, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "pipeline.cli"] + args + ["--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+
+
+def weights(run):
+    return load_file(Path(run) / "final/model.safetensors")
+
+
+def test_fsdp_matches_one_process_and_resumes_bit_identically(world, tmp_path):
+    """FSDP2 with gradient checkpointing on 2 ranks ends where one process without either does; killed with SIGKILL
+    and resumed from its sharded checkpoint, it ends exactly where the uninterrupted FSDP run does; the final model
+    is a consolidated folder from_pretrained loads."""
+    args = ["train", "--student", world["llama"], "--cache", world["cache_train"], "--loss", "akl", "--max-steps", "24",
+            "--batch-size", "8", "--lr", "2e-3", "--log-every", "4"]
+    single = CliRunner().invoke(main, args + ["--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    sharded = args + ["--fsdp", "--gradient-checkpointing", "--save-every", "4"]
+    torchrun(sharded, tmp_path / "fsdp", 29561)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp/final")
+
+    proc = torchrun(sharded, tmp_path / "killed", 29562, popen=True)
+    latest = tmp_path / "killed/checkpoints/latest.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and not latest.exists():
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.exists() and not (tmp_path / "killed/final").exists(), "the kill did not land mid-run"
+    assert len(list((tmp_path / "killed/checkpoints").glob("step-*/tensors/*.safetensors"))) == 2, "a shard per rank"
+    torchrun(sharded + ["--resume"], tmp_path / "killed", 29563)
+    c = weights(tmp_path / "killed")
+    for k in b:
+        assert torch.equal(b[k], c[k]), k
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(world, tmp_path):
+    distill(world, tmp_path / "a", max_steps=3)
+    distill(world, tmp_path / "b", max_steps=3, gradient_checkpointing=True)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# -- packing
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_batches_give_the_padded_loss_and_gradient(world, arch):
+    """The same samples packed into rows with restarting position ids: same losses, same gradients; packed into one
+    row they carry no padding at all."""
+    teacher = teachers.CachedTeacher(world["cache_train"])
+    samples = [teacher.source[i] for i in range(7)]
+    total = sum(len(s["input_ids"]) for s in samples)
+    model = AutoModelForCausalLM.from_pretrained(world[arch])
+    tok = models.load_tokenizer(world[arch])
+    head = models.PositionLogits(model, len(tok))
+    out = {}
+    for pack in (None, 128, total):
+        b = batching.collate(samples, tok.pad_token_id, pack)
+        model.zero_grad()
+        parts = tr.batch_losses(tr.forward(head, b, False), b, teacher.rows(b), "akl")
+        (parts["kd"] + parts["ce"]).backward()
+        out[pack] = (parts, {n: p.grad.clone() for n, p in model.named_parameters()}, b["input_ids"].shape)
+    assert out[total][2] == (1, total) and out[128][2][0] > 1
+    pad, g_pad, _ = out[None]
+    for pack in (128, total):
+        for key in ("kd", "ce"):
+            torch.testing.assert_close(pad[key], out[pack][0][key], rtol=1e-5, atol=1e-5)
+        for n in g_pad:
+            torch.testing.assert_close(g_pad[n], out[pack][1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_packed_training_matches_padded_training(world, tmp_path):
+    distill(world, tmp_path / "pad", max_steps=3)
+    distill(world, tmp_path / "pack", max_steps=3, packing=True, pack_length=96)
+    a, b = weights(tmp_path / "pad"), weights(tmp_path / "pack")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+# -- the online teacher and the tail options
+
+def train_data(world):
+    return DataConfig(world["train"], prompt_field="prompt", response_field="response")
+
+
+def test_online_teacher_sees_the_cache_runs_batches(world, tmp_path):
+    """--teacher over the data with top-k + tail on the fly follows the cache run step for step: same batches, same
+    schedule, the same losses up to the cache's float16 log-probs."""
+    distill(world, tmp_path / "cache", loss="akl", max_steps=4, log_every=1)
+    distill(world, tmp_path / "online", loss="akl", max_steps=4, log_every=1, cache=None, teacher=world["teacher"],
+            data=train_data(world), online_topk=16, part_size=32)
+    a = [json.loads(l) for l in open(tmp_path / "cache/metrics.jsonl")]
+    b = [json.loads(l) for l in open(tmp_path / "online/metrics.jsonl")]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["tokens_per_s"] and abs(x["loss"] - y["loss"]) < 2e-3 * abs(x["loss"]), (x, y)
+
+
+def test_dense_online_reference_lowers_heldout_kl(world, tmp_path):
+    before = heldout_kl(world["llama"], world["cache_test"])
+    distill(world, tmp_path / "run", "fkl", cache=None, teacher=world["teacher"], data=train_data(world),
+            eval_data=DataConfig(world["test"], prompt_field="prompt", response_field="response"), eval_every=30)
+    assert heldout_kl(str(tmp_path / "run/final"), world["cache_test"]) < 0.8 * before
+    rows = [json.loads(l) for l in open(tmp_path / "run/metrics.jsonl")]
+    assert "eval_kd" in rows[-1]
+
+
+def test_renormalized_tail_trains_and_differs_from_the_bucket(world, tmp_path):
+    distill(world, tmp_path / "bucket", max_steps=3)
+    distill(world, tmp_path / "renorm", max_steps=3, tail="renormalize")
+    a, b = weights(tmp_path / "bucket"), weights(tmp_path / "renorm")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_a_cache_with_drawn_tail_tokens_trains_every_kind(world, tmp_path):
+    ct.run(ct.CacheTeacherConfig(teacher=world["teacher"], data=train_data(world), out=str(tmp_path / "c"), top_k=8,
+                                 top_p=0.9, ids="bitpack", logprob_dtype="q8", tail_draws=16, part_size=32,
+                                 progress=False))
+    for kind in ("fkl", "akl", "jsd"):
+        s = distill(world, tmp_path / kind, kind, cache=str(tmp_path / "c"), max_steps=2)
+        assert s["nonfinite"] == 0
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--fsdp"], "--fsdp runs under torchrun"),
+    (["--teacher", "t"], "give --cache (a cached teacher) or --teacher (run online), not both"),
+    (["--tail", "drop"], "Invalid value for '--tail'"),
+])
+def test_bad_scaling_options_are_one_line_errors(world, tmp_path, extra, expect):
+    res = CliRunner().invoke(main, ["train", "--student", world["llama"], "--cache", world["cache_train"], "--out",
+                                    str(tmp_path / "r")] + extra)
+    assert res.exit_code != 0 and expect in res.output, res.output
