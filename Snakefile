@@ -1,5 +1,9 @@
-# One teacher cache, many students: data → (teacher SFT) → cache-teacher (sharded) → one run per
-# student × loss × seed → evaluate → report.   snakemake --cores N [--configfile config/gpu_dolly.yaml]
+# One teacher cache, many students. The data flow:
+#   data → init → pretrain (LM on text) → teacher SFT / student fine-tune (the start checkpoint)
+#   → cache-teacher (sharded) → one run per student × loss × seed from the start checkpoint (off-policy)
+#   → on-policy rounds per student × loss × seed: generate → cache-teacher on the generations → train
+#   → evaluate (every run, every round) → report.
+# snakemake --cores N [--configfile config/gpu_dolly.yaml]
 from pathlib import Path
 
 import yaml
@@ -10,40 +14,93 @@ if not config:  # --configfile X replaces the default instead of merging into it
 W, R = config["work_dir"], config["results_dir"]
 LOSSES, SEEDS, STUDENTS = config["losses"], config["seeds"], config["students"]
 SHARDS = config["cache"]["shards"]
-GPUS = config.get("gpus_per_job", 0)
-RUNS = expand("{student}-{loss}-s{seed}", student=STUDENTS, loss=LOSSES + (["sft"] if config.get("sft") else []),
-              seed=SEEDS)
+GPUS = config.get("gpus_per_job", 0)      # GPUs per job (per node with nodes > 1); 0: CPU, one process
+NODES = config.get("nodes", 1)            # nodes per training job (torchrun under srun on SLURM)
+TP = config.get("tp", 1)                  # teacher tensor-parallel size; GPUS / TP groups per cache job
+TRAIN_FLAGS = " ".join(f for f, on in (("--fsdp", config.get("fsdp")), ("--packing", config.get("packing"))) if on)
+ONPOLICY = config.get("onpolicy") or {}   # {rounds, lambda, samples_per_prompt, prompts, sampling, losses}
+ROUNDS = ONPOLICY.get("rounds", 0)
+ONPOLICY_LOSSES = ONPOLICY.get("losses", [])
+OFF = expand("{student}-{loss}-s{seed}", student=STUDENTS, loss=LOSSES + (["sft"] if config.get("sft") else []),
+             seed=SEEDS)
+ON = expand("{student}-onpolicy-{loss}-s{seed}-r{r}", student=STUDENTS, loss=ONPOLICY_LOSSES, seed=SEEDS,
+            r=range(1, ROUNDS + 1))
+STARTS = [f"{s}-start" for s in STUDENTS] if ROUNDS else []
 DATA_FIELDS = "--prompt-field prompt --response-field response"
+GENERATED = "--response-ids-field response_token_ids --behavior-field behavior_logprobs"
+KL_TEACHER = "--teacher {}"               # evaluate: exact KL, also on the student's own generations
 
 wildcard_constraints:
-    split="train|test", shard=r"\d+", seed=r"\d+", loss="|".join(LOSSES), student="|".join(STUDENTS)
+    split="train|test", shard=r"\d+", seed=r"\d+", r=r"\d+", student="|".join(STUDENTS),
+    loss="|".join(LOSSES + ONPOLICY_LOSSES + ["sft"]),
 
 
-def opts(d):
+def opts(d, skip=()):
     """A config mapping → command-line options ({max_steps: 5} → --max-steps 5; lists repeat)."""
     out = []
     for k, v in (d or {}).items():
+        if k in skip:
+            continue
         flag = "--" + k.replace("_", "-")
         for x in (v if isinstance(v, list) else [v]):
             out.append(flag if x is True else f"{flag} {x}")
     return " ".join(out)
 
 
-LAUNCH = f"torchrun --nproc-per-node {GPUS} -m pipeline.cli" if GPUS >= 1 else "pipeline"
+def launch(gpus, nodes=1):
+    """The command that starts a stage: one process on CPU, torchrun on a node's GPUs, or torchrun on every node of
+    a SLURM allocation (one srun task per node, rendezvous at the first node)."""
+    if gpus < 1:
+        return "pipeline"
+    if nodes > 1:
+        return (f"srun --ntasks-per-node 1 torchrun --nnodes {nodes} --nproc-per-node {gpus} --rdzv-backend c10d "
+                "--rdzv-id $SLURM_JOB_ID --rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 "
+                "-m pipeline.cli")
+    return f"torchrun --nproc-per-node {gpus} -m pipeline.cli"
 
 
-def model_path(role):
-    """Where a model comes from: the SFT'd teacher, a freshly initialized config, or a path/hub name."""
-    c = config["teacher"] if role == "teacher" else STUDENTS[role]
-    if role == "teacher" and c.get("train"):
-        return f"{W}/teacher/final"
+LAUNCH = launch(GPUS, NODES)
+CACHE_LAUNCH = launch(GPUS) + (f" cache-teacher --tp {TP}" if TP > 1 else " cache-teacher")
+
+
+def role_config(role):
+    return config["teacher"] if role == "teacher" else STUDENTS[role]
+
+
+def base_path(role):
+    """A model's weights before task training: pretrained here, freshly initialized, or a path/hub name."""
+    c = role_config(role)
+    if c.get("pretrain"):
+        return f"{W}/pretrain/{role}/final"
     return f"{W}/init/{role}" if c.get("init") else c["model"]
 
 
-def label(run):
-    """Report row of a run: the loss, prefixed by the student when there are several."""
-    student, loss = run.rsplit("-s", 1)[0].split("-", 1)
-    return loss if len(STUDENTS) == 1 else f"{student}/{loss}"
+def model_path(role):
+    """The teacher after its SFT; a student's start checkpoint (after its brief fine-tune); or the base."""
+    c = role_config(role)
+    if role == "teacher" and c.get("train"):
+        return f"{W}/teacher/final"
+    if role != "teacher" and c.get("finetune"):
+        return f"{W}/start/{role}/final"
+    return base_path(role)
+
+
+def evaluated(name):
+    """Model folder, report label and round of an evaluation name (teacher, STUDENT-start, an off-policy run, or an
+    on-policy run's round)."""
+    if name == "teacher":
+        return model_path("teacher"), "teacher", None
+    if name.endswith("-start"):
+        student = name[:-len("-start")]
+        return model_path(student), (f"{student}/" if len(STUDENTS) > 1 else "") + "start", 0
+    prefix = ""
+    if "-onpolicy-" in name:
+        arm, r = name.rsplit("-r", 1)
+        student, rest = arm.split("-onpolicy-", 1)
+        prefix = "" if len(STUDENTS) == 1 else f"{student}/"
+        return f"{W}/onpolicy/{arm}/round-{r}/final", f"{prefix}onpolicy-{rest.rsplit('-s', 1)[0]}", int(r)
+    student, loss = name.rsplit("-s", 1)[0].split("-", 1)
+    return f"{W}/runs/{name}/final", loss if len(STUDENTS) == 1 else f"{student}/{loss}", None
 
 
 def local(path):
@@ -87,25 +144,59 @@ rule init_model:
     wildcard_constraints:
         role="|".join(["teacher", *STUDENTS]),
     params:
-        lambda wc: opts((config["teacher"] if wc.role == "teacher" else STUDENTS[wc.role])["init"]),
+        lambda wc: opts(role_config(wc.role)["init"]),
     shell:
         "pipeline init-model --tokenizer {W}/data/tokenizer --out {output} {params}"
+
+
+rule pretrain:
+    input:
+        data=f"{W}/data/train.jsonl",
+        base=lambda wc: local(f"{W}/init/{wc.role}") if role_config(wc.role).get("init") else [],
+    output:
+        directory(f"{W}/pretrain/{{role}}/final"),
+    wildcard_constraints:
+        role="|".join(["teacher", *STUDENTS]),
+    params:
+        base=lambda wc: f"{W}/init/{wc.role}" if role_config(wc.role).get("init") else role_config(wc.role)["model"],
+        train=lambda wc: opts(role_config(wc.role)["pretrain"]),
+    resources:
+        gpu=GPUS,
+    shell:
+        "{LAUNCH} train --loss ce --student {params.base} --data {W}/data/pretrain.jsonl --text-field text "
+        "--out {W}/pretrain/{wildcards.role} {params.train}"
 
 
 rule teacher_sft:
     input:
         data=f"{W}/data/train.jsonl",
-        base=local(f"{W}/init/teacher") if config["teacher"].get("init") else [],
+        base=local(base_path("teacher")),
     output:
         directory(f"{W}/teacher/final"),
     params:
-        base=f"{W}/init/teacher" if config["teacher"].get("init") else config["teacher"].get("model"),
+        base=base_path("teacher"),
         train=opts(config["teacher"].get("train") if isinstance(config["teacher"].get("train"), dict) else {}),
     resources:
         gpu=GPUS,
     shell:
         "{LAUNCH} train --loss ce --student {params.base} --data {input.data} {DATA_FIELDS} "
         "--out {W}/teacher {params.train}"
+
+
+rule student_finetune:
+    input:
+        data=f"{W}/data/train.jsonl",
+        base=lambda wc: local(base_path(wc.student)),
+    output:
+        directory(f"{W}/start/{{student}}/final"),
+    params:
+        base=lambda wc: base_path(wc.student),
+        train=lambda wc: opts(STUDENTS[wc.student]["finetune"]),
+    resources:
+        gpu=GPUS,
+    shell:
+        "{LAUNCH} train --loss ce --student {params.base} --data {input.data} {DATA_FIELDS} "
+        "--out {W}/start/{wildcards.student} {params.train}"
 
 
 rule cache_shard:
@@ -116,11 +207,11 @@ rule cache_shard:
         touch(f"{W}/flags/cache-{{split}}-{{shard}}.done"),
     params:
         teacher=model_path("teacher"),
-        cache=opts({k: v for k, v in config["cache"].items() if k != "shards"}),
+        cache=opts(config["cache"], skip=("shards",)),
     resources:
-        gpu=min(GPUS, 1),
+        gpu=GPUS,
     shell:
-        "pipeline cache-teacher --teacher {params.teacher} --data {input.data} {DATA_FIELDS} "
+        "{CACHE_LAUNCH} --teacher {params.teacher} --data {input.data} {DATA_FIELDS} "
         "--out {W}/cache/{wildcards.split} --shard {wildcards.shard}/{SHARDS} {params.cache}"
 
 
@@ -140,15 +231,18 @@ rule distill:
         student=lambda wc: local(model_path(wc.student)),
     output:
         directory(f"{W}/runs/{{student}}-{{loss}}-s{{seed}}/final"),
+    wildcard_constraints:
+        loss="|".join(LOSSES),
     params:
         student=lambda wc: model_path(wc.student),
         run=lambda wc, output: Path(output[0]).parent,
         train=opts(config["train"]),
     resources:
         gpu=GPUS,
+        nodes=NODES,
     shell:
         "{LAUNCH} train --student {params.student} --cache {W}/cache/train --loss {wildcards.loss} "
-        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {params.run} {params.train}"
+        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {params.run} {TRAIN_FLAGS} {params.train}"
 
 
 rule sft:
@@ -164,33 +258,114 @@ rule sft:
         train=opts(config["train"]),
     resources:
         gpu=GPUS,
+        nodes=NODES,
     shell:
         "{LAUNCH} train --loss ce --student {params.student} --data {input.data} {DATA_FIELDS} "
-        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {params.run} {params.train}"
+        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {params.run} {TRAIN_FLAGS} {params.train}"
+
+
+# ---- on-policy rounds: round r samples with the student of round r − 1 (round 1: the start checkpoint), the
+# teacher caches those samples once, and training continues from round r − 1's weights on that cache (mixed with
+# the fixed data's cache when lambda < 1). Total updates equal the off-policy arms': max_steps / rounds per round.
+
+def round_train_options():
+    """The off-policy arms' training options with their updates split evenly across the rounds."""
+    if "max_steps" not in config["train"]:
+        raise ValueError("on-policy rounds split train.max_steps across rounds: set train: {max_steps: N}")
+    return opts({**config["train"], "max_steps": config["train"]["max_steps"] // ROUNDS})
+
+
+def previous(wc):
+    r = int(wc.r)
+    return model_path(wc.student) if r == 1 else f"{W}/onpolicy/{wc.student}-onpolicy-{wc.loss}-s{wc.seed}/round-{r - 1}/final"
+
+
+ARM = f"{W}/onpolicy/{{student}}-onpolicy-{{loss}}-s{{seed}}"      # inputs/outputs; shell commands use params.arm
+
+
+def arm(wc):
+    return f"{W}/onpolicy/{wc.student}-onpolicy-{wc.loss}-s{wc.seed}"
+
+
+rule generate_round:
+    input:
+        data=f"{W}/data/train.jsonl",
+        student=lambda wc: local(previous(wc)),
+    output:
+        f"{ARM}/gen-{{r}}.jsonl",
+    params:
+        student=previous,
+        sampling=opts(ONPOLICY.get("sampling")),
+        more=opts({"samples_per_prompt": ONPOLICY.get("samples_per_prompt", 1), "limit": ONPOLICY.get("prompts")}),
+    shell:
+        "pipeline generate --model {params.student} --data {input.data} --prompt-field prompt --out {output} "
+        "--round {wildcards.r} --seed {wildcards.seed}{wildcards.r} {params.sampling} {params.more}"
+
+
+rule cache_round:
+    input:
+        data=f"{ARM}/gen-{{r}}.jsonl",
+        teacher=local(model_path("teacher")),
+    output:
+        touch(f"{ARM}/cache-{{r}}.verified"),
+    params:
+        teacher=model_path("teacher"),
+        cache=opts(config["cache"], skip=("shards",)),
+        arm=arm,
+    resources:
+        gpu=GPUS,
+    shell:
+        "{CACHE_LAUNCH} --teacher {params.teacher} --data {input.data} {DATA_FIELDS} {GENERATED} "
+        "--out {params.arm}/cache-{wildcards.r} {params.cache} && pipeline verify {params.arm}/cache-{wildcards.r}"
+
+
+rule train_round:
+    input:
+        generated=f"{ARM}/cache-{{r}}.verified",
+        fixed=f"{W}/flags/cache-train.verified",
+        eval_cache=f"{W}/flags/cache-test.verified",
+        student=lambda wc: local(previous(wc)),
+    output:
+        directory(f"{ARM}/round-{{r}}/final"),
+    params:
+        student=previous,
+        caches=lambda wc: (f"--cache {W}/cache/train --cache {arm(wc)}/cache-{wc.r} --mix {ONPOLICY['lambda']}"
+                           if ONPOLICY.get("lambda", 1.0) < 1 else f"--cache {arm(wc)}/cache-{wc.r}"),
+        arm=arm,
+        train=lambda wc: round_train_options(),
+    resources:
+        gpu=GPUS,
+        nodes=NODES,
+    shell:
+        "{LAUNCH} train --student {params.student} {params.caches} --loss {wildcards.loss} --seed {wildcards.seed} "
+        "--eval-cache {W}/cache/test --out {params.arm}/round-{wildcards.r} {TRAIN_FLAGS} {params.train}"
 
 
 rule evaluate:
     input:
-        model=lambda wc: local(model_path("teacher")) if wc.name == "teacher" else f"{W}/runs/{wc.name}/final",
+        model=lambda wc: local(evaluated(wc.name)[0]),
         cache=f"{W}/flags/cache-test.verified",
         data=f"{W}/data/test.jsonl",
+        teacher=local(model_path("teacher")) if ROUNDS else [],
     output:
         f"{W}/eval/{{name}}.json",
     params:
-        model=lambda wc: model_path("teacher") if wc.name == "teacher" else f"{W}/runs/{wc.name}/final",
-        label=lambda wc: "teacher" if wc.name == "teacher" else label(wc.name),
-        run=lambda wc: f"{W}/teacher" if wc.name == "teacher" else f"{W}/runs/{wc.name}",
+        model=lambda wc: evaluated(wc.name)[0],
+        label=lambda wc: evaluated(wc.name)[1],
+        round=lambda wc: "" if evaluated(wc.name)[2] is None else f"--round {evaluated(wc.name)[2]}",
+        run=lambda wc: Path(evaluated(wc.name)[0]).parent,
+        teacher=KL_TEACHER.format(model_path("teacher")) if ROUNDS else "",
         eval=opts(config.get("evaluate")),
     resources:
         gpu=min(GPUS, 1),
     shell:
         "pipeline evaluate --model {params.model} --data {input.data} {DATA_FIELDS} --teacher-cache {W}/cache/test "
-        "--label {params.label} --run {params.run} --out {output} {params.eval}"
+        "{params.teacher} --label {params.label} {params.round} --run {params.run} --out {output} {params.eval}"
 
 
 rule report:
     input:
-        expand(f"{W}/eval/{{name}}.json", name=["teacher"] + RUNS),
+        expand(f"{W}/eval/{{name}}.json", name=["teacher"] + STARTS + OFF + ON),
     output:
         f"{R}/report.md",
     shell:

@@ -1,10 +1,16 @@
-"""Bytes on disk per distilled position for each backend at k = 16, 64, 128, and streaming read throughput.
+"""Bytes on disk per distilled position for each encoding and backend, and decoded streaming throughput.
 
 Teacher rows are synthetic but shaped like an LM's: logits = Zipf prior over token ids (frequent tokens have
-low ids, as in BPE vocabularies) + Gumbel noise + a boosted 'right' token, at V = 32000. Real caches compress
-differently; `pipeline inspect` reports the figure for yours. Writes JSON to bench/out/storage.json.
+low ids, as in BPE vocabularies) + Gumbel noise + a boosted 'right' token, at V = 32000 and V = 151936 (Qwen's).
+Real caches compress differently: bench/fidelity.py measures encodings on real teachers, and `pipeline inspect`
+gives the figure for any cache. Streaming throughput is decoded positions/s through Cache.stream() (decode and
+per-sample views), measured in a child process pinned to one core (taskset) when it can be.
+Writes JSON to bench/out/storage.json.
 """
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -14,39 +20,67 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import storage  # noqa: E402
+from storage.codecs import top_p_widths  # noqa: E402
 
-ANCHORS = {"DistillKit k=128 (REFERENCE.md)": 300, "Megatron-LM K=128 before zstd": 640,
+ANCHORS = {"DistillKit k=128, V=151936 (REFERENCE.md)": 344, "DistillKit k=50, V=151936": 127,
+           "Random-Sampling KD (about 12 unique of 50 draws)": 36, "Megatron-LM K=128 before zstd": 640,
            "axolotl k=64 uncompressed": 1500}
 
+# name, k, encoding
+ENCODINGS = [
+    ("k16 fp16 plain", 16, {}),
+    ("k64 fp16 plain", 64, {}),
+    ("k128 fp16 plain", 128, {}),
+    ("k64 fp16 bitpack", 64, {"ids": "bitpack"}),
+    ("k64 q8 plain", 64, {"logprob_dtype": "q8"}),
+    ("k64 q8 bitpack", 64, {"ids": "bitpack", "logprob_dtype": "q8"}),
+    ("k64 q4 bitpack", 64, {"ids": "bitpack", "logprob_dtype": "q4"}),
+    ("top-p .95 q8 bitpack", 64, {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.95}),
+    ("top-p .90 q8 bitpack + 16 draws", 64, {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.90, "draws": 16}),
+    ("RS-KD 32 draws", 64, {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.0, "min_k": 0, "draws": 32}),
+]
 
-def lm_like_rows(rng, n, vocab, k, chunk=500):
+
+def lm_like_rows(rng, n, vocab, k, top_p=None, min_k=1, draws=0, chunk=256):
+    """ids [n, k], log-probs [1, n, k], exact tails [1, n], target log-probs [1, n], draws [1, n, draws]."""
     prior = -1.1 * np.log(np.arange(1, vocab + 1, dtype=np.float32))
-    ids_out, lp_out, tail_out = [], [], []
+    out = {"topk_ids": [], "topk_logprobs": [], "tail_logmass": [], "target_logprob": [], "draws": []}
     for a in range(0, n, chunk):
         m = min(chunk, n - a)
         z = prior + rng.gumbel(size=(m, vocab)).astype(np.float32) * 1.5
-        z[np.arange(m), rng.integers(0, 2000, m)] += rng.uniform(2, 12, m).astype(np.float32)
+        right = rng.integers(0, 2000, m)
+        z[np.arange(m), right] += rng.uniform(2, 12, m).astype(np.float32)
         z -= z.max(1, keepdims=True)
         logz = np.log(np.exp(z).sum(1, keepdims=True))
+        lp_full = z - logz
         ids = np.argpartition(-z, k, axis=1)[:, :k]
-        top = np.take_along_axis(z, ids, 1)
+        top = np.take_along_axis(lp_full, ids, 1)
         order = np.argsort(-top, axis=1)
         ids, top = np.take_along_axis(ids, order, 1), np.take_along_axis(top, order, 1)
-        lp = top - logz
-        tail = np.log1p(-np.minimum(np.exp(lp).sum(1), 1 - 1e-7))
-        ids_out.append(ids)
-        lp_out.append(lp)
-        tail_out.append(tail.astype(np.float32))
-    return np.concatenate(ids_out), np.concatenate(lp_out), np.concatenate(tail_out)
+        rest = lp_full.copy()
+        np.put_along_axis(rest, ids, -np.inf, 1)
+        out["topk_ids"].append(ids)
+        out["topk_logprobs"].append(top)
+        out["tail_logmass"].append(np.log(np.exp(rest).sum(1)).astype(np.float32))
+        out["target_logprob"].append(lp_full[np.arange(m), right].astype(np.float32))
+        if draws:
+            widths = top_p_widths(top, top_p, min_k)
+            p = np.exp(lp_full)
+            kept = np.arange(k)[None, :] < widths[:, None]
+            np.put_along_axis(p, np.where(kept, ids, ids[:, :1]), 0.0, 1)
+            np.put_along_axis(p, ids[:, :1], np.where(kept[:, :1], 0.0, np.exp(top[:, :1])), 1)
+            cdf = np.cumsum(p, 1)
+            u = rng.random((m, draws)) * cdf[:, -1:]
+            out["draws"].append(np.stack([np.searchsorted(cdf[r], u[r]) for r in range(m)]))
+    return {key: np.concatenate(v)[None] if key != "topk_ids" else np.concatenate(v) for key, v in out.items() if v}
 
 
-def build(path, backend, rows, k, vocab, seq=512, distilled=0.5):
-    ids, lp, tail = rows
+def build(path, backend, rows, k, vocab, encoding, seq=512, distilled=0.5):
     rng = np.random.default_rng(1)
     per_sample = int(seq * distilled)
-    n_samples = len(ids) // per_sample
+    n_samples = len(rows["topk_ids"]) // per_sample
     plan = storage.make_plan(backend=backend, k=k, temperatures=[1.0], vocab_size=vocab, num_rows=n_samples,
-                             part_size=256, identity={"bench": True})
+                             part_size=256, identity={"bench": True}, **encoding)
     w = storage.CacheWriter(path, plan)
     for p in w.missing_parts():
         samples = []
@@ -54,40 +88,64 @@ def build(path, backend, rows, k, vocab, seq=512, distilled=0.5):
             mask = np.zeros(seq, np.uint8)
             mask[seq - per_sample:] = 1
             sl = slice(i * per_sample, (i + 1) * per_sample)
-            samples.append({"sample_index": i, "input_ids": rng.integers(0, vocab, seq), "loss_mask": mask,
-                            "topk_ids": ids[sl], "topk_logprobs": lp[None, sl], "tail_logmass": tail[None, sl]})
+            s = {"sample_index": i, "input_ids": rng.integers(0, vocab, seq), "loss_mask": mask,
+                 "topk_ids": rows["topk_ids"][sl], "topk_logprobs": rows["topk_logprobs"][:, sl],
+                 "tail_logmass": rows["tail_logmass"][:, sl], "target_logprob": rows["target_logprob"][:, sl]}
+            if "draws" in rows:
+                s["draws"] = rows["draws"][:, sl]
+            samples.append(s)
         w.write_part(p, samples)
     return w.finalize()
 
 
-def read_throughput(path, repeats=3):
-    times = []
-    for _ in range(repeats):
-        cache = storage.open_cache(path, max_parts_in_memory=1)
-        t = time.perf_counter()
-        n = sum(len(s["topk_ids"]) for s in cache.stream())
-        times.append(time.perf_counter() - t)
-    return n / float(np.median(times))
+READ = """
+import sys, time, json
+sys.path.insert(0, {root!r})
+import numpy as np, storage
+times = []
+for _ in range(3):
+    cache = storage.open_cache({path!r}, max_parts_in_memory=1)
+    t = time.perf_counter()
+    n = sum(len(s["tail_logmass"]) for s in cache.stream(readahead=0))
+    times.append(time.perf_counter() - t)
+print(json.dumps({{"positions_per_s": n / float(np.median(times))}}))
+"""
 
 
-def main(positions=32768, vocab=32000):
-    rng = np.random.default_rng(0)
-    results = {"vocab": vocab, "positions": positions, "rows": [], "anchors_bytes_per_position": ANCHORS}
-    for k in (16, 64, 128):
-        rows = lm_like_rows(rng, positions, vocab, k)
-        raw = k * (2 + 2) + 4
-        for backend in ("zarr", "arrow"):
-            with tempfile.TemporaryDirectory() as d:
-                m = build(Path(d) / "c", backend, rows, k, vocab)
-                stats = storage.statistics(Path(d) / "c")
-                n = m["counts"]["distilled_positions"]
-                token_bytes = m["counts"]["tokens"] * 3 / n
-                row = {"k": k, "backend": backend, "bytes_per_position": stats["bytes_per_distilled_position"],
-                       "raw_bytes_per_position": raw, "raw_with_tokens": raw + token_bytes,
-                       "read_positions_per_s": read_throughput(Path(d) / "c"), "mean_tail_mass": stats["mean_tail_mass"]}
-            results["rows"].append(row)
-            print(f"k={k:4d} {backend:6s} {row['bytes_per_position']:7.1f} B/pos (raw {raw} B + tokens "
-                  f"{token_bytes:.1f} B)  read {row['read_positions_per_s'] / 1e6:.2f} M pos/s  tail {row['mean_tail_mass']:.3f}")
+def read_throughput(path) -> float:
+    """Decoded positions/s on one core: decode in the reading thread (no read-ahead), pinned when taskset exists."""
+    cmd = [sys.executable, "-c", READ.format(root=str(Path(__file__).parents[1]), path=str(path))]
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", "0"] + cmd
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BLOSC_NTHREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["positions_per_s"]
+
+
+def main(positions=16384, vocabs=(32000, 151936)):
+    results = {"positions": positions, "rows": [], "anchors_bytes_per_position": ANCHORS,
+               "pinned_to_one_core": bool(shutil.which("taskset"))}
+    for vocab in vocabs:
+        rng = np.random.default_rng(0)
+        base = {k: lm_like_rows(rng, positions, vocab, k) for k in (16, 64, 128)}
+        for name, k, enc in ENCODINGS:
+            rows = base[k] if not enc.get("draws") else \
+                lm_like_rows(np.random.default_rng(0), positions, vocab, k, enc.get("top_p"), enc.get("min_k", 1),
+                             enc["draws"])
+            for backend in ("zarr", "arrow"):
+                with tempfile.TemporaryDirectory() as d:
+                    m = build(Path(d) / "c", backend, rows, k, vocab, enc)
+                    stats = storage.statistics(Path(d) / "c")
+                    row = {"vocab": vocab, "encoding": name, "k": k, "backend": backend,
+                           "bytes_per_position": stats["bytes_per_distilled_position"],
+                           "mean_width": stats["mean_width"], "mean_drawn": stats.get("mean_drawn_width", 0.0),
+                           "decode_kl_mean": stats.get("decode_kl_mean"),
+                           "read_positions_per_s": read_throughput(Path(d) / "c"),
+                           "mean_tail_mass": stats["mean_tail_mass"]}
+                results["rows"].append(row)
+                print(f"V={vocab:6d} {name:32s} {backend:5s} {row['bytes_per_position']:7.1f} B/pos  width "
+                      f"{row['mean_width']:5.1f}  read {row['read_positions_per_s'] / 1e6:5.2f} M pos/s/core",
+                      flush=True)
     return results
 
 

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import storage  # noqa: E402
 from pipeline import batching, losses, models  # noqa: E402
 from stages import cache_teacher as ct  # noqa: E402
-from stages.train import step_losses  # noqa: E402
+from pipeline import teacher_rows as trows  # noqa: E402
+from pipeline.losses import batch_losses  # noqa: E402
+from stages.train import forward  # noqa: E402
 
 V = 32000
 
@@ -68,7 +70,8 @@ def median_time(fn, repeats):
 
 
 class Cfg:
-    top_k, temperatures = 64, (1.0,)
+    """cache-teacher's options for these batches: top-64 float16 rows, no top-p, no draws."""
+    top_k, temperatures, top_p, min_k, tail_draws, seed = 64, (1.0,), None, 1, 0, 0
 
 
 def cache_teacher_ratio(teacher, batches, repeats):
@@ -98,8 +101,8 @@ def teacher_rows(teacher, samples):
     head = models.PositionLogits(teacher, V)
     with torch.inference_mode():
         c = batching.collate(samples, 0)
-        i, lp, tail, _ = ct.teacher_topk(head(c["input_ids"], c["attention_mask"], c["rows"], c["cols"]).float(),
-                                         64, (1.0,))
+        r = trows.topk_rows(head(c["input_ids"], c["attention_mask"], c["rows"], c["cols"]).float(), 64, (1.0,))
+        i, lp, tail = r["ids"], r["logprobs"], r["tail"]
     out, start = [], 0
     for s in samples:
         n = int(s["loss_mask"].sum())
@@ -125,8 +128,9 @@ def train_ratios(student, teacher, batches, repeats):
                 opt.zero_grad(set_to_none=True)
         return run
 
-    sft = lambda b: step_losses(head, b, torch.device("cpu"), False, "ce")["ce"] / len(b["rows"])
-    kd = lambda b: step_losses(head, b, torch.device("cpu"), False, "akl")["kd"] / len(b["rows"])
+    rows = lambda b: {k: b[k] for k in ("topk_ids", "topk_logprobs", "tail_logmass") if k in b}
+    sft = lambda b: batch_losses(forward(head, b, False), b, {}, "ce")["ce"] / len(b["rows"])
+    kd = lambda b: batch_losses(forward(head, b, False), b, rows(b), "akl")["kd"] / len(b["rows"])
 
     def online(b):
         with torch.no_grad():

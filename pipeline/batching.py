@@ -8,7 +8,8 @@ import torch
 
 import storage
 
-TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "drawn_ids", "drawn_logprobs")
+TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "drawn_ids", "drawn_logprobs",
+                "behavior_logprob")
 DEFAULT_PART_SIZE = 256          # cache-teacher's default: a dataset split like it gets the same epoch plans
 
 
@@ -49,6 +50,64 @@ class TokenizedSource:
                 "loss_mask": np.asarray(row["loss_mask"], np.uint8)}
 
 
+class MixtureSource:
+    """Several sources as one index space; its epoch plan draws each micro-batch from one source, chosen with
+    probabilities `shares` (GKD's λ is the share of student-generated data), deterministically per (seed, epoch).
+    A source that runs out within an epoch continues with its next own shuffle."""
+
+    def __init__(self, sources: list, shares: list[float]):
+        if len(sources) != len(shares) or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+            raise ValueError(f"--mix shares {shares} must be one non-negative share per cache, summing to 1")
+        self.sources, self.shares = sources, np.asarray(shares, np.float64)
+        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in sources])]).astype(np.int64)
+        self.lengths = np.concatenate([np.asarray(s.lengths) for s in sources])
+        self.part_sizes = [p for s in sources for p in s.part_sizes]
+        self.has_teacher = all(s.has_teacher for s in sources)
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        k = int(np.searchsorted(self.starts, int(i), side="right") - 1)
+        return self.sources[k][int(i) - int(self.starts[k])]
+
+    def plan(self, seed, epoch, batch_size, batch_tokens, window, world_size, packed=False) -> list[list[int]]:
+        streams = [_cycling(src, seed, epoch, batch_size, batch_tokens, window, world_size, packed)
+                   for src in self.sources]
+        n = sum(len(epoch_plan(src, seed, epoch, batch_size, batch_tokens, window, world_size, packed))
+                for src in self.sources)
+        choice = np.random.default_rng([seed, epoch, 0x6d6978]).choice(len(self.sources), size=n, p=self.shares)
+        return [[int(self.starts[k]) + i for i in next(streams[k])] for k in choice.tolist()]
+
+
+def _cycling(source, seed, epoch, *args):
+    """Micro-batches of a source's epoch `epoch`, then of further shuffles of it (seeds apart from every epoch's)."""
+    yield from epoch_plan(source, seed, epoch, *args)
+    m = 1
+    while True:
+        batches = epoch_plan(source, seed, 10 ** 6 + 1000 * epoch + m, *args)
+        if not batches:
+            raise ValueError("a mixed cache holds no micro-batch")
+        yield from batches
+        m += 1
+
+
+class SampleList:
+    """Samples held in memory (a handful: evaluation of generated responses)."""
+
+    def __init__(self, samples: list[dict]):
+        self.samples = samples
+        self.lengths = np.array([len(s["input_ids"]) for s in samples], np.int64)
+        self.part_sizes = [len(samples)]
+        self.has_teacher = False
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[int(i)]
+
+
 def micro_batches(order: np.ndarray, lengths, batch_size: int, batch_tokens: int | None,
                   packed: bool = False) -> list[list[int]]:
     """Consecutive samples of the epoch order, grouped by count or by a token budget (global, all ranks): the
@@ -73,6 +132,8 @@ def epoch_plan(source, seed: int, epoch: int, batch_size: int, batch_tokens: int
                world_size: int, packed: bool = False) -> list[list[int]]:
     """Global micro-batches for one epoch: a fresh block shuffle per (seed, epoch); batches too small to give
     every rank a sample are dropped."""
+    if isinstance(source, MixtureSource):
+        return source.plan(seed, epoch, batch_size, batch_tokens, window, world_size, packed)
     order = storage.block_shuffle(source.part_sizes, seed, epoch, window)
     return [b for b in micro_batches(order, source.lengths, batch_size, batch_tokens, packed) if len(b) >= world_size]
 

@@ -32,14 +32,18 @@ def data_options(fn, required=True):
         click.option("--prompt-field"), click.option("--response-field"), click.option("--text-field"),
         click.option("--max-length", default=1024, show_default=True, type=int),
         click.option("--limit", type=int, help="use only the first N samples"),
+        click.option("--response-ids-field", help="generated rows: the response's token ids, used as they are"),
+        click.option("--behavior-field", help="generated rows: the sampler's log-prob of each response token"),
     ]):
         fn = opt(fn)
     return fn
 
 
-def data_config(source, split, prompt_field, response_field, text_field, max_length, limit):
+def data_config(source, split, prompt_field, response_field, text_field, max_length, limit, response_ids_field=None,
+                behavior_field=None):
     from pipeline.data import DataConfig
-    return DataConfig(source, split, prompt_field, response_field, text_field, max_length, limit)
+    return DataConfig(source, split, prompt_field, response_field, text_field, max_length, limit, response_ids_field,
+                      behavior_field)
 
 
 def parse_shard(value):
@@ -90,14 +94,16 @@ def main():
 @click.option("--strict", is_flag=True, help="abort on non-finite teacher logits instead of skipping the sample")
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
-def cache_teacher(teacher, source, split, prompt_field, response_field, text_field, max_length, limit, top_k, top_p,
+def cache_teacher(teacher, source, split, prompt_field, response_field, text_field, max_length, limit,
+                  response_ids_field, behavior_field, top_k, top_p,
                   min_k, id_codec, logprob_dtype, tail_draws, seed, temperatures, fmt, out, cache_root, batch_size,
                   batch_tokens, dtype, device, tp, device_map, max_memory, shard, part_size, num_proc, overwrite, strict,
                   trust_remote_code):
     """Run a teacher over a dataset and store its top-k log-probs, exact tail mass and target log-probs."""
     from stages import cache_teacher as stage
     cfg = stage.CacheTeacherConfig(
-        teacher=teacher, data=data_config(source, split, prompt_field, response_field, text_field, max_length, limit),
+        teacher=teacher, data=data_config(source, split, prompt_field, response_field, text_field, max_length, limit,
+                                          response_ids_field, behavior_field),
         out=out, cache_root=cache_root, top_k=top_k, top_p=top_p, min_k=min_k, ids=id_codec,
         logprob_dtype=logprob_dtype, tail_draws=tail_draws, seed=seed, temperatures=tuple(temperatures) or (1.0,),
         format=fmt, batch_size=batch_size, batch_tokens=batch_tokens, dtype=dtype, device=device, tp=tp,
@@ -120,8 +126,11 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @main.command()
 @click.option("--student", required=True, help="Hugging Face model (path or hub name), or a config with --init-from-config")
 @click.option("--out", required=True, help="run folder")
-@click.option("--loss", default="fkl", show_default=True, help="ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl")
-@click.option("--cache", help="teacher cache to distill from")
+@click.option("--loss", default="fkl", show_default=True,
+              help="ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl, or pg (reverse-KL policy gradient on generated tokens)")
+@click.option("--cache", multiple=True, help="teacher cache to distill from; repeat to mix several (with --mix)")
+@click.option("--mix", multiple=True, type=float,
+              help="share of each --cache per micro-batch; with two caches one value: the second's share λ (GKD)")
 @click.option("--teacher", help="run this teacher online over --data instead of a cache (the fidelity reference)")
 @click.option("--online-topk", type=int, help="with --teacher: top-k + exact tail computed on the fly (default: dense)")
 @click.option("--teacher-device-map", help="with --teacher: spread it over devices (auto), e.g. beside the student")
@@ -170,10 +179,11 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
 def train(student, out, loss, cache, source, split, prompt_field, response_field, text_field, max_length, limit,
-          eval_data, eval_split, **kw):
+          response_ids_field, behavior_field, eval_data, eval_split, **kw):
     """Distill a student from a teacher cache (or the teacher online), or fine-tune it on a dataset (--loss ce)."""
     from stages import train as stage
-    data = data_config(source, split, prompt_field, response_field, text_field, max_length, limit) if source else None
+    data = data_config(source, split, prompt_field, response_field, text_field, max_length, limit, response_ids_field,
+                       behavior_field) if source else None
     eval_cfg = data_config(eval_data, eval_split, prompt_field, response_field, text_field, max_length, None) \
         if eval_data else None
     summary = stage.run(stage.TrainConfig(student=student, out=out, loss=loss, cache=cache, data=data,
@@ -194,19 +204,58 @@ def train(student, out, loss, cache, source, split, prompt_field, response_field
 @click.option("--no-generate", is_flag=True, help="skip generation (NLL and KL only)")
 @click.option("--label", help="row name in the report (default: the run folder's name)")
 @click.option("--run", "run_dir", help="training run folder, for learning curves in the report")
+@click.option("--round", "round_", type=int, help="on-policy round of this model, for the per-round plot")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @one_line_errors
-def evaluate(model, source, split, prompt_field, response_field, text_field, max_length, limit, out, teacher_cache,
-             teacher, answer_field, max_new_tokens, batch_size, no_generate, label, run_dir, device, dtype):
+def evaluate(model, source, split, prompt_field, response_field, text_field, max_length, limit, response_ids_field,
+             behavior_field, out, teacher_cache, teacher, answer_field, max_new_tokens, batch_size, no_generate, label,
+             run_dir, round_, device, dtype):
     """Held-out NLL/perplexity, ROUGE-L and exact match of greedy generations, KL to the teacher."""
     from stages import evaluate as stage
     cfg = stage.EvalConfig(model=model, data=data_config(source, split, prompt_field, response_field, text_field,
-                                                         max_length, limit), out=out, teacher_cache=teacher_cache,
+                                                         max_length, limit, response_ids_field, behavior_field), out=out, teacher_cache=teacher_cache,
                            teacher=teacher, answer_field=answer_field, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           generate=not no_generate, label=label, run=run_dir, device=device, dtype=dtype)
+                           generate=not no_generate, label=label, run=run_dir, round=round_, device=device, dtype=dtype)
     metrics = stage.run(cfg)
     click.echo(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+@main.command()
+@click.option("--model", required=True, help="the student that samples (a folder, e.g. RUN/final)")
+@click.option("--data", "source", required=True, help="prompts: any dataset --data accepts")
+@click.option("--prompt-field", required=True)
+@click.option("--split", default="train", show_default=True)
+@click.option("--limit", type=int)
+@click.option("--out", required=True, help="JSONL of rows: the prompt row + response, token ids, log-probs")
+@click.option("--samples-per-prompt", default=1, show_default=True, type=int)
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="0: greedy")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int)
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--max-prompt-length", default=1024, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--round", "round_", default=0, show_default=True, type=int, help="recorded in every row")
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--teacher", help="with --alpha: sample each token from α·p_T + (1−α)·q_S (MiniLLM)")
+@click.option("--alpha", default=0.0, show_default=True, type=float)
+@click.option("--response-field", default="response", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--trust-remote-code", is_flag=True)
+@one_line_errors
+def generate(model, source, prompt_field, split, limit, out, samples_per_prompt, temperature, top_p, top_k,
+             max_new_tokens, max_prompt_length, seed, round_, batch_size, teacher, alpha, response_field, device, dtype,
+             trust_remote_code):
+    """The student samples responses to prompts (on-policy data for cache-teacher)."""
+    from stages import generate as stage
+    r = stage.run(stage.GenerateConfig(
+        model=model, source=source, prompt_field=prompt_field, out=out, split=split, limit=limit,
+        max_prompt_length=max_prompt_length, samples_per_prompt=samples_per_prompt, temperature=temperature,
+        top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, round=round_, batch_size=batch_size,
+        teacher=teacher, alpha=alpha, response_field=response_field, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code))
+    click.echo(f"wrote {r['samples']} samples, {r['tokens']} tokens ({r['tokens_per_s']:.0f} tok/s) to {r['path']}")
 
 
 @main.command()
@@ -226,11 +275,16 @@ def report(evals, out, title):
 @click.option("--test-size", default=200, show_default=True, type=int)
 @click.option("--vocab-size", default=600, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--pretrain-size", default=0, show_default=True, type=int,
+              help="also write pretrain.jsonl: this many chunks of the Python standard library's sources")
+@click.option("--pretrain-chars", default=600, show_default=True, type=int)
 @one_line_errors
-def prepare_demo(out, train_size, test_size, vocab_size, seed):
-    """Generate the embedded default: instruction tasks with checkable answers and a trained tokenizer."""
+def prepare_demo(out, train_size, test_size, vocab_size, seed, pretrain_size, pretrain_chars):
+    """Generate the embedded default: instruction tasks with checkable answers, optional pretraining text (the
+    standard library's sources) and a tokenizer trained on both."""
     from stages import prepare_demo as stage
-    click.echo(json.dumps(stage.run(stage.DemoDataConfig(out, train_size, test_size, vocab_size, seed))))
+    click.echo(json.dumps(stage.run(stage.DemoDataConfig(out, train_size, test_size, vocab_size, seed, pretrain_size,
+                                                         pretrain_chars))))
 
 
 @main.command("prepare-data")
@@ -290,16 +344,18 @@ def inspect(cache, as_json):
 @click.argument("src")
 @click.argument("dst")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "arrow"]), help="default: the source's")
+@click.option("--top-k", type=int, help="narrow the rows to at most this many entries")
 @click.option("--top-p", type=float, help="narrow the rows to this mass")
 @click.option("--min-k", type=int)
 @click.option("--ids", "id_codec", type=click.Choice(["plain", "bitpack"]))
 @click.option("--logprob-dtype", type=click.Choice(list(LOGPROB_CHOICES)))
 @click.option("--overwrite", is_flag=True)
 @one_line_errors
-def convert(src, dst, fmt, top_p, min_k, id_codec, logprob_dtype, overwrite):
+def convert(src, dst, fmt, top_k, top_p, min_k, id_codec, logprob_dtype, overwrite):
     """Rewrite a cache (any version) as the current format, in another backend and/or encoding."""
     import storage
-    m = storage.convert(src, dst, fmt, overwrite, top_p=top_p, min_k=min_k, ids=id_codec, logprobs=logprob_dtype)
+    m = storage.convert(src, dst, fmt, overwrite, top_k=top_k, top_p=top_p, min_k=min_k, ids=id_codec,
+                        logprobs=logprob_dtype)
     click.echo(f"converted {src} → {dst} ({m['backend']}, {m['encoding']['logprobs']['name']}, {m['num_parts']} parts)")
 
 

@@ -34,6 +34,8 @@ class DataConfig:
     text_field: str | None = None
     max_length: int = 1024
     limit: int | None = None
+    response_ids_field: str | None = None      # generated data: the response's exact token ids (no EOS added)
+    behavior_field: str | None = None          # generated data: the sampler's log-prob of each response token
 
     def __post_init__(self):
         instruction = self.prompt_field is not None or self.response_field is not None
@@ -44,6 +46,10 @@ class DataConfig:
             raise DataError("instruction data needs both --prompt-field and --response-field")
         if self.max_length < 2:
             raise DataError(f"--max-length {self.max_length} is too short; it must be at least 2")
+        if (self.response_ids_field or self.behavior_field) and not instruction:
+            raise DataError("--response-ids-field and --behavior-field belong to instruction data (generated rows)")
+        if self.behavior_field and not self.response_ids_field:
+            raise DataError("--behavior-field needs --response-ids-field: its log-probs are those of the stored tokens")
 
 
 def load_rows(cfg: DataConfig):
@@ -81,7 +87,8 @@ def load_rows(cfg: DataConfig):
         if cause is not None and str(cause).strip():
             msg += f" ({str(cause).strip().splitlines()[0]})"
         raise DataError(f"cannot read dataset {cfg.source!r} split {cfg.split!r}: {msg}") from e
-    fields = [f for f in (cfg.prompt_field, cfg.response_field, cfg.text_field) if f]
+    fields = [f for f in (cfg.prompt_field, cfg.response_field, cfg.text_field, cfg.response_ids_field,
+                          cfg.behavior_field) if f]
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
         raise DataError(f"column {missing[0]!r} not in {cfg.source} (columns: {', '.join(ds.column_names)}); "
@@ -136,28 +143,45 @@ def encode_instructions(tokenizer, prompts: list[str], responses: list[str]) -> 
     return p_ids, r_ids
 
 
-def _tokenize_batch(batch, tokenizer, text_field, prompt_field, response_field, max_length):
-    """datasets.map function: a batch of rows → input_ids, loss_mask, truncated, length, digest."""
+def _tokenize_batch(batch, tokenizer, text_field, prompt_field, response_field, max_length, response_ids_field=None,
+                    behavior_field=None):
+    """datasets.map function: a batch of rows → input_ids, loss_mask, truncated, length, digest (and behavior_logprob,
+    one per distilled token, for generated rows)."""
+    behavior = None
     if text_field:
         ids = tokenizer([str(x) for x in batch[text_field]])["input_ids"]
         eos = tokenizer.eos_token_id
         ids = [x + [eos] if eos is not None else x for x in ids]
         masks = [[0] + [1] * (len(x) - 1) for x in ids]
     else:
-        p_ids, r_ids = encode_instructions(tokenizer, [str(x) for x in batch[prompt_field]],
-                                           [str(x) for x in batch[response_field]])
+        prompts = [str(x) for x in batch[prompt_field]]
+        if response_ids_field:
+            p_ids = encode_instructions(tokenizer, prompts, [""] * len(prompts))[0]
+            r_ids = [list(map(int, r)) for r in batch[response_ids_field]]
+            if behavior_field:
+                behavior = [list(map(float, b)) for b in batch[behavior_field]]
+        else:
+            p_ids, r_ids = encode_instructions(tokenizer, prompts, [str(x) for x in batch[response_field]])
         ids = [p + r for p, r in zip(p_ids, r_ids)]
         masks = [[0] * len(p) + [1] * len(r) for p, r in zip(p_ids, r_ids)]
     out = {"input_ids": [], "loss_mask": [], "truncated": [], "length": [], "digest": []}
-    for x, m in zip(ids, masks):
+    if behavior is not None:
+        out["behavior_logprob"] = []
+    for n, (x, m) in enumerate(zip(ids, masks)):
         out["truncated"].append(len(x) > max_length)
         x, m = np.asarray(x[:max_length], np.int32), np.asarray(m[:max_length], np.uint8)
-        m[0] = 0
+        m[0] = 0                                        # token 0 has no prediction
         out["input_ids"].append(x)
         out["loss_mask"].append(m)
         out["length"].append(len(x))
         digest = hashlib.blake2b(x.astype("<i4").tobytes() + b"|" + m.tobytes(), digest_size=8).digest()
         out["digest"].append(int.from_bytes(digest, "little", signed=True))
+        if behavior is not None:                        # one per distilled response token (the first is lost
+            skip = masks[n][0]                          # only when the prompt is empty)
+            kept = behavior[n][skip:skip + int(m.sum())]
+            if len(behavior[n]) != len(r_ids[n]) or len(kept) != int(m.sum()):
+                raise DataError(f"row {n}: {len(behavior[n])} behavior log-probs for {len(r_ids[n])} response tokens")
+            out["behavior_logprob"].append(np.asarray(kept, np.float32))
     return out
 
 
@@ -173,14 +197,17 @@ def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = Tr
         "rows": rows._fingerprint, "tokenizer": _tokenizer_fingerprint(tokenizer), "version": TOKENIZE_VERSION,
         **{k: v for k, v in asdict(cfg).items() if k not in ("source", "split", "limit")}},
         sort_keys=True).encode()).hexdigest()[:32]
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "loss_mask": datasets.Sequence(datasets.Value("uint8")),
-                                  "truncated": datasets.Value("bool"), "length": datasets.Value("int32"),
-                                  "digest": datasets.Value("int64")})
+    columns = {"input_ids": datasets.Sequence(datasets.Value("int32")),
+               "loss_mask": datasets.Sequence(datasets.Value("uint8")),
+               "truncated": datasets.Value("bool"), "length": datasets.Value("int32"), "digest": datasets.Value("int64")}
+    if cfg.behavior_field:
+        columns["behavior_logprob"] = datasets.Sequence(datasets.Value("float32"))
+    features = datasets.Features(columns)
     kwargs = dict(batched=True, batch_size=1000, remove_columns=rows.column_names, features=features,
                   new_fingerprint=f"tok{key}", num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None,
                   fn_kwargs={"tokenizer": tokenizer, "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
-                             "response_field": cfg.response_field, "max_length": cfg.max_length},
+                             "response_field": cfg.response_field, "max_length": cfg.max_length,
+                             "response_ids_field": cfg.response_ids_field, "behavior_field": cfg.behavior_field},
                   desc=f"tokenize {Path(cfg.source).name}")
     if not progress:
         datasets.disable_progress_bars()
@@ -212,16 +239,26 @@ def content_sha256(ds) -> str:
 
 
 def fingerprint(ds, tokenizer, cfg: DataConfig) -> dict:
-    """The dataset's identity in a cache manifest."""
+    """The dataset's identity in a cache manifest (with the models that generated it, for generated rows)."""
     fields = {k: v for k, v in asdict(cfg).items() if k.endswith("_field") and v}
-    return {"source": cfg.source, "split": cfg.split, "fields": fields, "template": template_name(tokenizer, cfg),
-            "max_length": cfg.max_length, "limit": cfg.limit, "content_sha256": content_sha256(ds),
-            "num_rows": len(ds)}
+    out = {"source": cfg.source, "split": cfg.split, "fields": fields, "template": template_name(tokenizer, cfg),
+           "max_length": cfg.max_length, "limit": cfg.limit, "content_sha256": content_sha256(ds), "num_rows": len(ds)}
+    rows = load_rows(cfg)
+    if "generator" in rows.column_names:
+        seen = {json.dumps(g, sort_keys=True) for g in rows.data.column("generator").to_pylist()}
+        out["generated_by"] = [json.loads(g) for g in sorted(seen)]
+    return out
 
 
 def rows_of(ds, start: int, stop: int) -> list[dict]:
-    """Rows [start, stop) of a tokenized dataset as samples {sample_index, input_ids, loss_mask, truncated}."""
+    """Rows [start, stop) of a tokenized dataset as samples {sample_index, input_ids, loss_mask, truncated} (and
+    behavior_logprob for generated rows)."""
     batch = ds[start:stop]
-    return [{"sample_index": start + i, "input_ids": np.asarray(ids, np.int64), "loss_mask": np.asarray(m, np.uint8),
-             "truncated": bool(t)} for i, (ids, m, t) in enumerate(zip(batch["input_ids"], batch["loss_mask"],
-                                                                         batch["truncated"]))]
+    out = []
+    for i in range(stop - start):
+        s = {"sample_index": start + i, "input_ids": np.asarray(batch["input_ids"][i], np.int64),
+             "loss_mask": np.asarray(batch["loss_mask"][i], np.uint8), "truncated": bool(batch["truncated"][i])}
+        if "behavior_logprob" in batch:
+            s["behavior_logprob"] = np.asarray(batch["behavior_logprob"][i], np.float32)
+        out.append(s)
+    return out

@@ -338,6 +338,55 @@ def sparse_kd_loss_from_hidden(hidden, lm_head_weight, topk_ids, topk_logprobs, 
     return cols[0], (AKLStats(*cols[1:]) if len(cols) > 1 else None)
 
 
+def onpolicy_pg_loss(student_logits, targets, teacher_logprob, behavior_logprob=None, *, clip=10.0, temperature=1.0):
+    """The per-token reverse-KL policy gradient on sampled tokens y_t (on-policy distillation: MiniLLM's single-step
+    term, the objective of Qwen3's and Thinking Machines' on-policy distillation).
+
+    loss_t = −w_t · A_t · log q_S(y_t), with the advantage A_t = log p_T(y_t) − log q_S(y_t) and the importance
+    weight w_t = min(clip, q_S(y_t) / π(y_t)) held constant (no gradient through sampling or either factor). Its
+    gradient w_t·(log q_S − log p_T)(y_t)·∇log q_S(y_t) is the REINFORCE estimate of ∇ KL(q_S ‖ p_T) per token, with
+    π the sampler: the student itself (w = 1 when fresh; stale or teacher-mixed samples carry their π). teacher_logprob
+    is the cache's target_logprob at the same temperature. Returns (loss [N], the per-token KL estimate
+    log q_S(y) − log p_T(y) [N], detached)."""
+    logits = student_logits if temperature == 1 else student_logits.float() / temperature
+    log_q = token_logprob(logits, targets)
+    log_p = teacher_logprob.float().clamp_min(LOG_FLOOR)
+    advantage = (log_p - log_q).detach()
+    if behavior_logprob is None:
+        weight = torch.ones_like(log_q)
+    else:
+        weight = torch.exp(log_q.detach() - behavior_logprob.float()).clamp(max=clip)
+    return -(weight * advantage * log_q), (log_q - log_p).detach()
+
+
+def batch_losses(logits, b, rows, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
+    """Sums over a batch's distilled positions, from the student's logits there [N, V], the batch (its "targets"
+    [N]) and the teacher's rows for them: CE, and with rows the loss of `kind` as "kd" — sparse (topk_ids,
+    topk_logprobs, tail_logmass, optional drawn_ids/drawn_logprobs), dense (teacher_logits), or "pg" on sampled
+    tokens (target_logprob, optional behavior_logprob) — and AKL's gap statistics."""
+    if kind == "ce" or not rows:
+        return {"ce": -token_logprob(logits, b["targets"]).sum()}
+    if kind == "pg":
+        if "target_logprob" not in rows:
+            raise ValueError("the pg loss needs the teacher's log-prob of each sampled token (target_logprob)")
+        pg, estimate = onpolicy_pg_loss(logits, b["targets"], rows["target_logprob"], rows.get("behavior_logprob"),
+                                        temperature=temperature)
+        return {"ce": -token_logprob(logits, b["targets"]).sum(), "kd": pg.sum(), "rkl_estimate": estimate.sum()}
+    if "teacher_logits" in rows:
+        kd, stats = dense_kd_loss(logits, rows["teacher_logits"], kind, mu=mu, beta=beta, alpha=alpha,
+                                  temperature=temperature, return_stats=True)
+        ce = -token_logprob(logits, b["targets"])
+    else:
+        kd, ce, stats = sparse_kd_loss_with_ce(
+            logits, b["targets"], rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"], kind, mu=mu,
+            beta=beta, alpha=alpha, temperature=temperature, validate=False, tail=tail,
+            drawn_ids=rows.get("drawn_ids"), drawn_logprobs=rows.get("drawn_logprobs"))
+    out = {"ce": ce.sum(), "kd": kd.sum()}
+    if stats is not None:
+        out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())
+    return out
+
+
 def reduce_loss(per_position, mask=None, num_items=None):
     """Σ loss·mask / num_items, num_items defaulting to Σ mask; 0 (not NaN) when nothing counts."""
     if mask is not None:

@@ -36,7 +36,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def check_exists(name: str) -> None:
+def check_exists(name) -> None:
+    name = str(name)
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise ModelError(f"model path {name} does not exist")
 

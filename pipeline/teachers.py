@@ -36,6 +36,17 @@ class CachedTeacher(Teacher):
         return {k: batch[k] for k in batching.TEACHER_KEYS if k in batch}
 
 
+class MixedCaches(CachedTeacher):
+    """Rows from several caches, each micro-batch from one of them (batching.MixtureSource)."""
+    kind = "mixture"
+
+    def __init__(self, paths, shares, temperature=None):
+        caches = [batching.CacheSource(p, temperature) for p in paths]
+        Teacher.__init__(self, batching.MixtureSource(caches, shares))
+        self.manifests = [c.cache.manifest for c in caches]
+        self.manifest = self.manifests[0]
+
+
 class OnlineTeacher(Teacher):
     """The teacher model run on every batch: dense full-vocabulary logits (the reference for a cache's fidelity), or
     top-k + exact tail computed on the fly (topk=k), the rows a cache would have stored."""

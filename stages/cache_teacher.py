@@ -143,7 +143,8 @@ def run(cfg: CacheTeacherConfig) -> dict:
     plan = storage.make_plan(backend=cfg.format, k=cfg.top_k, temperatures=cfg.temperatures, vocab_size=vocab,
                              num_rows=len(ds), part_size=cfg.part_size, identity=identity,
                              logprob_dtype=cfg.logprob_dtype, top_p=cfg.top_p, min_k=cfg.min_k, ids=cfg.ids,
-                             draws=cfg.tail_draws, package_version=__version__)
+                             draws=cfg.tail_draws, behavior_logprob=bool(cfg.data.behavior_field),
+                             package_version=__version__)
     out = Path(cfg.out) if cfg.out else Path(cfg.cache_root) / plan["cache_key"][:16]
     done = storage.complete_manifest(out, plan["cache_key"])
     if done is not None and not cfg.overwrite:

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -30,6 +31,7 @@ class EvalConfig:
     dtype: str = "auto"
     label: str | None = None
     run: str | None = None
+    round: int | None = None
     trust_remote_code: bool = False
     progress: bool = True
 
@@ -39,19 +41,23 @@ def normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, device, progress=True) -> list[str]:
-    """Greedy continuations of prompts rendered with the training template, batched with left padding."""
-    tok.padding_side = "left"
-    out = []
+def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, device, progress=True):
+    """Greedy continuations of prompts rendered with the training template, batched with left padding: the texts and
+    the samples (prompt ids + generated ids up to EOS, the generated ones marked for scoring)."""
+    texts, samples = [], []
     for a in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         enc = D.encode_instructions(tok, prompts[a:a + batch_size], [""] * len(prompts[a:a + batch_size]))[0]
         width = max(map(len, enc))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc], device=device)
         attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
         gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-    return [o.strip() for o in out]
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, width:].tolist()
+        for e, g in zip(enc, gen):
+            g = g[:g.index(tok.eos_token_id) + 1] if tok.eos_token_id in g else g
+            texts.append(tok.decode(g, skip_special_tokens=True).strip())
+            samples.append({"input_ids": np.array(e + g, np.int64),
+                            "loss_mask": np.array([0] * len(e) + [1] * len(g), np.uint8)})
+    return texts, samples
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -70,10 +76,11 @@ def run(cfg: EvalConfig) -> dict:
     source = batching.TokenizedSource(D.tokenized(cfg.data, tok, progress=cfg.progress))
     nll = score(head, model, teachers.Teacher(source), tok.pad_token_id, device, (), batch_size=cfg.batch_size)
     metrics = {"model": cfg.model, "samples": len(source), "nll": nll["ce"], "ppl": math.exp(min(nll["ce"], 50))}
+    own = None
     if cfg.generate and cfg.data.prompt_field:
         rows = D.load_rows(cfg.data)
-        preds = generate(model, tok, [str(r[cfg.data.prompt_field]) for r in rows], cfg.max_new_tokens,
-                         cfg.batch_size, device, cfg.progress)
+        preds, own = generate(model, tok, [str(r[cfg.data.prompt_field]) for r in rows], cfg.max_new_tokens,
+                              cfg.batch_size, device, cfg.progress)
         refs = [str(r[cfg.data.response_field]) for r in rows]
         metrics["rougeL"] = rouge_l(preds, refs)
         metrics["exact_match"] = 100 * sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
@@ -88,10 +95,15 @@ def run(cfg: EvalConfig) -> dict:
         metrics.update(fkl_to_teacher=kl["fkl"], rkl_to_teacher=kl["rkl"])
     if cfg.teacher:
         t_model = distributed.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
+        models.check_vocab(t_model, tok, "teacher")
         kl = score(head, model, teachers.OnlineTeacher(source, t_model, len(tok)), tok.pad_token_id, device,
                    ("fkl", "rkl"), batch_size=cfg.batch_size)
         metrics.update(exact_fkl_to_teacher=kl["fkl"], exact_rkl_to_teacher=kl["rkl"])
-    metrics.update({k: v for k, v in (("label", cfg.label), ("run", cfg.run)) if v})
+        if own:                     # on the student's own greedy responses: the state distribution it acts in
+            kl = score(head, model, teachers.OnlineTeacher(batching.SampleList(own), t_model, len(tok)),
+                       tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
+            metrics.update(own_fkl_to_teacher=kl["fkl"], own_rkl_to_teacher=kl["rkl"])
+    metrics.update({k: v for k, v in (("label", cfg.label), ("run", cfg.run), ("round", cfg.round)) if v is not None})
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,27 @@ def make_example(rng: random.Random) -> dict:
             "answer": str(max(nums))}
 
 
+def stdlib_chunks(chars: int = 1000) -> tuple[list[str], list[str], str]:
+    """(train chunks, held-out chunks, where): CPython's own standard library sources, on every machine with this
+    interpreter (tests, idlelib, lib2to3, turtledemo and site-packages left out), cut at line ends into chunks of
+    about `chars` characters; every 10th file (in path order) is held out."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
+    files = sorted(p for p in lib.rglob("*.py") if not skip & set(p.relative_to(lib).parts))
+    train, test = [], []
+    for n, f in enumerate(files):
+        cur, chunks = "", []
+        for line in f.read_text(errors="replace").splitlines(keepends=True):
+            if len(cur) + len(line) > chars and cur:
+                chunks.append(cur)
+                cur = ""
+            cur += line
+        if cur.strip():
+            chunks.append(cur)
+        (test if n % 10 == 9 else train).extend(c for c in chunks if len(c) > chars // 5)
+    return train, test, f"{lib} ({len(files)} files)"
+
+
 @dataclass
 class DemoDataConfig:
     out: str
@@ -40,6 +62,8 @@ class DemoDataConfig:
     test_size: int = 200
     vocab_size: int = 600
     seed: int = 0
+    pretrain_size: int = 0          # chunks of standard-library source for language-model pretraining
+    pretrain_chars: int = 600
 
 
 def run(cfg: DemoDataConfig) -> dict:
@@ -48,12 +72,18 @@ def run(cfg: DemoDataConfig) -> dict:
     rng = random.Random(cfg.seed)
     splits = {"train": [make_example(rng) for _ in range(cfg.train_size)],
               "test": [make_example(rng) for _ in range(cfg.test_size)]}
+    texts = [r["prompt"] + " " + r["response"] for r in splits["train"]]
+    if cfg.pretrain_size:
+        chunks = stdlib_chunks(cfg.pretrain_chars)[0]
+        random.Random(cfg.seed).shuffle(chunks)
+        splits["pretrain"] = [{"text": c} for c in chunks[:cfg.pretrain_size]]
+        texts += chunks[:cfg.pretrain_size]
     for name, rows in splits.items():
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    texts = [r["prompt"] + " " + r["response"] for r in splits["train"]]
     save_tokenizer(out / "tokenizer", texts, cfg.vocab_size)
-    return {"train": str(out / "train.jsonl"), "test": str(out / "test.jsonl"), "tokenizer": str(out / "tokenizer")}
+    paths = {name: str(out / f"{name}.jsonl") for name in splits}
+    return {**paths, "tokenizer": str(out / "tokenizer")}
 
 
 def save_tokenizer(folder, texts, vocab_size: int = 600):

@@ -7,10 +7,12 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-ORDER = ["teacher", "sft", "fkl", "rkl", "jsd", "tvd", "sfkl", "srkl", "akl"]
+ORDER = ["teacher", "start", "sft", "fkl", "rkl", "jsd", "tvd", "sfkl", "srkl", "akl", "onpolicy-fkl", "onpolicy-akl",
+         "onpolicy-jsd", "onpolicy-rkl", "onpolicy-pg"]
 METRICS = [("rougeL", "ROUGE-L", "{:.1f}"), ("answer_accuracy", "answer acc. %", "{:.1f}"),
            ("exact_match", "exact match %", "{:.1f}"), ("nll", "NLL", "{:.3f}"), ("ppl", "PPL", "{:.2f}"),
-           ("fkl_to_teacher", "KL(T‖S)", "{:.4f}"), ("rkl_to_teacher", "KL(S‖T)", "{:.4f}")]
+           ("fkl_to_teacher", "KL(T‖S)", "{:.4f}"), ("rkl_to_teacher", "KL(S‖T)", "{:.4f}"),
+           ("own_fkl_to_teacher", "KL(T‖S) own gen.", "{:.4f}")]
 
 
 @dataclass
@@ -50,9 +52,15 @@ def run(cfg: ReportConfig) -> str:
     import matplotlib.pyplot as plt
 
     evals = [json.loads(Path(p).read_text()) for p in cfg.evals]
-    groups: dict[str, list[dict]] = {}
+    by_round: dict[str, dict[int, list[dict]]] = {}
     for e in evals:
-        groups.setdefault(_label(e), []).append(e)
+        if e.get("round") is not None:
+            by_round.setdefault(_label(e), {}).setdefault(e["round"], []).append(e)
+    groups: dict[str, list[dict]] = {}
+    for e in evals:                # the table shows every run at its last round
+        rounds = by_round.get(_label(e))
+        if rounds is None or e["round"] == max(rounds):
+            groups.setdefault(_label(e), []).append(e)
     labels = sorted(groups, key=_order)
     present = [m for m in METRICS if any(m[0] in e for e in evals)]
     out = Path(cfg.out)
@@ -116,8 +124,39 @@ def run(cfg: ReportConfig) -> str:
         plt.close(fig)
         plots.append(("AKL head and tail gaps", "akl_gaps.png"))
 
+    rounds_plot = [l for l in by_round if l.rpartition("/")[2].startswith("onpolicy")]
+    if rounds_plot:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for c, label in enumerate(rounds_plot):
+            student = label.rpartition("/")[0]
+            start = by_round.get(f"{student}/start" if student else "start", {}).get(0, [])
+            rounds = {0: start, **by_round[label]} if start else by_round[label]
+            xs = sorted(rounds)
+            for ax, metric in zip(axes, ("answer_accuracy", "own_fkl_to_teacher")):
+                ys = [statistics.mean(e[metric] for e in rounds[r] if metric in e) for r in xs
+                      if any(metric in e for e in rounds[r])]
+                if len(ys) == len(xs):
+                    ax.plot(xs, ys, "o-", color=colors(c % 10), label=label)
+        for c, label in enumerate(l for l in labels if l.rpartition("/")[2] in ("sft", "fkl", "akl")):
+            for ax, metric in zip(axes, ("answer_accuracy", "own_fkl_to_teacher")):
+                vals = [e[metric] for e in groups[label] if metric in e]
+                if vals:
+                    ax.axhline(statistics.mean(vals), ls="--", lw=1, color=colors((c + 5) % 10),
+                               label=f"{label} (off-policy, same updates)")
+        axes[0].set_ylabel("held-out answer accuracy %")
+        axes[1].set_ylabel("KL(teacher ‖ student) on its own greedy generations")
+        for ax in axes:
+            ax.set_xlabel("on-policy round (0: the start checkpoint)")
+            ax.legend(fontsize=7)
+        fig.suptitle("On-policy rounds (mean over seeds)")
+        fig.tight_layout()
+        fig.savefig(out.parent / "onpolicy_rounds.png", dpi=110)
+        plt.close(fig)
+        plots.append(("On-policy rounds", "onpolicy_rounds.png"))
+
     lines += ["", "Mean ± standard deviation over seeds where there are several. KL columns: per distilled token,",
-              "on the held-out split's teacher cache (top-k + tail bucket)."]
+              "on the held-out split's teacher cache (top-k + tail bucket); \"own gen.\": exact, over the full",
+              "vocabulary, on the model's own greedy responses to the held-out prompts. On-policy rows: the last round."]
     for title, name in plots:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     examples = next((e.get("examples") for l in reversed(labels) for e in groups[l] if e.get("examples")), None)

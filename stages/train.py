@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pipeline import batching, checkpoint, distributed, losses, models, teachers
 from pipeline.data import DataConfig, tokenized
 
-LOSSES = ("ce",) + losses.KINDS
+LOSSES = ("ce",) + losses.KINDS + ("pg",)
 
 
 @dataclass
@@ -23,7 +23,8 @@ class TrainConfig:
     student: str
     out: str
     loss: str = "fkl"
-    cache: str | None = None
+    cache: str | tuple[str, ...] | None = None
+    mix: tuple[float, ...] = ()
     data: DataConfig | None = None
     teacher: str | None = None
     online_topk: int | None = None
@@ -73,6 +74,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        self.cache = (self.cache,) if isinstance(self.cache, str) else (tuple(self.cache) or None if self.cache else None)
+        self.mix = tuple(self.mix or ())
+        n = len(self.cache or ())
+        if self.mix and not (len(self.mix) == n or (n == 2 and len(self.mix) == 1)):
+            raise ValueError(f"--mix takes one share per --cache (or, with two caches, the second's share λ); "
+                             f"got {len(self.mix)} for {n}")
+        if n > 1 and not self.mix:
+            raise ValueError(f"{n} caches need --mix: the share of each (GKD's λ for the second of two)")
         if self.cache and self.teacher:
             raise ValueError("give --cache (a cached teacher) or --teacher (run online), not both")
         if self.teacher and self.data is None:
@@ -83,7 +92,7 @@ class TrainConfig:
             raise ValueError(f"--loss {self.loss} distills from a teacher: pass --cache, or --teacher with --data")
         if self.kd_ratio is None:
             self.kd_ratio = 0.0 if self.loss == "ce" else 1.0
-        losses.check_params(self.loss if self.loss != "ce" else "fkl", self.mu, self.beta, self.alpha)
+        losses.check_params(self.loss if self.loss in losses.KINDS else "fkl", self.mu, self.beta, self.alpha)
         if self.tail not in losses.TAIL_MODES:
             raise ValueError(f"unknown --tail {self.tail!r}; choose {' or '.join(losses.TAIL_MODES)}")
         if not 0 <= self.kd_ratio <= 1:
@@ -139,10 +148,18 @@ def check_teacher_compatible(fingerprint: str, vocab_size: int, max_id: int, tok
 def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, tok, model, device, online_model=None):
     """The teacher for a split: its cache, the online teacher over its data, or none (SFT)."""
     if cache:
-        t = teachers.CachedTeacher(cache, cfg.temperature)
-        m = t.manifest
-        check_teacher_compatible(m["identity"]["tokenizer"]["fingerprint"], m["vocab_size"],
-                                 m["counts"].get("max_token_id", -1), tok, model, cfg)
+        caches = (cache,) if isinstance(cache, str) else tuple(cache)
+        if len(caches) == 1:
+            t = teachers.CachedTeacher(caches[0], cfg.temperature)
+        else:
+            shares = cfg.mix if len(cfg.mix) == len(caches) else (1 - cfg.mix[0], cfg.mix[0])
+            t = teachers.MixedCaches(caches, shares, cfg.temperature)
+        for m in getattr(t, "manifests", [t.manifest]):
+            check_teacher_compatible(m["identity"]["tokenizer"]["fingerprint"], m["vocab_size"],
+                                     m["counts"].get("max_token_id", -1), tok, model, cfg)
+        if cfg.loss == "pg" and not all(s.cache.has_target_logprob for s in getattr(t.source, "sources", [t.source])):
+            raise ValueError("--loss pg needs the teacher's log-prob of each sampled token: a version-2 cache of "
+                             "generated data (cache-teacher stores target_logprob)")
         return t
     source = batching.TokenizedSource(tokenized(data, tok, cfg.num_proc, cfg.progress), cfg.part_size)
     if online_model is None:
@@ -160,25 +177,6 @@ def load_online_teacher(cfg: TrainConfig, tok, model, device):
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def batch_losses(logits, b, rows, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
-    """Sums over the distilled positions: CE, and with teacher rows the KD loss (and AKL's stats)."""
-    if kind == "ce" or not rows:
-        return {"ce": -losses.token_logprob(logits, b["targets"]).sum()}
-    if "teacher_logits" in rows:
-        kd, stats = losses.dense_kd_loss(logits, rows["teacher_logits"], kind, mu=mu, beta=beta, alpha=alpha,
-                                         temperature=temperature, return_stats=True)
-        ce = -losses.token_logprob(logits, b["targets"])
-    else:
-        kd, ce, stats = losses.sparse_kd_loss_with_ce(
-            logits, b["targets"], rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"], kind, mu=mu,
-            beta=beta, alpha=alpha, temperature=temperature, validate=False, tail=tail,
-            drawn_ids=rows.get("drawn_ids"), drawn_logprobs=rows.get("drawn_logprobs"))
-    out = {"ce": ce.sum(), "kd": kd.sum()}
-    if stats is not None:
-        out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())
-    return out
 
 
 def to_device(batch: dict, device) -> dict:
@@ -320,7 +318,7 @@ def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
     for i, batch in enumerate(group):
         with student.sync(i == len(group) - 1):
             b = to_device(batch, device)
-            parts = batch_losses(forward(student, b, autocast), b, teacher.rows(b), cfg.loss, **loss_params(cfg))
+            parts = losses.batch_losses(forward(student, b, autocast), b, teacher.rows(b), cfg.loss, **loss_params(cfg))
             kd = parts.get("kd", torch.zeros((), device=device))
             loss = losses.mix(parts["ce"], kd, cfg.kd_ratio) / n_items
             (loss * world).backward()
@@ -349,7 +347,7 @@ def score(student, model, teacher, pad_id, device, kinds=("fkl",), max_samples=N
         logits, rows = forward(student, b, autocast), teacher.rows(b)
         items += len(b["rows"])
         for j, kind in enumerate(kinds or ("ce",)):
-            parts = batch_losses(logits, b, rows, kind, **params)
+            parts = losses.batch_losses(logits, b, rows, kind, **params)
             if j == 0:
                 totals["ce"] = totals.get("ce", 0.0) + float(parts["ce"])
             if "kd" in parts:
@@ -360,7 +358,7 @@ def score(student, model, teacher, pad_id, device, kinds=("fkl",), max_samples=N
 
 def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dict:
     """eval_ce; with teacher rows also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
-    kind = "fkl" if cfg.loss == "ce" else cfg.loss
+    kind = "fkl" if cfg.loss in ("ce", "pg") else cfg.loss
     row = score(student, model, teacher, tok.pad_token_id, device, tuple(dict.fromkeys([kind, "fkl"])),
                 cfg.eval_samples, cfg.batch_size, autocast, **loss_params(cfg))
     out = {"eval_ce": row["ce"]}

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 ZSTD_LEVEL = 3
-CHUNK_BYTES = 1 << 18
+CHUNK_BYTES = 1 << 22
 
 
 class ZarrBackend:

@@ -68,24 +68,22 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Inverse of pack_bits: the first n values, as uint32."""
-    if np.asarray(data).size != -(-n * bits // 8):
-        raise ValueError(f"{np.asarray(data).size} packed bytes cannot hold exactly {n} values of {bits} bits")
-    n_vals, n_words = _block(bits)
-    blocks = -(-n // n_vals)
-    raw = np.zeros(blocks * n_words * 8, np.uint8)
+    """Inverse of pack_bits: the first n values, as uint32. Every 8 values span exactly `bits` bytes, so value 8q + j
+    is read through an unaligned 64-bit window at byte q·bits + ⌊j·bits/8⌋, shifted by (j·bits) mod 8 and masked:
+    eight strided column reads, no index arrays."""
     data = np.asarray(data, np.uint8).ravel()
-    raw[:min(data.size, raw.size)] = data[:raw.size]
-    words = raw.view("<u8").reshape(blocks, n_words).astype(np.uint64)
-    out = np.empty((blocks, n_vals), np.uint64)
+    if data.size != -(-n * bits // 8):
+        raise ValueError(f"{data.size} packed bytes cannot hold exactly {n} values of {bits} bits")
+    blocks = -(-n // 8)
+    raw = np.zeros(blocks * bits + 8, np.uint8)
+    raw[:data.size] = data
+    windows = np.ndarray((blocks, bits), dtype="<u8", buffer=raw, strides=(bits, 1))
+    out = np.empty((blocks, 8), np.uint32)
     mask = np.uint64((1 << bits) - 1)
-    for j in range(n_vals):
-        w, s = divmod(j * bits, 64)
-        v = words[:, w] >> np.uint64(s)
-        if s + bits > 64:
-            v |= words[:, w + 1] << np.uint64(64 - s)
-        out[:, j] = v & mask
-    return out.ravel()[:n].astype(np.uint32)
+    for j in range(8):
+        byte, shift = divmod(j * bits, 8)
+        out[:, j] = (windows[:, byte] >> np.uint64(shift)) & mask
+    return out.ravel()[:n]
 
 
 def encode_ids(ids: np.ndarray, codec: dict) -> np.ndarray:
@@ -106,13 +104,14 @@ def decode_ids(data: np.ndarray, codec: dict, n: int) -> np.ndarray:
 
 def top_p_widths(logprobs: np.ndarray, top_p: float | None, min_k: int = 1) -> np.ndarray:
     """Per row of teacher-sorted log-probs [P, k]: the smallest prefix with mass ≥ top_p, at least min_k and at most
-    k (top_p None: k)."""
+    k (top_p None: k; top_p 0 with min_k 0: empty, for Random-Sampling KD's draws alone)."""
     n, k = logprobs.shape
     if top_p is None:
         return np.full(n, k, np.int64)
+    if top_p <= 0 or k == 0:                    # the empty prefix already has mass 0
+        return np.full(n, min(min_k, k), np.int64)
     mass = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=1)
-    reached = (mass >= top_p).argmax(1) + 1
-    reached = np.where(mass[:, -1] >= top_p, reached, k) if k else np.zeros(n, np.int64)
+    reached = np.where(mass[:, -1] >= top_p, (mass >= top_p).argmax(1) + 1, k)
     return np.clip(reached, min(min_k, k), k).astype(np.int64)
 
 
@@ -158,18 +157,19 @@ def decode_logprobs(data: np.ndarray, offsets: np.ndarray, tail: np.ndarray, cod
         if np.asarray(data).size != n:
             raise ValueError(f"{np.asarray(data).size} log-probs stored where the row widths say {n}")
         return np.asarray(data).astype(np.float32)
-    levels = (1 << codec["bits"]) - 1
     if codec["bits"] == 8 and np.asarray(data).size != n:
         raise ValueError(f"{np.asarray(data).size} log-prob codes stored where the row widths say {n}")
     codes = data if codec["bits"] == 8 else unpack_bits(data, codec["bits"], n)
-    x = codec["gamma"] * np.log(np.maximum(codes[:n].astype(np.float64), 0.5) / levels)
+    levels = (1 << codec["bits"]) - 1
+    x_of = codec["gamma"] * np.log(np.maximum(np.arange(levels + 1), 0.5) / levels)     # one entry per code
+    x = x_of[codes[:n]]
     if not n:
         return x.astype(np.float32)
-    rows = _row_index(offsets)
-    starts = offsets[:-1][np.diff(offsets) > 0]
-    norm = np.zeros(len(offsets) - 1)
-    norm[np.diff(offsets) > 0] = np.log(np.add.reduceat(np.exp(x), starts))
-    return (x - norm[rows] + log1mexp(tail.astype(np.float64))[rows]).astype(np.float32)
+    widths = np.diff(offsets)
+    norm = np.zeros(len(widths))
+    norm[widths > 0] = np.log(np.add.reduceat(np.exp(x_of)[codes[:n]], offsets[:-1][widths > 0]))
+    shift = log1mexp(tail.astype(np.float64)) - norm
+    return (x + np.repeat(shift, widths)).astype(np.float32)
 
 
 def bins_kl(exact_lp, exact_tail, lp, tail, offsets) -> np.ndarray:
@@ -211,9 +211,12 @@ def drawn_logprobs(counts: np.ndarray, offsets: np.ndarray, tail: np.ndarray, n_
 # ---------------------------------------------------------------- ragged → padded
 
 def padded(flat: np.ndarray, offsets: np.ndarray, start: int, stop: int, pad) -> np.ndarray:
-    """Rows [start, stop) of a ragged array as [stop − start, max width], right-padded with `pad`."""
+    """Rows [start, stop) of a ragged array as [stop − start, max width], right-padded with `pad` (a view when the
+    rows share one width)."""
     o = offsets[start:stop + 1]
     widths = np.diff(o)
+    if len(widths) and widths.min() == widths.max():
+        return flat[o[0]:o[-1]].reshape(len(widths), int(widths[0]))
     width = int(widths.max()) if widths.size else 0
     cols = np.arange(width)
     idx = o[:-1, None] + cols[None, :]

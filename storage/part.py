@@ -17,13 +17,13 @@ ID_CODECS = ("plain", "bitpack")
 
 
 def make_encoding(*, k, vocab_size, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0,
-                  target_logprob=True) -> dict:
+                  target_logprob=True, behavior_logprob=False) -> dict:
     if logprobs not in LOGPROB_CODECS:
         raise ValueError(f"log-prob encoding {logprobs!r} is not supported; choose one of {', '.join(LOGPROB_CODECS)}")
     if ids not in ID_CODECS:
         raise ValueError(f"id encoding {ids!r} is not supported; choose {' or '.join(ID_CODECS)}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"--top-p {top_p} must lie in (0, 1]")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"--top-p {top_p} must lie in [0, 1]")
     if not 0 <= min_k <= k:
         raise ValueError(f"--min-k {min_k} must lie between 0 and --top-k {k}")
     if draws < 0 or draws > 65535:
@@ -33,7 +33,7 @@ def make_encoding(*, k, vocab_size, top_p=None, min_k=1, ids="plain", logprobs="
     return {"top_k": int(k), "top_p": None if top_p is None else float(top_p), "min_k": int(min_k),
             "ids": id_codec, "logprobs": dict(LOGPROB_CODECS[logprobs], name=logprobs),
             "draws": {"n": int(draws), "counts_dtype": str(C.uint_dtype(draws))} if draws else None,
-            "target_logprob": bool(target_logprob)}
+            "target_logprob": bool(target_logprob), "behavior_logprob": bool(behavior_logprob)}
 
 
 def width_dtype(encoding) -> np.dtype:
@@ -42,6 +42,8 @@ def width_dtype(encoding) -> np.dtype:
 
 def array_names(encoding: dict, n_temps: int) -> list[str]:
     names = ["sample_index", "token_offsets", "input_ids", "loss_mask", "position_offsets", "topk_width", "topk_ids"]
+    if encoding.get("behavior_logprob"):
+        names.append("behavior_logprob")
     for t in range(n_temps):
         names += [f"topk_logprobs_{t}", f"tail_logmass_{t}"] + ([f"target_logprob_{t}"] if encoding["target_logprob"] else [])
         if encoding["draws"]:
@@ -58,8 +60,8 @@ def target_dtype(encoding) -> str:
 def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tuple[dict, dict]:
     """Samples → (encoded part arrays, counts and decode-error statistics).
 
-    A sample holds sample_index, input_ids, loss_mask, topk_ids [P, k] (teacher-sorted), topk_logprobs [T, P, k]
-    and tail_logmass [T, P] in float32, target_logprob [T, P], and optionally widths [P] (the encoding's
+    A sample holds sample_index, input_ids, loss_mask, topk_ids [P, K ≥ k] (teacher-sorted; entries past each row's
+    width join its tail), topk_logprobs [T, P, K] and tail_logmass [T, P] in float32, target_logprob [T, P], and optionally widths [P] (the encoding's
     top_p_widths at temperature index 0 decide; rows never grow past given widths) and draws [T, P, N] (tail tokens drawn beyond each
     row's kept prefix; −1 for none)."""
     k = encoding["top_k"]
@@ -74,15 +76,18 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
             return np.zeros(shape_tail, dtype)
         return np.concatenate(arrs, axis=axis)
 
-    ids = cat("topk_ids", (0, k), np.int64).reshape(-1, k)
-    lps = cat("topk_logprobs", (n_temps, 0, k), axis=1).reshape(n_temps, -1, k).astype(np.float32)
+    given = np.asarray(samples[0]["topk_ids"]).shape[1] if samples else k      # rows may be wider than k
+    if given < k and samples:
+        raise ValueError(f"rows of {given} entries cannot fill an encoding of top-k {k}")
+    ids = cat("topk_ids", (0, given), np.int64).reshape(-1, given)
+    lps = cat("topk_logprobs", (n_temps, 0, given), axis=1).reshape(n_temps, -1, given).astype(np.float32)
     tails = cat("tail_logmass", (n_temps, 0), axis=1).reshape(n_temps, -1).astype(np.float32)
     targets = cat("target_logprob", (n_temps, 0), axis=1).reshape(n_temps, -1) if encoding["target_logprob"] else None
-    widths = C.top_p_widths(lps[0], encoding["top_p"], encoding["min_k"])
-    if samples and "widths" in samples[0]:      # rows that hold fewer entries than k (re-encoding a ragged cache)
+    widths = C.top_p_widths(lps[0][:, :k], encoding["top_p"], encoding["min_k"])
+    if samples and "widths" in samples[0]:      # rows that hold fewer entries (re-encoding a ragged cache)
         widths = np.minimum(widths, np.concatenate([np.asarray(s["widths"]) for s in samples]).astype(np.int64))
     offsets = C.offsets_of(widths)
-    keep = np.arange(k)[None, :] < widths[:, None]
+    keep = np.arange(given)[None, :] < widths[:, None]
     arrays = {
         "sample_index": np.array([s["sample_index"] for s in samples], dtype=np.int64),
         "token_offsets": C.offsets_of([len(s["input_ids"]) for s in samples]),
@@ -92,6 +97,8 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
         "topk_width": widths.astype(width_dtype(encoding)),
         "topk_ids": C.encode_ids(ids[keep], encoding["ids"]),
     }
+    if encoding.get("behavior_logprob"):
+        arrays["behavior_logprob"] = cat("behavior_logprob", (0,)).astype(np.float32)
     stats = {"topk_entries": int(offsets[-1]),
              "max_token_id": int(ids[keep].max()) if offsets[-1] else -1}
     for t in range(n_temps):
@@ -127,6 +134,8 @@ def decode(arrays: dict, encoding: dict, temperatures: list[int]) -> dict:
                                            "position_offsets")}
     out["topk_offsets"] = offsets
     out["topk_ids"] = C.decode_ids(arrays["topk_ids"], encoding["ids"], int(offsets[-1]))
+    if "behavior_logprob" in arrays:
+        out["behavior_logprob"] = arrays["behavior_logprob"].astype(np.float32)
     for t in temperatures:
         tail = arrays[f"tail_logmass_{t}"].astype(np.float32)
         out[f"tail_logmass_{t}"] = tail
@@ -159,6 +168,8 @@ def samples_for_encoding(part: dict, temperatures: list[int], k: int, n_draws: i
              "tail_logmass": np.stack([v["tail_logmass"] for v in views])}
         if "target_logprob" in first:
             s["target_logprob"] = np.stack([v["target_logprob"] for v in views])
+        if "behavior_logprob" in first:
+            s["behavior_logprob"] = first["behavior_logprob"]
         if n_draws:
             p0, p1 = part["position_offsets"][i:i + 2]
             s["draws"] = np.stack([_expand_draws(part, t, p0, p1, n_draws) for t in temperatures])
@@ -194,6 +205,8 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
     }
     if f"target_logprob_{t}" in part:
         out["target_logprob"] = part[f"target_logprob_{t}"][p0:p1]
+    if "behavior_logprob" in part:
+        out["behavior_logprob"] = part["behavior_logprob"][p0:p1]
     if f"drawn_ids_{t}" in part:
         out["drawn_ids"] = C.padded(part[f"drawn_ids_{t}"], part[f"drawn_offsets_{t}"], p0, p1, -1)
         out["drawn_logprobs"] = C.padded(part[f"drawn_logprobs_{t}"], part[f"drawn_offsets_{t}"], p0, p1, -np.inf)
@@ -270,6 +283,10 @@ def problems(part: dict, encoding: dict, temperatures: list[int], vocab_size: in
             if len(np.unique(np.concatenate(keys))) != sum(len(x) for x in keys):
                 out.append(f"temperature {t}: a token appears twice in one row (head and drawn tokens overlap)")
             keys.pop()
+    if encoding.get("behavior_logprob"):
+        b = part.get("behavior_logprob")
+        if b is None or b.shape != (n_pos,) or np.isnan(b).any() or (b > 1e-6).any():
+            out.append("behavior log-probabilities are missing, NaN, positive or misshapen")
     if len(np.unique(keys[0])) != len(keys[0]):
         out.append("a token id repeats within one row")
     return out

@@ -14,7 +14,7 @@ def encoding(manifest: dict) -> dict:
     k = manifest["k"]
     return {"top_k": k, "top_p": None, "min_k": k, "ids": {"codec": "plain", "dtype": manifest["dtypes"]["topk_ids"]},
             "logprobs": {"codec": manifest["dtypes"]["topk_logprobs"], "name": manifest["dtypes"]["topk_logprobs"]},
-            "draws": None, "target_logprob": False}
+            "draws": None, "target_logprob": False, "behavior_logprob": False}
 
 
 def _names(n_temps: int) -> list[str]:

@@ -135,23 +135,27 @@ def describe(path) -> str:
     return "\n".join(lines)
 
 
-def convert(src, dst, backend: str | None = None, overwrite: bool = False, *, top_p=None, min_k=None,
+def convert(src, dst, backend: str | None = None, overwrite: bool = False, *, top_k=None, top_p=None, min_k=None,
             ids: str | None = None, logprobs: str | None = None) -> dict:
     """Rewrite a finished cache part by part in another backend and/or encoding (always as the current format
     version). With the encoding unchanged the encoded arrays are copied as they are; otherwise each part is
     decoded and encoded again, so a lossy encoding's decode error is measured against the source's values."""
     cache = open_cache(src, max_parts_in_memory=1)
     m, old = cache.manifest, cache.encoding
-    narrower = top_p is not None or (min_k is not None and min_k != old["min_k"])
+    if top_k is not None and top_k > m["k"]:
+        raise ValueError(f"--top-k {top_k} is wider than the source's {m['k']}; rerun cache-teacher for wider rows")
+    narrower = top_p is not None or (min_k is not None and min_k != old["min_k"]) or (top_k or m["k"]) < m["k"]
     if old.get("draws") and narrower:
         raise ValueError("cannot narrow the rows of a cache with drawn tail tokens: the draws came from the old tail; "
                          "rerun cache-teacher with the new --top-p")
-    plan = make_plan(backend=backend or m["backend"], k=m["k"], temperatures=m["temperatures"],
+    plan = make_plan(backend=backend or m["backend"], k=top_k or m["k"], temperatures=m["temperatures"],
                      vocab_size=m["vocab_size"], num_rows=m["num_rows"], part_size=m["part_size"],
                      identity=m["identity"], logprob_dtype=logprobs or old["logprobs"]["name"],
                      top_p=top_p if top_p is not None else old["top_p"],
-                     min_k=min_k if min_k is not None else old["min_k"], ids=ids or old["ids"]["codec"],
-                     draws=cache.draws, target_logprob=old["target_logprob"], package_version=m.get("package_version", "0"))
+                     min_k=min(min_k if min_k is not None else old["min_k"], top_k or m["k"]),
+                     ids=ids or old["ids"]["codec"],
+                     draws=cache.draws, target_logprob=old["target_logprob"],
+                     behavior_logprob=old.get("behavior_logprob", False), package_version=m.get("package_version", "0"))
     writer = CacheWriter(dst, plan, overwrite=overwrite)
     temps = list(range(len(m["temperatures"])))
     copy = cache.version == M.FORMAT_VERSION and plan["encoding"] == old

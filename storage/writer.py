@@ -25,14 +25,16 @@ class CacheMismatch(ValueError):
 
 
 def make_plan(*, backend, k, temperatures, vocab_size, num_rows, part_size, identity, logprob_dtype="float16",
-              top_p=None, min_k=1, ids="plain", draws=0, target_logprob=True, package_version="0"):
+              top_p=None, min_k=1, ids="plain", draws=0, target_logprob=True, behavior_logprob=False,
+              package_version="0"):
     """What the writers fill: the cache's identity, encoding (see part.make_encoding) and part layout."""
     if part_size < 1:
         raise ValueError(f"part size {part_size} must be at least 1 sample")
     if k < 1 or k > vocab_size:
         raise ValueError(f"top-k {k} must lie between 1 and the vocabulary size {vocab_size}")
     encoding = P.make_encoding(k=k, vocab_size=vocab_size, top_p=top_p, min_k=min(min_k, k), ids=ids,
-                               logprobs=logprob_dtype, draws=draws, target_logprob=target_logprob)
+                               logprobs=logprob_dtype, draws=draws, target_logprob=target_logprob,
+                               behavior_logprob=behavior_logprob)
     plan = {
         "format": M.FORMAT_NAME, "format_version": M.FORMAT_VERSION, "backend": backends.get(backend).name,
         "k": int(k), "temperatures": [float(t) for t in temperatures], "vocab_size": int(vocab_size),

@@ -129,6 +129,19 @@ def test_convert_to_a_compact_encoding_records_its_decode_error(tmp_path):
     storage.verify(tmp_path / "b")
 
 
+def test_convert_to_fewer_entries_keeps_the_tail_exact(tmp_path):
+    _, data = write_cache(tmp_path / "a", num_rows=6, logprob_dtype="float32")
+    storage.convert(tmp_path / "a", tmp_path / "b", top_k=3)
+    b = storage.open_cache(tmp_path / "b")
+    assert b.k == 3
+    for i in range(6):
+        np.testing.assert_array_equal(b[i]["topk_ids"], data[i]["topk_ids"][:, :3])
+        dropped = np.exp(data[i]["topk_logprobs"][0, :, 3:].astype(np.float64)).sum(1)
+        np.testing.assert_allclose(np.exp(b[i]["tail_logmass"]), np.exp(data[i]["tail_logmass"][0]) + dropped, rtol=1e-6)
+    with pytest.raises(ValueError, match="wider than the source"):
+        storage.convert(tmp_path / "a", tmp_path / "c", top_k=9)
+
+
 def test_draws_refuse_a_narrower_conversion(tmp_path):
     write_cache(tmp_path / "a", draws=8)
     with pytest.raises(ValueError, match="drawn tail tokens"):
@@ -304,3 +317,21 @@ def test_statistics_report_size_and_tail(tmp_path):
     assert s["bytes_per_distilled_position"] > 0 and 0 < s["mean_tail_mass"] < 1
     assert sum(s["top1_mass_histogram"]["counts"]) == s["distilled_positions"]
     assert "B per distilled position" in storage.describe(tmp_path / "c")
+
+
+def test_block_shuffle_plans_mix_caches_per_micro_batch(tmp_path):
+    """A mixture's plan draws whole micro-batches from each cache in the given shares, deterministically."""
+    from pipeline import batching
+    write_cache(tmp_path / "a", num_rows=40, part_size=8)
+    write_cache(tmp_path / "b", num_rows=24, part_size=8, seed=1)
+    mix = batching.MixtureSource([batching.CacheSource(tmp_path / "a"), batching.CacheSource(tmp_path / "b")],
+                                 [0.25, 0.75])
+    plans = [batching.epoch_plan(mix, 0, e, 2, None, 4, 1) for e in range(30)]
+    assert plans[3] == batching.epoch_plan(mix, 0, 3, 2, None, 4, 1) and plans[3] != plans[4]
+    source_of = [[int(i >= 40) for i in b] for p in plans for b in p]
+    assert all(len(set(s)) == 1 for s in source_of), "each micro-batch from one cache"
+    share_b = sum(s[0] for s in source_of) / len(source_of)
+    assert abs(share_b - 0.75) < 0.04, share_b
+    assert mix[45]["sample_index"] == storage.open_cache(tmp_path / "b")[5]["sample_index"]
+    with pytest.raises(ValueError, match="summing to 1"):
+        batching.MixtureSource(mix.sources, [0.5, 0.6])

@@ -264,7 +264,7 @@ def test_packed_batches_give_the_padded_loss_and_gradient(world, arch):
     for pack in (None, 128, total):
         b = batching.collate(samples, tok.pad_token_id, pack)
         model.zero_grad()
-        parts = tr.batch_losses(tr.forward(head, b, False), b, teacher.rows(b), "akl")
+        parts = losses.batch_losses(tr.forward(head, b, False), b, teacher.rows(b), "akl")
         (parts["kd"] + parts["ce"]).backward()
         out[pack] = (parts, {n: p.grad.clone() for n, p in model.named_parameters()}, b["input_ids"].shape)
     assert out[total][2] == (1, total) and out[128][2][0] > 1

@@ -1,0 +1,247 @@
+"""The size/fidelity frontier: what a student loses by learning from a cache instead of from the teacher itself,
+for each cache encoding, against the bytes it stores per distilled position.
+
+Two real trained teachers (built here once, kept in bench/out/fidelity/):
+  demo    the demo's generated instruction tasks (add/reverse/sort/count/max); Llama 4×128, V = 600, SFT.
+  stdlib  CPython's own standard library sources (the running interpreter's Lib/*.py, tests, idlelib and
+          site-packages left out), cut into ~1 KB plain-text chunks, every 10th file held out; a byte-level BPE
+          of V = 2048 trained on the training chunks; Llama 4×256 trained as an LM on them.
+
+Arms: top-k at several k in float16 (tail as one exact bucket), the same k=16 rows with the tail dropped and the
+head renormalized (the peers' default), top-p rows (≤ 64 wide) with bit-packed ids and 8-bit log-probs,
+quantized log-probs at 8 and 4 bits, an exact head plus tail draws, draws alone (Random-Sampling KD), the online
+teacher (dense full-vocabulary loss every step: the reference) and SFT. The non-draw caches are converted from one
+top-64 float32 cache (storage.convert: truncation adds the dropped mass to the tail term by term); draw caches
+need the full logits and are written by cache-teacher directly.
+
+Every student (same init, same batches, same lr schedule, per seed) trains with FKL (kd_ratio 1) for the same
+number of steps; then, on the held-out split, the exact KL(teacher ‖ student) over the full vocabulary (the
+teacher model run alongside) and the student's NLL. Seeds give mean ± std. Writes bench/out/fidelity.json and
+bench/fidelity.png. `python bench/fidelity.py [--quick]`.
+"""
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+import storage  # noqa: E402
+from pipeline import batching, models, teachers  # noqa: E402
+from pipeline.data import DataConfig, tokenized  # noqa: E402
+from stages import cache_teacher as ct, prepare_demo, train as tr  # noqa: E402
+from storage.codecs import id_bits  # noqa: E402
+
+OUT = ROOT / "bench/out/fidelity"
+BIG_VOCAB = 151936
+
+# name, cache encoding (converted from the top-64 float32 source unless it draws), train options
+ARMS = [
+    ("top-k 4 fp16", {"top_k": 4}, {}),
+    ("top-k 16 fp16", {"top_k": 16}, {}),
+    ("top-k 64 fp16", {"top_k": 64}, {}),
+    ("top-k 16 renormalized", {"top_k": 16}, {"tail": "renormalize"}),
+    ("top-k 16 q8", {"top_k": 16, "ids": "bitpack", "logprobs": "q8"}, {}),
+    ("top-k 16 q4", {"top_k": 16, "ids": "bitpack", "logprobs": "q4"}, {}),
+    ("top-p .90 q8", {"top_k": 64, "top_p": 0.90, "ids": "bitpack", "logprobs": "q8"}, {}),
+    ("top-p .95 q8", {"top_k": 64, "top_p": 0.95, "ids": "bitpack", "logprobs": "q8"}, {}),
+    ("top-p .99 q8", {"top_k": 64, "top_p": 0.99, "ids": "bitpack", "logprobs": "q8"}, {}),
+    ("top-p .90 q8 + 16 draws", {"top_k": 64, "top_p": 0.90, "ids": "bitpack", "logprobs": "q8", "draws": 16}, {}),
+    ("draws only (RS-KD, 32)", {"top_k": 64, "top_p": 0.0, "min_k": 0, "ids": "bitpack", "logprobs": "q8",
+                                "draws": 32}, {}),
+]
+
+
+# ---------------------------------------------------------------- teachers
+
+def build_stdlib(root: Path, train_n: int, test_n: int, steps: int) -> dict:
+    train, test, where = prepare_demo.stdlib_chunks()
+    random.Random(0).shuffle(train)
+    random.Random(1).shuffle(test)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train[:train_n]), ("test", test[:test_n]), ("lm", train[train_n:train_n + 20000])):
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in rows)
+    if not (root / "tokenizer").exists():
+        prepare_demo.save_tokenizer(root / "tokenizer", train[:20000], 2048)
+    fields = {"text_field": "text", "max_length": 256}
+    return _teacher(root, fields, where, teacher=(4, 256, 4), student=(2, 128, 2), steps=steps,
+                    lm="lm.jsonl", lr=2e-3, batch=16)
+
+
+def build_demo(root: Path, train_n: int, test_n: int, steps: int) -> dict:
+    if not (root / "train.jsonl").exists():
+        prepare_demo.run(prepare_demo.DemoDataConfig(str(root / "data"), train_n, test_n, 600))
+        for name in ("train", "test"):
+            (root / f"{name}.jsonl").write_text((root / f"data/{name}.jsonl").read_text())
+        (root / "lm.jsonl").write_text((root / "train.jsonl").read_text())
+        (root / "data/tokenizer").rename(root / "tokenizer")
+    fields = {"prompt_field": "prompt", "response_field": "response", "max_length": 64}
+    return _teacher(root, fields, "prepare-demo tasks", teacher=(4, 128, 4), student=(2, 64, 2), steps=steps,
+                    lm="lm.jsonl", lr=3e-3, batch=32)
+
+
+def _teacher(root, fields, where, teacher, student, steps, lm, lr, batch) -> dict:
+    """Train the teacher (once) and initialize the student config; the paths and data configs of a setting."""
+    for name, (layers, width, heads) in (("teacher-init", teacher), ("student-init", student)):
+        if not (root / name).exists():
+            prepare_demo.save_model(root / name, root / "tokenizer", "llama", layers, width, heads)
+    if not (root / "teacher/final").exists():
+        t0 = time.perf_counter()
+        tr.run(tr.TrainConfig(student=str(root / "teacher-init"), out=str(root / "teacher"), loss="ce",
+                              data=DataConfig(str(root / lm), **fields), max_steps=steps, lr=lr, batch_size=batch,
+                              warmup_steps=30, log_every=50, progress=False))
+        print(f"  trained teacher {root.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"root": root, "fields": fields, "where": where, "teacher": str(root / "teacher/final"),
+            "student": str(root / "student-init"), "batch": batch, "lr": lr}
+
+
+# ---------------------------------------------------------------- arms
+
+def data(setting, split):
+    return DataConfig(str(setting["root"] / f"{split}.jsonl"), **setting["fields"])
+
+
+def build_caches(setting) -> dict:
+    """Arm → cache path: one top-64 float32 cache converted per arm, draw caches written directly."""
+    root = setting["root"] / "caches"
+    source = root / "top64-f32"
+    base = dict(teacher=setting["teacher"], data=data(setting, "train"), part_size=128, progress=False)
+    ct.run(ct.CacheTeacherConfig(out=str(source), top_k=64, logprob_dtype="float32", **base))
+    out = {}
+    for name, enc, _ in ARMS:
+        path = root / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "").replace(",", "")
+        if not (path / "manifest.json").exists():
+            if enc.get("draws"):
+                ct.run(ct.CacheTeacherConfig(out=str(path), top_k=enc["top_k"], top_p=enc.get("top_p"),
+                                             min_k=enc.get("min_k", 1), ids=enc["ids"], logprob_dtype=enc["logprobs"],
+                                             tail_draws=enc["draws"], **base))
+            else:
+                storage.convert(source, path, top_k=enc["top_k"], top_p=enc.get("top_p"), min_k=enc.get("min_k"),
+                                ids=enc.get("ids"), logprobs=enc.get("logprobs", "float16"))
+        out[name] = path
+    return out
+
+
+def cache_figures(path) -> dict:
+    s = storage.statistics(path)
+    enc = s["encoding"]
+    entries = s["mean_width"] + s.get("mean_drawn_width", 0.0)
+    big = s["bytes_per_distilled_position"]
+    if enc["ids"]["codec"] == "bitpack":                 # the same rows with ids of 18 bits instead of ours
+        big += entries * (id_bits(BIG_VOCAB) - enc["ids"]["bits"]) / 8
+    return {"bytes_per_position": s["bytes_per_distilled_position"], "bytes_per_position_at_151936": big,
+            "mean_width": s["mean_width"], "mean_drawn": s.get("mean_drawn_width", 0.0),
+            "decode_kl_mean": s.get("decode_kl_mean"), "decode_kl_max": s.get("decode_kl_max")}
+
+
+def train_student(setting, out, seed, steps, cache=None, online=False, sft=False, **extra) -> float:
+    t0 = time.perf_counter()
+    cfg = dict(student=setting["student"], out=str(out), loss="ce" if sft else "fkl", seed=seed, max_steps=steps,
+               batch_size=setting["batch"], lr=setting["lr"], warmup_steps=20, part_size=128, log_every=50,
+               progress=False, init_from_config=True, tokenizer=setting["student"], **extra)
+    if cache:
+        cfg["cache"] = str(cache)
+    else:
+        cfg["data"] = data(setting, "train")
+        if online:
+            cfg["teacher"] = setting["teacher"]
+    if not (Path(out) / "final").exists():
+        tr.run(tr.TrainConfig(**cfg))
+    return time.perf_counter() - t0
+
+
+def heldout(setting, model_path, teacher_model) -> dict:
+    """Exact KL(teacher ‖ student) and KL(student ‖ teacher) over the full vocabulary, and NLL, per held-out token."""
+    from transformers import AutoModelForCausalLM
+    tok = models.load_tokenizer(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    head = models.PositionLogits(model, len(tok))
+    source = batching.TokenizedSource(tokenized(data(setting, "test"), tok, progress=False))
+    row = tr.score(head, model, teachers.OnlineTeacher(source, teacher_model, len(tok)), tok.pad_token_id,
+                   torch.device("cpu"), ("fkl", "rkl"), batch_size=32)
+    return {"kl": row["fkl"], "rkl": row["rkl"], "nll": row["ce"]}
+
+
+def run_setting(name, setting, seeds, steps) -> dict:
+    from transformers import AutoModelForCausalLM
+    print(f"== {name}: {setting['where']}", flush=True)
+    caches = build_caches(setting)
+    teacher_model = AutoModelForCausalLM.from_pretrained(setting["teacher"]).eval()
+    runs = setting["root"] / "runs"
+    arms = [("online (dense)", None, {"online": True}), ("SFT", None, {"sft": True})] + \
+        [(n, caches[n], opts) for n, _, opts in ARMS]
+    rows = []
+    for arm, cache, opts in arms:
+        row = {"arm": arm, **(cache_figures(cache) if cache else {}), "seeds": []}
+        for seed in seeds:
+            out = runs / f"{arm.replace(' ', '_').replace('/', '')}-s{seed}"
+            seconds = train_student(setting, out, seed, steps, cache=cache, **opts)
+            row["seeds"].append({"seed": seed, "train_s": seconds, **heldout(setting, out / "final", teacher_model)})
+        for key in ("kl", "rkl", "nll"):
+            vals = [s[key] for s in row["seeds"]]
+            row[key] = statistics.mean(vals)
+            row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+        print(f"  {arm:26s} " + (f"{row['bytes_per_position']:7.1f} B/pos  " if cache else " " * 15) +
+              f"KL {row['kl']:.4f} ± {row['kl_std']:.4f}  NLL {row['nll']:.3f}", flush=True)
+    ref = rows[0]["kl"]
+    for row in rows:
+        row["kl_vs_online"] = row["kl"] / ref
+    t_stats = storage.statistics(caches["top-k 64 fp16"])
+    return {"where": setting["where"], "vocab": len(models.load_tokenizer(setting["teacher"])), "steps": steps,
+            "seeds": seeds, "positions": t_stats["distilled_positions"], "rows": rows}
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.6))
+    for ax, (name, res) in zip(axes if len(results) > 1 else [axes], results.items()):
+        rows = res["rows"]
+        online, sft = rows[0], rows[1]
+        ax.axhspan(online["kl"] - online["kl_std"], online["kl"] + online["kl_std"], color="#2ca02c", alpha=0.15)
+        ax.axhline(online["kl"], color="#2ca02c", label="online teacher (reference)")
+        ax.axhline(online["kl"] * 1.02, color="#2ca02c", ls=":", label="reference + 2 %")
+        ax.axhline(sft["kl"], color="#7f7f7f", ls="--", label="SFT (no teacher)")
+        for r in rows[2:]:
+            marker = "x" if "renormalized" in r["arm"] else ("^" if "draws" in r["arm"] else "o")
+            ax.errorbar(r["bytes_per_position"], r["kl"], yerr=r["kl_std"], fmt=marker, capsize=3)
+            ax.annotate(r["arm"], (r["bytes_per_position"], r["kl"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.axvline(64, color="k", lw=0.6, ls="-.")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per distilled position on disk (zarr)")
+        ax.set_ylabel("held-out KL(teacher ‖ student), nats/token")
+        ax.set_title(f"{name}: V = {res['vocab']}, {res['steps']} steps, {len(res['seeds'])} seeds")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(quick=False):
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    seeds = [0] if quick else [0, 1]
+    settings = {
+        "demo": build_demo(OUT / "demo", 3000 if not quick else 800, 200 if not quick else 64, 600 if not quick else 100),
+        "stdlib": build_stdlib(OUT / "stdlib", 4000 if not quick else 800, 200 if not quick else 64,
+                               1500 if not quick else 100),
+    }
+    steps = {"demo": 200 if not quick else 20, "stdlib": 250 if not quick else 20}
+    results = {name: run_setting(name, s, seeds, steps[name]) for name, s in settings.items()}
+    out = ROOT / "bench/out"
+    out.mkdir(exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(results, ROOT / ("bench/fidelity-quick.png" if quick else "bench/fidelity.png"))
+    return results
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
