@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 import storage  # noqa: E402
-from pipeline import batching, models, teachers  # noqa: E402
+from pipeline import batching, losses, models, teachers  # noqa: E402
 from pipeline.data import DataConfig, tokenized  # noqa: E402
 from stages import cache_teacher as ct, prepare_demo, train as tr  # noqa: E402
 from storage.codecs import id_bits  # noqa: E402
@@ -188,14 +188,53 @@ def run_setting(name, setting, seeds, steps) -> dict:
             row[key] = statistics.mean(vals)
             row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         rows.append(row)
+        (ROOT / "bench/out").mkdir(exist_ok=True)
+        (ROOT / f"bench/out/fidelity-{name}.partial.json").write_text(json.dumps(rows, indent=1, default=str))
         print(f"  {arm:26s} " + (f"{row['bytes_per_position']:7.1f} B/pos  " if cache else " " * 15) +
               f"KL {row['kl']:.4f} ± {row['kl_std']:.4f}  NLL {row['nll']:.3f}", flush=True)
     ref = rows[0]["kl"]
     for row in rows:
         row["kl_vs_online"] = row["kl"] / ref
     t_stats = storage.statistics(caches["top-k 64 fp16"])
+    angles = {"at_student_init": gradient_angles(setting, caches, setting["student"]),
+              "at_online_student": gradient_angles(setting, caches, runs / "online_(dense)-s0" / "final")}
+    for row in rows:
+        for where, a in angles.items():
+            if row["arm"] in a:
+                row[f"grad_angle_deg_{where}"] = a[row["arm"]]["angle_deg"]
+                row[f"grad_rel_error_{where}"] = a[row["arm"]]["relative_error"]
     return {"where": setting["where"], "vocab": len(models.load_tokenizer(setting["teacher"])), "steps": steps,
             "seeds": seeds, "positions": t_stats["distilled_positions"], "rows": rows}
+
+
+def gradient_angles(setting, caches, checkpoint, n=128, batch=32) -> dict:
+    """Per arm: the angle (degrees) and relative error of its FKL parameter gradient against the online teacher's dense
+    FKL gradient, on the same n training samples, at a fixed student checkpoint. Low-noise: no training trajectory."""
+    from transformers import AutoModelForCausalLM
+    tok = models.load_tokenizer(checkpoint)
+    student = AutoModelForCausalLM.from_pretrained(checkpoint)
+    teacher_model = AutoModelForCausalLM.from_pretrained(setting["teacher"]).eval()
+    head = models.PositionLogits(student, len(tok))
+    source = batching.TokenizedSource(tokenized(data(setting, "train"), tok, progress=False), 128)
+
+    def grad(teacher, tail="bucket"):
+        student.zero_grad()
+        for a in range(0, n, batch):
+            b = batching.collate([teacher.source[i] for i in range(a, a + batch)], tok.pad_token_id)
+            parts = losses.batch_losses(tr.forward(head, b, False), b, teacher.rows(b), "fkl", tail=tail)
+            (parts["kd"] / n).backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters()]).clone()
+
+    ref = grad(teachers.OnlineTeacher(source, teacher_model, len(tok)))
+    out = {}
+    for name, _, opts in ARMS:
+        g = grad(teachers.CachedTeacher(caches[name]), opts.get("tail", "bucket"))
+        cos = float(torch.nn.functional.cosine_similarity(g, ref, dim=0))
+        out[name] = {"angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
+                     "relative_error": float((g - ref).norm() / ref.norm())}
+        print(f"  gradient {name:26s} {out[name]['angle_deg']:6.2f}°  relative error {out[name]['relative_error']:.3f}",
+              flush=True)
+    return out
 
 
 def plot(results, path):

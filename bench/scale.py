@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from pipeline import batching, losses, models  # noqa: E402
+from pipeline import batching, models  # noqa: E402
 from pipeline.data import DataConfig, tokenized  # noqa: E402
 from stages import prepare_demo  # noqa: E402
 from pipeline.losses import batch_losses  # noqa: E402

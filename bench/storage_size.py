@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +133,7 @@ def main(positions=16384, vocabs=(32000, 151936)):
                              enc["draws"])
             for backend in ("zarr", "arrow"):
                 with tempfile.TemporaryDirectory() as d:
-                    m = build(Path(d) / "c", backend, rows, k, vocab, enc)
+                    build(Path(d) / "c", backend, rows, k, vocab, enc)
                     stats = storage.statistics(Path(d) / "c")
                     row = {"vocab": vocab, "encoding": name, "k": k, "backend": backend,
                            "bytes_per_position": stats["bytes_per_distilled_position"],

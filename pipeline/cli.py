@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 
 import click
@@ -113,7 +112,7 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
     if result["status"] == "hit":
         click.echo(f"cache hit: {result['path']} (key {result['manifest']['cache_key'][:16]})")
         return
-    if result.get("parts_written", 0) == 0 and result["status"] == "partial" and int(os.environ.get("RANK", "0")):
+    if not result.get("writer", True):          # the other ranks of a tensor-parallel group write nothing
         return
     m = result["manifest"]
     truncated = m["counts"].get("truncated_samples", 0) if m else "?"

@@ -24,7 +24,6 @@ import functools
 import numpy as np
 import torch
 
-import storage
 from pipeline import batching, losses
 
 

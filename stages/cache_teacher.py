@@ -166,7 +166,8 @@ def run(cfg: CacheTeacherConfig) -> dict:
     if manifest is None:
         manifest = storage.complete_manifest(out, plan["cache_key"])
     return {"status": "complete" if manifest else "partial", "path": str(out), "manifest": manifest,
-            "seconds": time.perf_counter() - t0, "parts_written": len(missing) if group.writer else 0, **stats}
+            "seconds": time.perf_counter() - t0, "parts_written": len(missing) if group.writer else 0,
+            "writer": group.writer, **stats}
 
 
 def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype) -> dict:

@@ -73,6 +73,13 @@ def run(cfg: ReportConfig) -> str:
         lines.append(f"| {label} | {len(g)} | " + " | ".join(cells) + " |")
 
     plots = []
+
+    def save(fig, title, name):
+        fig.tight_layout()
+        fig.savefig(out.parent / name, dpi=110)
+        plt.close(fig)
+        plots.append((title, name))
+
     fig, axes = plt.subplots(1, len(present[:3]) or 1, figsize=(4.5 * max(1, len(present[:3])), 3.5))
     for ax, (m, name, _) in zip(axes if hasattr(axes, "__iter__") else [axes], present[:3]):
         vals = [[e[m] for e in groups[l] if m in e] for l in labels]
@@ -80,10 +87,7 @@ def run(cfg: ReportConfig) -> str:
                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], color="#4c72b0", capsize=3)
         ax.set_title(name)
         ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(out.parent / "metrics_per_loss.png", dpi=110)
-    plt.close(fig)
-    plots.append(("Metrics per loss", "metrics_per_loss.png"))
+    save(fig, "Metrics per loss", "metrics_per_loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = plt.get_cmap("tab10")
@@ -98,10 +102,7 @@ def run(cfg: ReportConfig) -> str:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("Learning curves (one line per seed)")
-    fig.tight_layout()
-    fig.savefig(out.parent / "learning_curves.png", dpi=110)
-    plt.close(fig)
-    plots.append(("Learning curves", "learning_curves.png"))
+    save(fig, "Learning curves", "learning_curves.png")
 
     akl = [r for l in labels if l.rpartition("/")[2] == "akl" for e in groups[l] for r in [_metrics_rows(e.get("run"))] if r]
     if akl:
@@ -119,10 +120,7 @@ def run(cfg: ReportConfig) -> str:
         ax.legend(loc="upper left")
         ax2.legend(loc="upper right")
         ax.set_title("AKL head and tail gaps over training")
-        fig.tight_layout()
-        fig.savefig(out.parent / "akl_gaps.png", dpi=110)
-        plt.close(fig)
-        plots.append(("AKL head and tail gaps", "akl_gaps.png"))
+        save(fig, "AKL head and tail gaps", "akl_gaps.png")
 
     rounds_plot = [l for l in by_round if l.rpartition("/")[2].startswith("onpolicy")]
     if rounds_plot:
@@ -149,10 +147,7 @@ def run(cfg: ReportConfig) -> str:
             ax.set_xlabel("on-policy round (0: the start checkpoint)")
             ax.legend(fontsize=7)
         fig.suptitle("On-policy rounds (mean over seeds)")
-        fig.tight_layout()
-        fig.savefig(out.parent / "onpolicy_rounds.png", dpi=110)
-        plt.close(fig)
-        plots.append(("On-policy rounds", "onpolicy_rounds.png"))
+        save(fig, "On-policy rounds", "onpolicy_rounds.png")
 
     lines += ["", "Mean ± standard deviation over seeds where there are several. KL columns: per distilled token,",
               "on the held-out split's teacher cache (top-k + tail bucket); \"own gen.\": exact, over the full",
