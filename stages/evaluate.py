@@ -40,6 +40,20 @@ def normalize(text: str) -> str:
     return "".join(text.split()).lower()
 
 
+def answer_correct(prediction: str, reference: str, answer: str) -> bool:
+    """The reference is a template around its answer (prefix + answer + suffix, compared without spaces or case):
+    the prediction is correct when what it holds between that prefix and suffix (each stripped where present) is
+    the answer. "j appears 1 times" and a bare "1" answer 1; "j appears 11 times" does not."""
+    p, r, a = normalize(prediction), normalize(reference), normalize(answer)
+    at = r.rfind(a)
+    prefix, suffix = (r[:at], r[at + len(a):]) if at >= 0 else ("", "")
+    if prefix and p.startswith(prefix):
+        p = p[len(prefix):]
+    if suffix and p.endswith(suffix):
+        p = p[:-len(suffix)]
+    return p == a
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, device, progress=True):
     """Greedy continuations of prompts rendered with the training template, batched with left padding: the texts and
@@ -86,7 +100,7 @@ def run(cfg: EvalConfig) -> dict:
         metrics["exact_match"] = 100 * sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
         if cfg.answer_field and cfg.answer_field in rows.column_names:
             answers = [str(r[cfg.answer_field]) for r in rows]
-            metrics["answer_accuracy"] = 100 * sum(normalize(p).endswith(normalize(a)) for p, a in zip(preds, answers)) / len(answers)
+            metrics["answer_accuracy"] = 100 * sum(map(answer_correct, preds, refs, answers)) / len(answers)
         metrics["examples"] = [{"prompt": r[cfg.data.prompt_field], "reference": ref, "prediction": p}
                                for r, ref, p in list(zip(rows, refs, preds))[:5]]
     if cfg.teacher_cache:

@@ -144,6 +144,7 @@ def run(cfg: ReportConfig) -> str:
         axes[0].set_ylabel("held-out answer accuracy %")
         axes[1].set_ylabel("KL(teacher ‖ student) on its own greedy generations")
         for ax in axes:
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("on-policy round (0: the start checkpoint)")
             ax.legend(fontsize=7)
         fig.suptitle("On-policy rounds (mean over seeds)")
