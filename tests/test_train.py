@@ -328,6 +328,17 @@ def test_a_cache_with_drawn_tail_tokens_trains_every_kind(world, tmp_path):
         assert s["nonfinite"] == 0
 
 
+def test_a_cache_of_draws_alone_trains_teacher_weighted_kinds_and_refuses_the_others(world, tmp_path):
+    """Random-Sampling KD (no head): fkl learns from the draws; rkl/akl would see one bucket holding all the mass."""
+    ct.run(ct.CacheTeacherConfig(teacher=world["teacher"], data=train_data(world), out=str(tmp_path / "c"), top_k=8,
+                                 top_p=0.0, min_k=0, ids="bitpack", logprob_dtype="q8", tail_draws=16, part_size=32,
+                                 progress=False))
+    assert distill(world, tmp_path / "fkl", "fkl", cache=str(tmp_path / "c"), max_steps=2)["nonfinite"] == 0
+    for kind in ("rkl", "akl"):
+        with pytest.raises(ValueError, match=f"--loss {kind} weighs the bins by the student's probabilities"):
+            distill(world, tmp_path / kind, kind, cache=str(tmp_path / "c"), max_steps=2)
+
+
 @pytest.mark.parametrize("extra,expect", [
     (["--fsdp"], "--fsdp runs under torchrun"),
     (["--teacher", "t"], "give --cache (a cached teacher) or --teacher (run online), not both"),
