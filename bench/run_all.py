@@ -32,13 +32,14 @@ def fidelity_table(r) -> list[str]:
     for name, res in r.items():
         lines += ["", f"**{name}** ({res['where']}; V = {res['vocab']}, {res['steps']} steps, seeds "
                       f"{res['seeds']}, {res['positions']} distilled training positions)", "",
-                  "| arm | B/pos | B/pos at V=151936 | decode KL | held-out KL(T‖S) | ÷ online | NLL | grad. angle to "
-                  "online, random student / trained |", "|---|---|---|---|---|---|---|---|"]
+                  "| arm | B/pos | B/pos at V=151936 | decode KL | held-out KL(T‖S) | ÷ online | NLL | FKL gradient error "
+                  "vs online (angle), student at init / trained |", "|---|---|---|---|---|---|---|---|"]
         for row in res["rows"]:
             b = f"{row['bytes_per_position']:.0f}" if "bytes_per_position" in row else "–"
             big = f"{row['bytes_per_position_at_151936']:.0f}" if "bytes_per_position" in row else "–"
             dkl = f"{row['decode_kl_mean']:.1e}" if row.get("decode_kl_mean") is not None else "–"
-            ang = (f"{row['grad_angle_deg_at_student_init']:.1f}° / {row['grad_angle_deg_at_online_student']:.1f}°"
+            ang = (f"{row['grad_rel_error_at_student_init']:.1%} ({row['grad_angle_deg_at_student_init']:.1f}°) / "
+                   f"{row['grad_rel_error_at_online_student']:.1%} ({row['grad_angle_deg_at_online_student']:.1f}°)"
                    if "grad_angle_deg_at_online_student" in row else "–")
             lines.append(f"| {row['arm']} | {b} | {big} | {dkl} | {row['kl']:.4f} ± {row['kl_std']:.4f} | "
                          f"{row['kl_vs_online']:.3f} | {row['nll']:.3f} ± {row['nll_std']:.3f} | {ang} |")

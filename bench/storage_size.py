@@ -38,6 +38,7 @@ ENCODINGS = [
     ("k64 q4 bitpack", 64, {"ids": "bitpack", "logprob_dtype": "q4"}),
     ("top-p .95 q8 bitpack", 64, {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.95}),
     ("top-p .90 q8 bitpack + 16 draws", 64, {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.90, "draws": 16}),
+    ("top-p .50 q8 bitpack + 24 draws", 64, {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.50, "draws": 24}),
     ("RS-KD 32 draws", 64, {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.0, "min_k": 0, "draws": 32}),
 ]
 
