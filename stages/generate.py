@@ -12,6 +12,7 @@ token, and both log-probs of the drawn token are recorded.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -85,12 +86,14 @@ class Stepper:
         from transformers import DynamicCache
         self.model, self.vocab, self.attn = model, vocab, attn
         self.cache = DynamicCache()
+        # transformers renamed the forward's past_key_values to cache in 5.x (the old name goes in 5.40)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.pos = (attn.cumsum(-1) - 1).clamp_min(0)
         self.logits = self._run(ids, self.pos)
 
     def _run(self, ids, pos):
-        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=pos, use_cache=True,
+                         **{self.cache_arg: self.cache})
         return out.logits[:, -1, :self.vocab].float()
 
     def advance(self, tokens):
