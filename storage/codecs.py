@@ -218,14 +218,21 @@ def drawn_logprobs(counts: np.ndarray, offsets: np.ndarray, tail: np.ndarray, n_
 def padded(flat: np.ndarray, offsets: np.ndarray, start: int, stop: int, pad) -> np.ndarray:
     """Rows [start, stop) of a ragged array as [stop − start, max width], right-padded with `pad` (a view when the
     rows share one width)."""
+    return padded_rows([(flat, pad)], offsets, start, stop)[0]
+
+
+def padded_rows(arrays: list, offsets: np.ndarray, start: int, stop: int) -> list[np.ndarray]:
+    """padded() for several (flat, pad) arrays that share the offsets: the scatter positions are computed once
+    (element j of row r goes to r · width + j − offset_r)."""
     o = offsets[start:stop + 1]
     widths = np.diff(o)
     if len(widths) and widths.min() == widths.max():
-        return flat[o[0]:o[-1]].reshape(len(widths), int(widths[0]))
+        return [flat[o[0]:o[-1]].reshape(len(widths), int(widths[0])) for flat, _ in arrays]
     width = int(widths.max()) if widths.size else 0
-    cols = np.arange(width)
-    idx = o[:-1, None] + cols[None, :]
-    valid = cols[None, :] < widths[:, None]
-    out = np.full((len(widths), width), pad, dtype=np.result_type(flat.dtype, np.min_scalar_type(pad)))
-    out[valid] = flat[idx[valid]]
+    where = np.arange(int(o[-1] - o[0])) + np.repeat(np.arange(len(widths)) * width - (o[:-1] - o[0]), widths)
+    out = []
+    for flat, pad in arrays:
+        rows = np.full(len(widths) * width, pad, dtype=np.result_type(flat.dtype, np.min_scalar_type(pad)))
+        rows[where] = flat[o[0]:o[-1]]
+        out.append(rows.reshape(len(widths), width))
     return out

@@ -195,12 +195,14 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
     """Sample i of a decoded part at temperature index t, teacher rows padded to the sample's widest row."""
     t0, t1 = part["token_offsets"][i:i + 2]
     p0, p1 = (int(x) for x in part["position_offsets"][i:i + 2])
+    ids, logprobs = C.padded_rows([(part["topk_ids"], -1), (part[f"topk_logprobs_{t}"], -np.inf)],
+                                  part["topk_offsets"], p0, p1)
     out = {
         "sample_index": int(part["sample_index"][i]),
         "input_ids": part["input_ids"][t0:t1],
         "loss_mask": part["loss_mask"][t0:t1],
-        "topk_ids": C.padded(part["topk_ids"], part["topk_offsets"], p0, p1, -1),
-        "topk_logprobs": C.padded(part[f"topk_logprobs_{t}"], part["topk_offsets"], p0, p1, -np.inf),
+        "topk_ids": ids,
+        "topk_logprobs": logprobs,
         "tail_logmass": part[f"tail_logmass_{t}"][p0:p1],
     }
     if f"target_logprob_{t}" in part:
@@ -208,8 +210,8 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
     if "behavior_logprob" in part:
         out["behavior_logprob"] = part["behavior_logprob"][p0:p1]
     if f"drawn_ids_{t}" in part:
-        out["drawn_ids"] = C.padded(part[f"drawn_ids_{t}"], part[f"drawn_offsets_{t}"], p0, p1, -1)
-        out["drawn_logprobs"] = C.padded(part[f"drawn_logprobs_{t}"], part[f"drawn_offsets_{t}"], p0, p1, -np.inf)
+        out["drawn_ids"], out["drawn_logprobs"] = C.padded_rows(
+            [(part[f"drawn_ids_{t}"], -1), (part[f"drawn_logprobs_{t}"], -np.inf)], part[f"drawn_offsets_{t}"], p0, p1)
     return out
 
 
