@@ -200,8 +200,9 @@ def run_setting(name, setting, seeds, steps) -> dict:
     for row in rows:
         row["kl_vs_online"] = row["kl"] / ref
     t_stats = storage.statistics(caches["top-k 64 fp16"])
-    angles = {"at_student_init": gradient_angles(setting, caches, setting["student"]),
-              "at_online_student": gradient_angles(setting, caches, runs / "online_(dense)-s0" / "final")}
+    angles = {"at_student_init": gradient_angles(setting, caches, setting["student"], teacher_model),
+              "at_online_student": gradient_angles(setting, caches, runs / "online_(dense)-s0" / "final",
+                                                   teacher_model)}
     for row in rows:
         for where, a in angles.items():
             if row["arm"] in a:
@@ -211,13 +212,12 @@ def run_setting(name, setting, seeds, steps) -> dict:
             "seeds": seeds, "positions": t_stats["distilled_positions"], "rows": rows}
 
 
-def gradient_angles(setting, caches, checkpoint, n=128, batch=32) -> dict:
+def gradient_angles(setting, caches, checkpoint, teacher_model, n=128, batch=32) -> dict:
     """Per arm: the angle (degrees) and relative error of its FKL parameter gradient against the online teacher's dense
     FKL gradient, on the same n training samples, at a fixed student checkpoint. Low-noise: no training trajectory."""
     from transformers import AutoModelForCausalLM
     tok = models.load_tokenizer(checkpoint)
     student = AutoModelForCausalLM.from_pretrained(checkpoint)
-    teacher_model = AutoModelForCausalLM.from_pretrained(setting["teacher"]).eval()
     head = models.PositionLogits(student, len(tok))
     source = batching.TokenizedSource(tokenized(data(setting, "train"), tok, progress=False), 128)
 

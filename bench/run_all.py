@@ -103,10 +103,9 @@ def main(only=None):
         subprocess.run([sys.executable, str(HERE / s)], check=True)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, CPU"}
-    for script, key in SCRIPTS.items():
-        name = {"storage": "storage.json"}.get(key, f"{key}.json")
-        if (out / name).exists():
-            results[key] = json.loads((out / name).read_text())
+    for key in SCRIPTS.values():
+        if (out / f"{key}.json").exists():
+            results[key] = json.loads((out / f"{key}.json").read_text())
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     print(tables(results))
 

@@ -160,13 +160,13 @@ def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, t
         for m in getattr(t, "manifests", [t.manifest]):
             check_teacher_compatible(m["identity"]["tokenizer"]["fingerprint"], m["vocab_size"],
                                      m["counts"].get("max_token_id", -1), tok, model, cfg)
-        headless = [m for m in getattr(t, "manifests", [t.manifest])
-                    if m.get("encoding", {}).get("top_p") == 0 and m["encoding"].get("min_k") == 0]
-        if headless and cfg.loss in HEAD_NEEDED:
+        sources = getattr(t.source, "sources", [t.source])
+        if cfg.loss in HEAD_NEEDED and any(s.cache.encoding.get("top_p") == 0 and s.cache.encoding.get("min_k") == 0
+                                           for s in sources):
             raise ValueError(f"--loss {cfg.loss} weighs the bins by the student's probabilities, and a cache without a "
                              "head (--top-p 0 --min-k 0: tail draws only) gives it no signal; use fkl, sfkl or jsd, "
                              "or a cache with a head (--top-p 0.5 --tail-draws 24)")
-        if cfg.loss == "pg" and not all(s.cache.has_target_logprob for s in getattr(t.source, "sources", [t.source])):
+        if cfg.loss == "pg" and not all(s.cache.has_target_logprob for s in sources):
             raise ValueError("--loss pg needs the teacher's log-prob of each sampled token: a version-2 cache of "
                              "generated data (cache-teacher stores target_logprob)")
         return t

@@ -173,7 +173,7 @@ def decode_logprobs(data: np.ndarray, offsets: np.ndarray, tail: np.ndarray, cod
         return (x.reshape(len(widths), -1) + (log1mexp(tail) - norm).astype(np.float32)[:, None]).ravel()
     live = widths > 0
     norm = np.zeros(len(widths))
-    norm[live] = np.log(np.add.reduceat(p, offsets[:-1][live]))
+    norm[live] = np.log(np.add.reduceat(p, offsets[:-1][live], dtype=np.float64))
     return x + np.repeat((log1mexp(tail) - norm).astype(np.float32), widths)
 
 
