@@ -4,6 +4,8 @@
 #   → on-policy rounds per student × loss × seed: generate → cache-teacher on the generations → train
 #   → evaluate (every run, every round) → report.
 # snakemake --cores N [--configfile config/gpu_dolly.yaml]
+import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -30,20 +32,24 @@ DATA_FIELDS = "--prompt-field prompt --response-field response"
 GENERATED = "--response-ids-field response_token_ids --behavior-field behavior_logprobs"
 KL_TEACHER = "--teacher {}"               # evaluate: exact KL, also on the student's own generations
 
+if ROUNDS >= 1000:
+    raise ValueError(f"onpolicy.rounds {ROUNDS}: at most 999 (a round's seed is seed·1000 + round)")
+
 wildcard_constraints:
-    split="train|test", shard=r"\d+", seed=r"\d+", r=r"\d+", student="|".join(STUDENTS),
-    loss="|".join(LOSSES + ONPOLICY_LOSSES + ["sft"]),
+    split="train|test", shard=r"\d+", seed=r"\d+", r=r"\d+", student="|".join(map(re.escape, STUDENTS)),
+    loss="|".join(map(re.escape, LOSSES + ONPOLICY_LOSSES + ["sft"])),
 
 
 def opts(d, skip=()):
-    """A config mapping → command-line options ({max_steps: 5} → --max-steps 5; lists repeat)."""
+    """A config mapping → command-line options, each value quoted for the shell ({max_steps: 5} → --max-steps 5;
+    lists repeat)."""
     out = []
     for k, v in (d or {}).items():
         if k in skip:
             continue
         flag = "--" + k.replace("_", "-")
         for x in (v if isinstance(v, list) else [v]):
-            out.append(flag if x is True else f"{flag} {x}")
+            out.append(flag if x is True else f"{flag} {shlex.quote(str(x))}")
     return " ".join(out)
 
 
@@ -93,14 +99,14 @@ def evaluated(name):
     if name.endswith("-start"):
         student = name[:-len("-start")]
         return model_path(student), (f"{student}/" if len(STUDENTS) > 1 else "") + "start", 0
-    prefix = ""
-    if "-onpolicy-" in name:
+    student = max((s for s in STUDENTS if name.startswith(f"{s}-")), key=len)     # names may hold "-" themselves
+    prefix = "" if len(STUDENTS) == 1 else f"{student}/"
+    rest = name[len(student) + 1:]
+    if rest.startswith("onpolicy-"):
         arm, r = name.rsplit("-r", 1)
-        student, rest = arm.split("-onpolicy-", 1)
-        prefix = "" if len(STUDENTS) == 1 else f"{student}/"
-        return f"{W}/onpolicy/{arm}/round-{r}/final", f"{prefix}onpolicy-{rest.rsplit('-s', 1)[0]}", int(r)
-    student, loss = name.rsplit("-s", 1)[0].split("-", 1)
-    return f"{W}/runs/{name}/final", loss if len(STUDENTS) == 1 else f"{student}/{loss}", None
+        loss = rest[len("onpolicy-"):].rsplit("-r", 1)[0].rsplit("-s", 1)[0]
+        return f"{W}/onpolicy/{arm}/round-{r}/final", f"{prefix}onpolicy-{loss}", int(r)
+    return f"{W}/runs/{name}/final", prefix + rest.rsplit("-s", 1)[0], None
 
 
 def local(path):
@@ -122,7 +128,7 @@ if config["data"].get("generate"):
         params:
             opts(config["data"]["generate"]),
         shell:
-            "pipeline prepare-demo --out {W}/data {params}"
+            "pipeline prepare-demo --out {W:q}/data {params}"
 
 else:
 
@@ -133,7 +139,7 @@ else:
         params:
             opts(config["data"]),
         shell:
-            "pipeline prepare-data --out {W}/data {params}"
+            "pipeline prepare-data --out {W:q}/data {params}"
 
 
 rule init_model:
@@ -146,7 +152,7 @@ rule init_model:
     params:
         lambda wc: opts(role_config(wc.role)["init"]),
     shell:
-        "pipeline init-model --tokenizer {W}/data/tokenizer --out {output} {params}"
+        "pipeline init-model --tokenizer {W:q}/data/tokenizer --out {output:q} {params}"
 
 
 rule pretrain:
@@ -163,8 +169,8 @@ rule pretrain:
     resources:
         gpu=GPUS,
     shell:
-        "{LAUNCH} train --loss ce --student {params.base} --data {W}/data/pretrain.jsonl --text-field text "
-        "--out {W}/pretrain/{wildcards.role} {params.train}"
+        "{LAUNCH} train --loss ce --student {params.base:q} --data {W:q}/data/pretrain.jsonl --text-field text "
+        "--out {W:q}/pretrain/{wildcards.role} {params.train}"
 
 
 rule teacher_sft:
@@ -179,8 +185,8 @@ rule teacher_sft:
     resources:
         gpu=GPUS,
     shell:
-        "{LAUNCH} train --loss ce --student {params.base} --data {input.data} {DATA_FIELDS} "
-        "--out {W}/teacher {params.train}"
+        "{LAUNCH} train --loss ce --student {params.base:q} --data {input.data:q} {DATA_FIELDS} "
+        "--out {W:q}/teacher {params.train}"
 
 
 rule student_finetune:
@@ -195,8 +201,8 @@ rule student_finetune:
     resources:
         gpu=GPUS,
     shell:
-        "{LAUNCH} train --loss ce --student {params.base} --data {input.data} {DATA_FIELDS} "
-        "--out {W}/start/{wildcards.student} {params.train}"
+        "{LAUNCH} train --loss ce --student {params.base:q} --data {input.data:q} {DATA_FIELDS} "
+        "--out {W:q}/start/{wildcards.student} {params.train}"
 
 
 rule cache_shard:
@@ -211,8 +217,8 @@ rule cache_shard:
     resources:
         gpu=GPUS,
     shell:
-        "{CACHE_LAUNCH} --teacher {params.teacher} --data {input.data} {DATA_FIELDS} "
-        "--out {W}/cache/{wildcards.split} --shard {wildcards.shard}/{SHARDS} {params.cache}"
+        "{CACHE_LAUNCH} --teacher {params.teacher:q} --data {input.data:q} {DATA_FIELDS} "
+        "--out {W:q}/cache/{wildcards.split} --shard {wildcards.shard}/{SHARDS} {params.cache}"
 
 
 rule cache_verify:
@@ -221,7 +227,7 @@ rule cache_verify:
     output:
         touch(f"{W}/flags/cache-{{split}}.verified"),
     shell:
-        "pipeline verify {W}/cache/{wildcards.split} && pipeline inspect {W}/cache/{wildcards.split}"
+        "pipeline verify {W:q}/cache/{wildcards.split} && pipeline inspect {W:q}/cache/{wildcards.split}"
 
 
 rule distill:
@@ -241,8 +247,8 @@ rule distill:
         gpu=GPUS,
         nodes=NODES,
     shell:
-        "{LAUNCH} train --student {params.student} --cache {W}/cache/train --loss {wildcards.loss} "
-        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {params.run} {TRAIN_FLAGS} {params.train}"
+        "{LAUNCH} train --student {params.student:q} --cache {W:q}/cache/train --loss {wildcards.loss} "
+        "--seed {wildcards.seed} --eval-cache {W:q}/cache/test --out {params.run:q} {TRAIN_FLAGS} {params.train}"
 
 
 rule sft:
@@ -260,8 +266,8 @@ rule sft:
         gpu=GPUS,
         nodes=NODES,
     shell:
-        "{LAUNCH} train --loss ce --student {params.student} --data {input.data} {DATA_FIELDS} "
-        "--seed {wildcards.seed} --eval-cache {W}/cache/test --out {params.run} {TRAIN_FLAGS} {params.train}"
+        "{LAUNCH} train --loss ce --student {params.student:q} --data {input.data:q} {DATA_FIELDS} "
+        "--seed {wildcards.seed} --eval-cache {W:q}/cache/test --out {params.run:q} {TRAIN_FLAGS} {params.train}"
 
 
 # ---- on-policy rounds: round r samples with the student of round r − 1 (round 1: the start checkpoint), the
@@ -297,9 +303,10 @@ rule generate_round:
         student=previous,
         sampling=opts(ONPOLICY.get("sampling")),
         more=opts({"samples_per_prompt": ONPOLICY.get("samples_per_prompt", 1), "limit": ONPOLICY.get("prompts")}),
+        seed=lambda wc: 1000 * int(wc.seed) + int(wc.r),       # distinct for every (seed, round)
     shell:
-        "pipeline generate --model {params.student} --data {input.data} --prompt-field prompt --out {output} "
-        "--round {wildcards.r} --seed {wildcards.seed}{wildcards.r} {params.sampling} {params.more}"
+        "pipeline generate --model {params.student:q} --data {input.data:q} --prompt-field prompt --out {output:q} "
+        "--round {wildcards.r} --seed {params.seed} {params.sampling} {params.more}"
 
 
 rule cache_round:
@@ -315,8 +322,8 @@ rule cache_round:
     resources:
         gpu=GPUS,
     shell:
-        "{CACHE_LAUNCH} --teacher {params.teacher} --data {input.data} {DATA_FIELDS} {GENERATED} "
-        "--out {params.arm}/cache-{wildcards.r} {params.cache} && pipeline verify {params.arm}/cache-{wildcards.r}"
+        "{CACHE_LAUNCH} --teacher {params.teacher:q} --data {input.data:q} {DATA_FIELDS} {GENERATED} "
+        "--out {params.arm:q}/cache-{wildcards.r} {params.cache} && pipeline verify {params.arm:q}/cache-{wildcards.r}"
 
 
 rule train_round:
@@ -329,16 +336,17 @@ rule train_round:
         directory(f"{ARM}/round-{{r}}/final"),
     params:
         student=previous,
-        caches=lambda wc: (f"--cache {W}/cache/train --cache {arm(wc)}/cache-{wc.r} --mix {ONPOLICY['lambda']}"
-                           if ONPOLICY.get("lambda", 1.0) < 1 else f"--cache {arm(wc)}/cache-{wc.r}"),
+        caches=lambda wc: (f"--cache {shlex.quote(W + '/cache/train')} --cache {shlex.quote(f'{arm(wc)}/cache-{wc.r}')} "
+                           f"--mix {ONPOLICY['lambda']}" if ONPOLICY.get("lambda", 1.0) < 1
+                           else f"--cache {shlex.quote(f'{arm(wc)}/cache-{wc.r}')}"),
         arm=arm,
         train=lambda wc: round_train_options(),
     resources:
         gpu=GPUS,
         nodes=NODES,
     shell:
-        "{LAUNCH} train --student {params.student} {params.caches} --loss {wildcards.loss} --seed {wildcards.seed} "
-        "--eval-cache {W}/cache/test --out {params.arm}/round-{wildcards.r} {TRAIN_FLAGS} {params.train}"
+        "{LAUNCH} train --student {params.student:q} {params.caches} --loss {wildcards.loss} --seed {wildcards.seed} "
+        "--eval-cache {W:q}/cache/test --out {params.arm:q}/round-{wildcards.r} {TRAIN_FLAGS} {params.train}"
 
 
 rule evaluate:
@@ -354,13 +362,13 @@ rule evaluate:
         label=lambda wc: evaluated(wc.name)[1],
         round=lambda wc: "" if evaluated(wc.name)[2] is None else f"--round {evaluated(wc.name)[2]}",
         run=lambda wc: Path(evaluated(wc.name)[0]).parent,
-        teacher=KL_TEACHER.format(model_path("teacher")) if ROUNDS else "",
+        teacher_flag=KL_TEACHER.format(shlex.quote(model_path("teacher"))) if ROUNDS else "",
         eval=opts(config.get("evaluate")),
     resources:
         gpu=min(GPUS, 1),
     shell:
-        "pipeline evaluate --model {params.model} --data {input.data} {DATA_FIELDS} --teacher-cache {W}/cache/test "
-        "{params.teacher} --label {params.label} {params.round} --run {params.run} --out {output} {params.eval}"
+        "pipeline evaluate --model {params.model:q} --data {input.data:q} {DATA_FIELDS} --teacher-cache {W:q}/cache/test "
+        "{params.teacher_flag} --label {params.label:q} {params.round} --run {params.run:q} --out {output:q} {params.eval}"
 
 
 rule report:
@@ -368,5 +376,7 @@ rule report:
         expand(f"{W}/eval/{{name}}.json", name=["teacher"] + STARTS + OFF + ON),
     output:
         f"{R}/report.md",
+    params:
+        title=shlex.quote(config["title"]),
     shell:
-        "pipeline report {input} --out {output} --title '{config[title]}'"
+        "pipeline report {input:q} --out {output:q} --title {params.title}"

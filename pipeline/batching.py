@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 import storage
+from pipeline.errors import OptionError
 
 TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "drawn_ids", "drawn_logprobs",
                 "behavior_logprob")
@@ -26,6 +27,12 @@ class CacheSource:
     def __len__(self):
         return len(self.cache)
 
+    def fingerprint(self) -> str:
+        return self.cache.manifest["cache_key"]
+
+    def caches(self) -> list:
+        return [self.cache]
+
     def __getitem__(self, i):
         return self.cache[int(i)]
 
@@ -44,6 +51,13 @@ class TokenizedSource:
     def __len__(self):
         return len(self.lengths)
 
+    def fingerprint(self) -> str:
+        from pipeline.data import content_sha256
+        return content_sha256(self.ds)
+
+    def caches(self) -> list:
+        return []
+
     def __getitem__(self, i):
         row = self.ds[int(i)]
         return {"sample_index": int(i), "input_ids": np.asarray(row["input_ids"], np.int64),
@@ -57,7 +71,7 @@ class MixtureSource:
 
     def __init__(self, sources: list, shares: list[float]):
         if len(sources) != len(shares) or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
-            raise ValueError(f"--mix shares {shares} must be one non-negative share per cache, summing to 1")
+            raise OptionError(f"--mix shares {shares} must be one non-negative share per cache, summing to 1")
         self.sources, self.shares = sources, np.asarray(shares, np.float64)
         self.starts = np.concatenate([[0], np.cumsum([len(s) for s in sources])]).astype(np.int64)
         self.lengths = np.concatenate([np.asarray(s.lengths) for s in sources])
@@ -66,6 +80,12 @@ class MixtureSource:
 
     def __len__(self):
         return int(self.starts[-1])
+
+    def fingerprint(self) -> str:
+        return "+".join(f"{s.fingerprint()}*{w:g}" for s, w in zip(self.sources, self.shares))
+
+    def caches(self) -> list:
+        return [c for s in self.sources for c in s.caches()]
 
     def __getitem__(self, i):
         k = int(np.searchsorted(self.starts, int(i), side="right") - 1)
@@ -87,7 +107,7 @@ def _cycling(source, seed, epoch, *args):
     while True:
         batches = epoch_plan(source, seed, 10 ** 6 + 1000 * epoch + m, *args)
         if not batches:
-            raise ValueError("a mixed cache holds no micro-batch")
+            raise OptionError("a mixed cache holds no micro-batch")
         yield from batches
         m += 1
 

@@ -78,15 +78,25 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 
 
 def save(folder: Path, step: int, student, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
-    """Every rank calls this (a collective under DDP/FSDP)."""
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
-    rank, name = _rank(), f"step-{step:08d}"
-    tmp = folder / f".tmp-{name}"
-    if rank == 0:
+    """Every rank calls this (a collective under DDP/FSDP). A failed save (a full disk) leaves the previous
+    checkpoint as the latest and no partial folder behind."""
+    tmp = folder / f".tmp-step-{step:08d}"
+    if _rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     distributed.barrier()
+    try:
+        return _save(folder, tmp, step, student, optimizer, scheduler, trainer_state, keep)
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save(folder, tmp, step, student, optimizer, scheduler, trainer_state, keep) -> Path:
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    rank, name = _rank(), f"step-{step:08d}"
     flat, _, groups = _tensors(student, optimizer)
     with _single_process_quiet():
         dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / TENSORS), save_distributed=True),
@@ -121,6 +131,34 @@ def latest(folder: Path) -> Path | None:
     if not pointer.exists():
         return None
     return folder / json.loads(pointer.read_text())["checkpoint"]
+
+
+def latest_step(folder: Path) -> int | None:
+    pointer = folder / LATEST
+    return json.loads(pointer.read_text())["step"] if pointer.exists() else None
+
+
+def remove_stale(folder: Path) -> None:
+    """Partial checkpoint folders and pointer temporaries that a killed or failed save left (rank 0, before any save)."""
+    for tmp in [*folder.glob(".tmp-step-*"), *folder.glob(f".{LATEST}.*")]:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def save_final(path: Path, model, tokenizer, state_dict: dict) -> None:
+    """The trained model in transformers' layout, written beside and renamed into place."""
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load(path: Path, student, optimizer, scheduler) -> dict:

@@ -1,27 +1,43 @@
 """The `pipeline` command: a thin layer that turns options into a stage's config and calls it."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import sys
 
 import click
 
-EXPECTED = (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, KeyError, OSError)
 LOGPROB_CHOICES = ("float16", "float32", "q8", "q6", "q5", "q4", "q3", "q2")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def one_line_errors(fn):
-    """Known failures print one line `error: …` and exit 1, with no traceback."""
+    """Bad input (the project's own errors) and a full disk print one line `error: …` and exit 1; anything else is a
+    bug or a machine failure and keeps its traceback. --debug shows the traceback of every error."""
+    from pipeline.errors import ONE_LINE
+
     @functools.wraps(fn)
     def wrapper(*args, **kw):
         try:
             return fn(*args, **kw)
-        except EXPECTED as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(1)
+        except ONE_LINE as e:
+            fail(e, str(e))
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            fail(e, f"no space left on the device writing {e.filename or 'a file'} ({os.strerror(e.errno)}); free "
+                    "space and run the command again: finished parts and checkpoints are kept")
     return wrapper
+
+
+def fail(error: BaseException, message: str):
+    if os.environ.get("DISTILL_DEBUG"):
+        raise error
+    lines = message.strip().splitlines()
+    click.echo(f"error: {lines[0] if lines else type(error).__name__}", err=True)
+    sys.exit(1)
 
 
 def data_options(fn, required=True):
@@ -57,8 +73,11 @@ def parse_shard(value):
 
 @click.group()
 @click.version_option(package_name="distill-cache")
-def main():
+@click.option("--debug", is_flag=True, help="show the traceback of every error (also: DISTILL_DEBUG=1)")
+def main(debug):
     """Cache a teacher's top-k distributions once; distill many students from the cache."""
+    if debug:
+        os.environ["DISTILL_DEBUG"] = "1"
 
 
 @main.command("cache-teacher")
@@ -89,7 +108,7 @@ def main():
 @click.option("--shard", help="I/N: fill only parts p with p mod N = I (torchrun groups split it further)")
 @click.option("--part-size", default=256, show_default=True, type=int, help="samples per part")
 @click.option("--num-proc", default=1, show_default=True, type=int, help="tokenizer processes")
-@click.option("--overwrite", is_flag=True, help="replace a different cache at --out")
+@click.option("--overwrite", is_flag=True, help="replace a different cache at --out (the old one stays until the new one is whole)")
 @click.option("--strict", is_flag=True, help="abort on non-finite teacher logits instead of skipping the sample")
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
@@ -174,7 +193,10 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="auto: bf16 on GPU, float32 on CPU")
 @click.option("--resume", is_flag=True, help="continue from the run's latest checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace another run in --out (its checkpoints, model and metrics)")
 @click.option("--allow-tokenizer-mismatch", is_flag=True)
+@click.option("--allow-offpolicy-pg", is_flag=True,
+              help="--loss pg on a cache of data the student did not generate (its gradient is then biased)")
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
 def train(student, out, loss, cache, source, split, prompt_field, response_field, text_field, max_length, limit,

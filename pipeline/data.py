@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import DataError
+
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-TOKENIZE_VERSION = "2"          # bump when the tokenization below changes what it produces
+TOKENIZE_VERSION = "3"          # bump when the tokenization below changes what it produces
 
 
-class DataError(ValueError):
-    pass
 
 
 @dataclass
@@ -143,25 +143,47 @@ def encode_instructions(tokenizer, prompts: list[str], responses: list[str]) -> 
     return p_ids, r_ids
 
 
-def _tokenize_batch(batch, tokenizer, text_field, prompt_field, response_field, max_length, response_ids_field=None,
-                    behavior_field=None):
-    """datasets.map function: a batch of rows → input_ids, loss_mask, truncated, length, digest (and behavior_logprob,
-    one per distilled token, for generated rows)."""
+def as_texts(values, field: str, indices: list[int]) -> list[str]:
+    """A column's values, each checked to be text (a null or a number is refused, never turned into "None")."""
+    for v, i in zip(values, indices):
+        if not isinstance(v, str):
+            raise DataError(f"row {i}: field {field!r} is {v!r} ({type(v).__name__}), not text; fix or drop that row")
+    return list(values)
+
+
+def _generated(batch, response_ids_field, behavior_field, indices, vocab_size) -> tuple[list, list | None]:
+    """Generated rows' response ids (each a token of the vocabulary) and behavior log-probs (finite, ≤ 0)."""
+    ids = [np.asarray(r if r is not None else [], np.int64) for r in batch[response_ids_field]]
+    for r, i in zip(ids, indices):
+        if r.size and (r.min() < 0 or r.max() >= vocab_size):
+            raise DataError(f"row {i}: {response_ids_field!r} holds token id {int(r.min() if r.min() < 0 else r.max())}"
+                            f", outside the tokenizer's {vocab_size} tokens; were these rows generated with it?")
+    if not behavior_field:
+        return [r.tolist() for r in ids], None
+    behavior = [np.asarray(b if b is not None else [], np.float64) for b in batch[behavior_field]]
+    for b, i in zip(behavior, indices):
+        if not np.isfinite(b).all() or (b > 1e-6).any():
+            raise DataError(f"row {i}: {behavior_field!r} holds a log-probability that is NaN, infinite or above 0")
+    return [r.tolist() for r in ids], [b.tolist() for b in behavior]
+
+
+def _tokenize_batch(batch, indices, tokenizer, text_field, prompt_field, response_field, max_length,
+                    response_ids_field=None, behavior_field=None):
+    """datasets.map function: a batch of rows (their indices) → input_ids, loss_mask, truncated, length, digest
+    (and behavior_logprob, one per distilled token, for generated rows)."""
     behavior = None
     if text_field:
-        ids = tokenizer([str(x) for x in batch[text_field]])["input_ids"]
+        ids = tokenizer(as_texts(batch[text_field], text_field, indices))["input_ids"]
         eos = tokenizer.eos_token_id
         ids = [x + [eos] if eos is not None else x for x in ids]
         masks = [[0] + [1] * (len(x) - 1) for x in ids]
     else:
-        prompts = [str(x) for x in batch[prompt_field]]
+        prompts = as_texts(batch[prompt_field], prompt_field, indices)
         if response_ids_field:
             p_ids = encode_instructions(tokenizer, prompts, [""] * len(prompts))[0]
-            r_ids = [list(map(int, r)) for r in batch[response_ids_field]]
-            if behavior_field:
-                behavior = [list(map(float, b)) for b in batch[behavior_field]]
+            r_ids, behavior = _generated(batch, response_ids_field, behavior_field, indices, len(tokenizer))
         else:
-            p_ids, r_ids = encode_instructions(tokenizer, prompts, [str(x) for x in batch[response_field]])
+            p_ids, r_ids = encode_instructions(tokenizer, prompts, as_texts(batch[response_field], response_field, indices))
         ids = [p + r for p, r in zip(p_ids, r_ids)]
         masks = [[0] * len(p) + [1] * len(r) for p, r in zip(p_ids, r_ids)]
     out = {"input_ids": [], "loss_mask": [], "truncated": [], "length": [], "digest": []}
@@ -180,7 +202,8 @@ def _tokenize_batch(batch, tokenizer, text_field, prompt_field, response_field, 
             skip = masks[n][0]                          # only when the prompt is empty)
             kept = behavior[n][skip:skip + int(m.sum())]
             if len(behavior[n]) != len(r_ids[n]) or len(kept) != int(m.sum()):
-                raise DataError(f"row {n}: {len(behavior[n])} behavior log-probs for {len(r_ids[n])} response tokens")
+                raise DataError(f"row {indices[n]}: {len(behavior[n])} behavior log-probs for {len(r_ids[n])} response "
+                                "tokens")
             out["behavior_logprob"].append(np.asarray(kept, np.float32))
     return out
 
@@ -203,7 +226,7 @@ def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = Tr
     if cfg.behavior_field:
         columns["behavior_logprob"] = datasets.Sequence(datasets.Value("float32"))
     features = datasets.Features(columns)
-    kwargs = dict(batched=True, batch_size=1000, remove_columns=rows.column_names, features=features,
+    kwargs = dict(batched=True, with_indices=True, batch_size=1000, remove_columns=rows.column_names, features=features,
                   new_fingerprint=f"tok{key}", num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None,
                   fn_kwargs={"tokenizer": tokenizer, "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
                              "response_field": cfg.response_field, "max_length": cfg.max_length,

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import models
+from pipeline.errors import OptionError
 
 
 def init() -> tuple[int, int]:
@@ -61,11 +62,11 @@ def teacher_group(tp: int) -> TeacherGroup:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if tp < 1:
-        raise ValueError(f"--tp {tp} must be at least 1")
+        raise OptionError(f"--tp {tp} must be at least 1")
     if tp > 1 and "RANK" not in os.environ:
-        raise ValueError(f"--tp {tp} runs under torchrun: torchrun --nproc-per-node {tp} -m pipeline.cli cache-teacher …")
+        raise OptionError(f"--tp {tp} runs under torchrun: torchrun --nproc-per-node {tp} -m pipeline.cli cache-teacher …")
     if world % tp:
-        raise ValueError(f"--tp {tp} does not divide the {world} torchrun processes; use a world size that is a "
+        raise OptionError(f"--tp {tp} does not divide the {world} torchrun processes; use a world size that is a "
                          f"multiple of {tp}")
     g = rank // tp
     return TeacherGroup(tp, g, world // tp, rank % tp, list(range(g * tp, (g + 1) * tp)))
@@ -98,13 +99,13 @@ def check_tensor_parallel(config, tp: int, name: str) -> None:
     """One-line refusals for models transformers cannot shard, or a TP size that does not divide the heads."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if not getattr(text, "base_model_tp_plan", None):
-        raise ValueError(f"{name} ({config.model_type}) has no tensor-parallel plan in transformers; use "
+        raise OptionError(f"{name} ({config.model_type}) has no tensor-parallel plan in transformers; use "
                          "--device-map auto, or a single device")
     heads = getattr(text, "num_attention_heads", None)
     kv = getattr(text, "num_key_value_heads", None) or heads
     for what, n in (("attention heads", heads), ("key/value heads", kv)):
         if n is not None and n % tp:
-            raise ValueError(f"--tp {tp} does not divide the teacher's {n} {what}; choose a TP size that divides {kv}")
+            raise OptionError(f"--tp {tp} does not divide the teacher's {n} {what}; choose a TP size that divides {kv}")
 
 
 def tensor_parallel_kwargs(tp: int) -> dict:
@@ -138,7 +139,7 @@ def parse_max_memory(text: str | None) -> dict | None:
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep or not value:
-            raise ValueError(f"--max-memory {text!r}: each entry is DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
+            raise OptionError(f"--max-memory {text!r}: each entry is DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
         out[int(key) if key.strip().isdigit() else key.strip()] = value.strip()
     return out
 
@@ -148,7 +149,7 @@ def load_teacher(name: str, dtype: torch.dtype, device: torch.device, *, tp: int
     """A teacher in eval mode: sharded over its TP group, spread by a device map, or on one device."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if tp > 1 and device_map:
-        raise ValueError("--tp and --device-map are exclusive: shard across processes or spread one process, not both")
+        raise OptionError("--tp and --device-map are exclusive: shard across processes or spread one process, not both")
     if tp == 1 and not device_map:
         return models.load_model(name, dtype, device, trust_remote_code).eval()
     models.check_exists(name)
@@ -173,7 +174,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(model).__name__} names no decoder layers (_no_split_modules); --fsdp cannot shard it")
+        raise OptionError(f"{type(model).__name__} names no decoder layers (_no_split_modules); --fsdp cannot shard it")
     return layers
 
 
@@ -192,7 +193,7 @@ class Student:
         if fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             if not dist.is_initialized():
-                raise ValueError("--fsdp runs under torchrun: torchrun --nproc-per-node N -m pipeline.cli train --fsdp …")
+                raise OptionError("--fsdp runs under torchrun: torchrun --nproc-per-node N -m pipeline.cli train --fsdp …")
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
                 MixedPrecisionPolicy()
             for layer in decoder_layers(model):

@@ -41,6 +41,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.errors import OptionError
+
 KINDS = ("fkl", "rkl", "akl", "jsd", "tvd", "sfkl", "srkl")
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 AKL_EPS = 1e-8
@@ -215,13 +217,22 @@ def token_logprob(logits, targets):
 
 def check_params(kind, mu=0.5, beta=0.5, alpha=0.1):
     if kind not in KINDS:
-        raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise OptionError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
     for name, v in (("mu", mu), ("beta", beta), ("alpha", alpha)):
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name}={v} is out of range; it must lie in [0, 1]")
+            raise OptionError(f"{name}={v} is out of range; it must lie in [0, 1]")
 
 
 TAIL_MODES = ("bucket", "renormalize")
+
+
+def has_teacher_weighted_terms(kind, beta=0.5) -> bool:
+    """Whether part of a loss is weighted by the teacher's probabilities: the only terms that a cache with no head
+    (tail draws alone, one bucket holding all the mass on both sides) can feed. fkl and sfkl are; jsd is for β < 1
+    (β·KL(P‖M) vanishes at β = 1, where jsd is rkl); rkl, srkl and tvd are not, nor is akl, whose forward part is
+    weighted by the head's gap (0 without a head)."""
+    check_params(kind, beta=beta)
+    return kind in ("fkl", "sfkl") or (kind == "jsd" and beta < 1)
 
 
 def _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass, drawn_ids=None, drawn_logprobs=None):
@@ -260,7 +271,7 @@ def sparse_kd_loss_with_ce(student_logits, targets, topk_ids, topk_logprobs, tai
     shares the KD's pass over the logits when the temperature is 1."""
     check_params(kind, mu, beta, alpha)
     if tail not in TAIL_MODES:
-        raise ValueError(f"unknown tail handling {tail!r}; choose {' or '.join(TAIL_MODES)}")
+        raise OptionError(f"unknown tail handling {tail!r}; choose {' or '.join(TAIL_MODES)}")
     if validate:
         _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass, drawn_ids, drawn_logprobs)
     head = topk_ids.long()
@@ -405,5 +416,5 @@ def reduce_loss(per_position, mask=None, num_items=None):
 def mix(ce, kd, kd_ratio):
     """(1 − kd_ratio)·CE + kd_ratio·KD."""
     if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio={kd_ratio} is out of range; it must lie in [0, 1]")
+        raise OptionError(f"kd_ratio={kd_ratio} is out of range; it must lie in [0, 1]")
     return (1 - kd_ratio) * ce + kd_ratio * kd

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import ModelError
+
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
                         "architectures", "use_cache"}
-
-
-class ModelError(ValueError):
-    pass
 
 
 def resolve_device(device: str = "auto") -> torch.device:

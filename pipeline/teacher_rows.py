@@ -26,22 +26,21 @@ def topk_rows(logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor 
             "target": torch.stack(target_lps) if targets is not None else None, "finite": finite}
 
 
-def draw_tail(logits: torch.Tensor, ids: torch.Tensor, widths: torch.Tensor, temperatures, n: int,
-              generator: torch.Generator) -> torch.Tensor:
-    """n tokens per row drawn with replacement from the teacher's tail at each temperature: softmax(z / t) over
-    every token but the row's first `widths` ids. [T, P, n]; −1 where the tail is empty."""
+def draw_tail(logits: torch.Tensor, ids: torch.Tensor, widths: torch.Tensor, temperatures,
+              uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens drawn with replacement from the teacher's tail at each temperature: softmax(z / t) over every token
+    but the row's first `widths` ids, by inverse CDF (float64) at the given uniforms [T, P, n] in [0, 1). The draws are
+    a function of the logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""
     kept = torch.arange(ids.shape[1], device=ids.device)[None, :] < widths[:, None]
     out = []
-    for t in temperatures:
+    for j, t in enumerate(temperatures):
         x = logits / t
         w = x.sub_(x.amax(-1, keepdim=True)).exp_()
         at_ids = w.gather(-1, ids)
         w.scatter_(-1, ids, torch.where(kept, torch.zeros_like(at_ids), at_ids))
-        empty = w.sum(-1) <= 0
-        if len(w):
-            draws = torch.multinomial(torch.where(empty[:, None], torch.ones_like(w), w), n, replacement=True,
-                                      generator=generator)
-        else:
-            draws = torch.zeros((0, n), dtype=torch.long, device=logits.device)
-        out.append(torch.where(empty[:, None], torch.full_like(draws, -1), draws))
-    return torch.stack(out)
+        cdf = w.cumsum(-1, dtype=torch.float64)
+        del w
+        total = cdf[:, -1:]
+        draws = torch.searchsorted(cdf, uniforms[j].to(cdf) * total, right=True).clamp_max_(cdf.shape[-1] - 1)
+        out.append(torch.where(total > 0, draws, torch.full_like(draws, -1)))
+    return torch.stack(out) if out else torch.zeros((0, len(logits), uniforms.shape[-1]), dtype=torch.long)

@@ -8,9 +8,12 @@ computes them from the batch; SFT has none.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from pipeline import batching, models, teacher_rows
+from pipeline import batching, losses, models, teacher_rows
+from pipeline.errors import OptionError
 
 
 class Teacher:
@@ -69,3 +72,54 @@ class OnlineTeacher(Teacher):
         r = teacher_rows.topk_rows(logits, self.topk, [self.temperature], batch["targets"].to(logits.device))
         return {"topk_ids": r["ids"], "topk_logprobs": r["logprobs"][0], "tail_logmass": r["tail"][0],
                 "target_logprob": r["target"][0]}
+
+
+def check_serves(source, kind: str, *, beta: float = 0.5, tail: str = "bucket", allow_offpolicy_pg: bool = False):
+    """Refuse, in one line, a loss that the source's cached rows cannot feed."""
+    caches = source.caches()
+    if any(c.encoding.get("top_p") == 0 and c.encoding.get("min_k") == 0 for c in caches):
+        if kind in losses.KINDS and not losses.has_teacher_weighted_terms(kind, beta):
+            raise OptionError(f"--loss {kind}{f' --beta {beta:g}' if kind == 'jsd' else ''} gets its signal from terms "
+                              "weighted by the student's probabilities, and a cache without a head (--top-p 0 --min-k 0:"
+                              " tail draws only) gives those none; use fkl, sfkl or jsd with --beta < 1, or a cache "
+                              "with a head (--top-p 0.5 --tail-draws 24)")
+        if tail == "renormalize":
+            raise OptionError("--tail renormalize renormalizes the head, and this cache has none (--top-p 0 --min-k 0); "
+                              "use --tail bucket")
+    if kind == "pg":
+        if not all(c.has_target_logprob for c in caches):
+            raise OptionError("--loss pg needs the teacher's log-prob of each sampled token: a version-2 cache of "
+                              "generated data (cache-teacher stores target_logprob)")
+        own = [c for c in caches if c.manifest["identity"].get("dataset", {}).get("generated_by")]
+        if len(own) < len(caches) and not allow_offpolicy_pg:
+            raise OptionError("--loss pg is a policy gradient on tokens the student sampled, and a cache here holds data "
+                              "no model generated (no generated_by in its manifest); cache `pipeline generate` output, "
+                              "or pass --allow-offpolicy-pg")
+
+
+def cache_vocabulary(manifest: dict) -> dict:
+    """What a cache's ids mean: its tokenizer's fingerprint, softmax size and largest stored id."""
+    return {"fingerprint": manifest["identity"]["tokenizer"]["fingerprint"], "size": manifest["vocab_size"],
+            "max_id": manifest["counts"].get("max_token_id", -1)}
+
+
+def model_vocabulary(tok) -> dict:
+    return {"fingerprint": models.tokenizer_fingerprint(tok), "size": len(tok), "max_id": len(tok) - 1}
+
+
+def check_compatible(vocabulary: dict, tok, model, allow_mismatch: bool = False, what: str = "cache") -> int:
+    """The softmax size; refuses teacher rows whose token ids the student (model and tok) cannot read as the same
+    tokens, with the reason."""
+    vocab = models.check_vocab(model, tok, "student")
+    size, max_id = vocabulary["size"], vocabulary["max_id"]
+    if max_id >= vocab or size > models.output_size(model):
+        raise OptionError(f"the {what} holds token ids up to {max(max_id, size - 1)} but the student's vocabulary has "
+                          f"{vocab}; use a student that shares the teacher's tokenizer")
+    if models.tokenizer_fingerprint(tok) != vocabulary["fingerprint"]:
+        if not allow_mismatch:
+            raise OptionError(f"the student's tokenizer differs from the {what}'s; pass --allow-tokenizer-mismatch if "
+                              "the ids really mean the same tokens")
+        warnings.warn(f"student tokenizer differs from the {what}'s; continuing (--allow-tokenizer-mismatch)")
+    if size != vocab and not allow_mismatch:
+        raise OptionError(f"the {what}'s softmax runs over {size} tokens, the student's tokenizer has {vocab}")
+    return vocab

@@ -2,10 +2,8 @@
 the log-prob of the actual next token and, optionally, tokens drawn from its tail."""
 from __future__ import annotations
 
-import hashlib
+import math
 import os
-import queue
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,10 +15,11 @@ from tqdm import tqdm
 
 import storage
 from pipeline import __version__, batching, data as D, distributed, models, teacher_rows
+from pipeline.errors import InputError, OptionError
 from storage.codecs import top_p_widths
 
 
-class NonFiniteLogits(RuntimeError):
+class NonFiniteLogits(InputError):
     pass
 
 
@@ -56,16 +55,16 @@ class CacheTeacherConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if not self.temperatures or any(t <= 0 for t in self.temperatures):
-            raise ValueError(f"temperatures must be positive, got {self.temperatures}")
+        if not self.temperatures or any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
+            raise OptionError(f"--temperature must be finite and positive, got {', '.join(map(str, self.temperatures))}")
         if len(set(self.temperatures)) != len(self.temperatures):
-            raise ValueError(f"temperatures repeat: {self.temperatures}")
+            raise OptionError(f"temperatures repeat: {self.temperatures}")
         if self.out is None and self.cache_root is None:
-            raise ValueError("give --out or --cache-root")
+            raise OptionError("give --out or --cache-root")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
-            raise ValueError(f"--shard {self.shard[0]}/{self.shard[1]} is not of the form I/N with 0 <= I < N")
+            raise OptionError(f"--shard {self.shard[0]}/{self.shard[1]} is not of the form I/N with 0 <= I < N")
         if self.batch_size < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
-            raise ValueError("--batch-size and --batch-tokens must be at least 1")
+            raise OptionError("--batch-size and --batch-tokens must be at least 1")
 
 
 def batches(lengths: list[int], batch_size: int, batch_tokens: int | None) -> list[list[int]]:
@@ -80,35 +79,6 @@ def batches(lengths: list[int], batch_size: int, batch_tokens: int | None) -> li
             cur = []
         cur.append(i)
     return out + [cur] if cur else out
-
-
-class BackgroundWriter:
-    """Writes parts on a thread so the device never waits for storage."""
-
-    def __init__(self, writer: storage.CacheWriter):
-        self.writer, self.error = writer, None
-        self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while (item := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.write_part(*item)
-                except BaseException as e:
-                    self.error = e
-
-    def put(self, *item):
-        if self.error:
-            raise self.error
-        self.q.put(item)
-
-    def close(self):
-        self.q.put(None)
-        self.thread.join()
-        if self.error:
-            raise self.error
 
 
 def shard_of(cfg: CacheTeacherConfig, group: distributed.TeacherGroup) -> tuple[int, int]:
@@ -131,7 +101,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
     ds = D.tokenized(cfg.data, tok, cfg.num_proc, progress=cfg.progress)
     vocab = len(tok)
     if cfg.top_k < 1 or cfg.top_k > vocab:
-        raise ValueError(f"--top-k {cfg.top_k} must lie between 1 and the vocabulary size {vocab}")
+        raise OptionError(f"--top-k {cfg.top_k} must lie between 1 and the vocabulary size {vocab}")
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     identity = {
@@ -154,69 +124,80 @@ def run(cfg: CacheTeacherConfig) -> dict:
         writer = storage.CacheWriter(out, plan, overwrite=cfg.overwrite)
     distributed.barrier()
     if group.writer and writer is None:
-        writer = storage.CacheWriter(out, plan)
+        writer = storage.CacheWriter(out, plan, overwrite=cfg.overwrite)
     shard, num_shards = shard_of(cfg, group)
     missing = distributed.broadcast_in_group(writer.missing_parts(shard, num_shards) if group.writer else [], group)
     t0 = time.perf_counter()
-    stats = {"samples": 0, "tokens": 0}
+    stats = {"samples": 0, "tokens": 0, "parts_written": 0}
     if missing:
-        stats = _compute(cfg, writer, plan, missing, ds, tok, vocab, device, dtype)
+        stats = _compute(cfg, writer, plan, missing, ds, tok, vocab, device, dtype, group)
     manifest = writer.finalize() if writer else None
     distributed.barrier()
     if manifest is None:
         manifest = storage.complete_manifest(out, plan["cache_key"])
     return {"status": "complete" if manifest else "partial", "path": str(out), "manifest": manifest,
-            "seconds": time.perf_counter() - t0, "parts_written": len(missing) if group.writer else 0,
-            "writer": group.writer, **stats}
+            "seconds": time.perf_counter() - t0, "writer": group.writer, **stats}
 
 
-def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype) -> dict:
+def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> dict:
+    """Teacher rows for every part of `parts` this process claims (the group writer claims; its TP peers follow)."""
     model = distributed.load_teacher(cfg.teacher, dtype, device, tp=cfg.tp, device_map=cfg.device_map,
                                      max_memory=cfg.max_memory, trust_remote_code=cfg.trust_remote_code)
     models.check_vocab(model, tok, "teacher")
     head = models.PositionLogits(model, vocab)
-    copies = 4 if cfg.tail_draws else 3
+    copies = 6 if cfg.tail_draws else 3
     chunk = max(1, cfg.chunk_bytes // (vocab * 4 * copies))
     lengths = ds.data.column("length").to_numpy()
     rows_of = lambda p: storage.part_rows(plan, p)
     total = int(sum(lengths[rows_of(p).start:rows_of(p).stop].sum() for p in parts))
-    show = cfg.progress and writer is not None
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="cache-teacher", disable=not show)
-    out_writer = BackgroundWriter(writer) if writer is not None else None
-    n_samples = 0
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="cache-teacher", disable=not (cfg.progress and writer))
+    out_writer = storage.BackgroundWriter(writer) if writer is not None else None
+    claims = writer.claims(parts) if writer is not None else None
+    n_samples = n_parts = 0
     try:
-        for p in parts:
+        while True:
+            claim = next(claims, None) if claims is not None else None
+            p = distributed.broadcast_in_group([claim.p if claim else -1], group)[0]
+            if p < 0:
+                break
             r = rows_of(p)
-            part = D.rows_of(ds, r.start, r.stop)
-            results, skipped = [None] * len(part), 0
-            for batch in batches([len(s["input_ids"]) for s in part], cfg.batch_size, cfg.batch_tokens):
-                for i, res in zip(batch, _teacher_batch(cfg, head, [part[i] for i in batch], tok, device, chunk)):
-                    results[i] = res
-                bar.update(sum(len(part[i]["input_ids"]) for i in batch))
-                bar.set_postfix(samples=n_samples + sum(x is not None for x in results))
-            for s, res in zip(part, results):
-                if res is None:
-                    skipped += 1
-                    msg = f"non-finite teacher logits in sample {s['sample_index']}"
-                    if cfg.strict:
-                        raise NonFiniteLogits(msg + " (--strict)")
-                    warnings.warn(msg + "; skipped")
-            kept = [{**s, **res} for s, res in zip(part, results) if res is not None]
-            n_samples += len(kept)
+            kept, counts = _part_rows(cfg, head, D.rows_of(ds, r.start, r.stop), tok, device, chunk, bar)
+            n_samples, n_parts = n_samples + len(kept), n_parts + 1
+            bar.set_postfix(samples=n_samples)
             if out_writer is not None:
-                out_writer.put(p, kept, {"truncated_samples": sum(int(s["truncated"]) for s in kept),
-                                         "skipped_samples": skipped})
+                out_writer.put(p, kept, counts, claim)
     finally:
         if out_writer is not None:
             out_writer.close()
         bar.close()
-    return {"samples": n_samples, "tokens": total}
+    return {"samples": n_samples, "tokens": total, "parts_written": n_parts}
 
 
-def _generator(cfg, batch, device) -> torch.Generator:
-    """Draws depend on the seed and the batch's samples only, so a resumed or sharded run draws the same tokens."""
-    key = hashlib.sha256(f"{cfg.seed}:{','.join(str(s['sample_index']) for s in batch)}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
+def _part_rows(cfg, head, part, tok, device, chunk, bar) -> tuple[list[dict], dict]:
+    """A part's samples with their teacher rows, and its extra counts; samples with non-finite logits are skipped
+    (or abort the run with --strict)."""
+    results = [None] * len(part)
+    for batch in batches([len(s["input_ids"]) for s in part], cfg.batch_size, cfg.batch_tokens):
+        for i, res in zip(batch, _teacher_batch(cfg, head, [part[i] for i in batch], tok, device, chunk)):
+            results[i] = res
+        bar.update(sum(len(part[i]["input_ids"]) for i in batch))
+    for s, res in zip(part, results):
+        if res is None:
+            msg = f"non-finite teacher logits in sample {s['sample_index']}"
+            if cfg.strict:
+                raise NonFiniteLogits(msg + " (--strict)")
+            warnings.warn(msg + "; skipped")
+    kept = [{**s, **res} for s, res in zip(part, results) if res is not None]
+    return kept, {"truncated_samples": sum(int(s["truncated"]) for s in kept),
+                  "skipped_samples": len(part) - len(kept)}
+
+
+def draw_uniforms(seed: int, batch: list[dict], n_temps: int, n: int) -> np.ndarray:
+    """[T, P, n] uniforms for the tail draws of a batch's rows: each sample's from a generator seeded by (seed, its
+    index), so a sample draws the same tokens whatever batch, shard or resumed run computes it."""
+    per_sample = [np.random.default_rng([seed, int(s["sample_index"])]).random((n_temps, int(s["loss_mask"].sum()), n))
+                  for s in batch]
+    return np.concatenate(per_sample, axis=1) if per_sample else np.zeros((n_temps, 0, n))
 
 
 @torch.inference_mode()
@@ -225,7 +206,8 @@ def _teacher_batch(cfg, head, batch, tok, device, chunk) -> list[dict | None]:
     rows = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "rows", "cols")))
     targets = c["targets"].to(rows.device)
     narrow = cfg.top_p is not None or cfg.tail_draws
-    gen = _generator(cfg, batch, rows.device) if cfg.tail_draws else None
+    uniforms = torch.from_numpy(draw_uniforms(cfg.seed, batch, len(cfg.temperatures), cfg.tail_draws)) \
+        if cfg.tail_draws else None
     cols = {"topk_ids": [], "topk_logprobs": [], "tail_logmass": [], "target_logprob": [], "widths": [], "draws": [],
             "finite": []}
     for a in range(0, len(rows), chunk):
@@ -235,7 +217,7 @@ def _teacher_batch(cfg, head, batch, tok, device, chunk) -> list[dict | None]:
         widths = top_p_widths(lp[0], cfg.top_p, cfg.min_k) if narrow else np.full(len(lp[0]), cfg.top_k)
         if cfg.tail_draws:
             d = teacher_rows.draw_tail(logits, r["ids"], torch.from_numpy(widths).to(logits.device), cfg.temperatures,
-                                       cfg.tail_draws, gen)
+                                       uniforms[:, a:a + chunk].to(logits.device))
             cols["draws"].append(d.cpu().numpy())
         cols["topk_ids"].append(r["ids"].cpu().numpy())
         cols["topk_logprobs"].append(lp)

@@ -104,12 +104,15 @@ def run(cfg: EvalConfig) -> dict:
         metrics["examples"] = [{"prompt": r[cfg.data.prompt_field], "reference": ref, "prediction": p}
                                for r, ref, p in list(zip(rows, refs, preds))[:5]]
     if cfg.teacher_cache:
-        kl = score(head, model, teachers.CachedTeacher(cfg.teacher_cache), tok.pad_token_id, device, ("fkl", "rkl"),
-                   batch_size=cfg.batch_size)
+        cached = teachers.CachedTeacher(cfg.teacher_cache)
+        teachers.check_compatible(teachers.cache_vocabulary(cached.manifest), tok, model, what="teacher cache")
+        kl = score(head, model, cached, tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
         metrics.update(fkl_to_teacher=kl["fkl"], rkl_to_teacher=kl["rkl"])
     if cfg.teacher:
+        t_tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
         t_model = distributed.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
-        models.check_vocab(t_model, tok, "teacher")
+        models.check_vocab(t_model, t_tok, "teacher")
+        teachers.check_compatible(teachers.model_vocabulary(t_tok), tok, model, what="teacher")
         kl = score(head, model, teachers.OnlineTeacher(source, t_model, len(tok)), tok.pad_token_id, device,
                    ("fkl", "rkl"), batch_size=cfg.batch_size)
         metrics.update(exact_fkl_to_teacher=kl["fkl"], exact_rkl_to_teacher=kl["rkl"])

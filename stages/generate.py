@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import data as D, distributed, models
+from pipeline.errors import OptionError
 
 
 @dataclass
@@ -54,11 +55,11 @@ class GenerateConfig:
 
     def __post_init__(self):
         if self.samples_per_prompt < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("--samples-per-prompt, --batch-size and --max-new-tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("--temperature must be ≥ 0, --top-p in (0, 1], --top-k ≥ 0")
+            raise OptionError("--samples-per-prompt, --batch-size and --max-new-tokens must be at least 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise OptionError("--temperature must be ≥ 0, --top-p in (0, 1], --top-k ≥ 0")
         if not 0 <= self.alpha <= 1 or (self.alpha > 0) != (self.teacher is not None):
-            raise ValueError("teacher-mixed sampling takes --teacher with --alpha in (0, 1]; plain sampling neither")
+            raise OptionError("teacher-mixed sampling takes --teacher with --alpha in (0, 1]; plain sampling neither")
 
 
 def sampling_settings(cfg: GenerateConfig) -> dict:
@@ -155,9 +156,9 @@ def run(cfg: GenerateConfig) -> dict:
     if cfg.teacher:
         teacher = distributed.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
         if models.tokenizer_fingerprint(models.load_tokenizer(cfg.teacher)) != models.tokenizer_fingerprint(tok):
-            raise ValueError("teacher-mixed sampling needs the teacher and the student to share a tokenizer")
+            raise OptionError("teacher-mixed sampling needs the teacher and the student to share a tokenizer")
     rows = D.load_rows(D.DataConfig(cfg.source, cfg.split, text_field=cfg.prompt_field, limit=cfg.limit))
-    prompts = [str(x) for x in rows[cfg.prompt_field]]
+    prompts = D.as_texts(rows[cfg.prompt_field], cfg.prompt_field, range(len(rows)))
     prompt_ids = [p[-cfg.max_prompt_length:] for p in D.encode_instructions(tok, prompts, [""] * len(prompts))[0]]
     provenance = {"model": cfg.model, "config_sha256": models.config_sha256(student.config),
                   "weights_fingerprint": models.weights_fingerprint(cfg.model), "round": cfg.round}
@@ -180,10 +181,30 @@ def run(cfg: GenerateConfig) -> dict:
         bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
     out_path = Path(cfg.out)
+    write_rows(out_path, rows, results, cfg, tok, provenance, settings, teacher is not None)
+    seconds = time.perf_counter() - t0
+    return {"path": str(out_path), "samples": len(jobs), "tokens": n_tokens, "seconds": seconds,
+            "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan")}
+
+
+def write_rows(out_path: Path, rows, results, cfg, tok, provenance, settings, mixed: bool) -> None:
+    """The JSONL of generated rows, written beside and renamed into place; a failed write (a full disk) leaves no
+    temporary, and one a killed run left is removed first."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_path.parent.glob(f".{out_path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _write_jsonl(tmp, rows, results, cfg, tok, provenance, settings, mixed)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_jsonl(tmp, rows, results, cfg, tok, provenance, settings, mixed) -> None:
     with open(tmp, "w") as f:
-        for i in range(len(prompts)):
+        for i in range(len(rows)):
             base = dict(rows[i])
             for j in range(cfg.samples_per_prompt):
                 r = results[(i, j)]
@@ -191,12 +212,8 @@ def run(cfg: GenerateConfig) -> dict:
                        "response_token_ids": r["ids"], "behavior_logprobs": r["behavior"],
                        "student_logprobs": r["student"], "finished": r["finished"], "prompt_index": i, "sample": j,
                        "round": cfg.round, "generator": provenance, "sampling": settings}
-                if teacher is not None:
+                if mixed:
                     row["teacher_logprobs"] = r["teacher"]
                 f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, out_path)
-    seconds = time.perf_counter() - t0
-    return {"path": str(out_path), "samples": len(jobs), "tokens": n_tokens, "seconds": seconds,
-            "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan")}

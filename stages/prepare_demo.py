@@ -8,6 +8,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import OptionError
+
 TASKS = ("add", "reverse", "sort", "count", "max")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -119,7 +121,7 @@ def save_model(folder, tokenizer_folder, arch: str = "gpt2", layers: int = 2, wi
                              num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                              max_position_embeddings=256, tie_word_embeddings=False, **ids)
     else:
-        raise ValueError(f"unknown arch {arch!r}; choose gpt2 or llama")
+        raise OptionError(f"unknown arch {arch!r}; choose gpt2 or llama")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(folder))

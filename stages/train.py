@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import batching, checkpoint, distributed, losses, models, teachers
+from pipeline import batching, checkpoint, distributed, losses, models, run_folder, teachers
 from pipeline.data import DataConfig, tokenized
+from pipeline.errors import Diverged, OptionError, RunError
 
 LOSSES = ("ce",) + losses.KINDS + ("pg",)
 
@@ -67,42 +68,51 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     resume: bool = False
+    overwrite: bool = False
+    allow_offpolicy_pg: bool = False
     allow_tokenizer_mismatch: bool = False
     trust_remote_code: bool = False
     progress: bool = True
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+            raise OptionError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         self.cache = (self.cache,) if isinstance(self.cache, str) else (tuple(self.cache) or None if self.cache else None)
         self.mix = tuple(self.mix or ())
         n = len(self.cache or ())
         if self.mix and not (len(self.mix) == n or (n == 2 and len(self.mix) == 1)):
-            raise ValueError(f"--mix takes one share per --cache (or, with two caches, the second's share λ); "
+            raise OptionError(f"--mix takes one share per --cache (or, with two caches, the second's share λ); "
                              f"got {len(self.mix)} for {n}")
+        if self.mix and n < 2:
+            raise OptionError("--mix shares out micro-batches among two or more --cache; with one cache it would be "
+                              "ignored: drop --mix or add the other --cache")
         if n > 1 and not self.mix:
-            raise ValueError(f"{n} caches need --mix: the share of each (GKD's λ for the second of two)")
+            raise OptionError(f"{n} caches need --mix: the share of each (GKD's λ for the second of two)")
         if self.cache and self.teacher:
-            raise ValueError("give --cache (a cached teacher) or --teacher (run online), not both")
+            raise OptionError("give --cache (a cached teacher) or --teacher (run online), not both")
         if self.teacher and self.data is None:
-            raise ValueError("--teacher runs the teacher online over --data; pass --data and its fields")
+            raise OptionError("--teacher runs the teacher online over --data; pass --data and its fields")
         if self.loss == "ce" and self.data is None and self.cache is None:
-            raise ValueError("--loss ce needs --data (or --cache)")
+            raise OptionError("--loss ce needs --data (or --cache)")
         if self.loss != "ce" and self.cache is None and self.teacher is None:
-            raise ValueError(f"--loss {self.loss} distills from a teacher: pass --cache, or --teacher with --data")
+            raise OptionError(f"--loss {self.loss} distills from a teacher: pass --cache, or --teacher with --data")
         if self.kd_ratio is None:
             self.kd_ratio = 0.0 if self.loss == "ce" else 1.0
         losses.check_params(self.loss if self.loss in losses.KINDS else "fkl", self.mu, self.beta, self.alpha)
         if self.tail not in losses.TAIL_MODES:
-            raise ValueError(f"unknown --tail {self.tail!r}; choose {' or '.join(losses.TAIL_MODES)}")
+            raise OptionError(f"unknown --tail {self.tail!r}; choose {' or '.join(losses.TAIL_MODES)}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise OptionError(f"--temperature {self.temperature} must be finite and positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise OptionError(f"--lr {self.lr} must be finite and positive")
         if not 0 <= self.kd_ratio <= 1:
-            raise ValueError(f"--kd-ratio {self.kd_ratio} must lie in [0, 1]")
+            raise OptionError(f"--kd-ratio {self.kd_ratio} must lie in [0, 1]")
         if self.init_from_config and not self.tokenizer:
-            raise ValueError("--init-from-config needs --tokenizer")
+            raise OptionError("--init-from-config needs --tokenizer")
         if self.batch_size < 1 or self.grad_accum < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
-            raise ValueError("--batch-size, --grad-accum and --batch-tokens must be at least 1")
+            raise OptionError("--batch-size, --grad-accum and --batch-tokens must be at least 1")
         if self.packing and self.pack_length < 2:
-            raise ValueError(f"--pack-length {self.pack_length} must be at least 2")
+            raise OptionError(f"--pack-length {self.pack_length} must be at least 2")
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -129,27 +139,10 @@ def load_student(cfg: TrainConfig, device):
     return model, tok
 
 
-def check_teacher_compatible(fingerprint: str, vocab_size: int, max_id: int, tok, model, cfg, what="cache") -> int:
-    """The softmax size; refuses a teacher whose vocabulary the student cannot use, with the reason."""
-    vocab = models.check_vocab(model, tok, "student")
-    if max_id >= vocab or vocab_size > models.output_size(model):
-        raise ValueError(f"the {what} holds token ids up to {max(max_id, vocab_size - 1)} but the student's "
-                         f"vocabulary has {vocab}; distill into a student that shares the teacher's tokenizer")
-    if models.tokenizer_fingerprint(tok) != fingerprint:
-        if not cfg.allow_tokenizer_mismatch:
-            raise ValueError(f"the student's tokenizer differs from the {what}'s; pass --allow-tokenizer-mismatch "
-                             "if the ids really mean the same tokens")
-        warnings.warn(f"student tokenizer differs from the {what}'s; continuing (--allow-tokenizer-mismatch)")
-    if vocab_size != vocab and not cfg.allow_tokenizer_mismatch:
-        raise ValueError(f"the {what}'s softmax runs over {vocab_size} tokens, the student's tokenizer has {vocab}")
-    return vocab
-
-
-HEAD_NEEDED = ("rkl", "srkl", "tvd", "akl")     # losses whose terms keep the tail as one exact bucket
-
-
-def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, tok, model, device, online_model=None):
-    """The teacher for a split: its cache, the online teacher over its data, or none (SFT)."""
+def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, tok, model, device, online_model=None,
+                 kind: str | None = None):
+    """The teacher for a split (its cache, the online teacher over its data, or none: SFT), checked to serve the loss
+    `kind` (default: the run's)."""
     if cache:
         caches = (cache,) if isinstance(cache, str) else tuple(cache)
         if len(caches) == 1:
@@ -157,18 +150,10 @@ def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, t
         else:
             shares = cfg.mix if len(cfg.mix) == len(caches) else (1 - cfg.mix[0], cfg.mix[0])
             t = teachers.MixedCaches(caches, shares, cfg.temperature)
-        for m in getattr(t, "manifests", [t.manifest]):
-            check_teacher_compatible(m["identity"]["tokenizer"]["fingerprint"], m["vocab_size"],
-                                     m["counts"].get("max_token_id", -1), tok, model, cfg)
-        sources = getattr(t.source, "sources", [t.source])
-        if cfg.loss in HEAD_NEEDED and any(s.cache.encoding.get("top_p") == 0 and s.cache.encoding.get("min_k") == 0
-                                           for s in sources):
-            raise ValueError(f"--loss {cfg.loss} weighs the bins by the student's probabilities, and a cache without a "
-                             "head (--top-p 0 --min-k 0: tail draws only) gives it no signal; use fkl, sfkl or jsd, "
-                             "or a cache with a head (--top-p 0.5 --tail-draws 24)")
-        if cfg.loss == "pg" and not all(s.cache.has_target_logprob for s in sources):
-            raise ValueError("--loss pg needs the teacher's log-prob of each sampled token: a version-2 cache of "
-                             "generated data (cache-teacher stores target_logprob)")
+        for c in t.source.caches():
+            teachers.check_compatible(teachers.cache_vocabulary(c.manifest), tok, model, cfg.allow_tokenizer_mismatch)
+        teachers.check_serves(t.source, kind or cfg.loss, beta=cfg.beta, tail=cfg.tail,
+                              allow_offpolicy_pg=cfg.allow_offpolicy_pg)
         return t
     source = batching.TokenizedSource(tokenized(data, tok, cfg.num_proc, cfg.progress), cfg.part_size)
     if online_model is None:
@@ -181,8 +166,7 @@ def load_online_teacher(cfg: TrainConfig, tok, model, device):
     teacher = distributed.load_teacher(cfg.teacher, models.resolve_dtype(cfg.dtype, device), device,
                                        device_map=cfg.teacher_device_map, trust_remote_code=cfg.trust_remote_code)
     models.check_vocab(teacher, t_tok, "teacher")
-    check_teacher_compatible(models.tokenizer_fingerprint(t_tok), len(t_tok), len(t_tok) - 1, tok, model, cfg,
-                             "teacher")
+    teachers.check_compatible(teachers.model_vocabulary(t_tok), tok, model, cfg.allow_tokenizer_mismatch, "teacher")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -208,10 +192,21 @@ def run(cfg: TrainConfig) -> dict:
     device = models.resolve_device(cfg.device)
     bf16 = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
     out = Path(cfg.out)
+    run_folder.check_apart(out, input_paths(cfg))
     torch.manual_seed(cfg.seed)
     model, tok = load_student(cfg, device)
     online = load_online_teacher(cfg, tok, model, device) if cfg.teacher else None
     teacher = make_teacher(cfg, cfg.data, cfg.cache, tok, model, device, online)
+    eval_teacher = None
+    if cfg.eval_cache or cfg.eval_data:
+        eval_teacher = make_teacher(cfg, cfg.eval_data, cfg.eval_cache, tok, model, device, online, eval_kind(cfg))
+    folder = run_folder.RunFolder(out, _config_json(cfg), input_fingerprints(cfg, teacher, eval_teacher))
+    ckpt_dir = out / "checkpoints"
+    if rank == 0:
+        folder.claim()
+        folder.start(cfg.resume, cfg.overwrite, checkpoint.latest_step(ckpt_dir))
+        checkpoint.remove_stale(ckpt_dir)
+    distributed.barrier()
     vocab = models.check_vocab(model, tok, "student")
     student = distributed.Student(models.PositionLogits(model, vocab), model, world=world, fsdp=cfg.fsdp,
                                   bf16=bf16 and cfg.fsdp, gradient_checkpointing=cfg.gradient_checkpointing)
@@ -221,7 +216,7 @@ def run(cfg: TrainConfig) -> dict:
                                              cfg.shuffle_window, world, packed=cfg.packing)
     steps_per_epoch = math.ceil(len(plan(0)) / cfg.grad_accum)
     if steps_per_epoch == 0:
-        raise ValueError(f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batch_size} on {world} ranks")
+        raise OptionError(f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batch_size} on {world} ranks")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -231,25 +226,12 @@ def run(cfg: TrainConfig) -> dict:
 
     state = {"epoch": 0, "step_in_epoch": 0, "nonfinite": 0, "tokens": 0}
     step = 0
-    ckpt_dir = out / "checkpoints"
-    if cfg.resume and (last := checkpoint.latest(ckpt_dir)) is not None:
-        saved = json.loads((out / "config.json").read_text())
-        if saved != _config_json(cfg):
-            diff = [k for k in saved if saved[k] != _config_json(cfg).get(k) and k not in ("resume", "progress")]
-            if diff:
-                raise ValueError(f"--resume with different settings than the run in {out}: {', '.join(diff)}")
-        loaded = checkpoint.load(last, student, opt, sched)
+    if cfg.resume:
+        loaded = checkpoint.load(checkpoint.latest(ckpt_dir), student, opt, sched)
         step = loaded.pop("step")
         state.update(loaded)
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", step)
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_json(cfg), indent=1))
-        (out / "metrics.jsonl").write_text("")
-    eval_teacher = None
-    if cfg.eval_cache or cfg.eval_data:
-        eval_teacher = make_teacher(cfg, cfg.eval_data, cfg.eval_cache, tok, model, device, online)
 
     model.train()
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not cfg.progress or rank > 0)
@@ -278,7 +260,7 @@ def run(cfg: TrainConfig) -> dict:
                 state["nonfinite"] += 1
                 warnings.warn(f"non-finite loss at step {step + 1}; step skipped ({state['nonfinite']} so far)")
                 if state["nonfinite"] > cfg.max_nonfinite:
-                    raise RuntimeError(f"{state['nonfinite']} non-finite losses (more than --max-nonfinite "
+                    raise Diverged(f"{state['nonfinite']} non-finite losses (more than --max-nonfinite "
                                        f"{cfg.max_nonfinite}); lower --lr or check the data")
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -311,9 +293,9 @@ def run(cfg: TrainConfig) -> dict:
                "seconds": time.perf_counter() - t_start, "world_size": world}
     full = student.full_state_dict()
     if rank == 0:
-        model.save_pretrained(out / "final", state_dict=full)
-        tok.save_pretrained(out / "final")
+        checkpoint.save_final(out / "final", model, tok, full)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        folder.release()
     distributed.barrier()
     return summary
 
@@ -365,9 +347,14 @@ def score(student, model, teacher, pad_id, device, kinds=("fkl",), max_samples=N
     return {k: v / max(1, items) for k, v in totals.items()} | {"positions": items}
 
 
+def eval_kind(cfg) -> str:
+    """The divergence held-out rows are scored with: the run's, or fkl for CE and the policy gradient."""
+    return "fkl" if cfg.loss in ("ce", "pg") else cfg.loss
+
+
 def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dict:
     """eval_ce; with teacher rows also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
-    kind = "fkl" if cfg.loss in ("ce", "pg") else cfg.loss
+    kind = eval_kind(cfg)
     row = score(student, model, teacher, tok.pad_token_id, device, tuple(dict.fromkeys([kind, "fkl"])),
                 cfg.eval_samples, cfg.batch_size, autocast, **loss_params(cfg))
     out = {"eval_ce": row["ce"]}
@@ -379,9 +366,27 @@ def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dic
 
 def _config_json(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
-    d.pop("resume")
-    d.pop("progress")
+    for key in run_folder.IGNORED:
+        d.pop(key)
     return json.loads(json.dumps(d, default=str))
+
+
+def input_paths(cfg: TrainConfig) -> dict:
+    """The run's inputs on disk, by the option that names them (an --out may be none of them)."""
+    out = {"--student": cfg.student, "--tokenizer": cfg.tokenizer, "--teacher": cfg.teacher,
+           "--eval-cache": cfg.eval_cache, "--data": cfg.data and cfg.data.source,
+           "--eval-data": cfg.eval_data and cfg.eval_data.source}
+    return out | {f"--cache {c}": c for c in cfg.cache or ()}
+
+
+def input_fingerprints(cfg: TrainConfig, teacher, eval_teacher) -> dict:
+    """What the run depends on, pinned for --resume: its sources' content keys and the models' weights."""
+    pins = {"train": teacher.source.fingerprint(), "student": models.weights_fingerprint(cfg.student)}
+    if cfg.teacher:
+        pins["teacher"] = models.weights_fingerprint(cfg.teacher)
+    if eval_teacher is not None:
+        pins["eval"] = eval_teacher.source.fingerprint()
+    return pins
 
 
 def _append(path: Path, row: dict) -> None:

@@ -1,16 +1,25 @@
 """The two on-disk forms of a part's flat arrays: a Zarr v3 group with the sharding codec, or an Arrow IPC stream.
 
-A backend only turns a dict of 1-D arrays into files in a folder and back; what the arrays mean is part.py's.
+A backend turns a dict of 1-D arrays into the files of a part folder ({relative path: bytes}) and back; it never
+touches the disk (part_folder.py does, with the checksums) and knows nothing of what the arrays mean (part.py).
+Decoding checks each array's stored shape against the length the caller expects before reading it, so a crafted
+shape cannot make it allocate more than the part's counts say.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from .errors import CacheError, CorruptCache
+
 ZSTD_LEVEL = 3
 CHUNK_BYTES = 1 << 22
+
+
+def _check_shape(name: str, shape: tuple, expected: dict) -> None:
+    want = expected.get(name)
+    if want is not None and tuple(shape) != tuple(want):
+        raise CorruptCache(f"array {name} has shape {tuple(shape)}, the part's counts say {tuple(want)}")
 
 
 class ZarrBackend:
@@ -18,11 +27,13 @@ class ZarrBackend:
     data_name = "data.zarr"
 
     @staticmethod
-    def write(folder: Path, arrays: dict) -> None:
+    def encode(arrays: dict) -> dict[str, bytes]:
         import zarr
         from zarr.codecs import BloscCodec
+        from zarr.storage import MemoryStore
 
-        group = zarr.open_group(folder / ZarrBackend.data_name, mode="w", zarr_format=3)
+        store: dict = {}
+        group = zarr.open_group(store=MemoryStore(store), mode="w", zarr_format=3)
         for name, arr in arrays.items():
             row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:])))
             rows = max(1, CHUNK_BYTES // row_bytes)
@@ -33,13 +44,33 @@ class ZarrBackend:
                                    shards=(shard_rows,) + tail, compressors=compressor, fill_value=0)
             if arr.size:
                 z[...] = arr
+        return {f"{ZarrBackend.data_name}/{key}": buf.to_bytes() for key, buf in store.items()}
 
     @staticmethod
-    def read(folder: Path, names: list[str]) -> dict:
-        import zarr
+    def needs(names: list[str]):
+        """Which of a part's files reading `names` takes: the group's metadata and those arrays' folders."""
+        prefixes = tuple(f"{ZarrBackend.data_name}/{n}/" for n in names)
+        return lambda rel: rel == f"{ZarrBackend.data_name}/zarr.json" or rel.startswith(prefixes)
 
-        group = zarr.open_group(folder / ZarrBackend.data_name, mode="r")
-        return {name: group[name][...] for name in names}
+    @staticmethod
+    def decode(files: dict[str, bytes], names: list[str], expected: dict) -> dict:
+        import zarr
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.storage import MemoryStore
+
+        prefix = ZarrBackend.data_name + "/"
+        make = default_buffer_prototype().buffer.from_bytes
+        store = MemoryStore({k[len(prefix):]: make(v) for k, v in files.items() if k.startswith(prefix)},
+                            read_only=True)
+        group = zarr.open_group(store=store, mode="r", zarr_format=3)
+        out = {}
+        for name in names:
+            if name not in group:
+                raise CorruptCache(f"array {name} is missing")
+            z = group[name]
+            _check_shape(name, z.shape, expected)
+            out[name] = z[...]
+        return out
 
 
 class ArrowBackend:
@@ -48,20 +79,46 @@ class ArrowBackend:
     data_name = "data.arrow"
 
     @staticmethod
-    def write(folder: Path, arrays: dict) -> None:
+    def encode(arrays: dict) -> dict[str, bytes]:
         cols = {name: pa.LargeListArray.from_arrays(pa.array([0, len(a)], pa.int64()), pa.array(a))
                 for name, a in arrays.items()}
         table = pa.table(cols)
-        options = pa.ipc.IpcWriteOptions(compression="zstd")
-        with pa.OSFile(str(folder / ArrowBackend.data_name), "wb") as sink, \
-                pa.ipc.new_stream(sink, table.schema, options=options) as w:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
             w.write_table(table)
+        return {ArrowBackend.data_name: sink.getvalue().to_pybytes()}
 
     @staticmethod
-    def read(folder: Path, names: list[str]) -> dict:
-        with pa.memory_map(str(folder / ArrowBackend.data_name)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        return {n: table[n].chunk(0).values.to_numpy(zero_copy_only=False) for n in names}
+    def needs(names: list[str]):
+        return None                     # one file holds every array
+
+    @staticmethod
+    def decode(files: dict[str, bytes], names: list[str], expected: dict) -> dict:
+        table = read_arrow_table(files, ArrowBackend.data_name)
+        out = {}
+        for name in names:
+            if name not in table.column_names:
+                raise CorruptCache(f"array {name} is missing")
+            col = table[name].combine_chunks()
+            if len(col) != 1:
+                raise CorruptCache(f"column {name} holds {len(col)} rows; a version-2 Arrow part holds one")
+            values = col.values
+            _check_shape(name, (len(values),), expected)
+            out[name] = values.to_numpy(zero_copy_only=False)
+        return out
+
+
+def read_arrow_table(files: dict[str, bytes], data_name: str) -> pa.Table:
+    """The IPC stream's table, fully validated (offsets in bounds, valid buffers): a crafted file gives an error
+    here instead of an out-of-bounds read later."""
+    if data_name not in files:
+        raise CorruptCache(f"{data_name} is missing")
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(files[data_name])).read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, ValueError, OSError) as e:
+        raise CorruptCache(f"{data_name} is not a valid Arrow IPC stream ({str(e).splitlines()[0][:200]})") from e
+    return table
 
 
 BACKENDS = {"zarr": ZarrBackend, "arrow": ArrowBackend}
@@ -69,5 +126,5 @@ BACKENDS = {"zarr": ZarrBackend, "arrow": ArrowBackend}
 
 def get(name: str):
     if name not in BACKENDS:
-        raise ValueError(f"unknown cache format {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise CacheError(f"unknown cache format {name!r}; choose one of {', '.join(BACKENDS)}")
     return BACKENDS[name]

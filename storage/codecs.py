@@ -131,7 +131,7 @@ def truncate(logprobs: np.ndarray, tail: np.ndarray, widths: np.ndarray) -> tupl
     dropped = np.where(keep, 0.0, np.exp(logprobs.astype(np.float64))).sum(1)
     with np.errstate(divide="ignore"):
         new_tail = np.log(np.exp(tail.astype(np.float64)) + dropped).astype(np.float32)
-    return logprobs[keep], np.where(widths == k, tail, new_tail).astype(np.float32)
+    return logprobs[keep], np.minimum(np.where(widths == k, tail, new_tail), 0).astype(np.float32)   # log 1 at most
 
 
 # ---------------------------------------------------------------- log-probabilities

@@ -10,30 +10,99 @@ from __future__ import annotations
 import numpy as np
 
 from . import codecs as C
+from .errors import CacheError, CorruptCache
 
 LOGPROB_CODECS = {"float32": {"codec": "float32"}, "float16": {"codec": "float16"},
                   **{f"q{b}": {"codec": "power", "bits": b, "gamma": C.POWER_GAMMA} for b in (8, 6, 5, 4, 3, 2)}}
 ID_CODECS = ("plain", "bitpack")
 
 
+MAX_TOP_K = 1 << 20
+MAX_DRAWS = 65535
+
+
 def make_encoding(*, k, vocab_size, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0,
                   target_logprob=True, behavior_logprob=False) -> dict:
     if logprobs not in LOGPROB_CODECS:
-        raise ValueError(f"log-prob encoding {logprobs!r} is not supported; choose one of {', '.join(LOGPROB_CODECS)}")
+        raise CacheError(f"log-prob encoding {logprobs!r} is not supported; choose one of {', '.join(LOGPROB_CODECS)}")
     if ids not in ID_CODECS:
-        raise ValueError(f"id encoding {ids!r} is not supported; choose {' or '.join(ID_CODECS)}")
+        raise CacheError(f"id encoding {ids!r} is not supported; choose {' or '.join(ID_CODECS)}")
+    if not 1 <= k <= min(vocab_size, MAX_TOP_K):
+        raise CacheError(f"--top-k {k} must lie between 1 and the vocabulary size {vocab_size}")
     if top_p is not None and not 0 <= top_p <= 1:
-        raise ValueError(f"--top-p {top_p} must lie in [0, 1]")
+        raise CacheError(f"--top-p {top_p} must lie in [0, 1]")
     if not 0 <= min_k <= k:
-        raise ValueError(f"--min-k {min_k} must lie between 0 and --top-k {k}")
-    if draws < 0 or draws > 65535:
-        raise ValueError(f"--tail-draws {draws} must lie between 0 and 65535")
+        raise CacheError(f"--min-k {min_k} must lie between 0 and --top-k {k}")
+    if draws < 0 or draws > MAX_DRAWS:
+        raise CacheError(f"--tail-draws {draws} must lie between 0 and {MAX_DRAWS}")
+    if top_p is not None and top_p == 0 and min_k == 0 and not draws:
+        raise CacheError("--top-p 0 --min-k 0 keeps no teacher token and there are no --tail-draws: such a cache "
+                         "holds no teacher information; add --tail-draws N (RS-KD) or raise --min-k")
     id_codec = {"codec": "bitpack", "bits": C.id_bits(vocab_size)} if ids == "bitpack" else \
         {"codec": "plain", "dtype": str(C.uint_dtype(vocab_size - 1))}
     return {"top_k": int(k), "top_p": None if top_p is None else float(top_p), "min_k": int(min_k),
             "ids": id_codec, "logprobs": dict(LOGPROB_CODECS[logprobs], name=logprobs),
             "draws": {"n": int(draws), "counts_dtype": str(C.uint_dtype(draws))} if draws else None,
             "target_logprob": bool(target_logprob), "behavior_logprob": bool(behavior_logprob)}
+
+
+def encoding_problem(encoding, vocab_size: int) -> str | None:
+    """What makes an encoding read from disk unusable (None when it is one make_encoding could have written): every
+    width, bit count and dtype a decoder allocates by is checked here."""
+    try:
+        k, ids, lp = encoding["top_k"], encoding["ids"], encoding["logprobs"]
+        if not isinstance(k, int) or not 1 <= k <= min(vocab_size, MAX_TOP_K):
+            return f"top_k {k!r} is not in [1, vocab_size]"
+        if not isinstance(encoding.get("min_k", 0), int) or not 0 <= encoding.get("min_k", 0) <= k:
+            return f"min_k {encoding.get('min_k')!r} is not in [0, top_k]"
+        if ids.get("codec") == "bitpack":
+            if ids.get("bits") != C.id_bits(vocab_size):
+                return f"ids.bits {ids.get('bits')!r} is not ceil(log2 {vocab_size})"
+        elif ids.get("codec") != "plain" or ids.get("dtype") not in ("uint8", "uint16", "uint32"):
+            return f"ids {ids!r} is not a known id codec"
+        if lp.get("codec") == "power":
+            if lp.get("bits") not in range(2, 9) or not isinstance(lp.get("gamma"), (int, float)) \
+                    or not 0 < lp["gamma"] < 1e3:
+                return f"logprobs {lp!r} is not a power codec of 2 to 8 bits"
+        elif lp.get("codec") not in ("float16", "float32"):
+            return f"logprobs {lp!r} is not a known log-prob codec"
+        draws = encoding.get("draws")
+        if draws is not None and (not isinstance(draws.get("n"), int) or not 1 <= draws["n"] <= MAX_DRAWS
+                                  or draws.get("counts_dtype") not in ("uint8", "uint16")):
+            return f"draws {draws!r} is not 1 to {MAX_DRAWS} draws"
+    except (TypeError, KeyError, AttributeError) as e:
+        return f"malformed ({type(e).__name__}: {e})"
+    return None
+
+
+def stored_shapes(counts: dict, encoding: dict, n_temps: int) -> dict:
+    """The shape of every stored version-2 array, from the part's counts (None where a count is not recorded)."""
+    s, n, p = counts["samples"], counts["tokens"], counts["distilled_positions"]
+    h = counts.get("topk_entries")
+
+    def coded(entries, codec):
+        if entries is None:
+            return None
+        packed = codec["codec"] == "bitpack" or (codec["codec"] == "power" and codec["bits"] != 8)
+        return (-(-entries * codec["bits"] // 8),) if packed else (entries,)
+
+    out = {"sample_index": (s,), "token_offsets": (s + 1,), "input_ids": (n,), "loss_mask": (n,),
+           "position_offsets": (s + 1,), "topk_width": (p,), "topk_ids": coded(h, encoding["ids"]),
+           "behavior_logprob": (p,)}
+    for t in range(n_temps):
+        d = counts.get(f"drawn_entries_{t}")
+        out.update({f"topk_logprobs_{t}": coded(h, encoding["logprobs"]), f"tail_logmass_{t}": (p,),
+                    f"target_logprob_{t}": (p,), f"drawn_width_{t}": (p,), f"drawn_ids_{t}": coded(d, encoding["ids"]),
+                    f"drawn_counts_{t}": None if d is None else (d,)})
+    return out
+
+
+def decoded_bytes(counts: dict, encoding: dict, n_temps: int) -> int:
+    """An upper bound of what decoding the part allocates (bytes), from its counts."""
+    p = counts["distilled_positions"]
+    h = counts.get("topk_entries", p * encoding["top_k"])
+    d = sum(counts.get(f"drawn_entries_{t}", p * (encoding["draws"] or {}).get("n", 0)) for t in range(n_temps))
+    return 16 * (counts["samples"] + counts["tokens"]) + 16 * p * (1 + 2 * n_temps) + 12 * (h + d) * (1 + n_temps)
 
 
 def width_dtype(encoding) -> np.dtype:
@@ -80,9 +149,11 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
     if given < k and samples:
         raise ValueError(f"rows of {given} entries cannot fill an encoding of top-k {k}")
     ids = cat("topk_ids", (0, given), np.int64).reshape(-1, given)
-    lps = cat("topk_logprobs", (n_temps, 0, given), axis=1).reshape(n_temps, -1, given).astype(np.float32)
-    tails = cat("tail_logmass", (n_temps, 0), axis=1).reshape(n_temps, -1).astype(np.float32)
-    targets = cat("target_logprob", (n_temps, 0), axis=1).reshape(n_temps, -1) if encoding["target_logprob"] else None
+    # float32 rounding can put a log-probability a hair above 0 (a tail holding all the mass): probabilities ≤ 1
+    lps = np.minimum(cat("topk_logprobs", (n_temps, 0, given), axis=1).reshape(n_temps, -1, given), 0).astype(np.float32)
+    tails = np.minimum(cat("tail_logmass", (n_temps, 0), axis=1).reshape(n_temps, -1), 0).astype(np.float32)
+    targets = np.minimum(cat("target_logprob", (n_temps, 0), axis=1).reshape(n_temps, -1), 0) \
+        if encoding["target_logprob"] else None
     widths = C.top_p_widths(lps[0][:, :k], encoding["top_p"], encoding["min_k"])
     if samples and "widths" in samples[0]:      # rows that hold fewer entries (re-encoding a ragged cache)
         widths = np.minimum(widths, np.concatenate([np.asarray(s["widths"]) for s in samples]).astype(np.int64))

@@ -9,29 +9,43 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backends
+from . import backends, part_folder, v1
 from . import manifest as M
 from . import part as P
-from . import v1
+from .errors import CacheError, CorruptCache, IncompleteCache
+
+
+# a part may claim to decode to at most this many bytes per byte stored (zstd on real rows gives 2–20), plus a slack
+MAX_EXPANSION, EXPANSION_SLACK = 4096, 256 << 20
+DECODE_ERRORS = (ValueError, IndexError, TypeError, KeyError, MemoryError, OverflowError, AttributeError)
 
 
 class Cache:
-    """A finished cache. cache[i] → dict of numpy arrays for stored sample i at the chosen temperature."""
+    """A finished cache. cache[i] → dict of numpy arrays for stored sample i at the chosen temperature.
 
-    def __init__(self, path, temperature: float | None = None, max_parts_in_memory: int = 4):
+    Every part's files are checked against the checksums recorded when they were written each time they are read
+    (xxh3; sha256 with full_checks), and every size the decoders allocate by is checked against the manifest and the
+    part's bytes, so a damaged or crafted cache gives a CorruptCache error naming the part, never wrong values."""
+
+    def __init__(self, path, temperature: float | None = None, max_parts_in_memory: int = 4, full_checks: bool = False):
         self.path = Path(path)
         f = self.path / M.MANIFEST
         if not f.exists():
             state = "incomplete (no manifest: a writer has not finished)" if (self.path / M.PLAN).exists() \
                 else "not a teacher cache"
-            raise FileNotFoundError(f"{self.path} is {state}; run `pipeline cache-teacher` to create or finish it")
+            raise IncompleteCache(f"{self.path} is {state}; run `pipeline cache-teacher` to create or finish it")
         self.manifest = M.read_json(f)
-        self.version = self.manifest.get("format_version")
+        self.version = self.manifest.get("format_version") if isinstance(self.manifest, dict) else None
         if self.version not in M.READABLE_VERSIONS:
-            raise ValueError(f"{self.path} has format version {self.version}; this reader understands "
+            raise CacheError(f"{self.path} has format version {self.version}; this reader understands "
                              f"{', '.join(map(str, M.READABLE_VERSIONS))} (upgrade distill-cache)")
+        try:
+            self.encoding = self.manifest["encoding"] if self.version >= 2 else v1.encoding(self.manifest)
+            M.check(self.manifest, self.encoding)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CorruptCache(f"{f}: malformed manifest ({type(e).__name__}: {e})") from None
         self.backend = backends.get(self.manifest["backend"])
-        self.encoding = self.manifest["encoding"] if self.version >= 2 else v1.encoding(self.manifest)
+        self.full_checks = full_checks
         self.temperature_index = self.temperature_index_of(temperature)
         sizes = [self.manifest["parts"][M.part_name(p)]["counts"]["samples"] for p in range(self.num_parts)]
         self.part_sizes = sizes
@@ -59,7 +73,7 @@ class Cache:
         for j, t in enumerate(temps):
             if abs(t - float(temperature)) < 1e-9:
                 return j
-        raise ValueError(f"temperature {temperature} is not in this cache; cached temperatures: "
+        raise CacheError(f"temperature {temperature} is not in this cache; cached temperatures: "
                          f"{', '.join(map(str, temps))} (rerun cache-teacher with --temperature {temperature})")
 
     def at_temperature(self, temperature: float) -> "Cache":
@@ -74,16 +88,42 @@ class Cache:
         return self.path / M.PARTS / M.part_name(p)
 
     def read_encoded(self, p: int, names: list[str] | None = None) -> dict:
-        """Part p's arrays as stored (version-2 encoded form; a version-1 part is converted on the way)."""
-        if self.version == 1:
-            arrays = v1.read(self.backend.name, self.part_folder(p), self.manifest)
-            return arrays if names is None else {n: arrays[n] for n in names}
-        return self.backend.read(self.part_folder(p), names or P.array_names(self.encoding, len(self.temperatures)))
+        """Part p's arrays as stored (version-2 encoded form; a version-1 part is converted on the way), after its
+        files passed their checksums."""
+        name = M.part_name(p)
+        entry = self.manifest["parts"][name]
+        n_temps = len(self.temperatures)
+        names = names or P.array_names(self.encoding, n_temps)
+        try:
+            select = self.backend.needs(names) if self.version >= 2 else None
+            record, files = part_folder.read(self.part_folder(p), entry["sha256"], self.full_checks, select)
+            self._check_budget(name, entry["counts"], record)
+            if self.version == 1:
+                arrays = v1.decode(self.backend.name, files, self.manifest)
+                return {n: arrays[n] for n in names}
+            return self.backend.decode(files, names, P.stored_shapes(entry["counts"], self.encoding, n_temps))
+        except CacheError as e:
+            raise CorruptCache(f"{self.path}: {e}" if name in str(e) else f"{self.path}: {name}: {e}") from e
+        except DECODE_ERRORS as e:
+            raise CorruptCache(f"{self.path}: {name} cannot be decoded ({type(e).__name__}: {e})") from e
+
+    def _check_budget(self, name: str, counts: dict, record: dict) -> None:
+        stored = sum(record["sizes"].values())
+        need = P.decoded_bytes(counts, self.encoding, len(self.temperatures))
+        if need > MAX_EXPANSION * stored + EXPANSION_SLACK:
+            raise CorruptCache(f"{name}: its counts claim {need} decoded bytes from {stored} stored; refusing")
+        if record.get("counts", {}).get("samples") != counts["samples"]:
+            raise CorruptCache(f"{name}: part.json holds {record.get('counts', {}).get('samples')} samples, the "
+                               f"manifest {counts['samples']}")
 
     def decode(self, p: int, temperatures: list[int] | None = None) -> dict:
         """Part p decoded at the given temperature indices (default: this cache's temperature)."""
         temps = [self.temperature_index] if temperatures is None else temperatures
-        return P.decode(self.read_encoded(p), self.encoding, temps)
+        arrays = self.read_encoded(p)
+        try:
+            return P.decode(arrays, self.encoding, temps)
+        except DECODE_ERRORS as e:
+            raise CorruptCache(f"{self.path}: {M.part_name(p)} cannot be decoded ({type(e).__name__}: {e})") from e
 
     def read_part(self, p: int) -> dict:
         """Part p decoded at this cache's temperature, from the in-memory cache of recent parts or from disk."""
@@ -140,8 +180,8 @@ class Cache:
                 yield P.sample(arrays, j, self.temperature_index)
 
 
-def open_cache(path, temperature: float | None = None, max_parts_in_memory: int = 4) -> Cache:
-    return Cache(path, temperature, max_parts_in_memory)
+def open_cache(path, temperature: float | None = None, max_parts_in_memory: int = 4, full_checks: bool = False) -> Cache:
+    return Cache(path, temperature, max_parts_in_memory, full_checks)
 
 
 def block_shuffle(part_sizes: list[int], seed: int, epoch: int, window: int = 4) -> np.ndarray:

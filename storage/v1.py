@@ -2,8 +2,6 @@
 log-probabilities. A v1 part is returned in the version-2 encoded form (plain codecs), so one decoder serves both."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 
@@ -22,12 +20,13 @@ def _names(n_temps: int) -> list[str]:
     return names + [n for t in range(n_temps) for n in (f"topk_logprobs_{t}", f"tail_logmass_{t}")]
 
 
-def read(backend: str, folder: Path, manifest: dict) -> dict:
+def decode(backend: str, files: dict[str, bytes], manifest: dict) -> dict:
+    """A v1 part's files (already checked against their checksums) in the v2 encoded form."""
     n_temps = len(manifest["temperatures"])
     if backend == "zarr":
-        raw = backends.ZarrBackend.read(folder, _names(n_temps))
+        raw = backends.ZarrBackend.decode(files, _names(n_temps), {})
     else:
-        raw = _read_arrow(folder, n_temps)
+        raw = _read_arrow(files, n_temps)
     k = manifest["k"]
     out = {n: raw[n] for n in ("sample_index", "token_offsets", "input_ids", "loss_mask", "position_offsets")}
     n_pos = int(raw["position_offsets"][-1])
@@ -39,10 +38,9 @@ def read(backend: str, folder: Path, manifest: dict) -> dict:
     return out
 
 
-def _read_arrow(folder: Path, n_temps: int) -> dict:
+def _read_arrow(files: dict[str, bytes], n_temps: int) -> dict:
     """v1 Arrow: one row per sample; the list columns' flat values are the arrays, their offsets the offsets."""
-    with pa.memory_map(str(folder / "data.arrow")) as source:
-        table = pa.ipc.open_stream(source).read_all().combine_chunks()
+    table = backends.read_arrow_table(files, "data.arrow").combine_chunks()
     out = {"sample_index": table["sample_index"].to_numpy()}
     for name in table.column_names[1:]:
         list_type = table.schema.field(name).type

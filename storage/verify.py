@@ -7,36 +7,24 @@ import numpy as np
 
 from . import manifest as M
 from . import part as P
+from .errors import CacheMismatch, VerifyError
 from .reader import open_cache
 from .writer import CacheWriter, make_plan
 
 TOLERANCE = {"float16": 5e-3, "float32": 1e-4, "power": 1e-4}
 
 
-class VerifyError(ValueError):
-    pass
-
-
 def verify(path) -> dict:
-    """Check every part's checksum, shapes, dtypes, decoding and values; raise VerifyError naming the first bad part."""
-    cache = open_cache(path, max_parts_in_memory=1)
+    """Check every part's files against their sha256, then its shapes, dtypes, decoding and values; raise
+    VerifyError (CorruptCache) naming the first bad part."""
+    cache = open_cache(path, max_parts_in_memory=1, full_checks=True)
     m, enc = cache.manifest, cache.encoding
     temps = list(range(len(m["temperatures"])))
     tol = TOLERANCE[enc["logprobs"]["codec"]]
     totals = {}
     for p in range(m["num_parts"]):
         name = M.part_name(p)
-        folder = cache.part_folder(p)
-        if not folder.is_dir():
-            raise VerifyError(f"{name}: missing")
-        if M.folder_sha256(folder) != m["parts"][name]["sha256"]:
-            record = M.read_json(folder / M.PART_RECORD)
-            bad = [f for f, h in record["files"].items() if not (folder / f).exists() or M.file_sha256(folder / f) != h]
-            raise VerifyError(f"{name}: checksum mismatch" + (f" in {bad[0]}" if bad else " (part record changed)"))
-        try:
-            decoded = cache.decode(p, temps)
-        except Exception as e:  # a corrupt file can fail inside any decoder
-            raise VerifyError(f"{name}: cannot be decoded ({type(e).__name__}: {e})") from e
+        decoded = cache.decode(p, temps)
         issues = P.problems(decoded, enc, temps, m["vocab_size"], tol)
         if issues:
             raise VerifyError(f"{name}: {issues[0]}")
@@ -52,7 +40,7 @@ def verify(path) -> dict:
 
 
 def disk_bytes(path) -> int:
-    return sum(f.stat().st_size for f in M.folder_files(Path(path) / M.PARTS))
+    return sum(f.stat().st_size for f in (Path(path) / M.PARTS).rglob("*") if f.is_file())
 
 
 def statistics(path, temperature=None, max_positions: int = 1_000_000) -> dict:
@@ -140,19 +128,20 @@ def convert(src, dst, backend: str | None = None, overwrite: bool = False, *, to
     """Rewrite a finished cache part by part in another backend and/or encoding (always as the current format
     version). With the encoding unchanged the encoded arrays are copied as they are; otherwise each part is
     decoded and encoded again, so a lossy encoding's decode error is measured against the source's values."""
+    check_apart(src, dst)
     cache = open_cache(src, max_parts_in_memory=1)
     m, old = cache.manifest, cache.encoding
     if top_k is not None and top_k > m["k"]:
-        raise ValueError(f"--top-k {top_k} is wider than the source's {m['k']}; rerun cache-teacher for wider rows")
+        raise CacheMismatch(f"--top-k {top_k} is wider than the source's {m['k']}; rerun cache-teacher for wider rows")
     narrower = top_p is not None or (min_k is not None and min_k != old["min_k"]) or (top_k or m["k"]) < m["k"]
     if old.get("draws") and narrower:
-        raise ValueError("cannot narrow the rows of a cache with drawn tail tokens: the draws came from the old tail; "
+        raise CacheMismatch("cannot narrow the rows of a cache with drawn tail tokens: the draws came from the old tail; "
                          "rerun cache-teacher with the new --top-p")
     plan = make_plan(backend=backend or m["backend"], k=top_k or m["k"], temperatures=m["temperatures"],
                      vocab_size=m["vocab_size"], num_rows=m["num_rows"], part_size=m["part_size"],
                      identity=m["identity"], logprob_dtype=logprobs or old["logprobs"]["name"],
                      top_p=top_p if top_p is not None else old["top_p"],
-                     min_k=min(min_k if min_k is not None else old["min_k"], top_k or m["k"]),
+                     min_k=min_k if min_k is not None else min(old["min_k"], top_k or m["k"]),
                      ids=ids or old["ids"]["codec"],
                      draws=cache.draws, target_logprob=old["target_logprob"],
                      behavior_logprob=old.get("behavior_logprob", False), package_version=m.get("package_version", "0"))
@@ -168,3 +157,11 @@ def convert(src, dst, backend: str | None = None, overwrite: bool = False, *, to
             extra = {k: v for k, v in source_counts.items() if k in ("truncated_samples", "skipped_samples")}
             writer.write_part(p, samples, extra)
     return writer.finalize()
+
+
+def check_apart(src, dst) -> None:
+    """A conversion reads src while it writes dst: neither may be, or hold, the other."""
+    a, b = Path(src).resolve(), Path(dst).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise CacheMismatch(f"convert would write {dst} {'over' if a == b else 'inside' if a in b.parents else 'around'}"
+                            f" its source {src}; choose a destination outside the source")

@@ -1,27 +1,31 @@
-"""Writing a cache in parts: each part appears whole or not at all, the manifest comes last.
+"""Writing a cache in parts: each part appears whole or not at all, one writer per part, the manifest last.
 
-Writers on one or many machines fill disjoint parts of one cache with no shared-file locking: a part is
-written under a temporary name, then renamed; whoever finds every part present writes the manifest (the
-same bytes whoever does it).
+Any number of writers, on one machine or many sharing a file system, fill the parts of one cache. A writer claims a
+part with a lock file under `.locks/` (released by the operating system when the process dies, so a killed
+writer's part is free again) and alone may clear that part's leftovers and write it. A part is written under a
+temporary name, then renamed. Whoever finds every part present writes the manifest, after checking each part's
+files against the checksums recorded when they were written, so a part damaged in between is never sealed.
+
+`overwrite` never deletes the cache it replaces before the new one is whole: the new cache is written beside it,
+in `.NAME.staging-KEY/`, and swapped in when its manifest is written.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import queue
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
-from . import backends
+from . import backends, codecs, part_folder
 from . import manifest as M
-from . import codecs as C
 from . import part as P
-
-
-class CacheMismatch(ValueError):
-    pass
+from .errors import CacheMismatch, CorruptCache
 
 
 def make_plan(*, backend, k, temperatures, vocab_size, num_rows, part_size, identity, logprob_dtype="float16",
@@ -29,16 +33,13 @@ def make_plan(*, backend, k, temperatures, vocab_size, num_rows, part_size, iden
               package_version="0"):
     """What the writers fill: the cache's identity, encoding (see part.make_encoding) and part layout."""
     if part_size < 1:
-        raise ValueError(f"part size {part_size} must be at least 1 sample")
-    if k < 1 or k > vocab_size:
-        raise ValueError(f"top-k {k} must lie between 1 and the vocabulary size {vocab_size}")
-    encoding = P.make_encoding(k=k, vocab_size=vocab_size, top_p=top_p, min_k=min(min_k, k), ids=ids,
-                               logprobs=logprob_dtype, draws=draws, target_logprob=target_logprob,
-                               behavior_logprob=behavior_logprob)
+        raise CacheMismatch(f"part size {part_size} must be at least 1 sample")
+    encoding = P.make_encoding(k=k, vocab_size=vocab_size, top_p=top_p, min_k=min_k, ids=ids, logprobs=logprob_dtype,
+                               draws=draws, target_logprob=target_logprob, behavior_logprob=behavior_logprob)
     plan = {
         "format": M.FORMAT_NAME, "format_version": M.FORMAT_VERSION, "backend": backends.get(backend).name,
         "k": int(k), "temperatures": [float(t) for t in temperatures], "vocab_size": int(vocab_size),
-        "dtypes": {"token_ids": str(C.uint_dtype(vocab_size - 1)), "loss_mask": "uint8",
+        "dtypes": {"token_ids": str(codecs.uint_dtype(vocab_size - 1)), "loss_mask": "uint8",
                    "topk_width": str(P.width_dtype(encoding)), "tail_logmass": "float32",
                    "target_logprob": P.target_dtype(encoding), "offsets": "int64"},
         "encoding": encoding,
@@ -57,33 +58,74 @@ def part_rows(plan: dict, p: int) -> range:
     return range(p * size, min((p + 1) * size, plan["num_rows"]))
 
 
+LAYOUT_FIELDS = ("cache_key", "backend", "part_size", "num_rows")
+
+
+def same_cache(a: dict, b: dict) -> bool:
+    return all(a.get(f) == b.get(f) for f in LAYOUT_FIELDS)
+
+
+def staging_path(path: Path, plan: dict) -> Path:
+    return path.parent / f".{path.name}.staging-{plan['cache_key'][:16]}"
+
+
+def _lock(path: Path) -> FileLock:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), thread_local=False)
+
+
+def cache_lock(folder: Path) -> FileLock:
+    """The lock of a cache folder's own steps: writing its plan, its manifest, swapping it in."""
+    return _lock(folder / M.LOCKS / "cache.lock")
+
+
+class Claim:
+    """A part this process alone writes; released after its write (or when the process dies)."""
+
+    def __init__(self, p: int, lock: FileLock):
+        self.p, self.lock = p, lock
+
+    def release(self) -> None:
+        self.lock.release()
+
+
 class CacheWriter:
     def __init__(self, path, plan: dict, overwrite: bool = False):
-        self.path = Path(path)
-        self.parts_dir = self.path / M.PARTS
-        existing = self.path / M.PLAN
-        if existing.exists():
-            old = M.read_json(existing)
-            same = old.get("cache_key") == plan["cache_key"] and old.get("backend") == plan["backend"] \
-                and old.get("part_size") == plan["part_size"] and old.get("num_rows") == plan["num_rows"]
-            if not same and not overwrite:
-                diff = M.identity_diff({f: old.get(f) for f in M.KEY_FIELDS + ("backend", "part_size", "num_rows")},
-                                       {f: plan.get(f) for f in M.KEY_FIELDS + ("backend", "part_size", "num_rows")})
-                raise CacheMismatch(f"{self.path} holds a different cache (differs in {', '.join(diff[:4])}); "
+        self.target = Path(path)
+        self._folder(plan, overwrite)                   # refuse before creating anything
+        with cache_lock(self.target):
+            self.path = self._folder(plan, overwrite)
+            self.parts_dir = self.path / M.PARTS
+            existing = self.path / M.PLAN
+            if existing.exists() and not same_cache(M.read_json(existing), plan):   # a staging folder of another
+                shutil.rmtree(self.path)                                            # layout, never finished
+            self.path.mkdir(parents=True, exist_ok=True)
+            M.remove_temporaries(self.path, M.PLAN)
+            if not existing.exists():
+                M.write_json_atomic(existing, plan)
+            self.parts_dir.mkdir(exist_ok=True)
+            self.plan = M.read_json(existing)
+        self.backend = backends.get(self.plan["backend"])
+
+    def _folder(self, plan: dict, overwrite: bool) -> Path:
+        """Where this plan's parts go: the target itself, or beside it when it holds another cache to replace."""
+        target = self.target
+        if (target / M.PLAN).exists():
+            old = M.read_json(target / M.PLAN)
+            if same_cache(old, plan):
+                return target
+            if not overwrite:
+                fields = M.KEY_FIELDS + LAYOUT_FIELDS[1:]
+                diff = M.identity_diff({f: old.get(f) for f in fields}, {f: plan.get(f) for f in fields})
+                raise CacheMismatch(f"{target} holds a different cache (differs in {', '.join(diff[:4])}); "
                                     "pass --overwrite to replace it or choose another --out")
-            if same:
-                plan = old
-            else:
-                shutil.rmtree(self.path)
-        elif self.path.exists() and any(self.path.iterdir()) and not overwrite:
-            raise CacheMismatch(f"{self.path} exists and is not a cache; choose another --out or pass --overwrite")
-        elif self.path.exists() and overwrite:
-            shutil.rmtree(self.path)
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        if not existing.exists():
-            M.write_json_atomic(existing, plan)
-        self.plan = plan
-        self.backend = backends.get(plan["backend"])
+            return staging_path(target, plan)
+        if target.exists() and not target.is_dir():
+            raise CacheMismatch(f"{target} is a file, not a cache folder; choose another --out")
+        if target.exists() and any(p.name != M.LOCKS and not M.is_temporary(p.name, M.PLAN) for p in target.iterdir()):
+            raise CacheMismatch(f"{target} exists and is not a teacher cache; choose another --out (--overwrite "
+                                "replaces a cache, never other files)")
+        return target
 
     @property
     def num_parts(self) -> int:
@@ -96,58 +138,116 @@ class CacheWriter:
         return {int(d.name.split("-")[1]) for d in self.parts_dir.glob("part-*") if d.is_dir()}
 
     def missing_parts(self, shard: int = 0, num_shards: int = 1) -> list[int]:
-        """Parts of this shard (p mod num_shards == shard) not yet written; clears this shard's stale temporaries."""
-        mine = [p for p in range(self.num_parts) if p % num_shards == shard]
-        for tmp in self.parts_dir.glob(".tmp-part-*"):
-            if int(tmp.name.split("-")[2]) in mine:
-                shutil.rmtree(tmp, ignore_errors=True)
+        """Parts of this shard (p mod num_shards == shard) not yet written (some may be in another writer's hands)."""
         done = self.done_parts()
-        return [p for p in mine if p not in done]
+        return [p for p in range(shard, self.num_parts, num_shards) if p not in done]
 
-    def write_part(self, p: int, samples: list[dict], extra_counts: dict | None = None) -> dict:
+    def claim(self, p: int, wait: bool = False) -> Claim | None:
+        """Part p for this process alone, its leftovers cleared; None if it is written already, or (without wait)
+        while another live writer holds it."""
+        lock = _lock(self.path / M.LOCKS / f"{M.part_name(p)}.lock")
+        try:
+            lock.acquire(blocking=wait)
+        except Timeout:
+            return None
+        if (self.parts_dir / M.part_name(p)).is_dir():
+            lock.release()
+            return None
+        for tmp in self.parts_dir.glob(f".tmp-{M.part_name(p)}-*"):     # a killed writer's: nobody else's
+            shutil.rmtree(tmp, ignore_errors=True)
+        return Claim(p, lock)
+
+    def claims(self, parts):
+        """Claims of the given parts, in order: first those free now, then, waiting for their writers, those other
+        processes hold (a part they finish is skipped; one whose writer died is claimed)."""
+        busy = []
+        for p in parts:
+            c = self.claim(p)
+            if c is not None:
+                yield c
+            elif not (self.parts_dir / M.part_name(p)).is_dir():
+                busy.append(p)
+        for p in busy:
+            c = self.claim(p, wait=True)
+            if c is not None:
+                yield c
+
+    def write_part(self, p: int, samples: list[dict], extra_counts: dict | None = None, claim: Claim | None = None) -> dict:
         """Encode part p from its samples (see part.encode) and write it atomically; returns its record."""
         plan = self.plan
         arrays, stats = P.encode(samples, plan["encoding"], len(plan["temperatures"]),
                                  np.dtype(plan["dtypes"]["token_ids"]))
         counts = {"samples": len(arrays["sample_index"]), "tokens": int(arrays["token_offsets"][-1]),
                   "distilled_positions": int(arrays["position_offsets"][-1]), **stats, **(extra_counts or {})}
-        return self.write_arrays(p, arrays, counts)
+        return self.write_arrays(p, arrays, counts, claim)
 
-    def write_arrays(self, p: int, arrays: dict, counts: dict) -> dict:
-        """Write part p's encoded arrays under a temporary name, then rename it into place."""
-        name = M.part_name(p)
-        tmp = self.parts_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        self.backend.write(tmp, arrays)
-        record = {"part": p, "rows": [self.part_rows(p).start, self.part_rows(p).stop], "counts": counts,
-                  "files": {f.relative_to(tmp).as_posix(): M.file_sha256(f) for f in M.folder_files(tmp)}}
-        M.write_json_atomic(tmp / M.PART_RECORD, record)
-        M.fsync_tree(tmp)
+    def write_arrays(self, p: int, arrays: dict, counts: dict, claim: Claim | None = None) -> dict:
+        """Write part p's encoded arrays under a temporary name, then rename it into place (claiming it first
+        unless the caller holds its claim); the claim is released either way."""
+        claim = claim or self.claim(p, wait=True)
+        if claim is None:
+            return part_folder.read_record(self.parts_dir / M.part_name(p))[1]      # written meanwhile
         try:
-            os.rename(tmp, self.parts_dir / name)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (self.parts_dir / name).is_dir():
+            files = self.backend.encode(arrays)
+            tmp = self.parts_dir / f".tmp-{M.part_name(p)}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                rows = self.part_rows(p)
+                record = part_folder.write(tmp, files, {"part": p, "rows": [rows.start, rows.stop], "counts": counts})
+                os.rename(tmp, self.parts_dir / M.part_name(p))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        return record
+            return record
+        finally:
+            claim.release()
 
     def finalize(self) -> dict | None:
-        """Write the manifest if every part is present; returns it, or None while parts are missing."""
-        if len(self.done_parts()) < self.num_parts:
-            return None
-        return write_manifest(self.path, self.plan)
+        """Write the manifest if every part is present (and, when replacing a cache, swap the new one in); returns
+        it, or None while parts are missing."""
+        try:
+            with cache_lock(self.path):
+                done = complete_manifest(self.target, self.plan["cache_key"])
+                if done is not None or len(self.done_parts()) < self.num_parts:
+                    return done
+                manifest = write_manifest(self.path, self.plan)
+                if self.path != self.target:
+                    _swap(self.path, self.target)
+        except FileNotFoundError:                       # this staging folder was swapped in by another writer
+            return complete_manifest(self.target, self.plan["cache_key"])
+        return manifest
+
+
+def _swap(new: Path, target: Path) -> None:
+    """Put a finished cache where another stood; the old one is removed only once the new one is in place."""
+    old = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(path: Path, plan: dict) -> dict:
+    """The manifest from the part records: each part's sha256 is built from the checksums recorded when its files
+    were written, after checking the files still match them (a damaged part is moved aside, never sealed)."""
     parts, totals = {}, {}
     for p in range(plan["num_parts"]):
         folder = path / M.PARTS / M.part_name(p)
-        record = M.read_json(folder / M.PART_RECORD)
-        parts[M.part_name(p)] = {"sha256": M.folder_sha256(folder), "counts": record["counts"]}
+        try:
+            record, _ = part_folder.read(folder, None)
+        except CorruptCache as e:
+            aside = folder.with_name(f".corrupt-{folder.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(folder, aside)
+            raise CorruptCache(f"{e}; it changed after it was written and was moved to {aside.name}: rerun "
+                               "cache-teacher to write it again") from None
+        raw, record = part_folder.read_record(folder)
+        parts[M.part_name(p)] = {"sha256": part_folder.record_sha256(raw, record), "counts": record["counts"]}
         for key, v in record["counts"].items():
             totals[key] = max(totals.get(key, v), v) if "_max" in key or key.startswith("max_") else totals.get(key, 0) + v
     manifest = {**plan, "counts": totals, "parts": parts, "complete": True}
     M.write_json_atomic(path / M.MANIFEST, manifest)
+    M.remove_temporaries(path, M.MANIFEST)
+    for lock in (path / M.LOCKS).glob("part-*.lock"):          # no part is being written any more
+        lock.unlink(missing_ok=True)
     return manifest
 
 
@@ -160,3 +260,35 @@ def complete_manifest(path, cache_key: str | None = None) -> dict | None:
     if cache_key is not None and manifest.get("cache_key") != cache_key:
         return None
     return manifest
+
+
+class BackgroundWriter:
+    """Writes parts on a thread so the device never waits for storage: put() queues (part, samples, counts, claim)
+    for CacheWriter.write_part; an error there is raised by the next put() or by close()."""
+
+    def __init__(self, writer: CacheWriter):
+        self.writer, self.error = writer, None
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_part(*item)
+                except BaseException as e:
+                    self.error = e
+            elif item[3] is not None:
+                item[3].release()
+
+    def put(self, p: int, samples: list[dict], counts: dict, claim: Claim | None) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((p, samples, counts, claim))
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error

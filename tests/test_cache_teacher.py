@@ -153,7 +153,7 @@ def test_sigkill_then_resume_computes_only_missing_parts(tiny, tmp_path):
     proc.wait()
     done = sorted(p.name for p in parts.glob("part-*"))
     assert 3 <= len(done) < ref["num_parts"], done
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(storage.IncompleteCache, match="incomplete"):
         storage.verify(tmp_path / "c")
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert f"wrote {ref['num_parts'] - len(done)} parts" in out

@@ -212,7 +212,7 @@ def test_incomplete_cache_has_no_manifest_and_cannot_be_opened(tmp_path):
     w = storage.CacheWriter(tmp_path / "c", plan(num_rows=10, part_size=4))
     w.write_part(0, samples(4))
     assert w.finalize() is None and not (tmp_path / "c/manifest.json").exists()
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(storage.IncompleteCache, match="incomplete"):
         storage.open_cache(tmp_path / "c")
     assert w.missing_parts() == [1, 2]
     assert w.missing_parts(shard=1, num_shards=2) == [1]
@@ -235,8 +235,28 @@ def test_other_contents_at_the_same_path_are_refused(tmp_path):
     with pytest.raises(storage.CacheMismatch, match="differs in encoding.top_k, k"):
         storage.CacheWriter(tmp_path / "c", plan(k=4))
     assert storage.open_cache(tmp_path / "c").k == 8
-    storage.CacheWriter(tmp_path / "c", plan(k=4), overwrite=True)
-    assert not (tmp_path / "c/manifest.json").exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/todo.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(storage.CacheMismatch, match="not a teacher cache"):
+            storage.CacheWriter(tmp_path / "notes", plan(), overwrite=overwrite)
+    assert (tmp_path / "notes/todo.txt").read_text() == "mine"
+
+
+def test_overwrite_keeps_the_old_cache_until_the_new_one_is_whole(tmp_path):
+    write_cache(tmp_path / "c")
+    w = storage.CacheWriter(tmp_path / "c", plan(k=4), overwrite=True)
+    data = samples(10, k=4)
+    *first, last = w.missing_parts()
+    for p in first:
+        w.write_part(p, [data[i] for i in w.part_rows(p)])
+    assert w.finalize() is None
+    assert storage.open_cache(tmp_path / "c").k == 8 and storage.verify(tmp_path / "c")
+    w.write_part(last, [data[i] for i in w.part_rows(last)])
+    m = w.finalize()
+    assert storage.open_cache(tmp_path / "c").k == 4 and storage.verify(tmp_path / "c")["cache_key"] == m["cache_key"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]              # no staging or replaced folder left
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".locks", "manifest.json", "parts", "plan.json"]
 
 
 KILL_SCRIPT = """
@@ -270,7 +290,7 @@ def test_sigkill_at_any_instant_then_resume_equals_one_run(tmp_path, backend):
         if (out / "manifest.json").exists():
             break
         interrupted += 1
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(storage.IncompleteCache):
             storage.verify(out)
         for d in (out / "parts").glob("part-*"):
             assert (d / "part.json").exists()

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from pipeline import batching, losses, models, teachers
 from pipeline.cli import main
 from pipeline.data import DataConfig
+from pipeline.errors import Diverged, OptionError
 from stages import cache_teacher as ct, prepare_demo, train as tr
 from stages.train import TrainConfig
 from tiny import build
@@ -171,7 +172,7 @@ def test_non_finite_losses_are_skipped_then_abort(world, tmp_path):
         model.get_input_embeddings().weight[:] = float("nan")
     model.save_pretrained(tmp_path / "nan")
     models.load_tokenizer(world["llama"]).save_pretrained(tmp_path / "nan")
-    with pytest.raises(RuntimeError, match="non-finite losses"):
+    with pytest.raises(Diverged, match="non-finite losses"):
         with pytest.warns(UserWarning, match="step skipped"):
             distill(world, tmp_path / "r", student=str(tmp_path / "nan"), max_nonfinite=2)
 
@@ -334,9 +335,11 @@ def test_a_cache_of_draws_alone_trains_teacher_weighted_kinds_and_refuses_the_ot
                                  top_p=0.0, min_k=0, ids="bitpack", logprob_dtype="q8", tail_draws=16, part_size=32,
                                  progress=False))
     assert distill(world, tmp_path / "fkl", "fkl", cache=str(tmp_path / "c"), max_steps=2)["nonfinite"] == 0
-    for kind in ("rkl", "akl"):
-        with pytest.raises(ValueError, match=f"--loss {kind} weighs the bins by the student's probabilities"):
-            distill(world, tmp_path / kind, kind, cache=str(tmp_path / "c"), max_steps=2)
+    for kind, extra in (("rkl", {}), ("akl", {}), ("tvd", {}), ("jsd", {"beta": 1.0})):
+        with pytest.raises(OptionError, match=f"--loss {kind}.* gets its signal from terms weighted by the student"):
+            distill(world, tmp_path / kind, kind, cache=str(tmp_path / "c"), max_steps=2, **extra)
+    with pytest.raises(OptionError, match="--tail renormalize renormalizes the head, and this cache has none"):
+        distill(world, tmp_path / "renorm", "fkl", cache=str(tmp_path / "c"), max_steps=2, tail="renormalize")
 
 
 @pytest.mark.parametrize("extra,expect", [

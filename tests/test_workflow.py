@@ -93,7 +93,7 @@ def test_miniature_end_to_end_run_writes_the_report(mini):
     assert gen2["round"] == 2 and gen2["generator"]["model"].endswith("round-1/final")
     cache2 = json.loads((arm / "cache-2/manifest.json").read_text())
     assert cache2["encoding"]["behavior_logprob"] and cache2["identity"]["dataset"]["generated_by"][0]["round"] == 2
-    config = json.loads((arm / "round-2/config.json").read_text())
+    config = json.loads((arm / "round-2/run.json").read_text())["settings"]
     assert config["mix"] == [0.5] and len(config["cache"]) == 2 and config["student"].endswith("round-1/final")
     assert json.loads((root / "work/eval/wide-onpolicy-akl-s0-r2.json").read_text())["round"] == 2
 
