@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 import storage  # noqa: E402
-from pipeline import batching, losses, models, teachers  # noqa: E402
+from pipeline import batching, losses, models, scoring, teachers  # noqa: E402
 from pipeline.data import DataConfig, tokenized  # noqa: E402
 from stages import cache_teacher as ct, prepare_demo, train as tr  # noqa: E402
 from storage.codecs import id_bits  # noqa: E402
@@ -167,7 +167,7 @@ def heldout(setting, model_path, teacher_model) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     head = models.PositionLogits(model, len(tok))
     source = batching.TokenizedSource(tokenized(data(setting, "test"), tok, progress=False))
-    row = tr.score(head, model, teachers.OnlineTeacher(source, teacher_model, len(tok)), tok.pad_token_id,
+    row = scoring.score(head, model, teachers.OnlineTeacher(source, teacher_model, len(tok)), tok.pad_token_id,
                    torch.device("cpu"), ("fkl", "rkl"), batch_size=32)
     return {"kl": row["fkl"], "rkl": row["rkl"], "nll": row["ce"]}
 
@@ -225,7 +225,7 @@ def gradient_angles(setting, caches, checkpoint, teacher_model, n=128, batch=32)
         student.zero_grad()
         for a in range(0, n, batch):
             b = batching.collate([teacher.source[i] for i in range(a, a + batch)], tok.pad_token_id)
-            parts = losses.batch_losses(tr.forward(head, b, False), b, teacher.rows(b), "fkl", tail=tail)
+            parts = losses.batch_losses(scoring.forward(head, b, False), b, teacher.rows(b), "fkl", tail=tail)
             (parts["kd"] / n).backward()
         return torch.cat([p.grad.flatten() for p in student.parameters()]).clone()
 

@@ -29,7 +29,7 @@ from pipeline import batching, models  # noqa: E402
 from pipeline.data import DataConfig, tokenized  # noqa: E402
 from stages import prepare_demo  # noqa: E402
 from pipeline.losses import batch_losses  # noqa: E402
-from stages.train import forward  # noqa: E402
+from pipeline.scoring import forward  # noqa: E402
 
 
 def write_data(path, n, seed=0):

@@ -28,7 +28,7 @@ from pipeline import batching, losses, models  # noqa: E402
 from stages import cache_teacher as ct  # noqa: E402
 from pipeline import teacher_rows as trows  # noqa: E402
 from pipeline.losses import batch_losses  # noqa: E402
-from stages.train import forward  # noqa: E402
+from pipeline.scoring import forward  # noqa: E402
 
 V = 32000
 

@@ -88,10 +88,20 @@ def save(folder: Path, step: int, student, optimizer, scheduler, trainer_state: 
     distributed.barrier()
     try:
         return _save(folder, tmp, step, student, optimizer, scheduler, trainer_state, keep)
-    except BaseException:
+    except BaseException as e:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise _os_error_inside(e) or e
+
+
+def _os_error_inside(e: BaseException) -> OSError | None:
+    """The file system's own error that torch.distributed.checkpoint wrapped (a full disk is one), if any."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    if isinstance(e, CheckpointException):
+        for exc, _ in e.failures.values():
+            if isinstance(exc, OSError):
+                return exc
+    return None
 
 
 def _save(folder, tmp, step, student, optimizer, scheduler, trainer_state, keep) -> Path:

@@ -27,8 +27,8 @@ def one_line_errors(fn):
         except OSError as e:
             if e.errno not in DISK_FULL:
                 raise
-            fail(e, f"no space left on the device writing {e.filename or 'a file'} ({os.strerror(e.errno)}); free "
-                    "space and run the command again: finished parts and checkpoints are kept")
+            fail(e, f"a write{' to ' + str(e.filename) if e.filename else ''} failed: {os.strerror(e.errno)}; free "
+                    "space (or raise the limit) and run the command again: finished parts and checkpoints are kept")
     return wrapper
 
 

@@ -12,6 +12,7 @@ a cache, the data) or lies inside one, or holds one, is refused always.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -74,6 +75,17 @@ class RunFolder:
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+            self.lock = None
+
+    @contextlib.contextmanager
+    def owned(self, active: bool = True):
+        """claim() for the block's duration (a no-op where not active: the ranks other than 0)."""
+        if active:
+            self.claim()
+        try:
+            yield self
+        finally:
+            self.release()
 
     def start(self, resume: bool, overwrite: bool, latest_step) -> bool:
         """Check the folder against this run (see the module docstring) and prepare it; True when resuming."""

@@ -65,6 +65,8 @@ class CacheTeacherConfig:
             raise OptionError(f"--shard {self.shard[0]}/{self.shard[1]} is not of the form I/N with 0 <= I < N")
         if self.batch_size < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
             raise OptionError("--batch-size and --batch-tokens must be at least 1")
+        storage.check_encoding_options(k=self.top_k, top_p=self.top_p, min_k=self.min_k, ids=self.ids,
+                                       logprobs=self.logprob_dtype, draws=self.tail_draws)
 
 
 def batches(lengths: list[int], batch_size: int, batch_tokens: int | None) -> list[list[int]]:
@@ -100,8 +102,6 @@ def run(cfg: CacheTeacherConfig) -> dict:
     tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     ds = D.tokenized(cfg.data, tok, cfg.num_proc, progress=cfg.progress)
     vocab = len(tok)
-    if cfg.top_k < 1 or cfg.top_k > vocab:
-        raise OptionError(f"--top-k {cfg.top_k} must lie between 1 and the vocabulary size {vocab}")
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     identity = {

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import batching, data as D, distributed, models, teachers
-from stages.train import score
+from pipeline.scoring import score
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import batching, checkpoint, distributed, losses, models, run_folder, teachers
+from pipeline import batching, checkpoint, distributed, losses, models, run_folder, scoring, teachers
 from pipeline.data import DataConfig, tokenized
-from pipeline.errors import Diverged, OptionError, RunError
+from pipeline.errors import Diverged, OptionError
 
 LOSSES = ("ce",) + losses.KINDS + ("pg",)
 
@@ -172,27 +172,62 @@ def load_online_teacher(cfg: TrainConfig, tok, model, device):
     return teacher
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def forward(student, b, autocast: bool):
-    """The student's logits at the batch's distilled positions."""
-    device_type = b["input_ids"].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        return student(b["input_ids"], b.get("attention_mask"), b["rows"], b["cols"], b.get("position_ids"))
-
-
 def loss_params(cfg: TrainConfig) -> dict:
     return {"mu": cfg.mu, "beta": cfg.beta, "alpha": cfg.alpha, "temperature": cfg.temperature, "tail": cfg.tail}
 
 
+@dataclass
+class Run:
+    """What the training loop works with, built once by setup()."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    tok: object
+    student: distributed.Student
+    teacher: teachers.Teacher
+    eval_teacher: teachers.Teacher | None
+    autocast: bool
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    total: int
+    folder: run_folder.RunFolder
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        c = self.cfg
+        return batching.epoch_plan(self.teacher.source, c.seed, epoch, c.batch_size, c.batch_tokens, c.shuffle_window,
+                                   self.world, packed=c.packing)
+
+
 def run(cfg: TrainConfig) -> dict:
+    r = setup(cfg)
+    with r.folder.owned(r.rank == 0):
+        if r.rank == 0:
+            r.folder.start(cfg.resume, cfg.overwrite, checkpoint.latest_step(r.out / "checkpoints"))
+            checkpoint.remove_stale(r.out / "checkpoints")
+        distributed.barrier()
+        state = restore(r)
+        summary = loop(r, state)
+        full = r.student.full_state_dict()
+        if r.rank == 0:
+            checkpoint.save_final(r.out / "final", r.model, r.tok, full)
+            (r.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    distributed.barrier()
+    return summary
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, student, teachers (checked to serve the loss), optimizer and schedule, run folder."""
     rank, world = distributed.init()
+    run_folder.check_apart(cfg.out, input_paths(cfg))
     device = models.resolve_device(cfg.device)
     bf16 = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
-    out = Path(cfg.out)
-    run_folder.check_apart(out, input_paths(cfg))
     torch.manual_seed(cfg.seed)
     model, tok = load_student(cfg, device)
     online = load_online_teacher(cfg, tok, model, device) if cfg.teacher else None
@@ -200,104 +235,127 @@ def run(cfg: TrainConfig) -> dict:
     eval_teacher = None
     if cfg.eval_cache or cfg.eval_data:
         eval_teacher = make_teacher(cfg, cfg.eval_data, cfg.eval_cache, tok, model, device, online, eval_kind(cfg))
-    folder = run_folder.RunFolder(out, _config_json(cfg), input_fingerprints(cfg, teacher, eval_teacher))
-    ckpt_dir = out / "checkpoints"
-    if rank == 0:
-        folder.claim()
-        folder.start(cfg.resume, cfg.overwrite, checkpoint.latest_step(ckpt_dir))
-        checkpoint.remove_stale(ckpt_dir)
-    distributed.barrier()
+    folder = run_folder.RunFolder(cfg.out, _config_json(cfg), input_fingerprints(cfg, teacher, eval_teacher))
     vocab = models.check_vocab(model, tok, "student")
     student = distributed.Student(models.PositionLogits(model, vocab), model, world=world, fsdp=cfg.fsdp,
                                   bf16=bf16 and cfg.fsdp, gradient_checkpointing=cfg.gradient_checkpointing)
-    autocast = bf16 and not cfg.fsdp
-    pack = cfg.pack_length if cfg.packing else None
-    plan = lambda epoch: batching.epoch_plan(teacher.source, cfg.seed, epoch, cfg.batch_size, cfg.batch_tokens,
-                                             cfg.shuffle_window, world, packed=cfg.packing)
-    steps_per_epoch = math.ceil(len(plan(0)) / cfg.grad_accum)
+    n_batches = len(batching.epoch_plan(teacher.source, cfg.seed, 0, cfg.batch_size, cfg.batch_tokens,
+                                        cfg.shuffle_window, world, packed=cfg.packing))
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     if steps_per_epoch == 0:
         raise OptionError(f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batch_size} on {world} ranks")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
+    return Run(cfg, rank, world, device, model, tok, student, teacher, eval_teacher, bf16 and not cfg.fsdp, opt, sched,
+               steps_per_epoch, total, folder)
 
-    state = {"epoch": 0, "step_in_epoch": 0, "nonfinite": 0, "tokens": 0}
-    step = 0
-    if cfg.resume:
-        loaded = checkpoint.load(checkpoint.latest(ckpt_dir), student, opt, sched)
-        step = loaded.pop("step")
-        state.update(loaded)
-        if rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", step)
 
-    model.train()
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not cfg.progress or rank > 0)
-    log, t_log, tok_log = {}, time.perf_counter(), 0
+def restore(r: Run) -> dict:
+    """The loop's state: fresh, or the latest checkpoint's (model, optimizer, schedule and RNGs restored in place)."""
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "nonfinite": 0, "tokens": 0}
+    if r.cfg.resume:
+        state.update(checkpoint.load(checkpoint.latest(r.out / "checkpoints"), r.student, r.opt, r.sched))
+        if r.rank == 0:
+            _truncate_metrics(r.out / "metrics.jsonl", state["step"])
+    return state
+
+
+def loop(r: Run, state: dict) -> dict:
+    """Optimizer steps until the total, epoch by epoch, from where `state` stands; returns the summary."""
+    cfg = r.cfg
+    r.model.train()
+    log = Log()
     t_start = time.perf_counter()
-    while step < total:
-        batches = plan(state["epoch"])
-        first = state["step_in_epoch"] * cfg.grad_accum
-        mine = [b[rank::world] for b in batches[first:]]
-        loader = torch.utils.data.DataLoader(
-            batching.IndexDataset(teacher.source), batch_sampler=mine, num_workers=cfg.num_workers,
-            collate_fn=lambda s: batching.collate(s, tok.pad_token_id, pack), pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),   # not the global RNG: resume
-            persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
-        it = iter(loader)
-        while step < total and state["step_in_epoch"] < steps_per_epoch:
-            group = [b for _, b in zip(range(cfg.grad_accum), it)]
-            sums = _train_step(cfg, student, teacher, group, device, autocast, world)
-            state["step_in_epoch"] += 1
-            finite = math.isfinite(sums["loss"])
-            if finite:
-                if cfg.grad_clip:
-                    sums["grad_norm"] = student.clip_grad_norm(cfg.grad_clip)
-                opt.step()
-            else:
-                state["nonfinite"] += 1
-                warnings.warn(f"non-finite loss at step {step + 1}; step skipped ({state['nonfinite']} so far)")
-                if state["nonfinite"] > cfg.max_nonfinite:
-                    raise Diverged(f"{state['nonfinite']} non-finite losses (more than --max-nonfinite "
-                                       f"{cfg.max_nonfinite}); lower --lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            state["tokens"] += sums["tokens"]
-            tok_log += sums["tokens"]
-            for k, v in sums.items():
-                log[k] = log.get(k, 0.0) + v
-            log["n"] = log.get("n", 0) + 1
-            bar.update(1)
-            if rank == 0 and (step % cfg.log_every == 0 or step == total):
-                dt = time.perf_counter() - t_log
-                row = {"step": step, "epoch": state["epoch"], "lr": sched.get_last_lr()[0],
-                       "tokens_per_s": tok_log / dt if dt > 0 else None, "nonfinite": state["nonfinite"],
-                       **{k: v / log["n"] for k, v in log.items() if k not in ("n", "tokens")}}
-                _append(out / "metrics.jsonl", row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                log, t_log, tok_log = {}, time.perf_counter(), 0
-            if eval_teacher is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-                row = evaluate_teacher(cfg, student, model, eval_teacher, tok, device, autocast)
-                if rank == 0:
-                    _append(out / "metrics.jsonl", {"step": step, **row})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                checkpoint.save(ckpt_dir, step, student, opt, sched, state)
-        if state["step_in_epoch"] >= steps_per_epoch:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-    bar.close()
-    summary = {"steps": step, "nonfinite": state["nonfinite"], "tokens": state["tokens"],
-               "seconds": time.perf_counter() - t_start, "world_size": world}
-    full = student.full_state_dict()
-    if rank == 0:
-        checkpoint.save_final(out / "final", model, tok, full)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        folder.release()
-    distributed.barrier()
-    return summary
+    with tqdm(total=r.total, initial=state["step"], desc=f"train {cfg.loss}", unit="step",
+              disable=not cfg.progress or r.rank > 0) as bar:
+        while state["step"] < r.total:
+            it = iter(loader(r, state))
+            while state["step"] < r.total and state["step_in_epoch"] < r.steps_per_epoch:
+                group = [b for _, b in zip(range(cfg.grad_accum), it)]
+                sums = _train_step(cfg, r.student, r.teacher, group, r.device, r.autocast, r.world)
+                optimizer_step(r, state, sums)
+                bar.update(1)
+                after_step(r, state, sums, log, bar)
+            if state["step_in_epoch"] >= r.steps_per_epoch:
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+    return {"steps": state["step"], "nonfinite": state["nonfinite"], "tokens": state["tokens"],
+            "seconds": time.perf_counter() - t_start, "world_size": r.world}
+
+
+def loader(r: Run, state: dict) -> torch.utils.data.DataLoader:
+    """This rank's share of the rest of the epoch's micro-batches, collated (padded or packed)."""
+    cfg, pack = r.cfg, r.cfg.pack_length if r.cfg.packing else None
+    first = state["step_in_epoch"] * cfg.grad_accum
+    mine = [b[r.rank::r.world] for b in r.plan(state["epoch"])[first:]]
+    return torch.utils.data.DataLoader(
+        batching.IndexDataset(r.teacher.source), batch_sampler=mine, num_workers=cfg.num_workers,
+        collate_fn=lambda s: batching.collate(s, r.tok.pad_token_id, pack), pin_memory=r.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),   # not the global RNG: resume
+        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+
+
+def optimizer_step(r: Run, state: dict, sums: dict) -> None:
+    """Clip and step on a finite loss; skip a non-finite one (up to --max-nonfinite). The schedule always advances,
+    so a resumed run stays on the same schedule."""
+    cfg = r.cfg
+    state["step_in_epoch"] += 1
+    if math.isfinite(sums["loss"]):
+        if cfg.grad_clip:
+            sums["grad_norm"] = r.student.clip_grad_norm(cfg.grad_clip)
+        r.opt.step()
+    else:
+        state["nonfinite"] += 1
+        warnings.warn(f"non-finite loss at step {state['step'] + 1}; step skipped ({state['nonfinite']} so far)")
+        if state["nonfinite"] > cfg.max_nonfinite:
+            raise Diverged(f"{state['nonfinite']} non-finite losses (more than --max-nonfinite {cfg.max_nonfinite}); "
+                           "lower --lr or check the data")
+    r.opt.zero_grad(set_to_none=True)
+    r.sched.step()
+    state["step"] += 1
+    state["tokens"] += sums["tokens"]
+
+
+class Log:
+    """Sums of a step's figures since the last metrics row, and the time they took."""
+
+    def __init__(self):
+        self.sums, self.n, self.tokens, self.t = {}, 0, 0, time.perf_counter()
+
+    def add(self, sums: dict) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+        self.tokens += sums["tokens"]
+
+    def row(self) -> dict:
+        dt = time.perf_counter() - self.t
+        out = {"tokens_per_s": self.tokens / dt if dt > 0 else None,
+               **{k: v / self.n for k, v in self.sums.items() if k != "tokens"}}
+        self.__init__()
+        return out
+
+
+def after_step(r: Run, state: dict, sums: dict, log: Log, bar) -> None:
+    """Metrics every --log-every steps, held-out scores every --eval-every, a checkpoint every --save-every."""
+    cfg, step = r.cfg, state["step"]
+    log.add(sums)
+    if r.rank == 0 and (step % cfg.log_every == 0 or step == r.total):
+        row = {"step": step, "epoch": state["epoch"], "lr": r.sched.get_last_lr()[0], "nonfinite": state["nonfinite"],
+               **log.row()}
+        _append(r.out / "metrics.jsonl", row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    if r.eval_teacher is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == r.total):
+        row = evaluate_teacher(cfg, r.student, r.model, r.eval_teacher, r.tok, r.device, r.autocast)
+        if r.rank == 0:
+            _append(r.out / "metrics.jsonl", {"step": step, **row})
+    if cfg.save_every and step % cfg.save_every == 0 and step < r.total:
+        checkpoint.save(r.out / "checkpoints", step, r.student, r.opt, r.sched,
+                        {k: v for k, v in state.items() if k != "step"})
 
 
 def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
@@ -308,8 +366,9 @@ def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
     sums: dict[str, float] = {}
     for i, batch in enumerate(group):
         with student.sync(i == len(group) - 1):
-            b = to_device(batch, device)
-            parts = losses.batch_losses(forward(student, b, autocast), b, teacher.rows(b), cfg.loss, **loss_params(cfg))
+            b = scoring.to_device(batch, device)
+            parts = losses.batch_losses(scoring.forward(student, b, autocast), b, teacher.rows(b), cfg.loss,
+                                        **loss_params(cfg))
             kd = parts.get("kd", torch.zeros((), device=device))
             loss = losses.mix(parts["ce"], kd, cfg.kd_ratio) / n_items
             (loss * world).backward()
@@ -323,30 +382,6 @@ def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
     return out
 
 
-@torch.no_grad()
-def score(student, model, teacher, pad_id, device, kinds=("fkl",), max_samples=None, batch_size=8, autocast=False,
-          **params) -> dict:
-    """Mean CE and (with teacher rows) the mean divergence of each kind, per distilled token, in eval mode; one
-    forward per batch serves every kind."""
-    was_training = model.training
-    model.eval()
-    source = teacher.source
-    n = len(source) if max_samples is None else min(len(source), max_samples)
-    totals, items = {}, 0
-    for a in range(0, n, batch_size):
-        b = to_device(batching.collate([source[i] for i in range(a, min(n, a + batch_size))], pad_id), device)
-        logits, rows = forward(student, b, autocast), teacher.rows(b)
-        items += len(b["rows"])
-        for j, kind in enumerate(kinds or ("ce",)):
-            parts = losses.batch_losses(logits, b, rows, kind, **params)
-            if j == 0:
-                totals["ce"] = totals.get("ce", 0.0) + float(parts["ce"])
-            if "kd" in parts:
-                totals[kind] = totals.get(kind, 0.0) + float(parts["kd"])
-    model.train(was_training)
-    return {k: v / max(1, items) for k, v in totals.items()} | {"positions": items}
-
-
 def eval_kind(cfg) -> str:
     """The divergence held-out rows are scored with: the run's, or fkl for CE and the policy gradient."""
     return "fkl" if cfg.loss in ("ce", "pg") else cfg.loss
@@ -355,8 +390,8 @@ def eval_kind(cfg) -> str:
 def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dict:
     """eval_ce; with teacher rows also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
     kind = eval_kind(cfg)
-    row = score(student, model, teacher, tok.pad_token_id, device, tuple(dict.fromkeys([kind, "fkl"])),
-                cfg.eval_samples, cfg.batch_size, autocast, **loss_params(cfg))
+    row = scoring.score(student, model, teacher, tok.pad_token_id, device, tuple(dict.fromkeys([kind, "fkl"])),
+                        cfg.eval_samples, cfg.batch_size, autocast, **loss_params(cfg))
     out = {"eval_ce": row["ce"]}
     if kind in row:
         out.update(eval_kd=row[kind], eval_fkl=row["fkl"])

@@ -99,10 +99,10 @@ class ArrowBackend:
         for name in names:
             if name not in table.column_names:
                 raise CorruptCache(f"array {name} is missing")
-            col = table[name].combine_chunks()
-            if len(col) != 1:
+            col = table[name]
+            if col.num_chunks != 1 or len(col) != 1:
                 raise CorruptCache(f"column {name} holds {len(col)} rows; a version-2 Arrow part holds one")
-            values = col.values
+            values = col.chunk(0).values
             _check_shape(name, (len(values),), expected)
             out[name] = values.to_numpy(zero_copy_only=False)
         return out

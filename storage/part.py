@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import codecs as C
-from .errors import CacheError, CorruptCache
+from .errors import CacheError
 
 LOGPROB_CODECS = {"float32": {"codec": "float32"}, "float16": {"codec": "float16"},
                   **{f"q{b}": {"codec": "power", "bits": b, "gamma": C.POWER_GAMMA} for b in (8, 6, 5, 4, 3, 2)}}
@@ -21,8 +21,9 @@ MAX_TOP_K = 1 << 20
 MAX_DRAWS = 65535
 
 
-def make_encoding(*, k, vocab_size, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0,
-                  target_logprob=True, behavior_logprob=False) -> dict:
+def check_encoding_options(*, k, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0,
+                           vocab_size=MAX_TOP_K) -> None:
+    """The range checks of every encoding option (the command line's and make_encoding's), in one place."""
     if logprobs not in LOGPROB_CODECS:
         raise CacheError(f"log-prob encoding {logprobs!r} is not supported; choose one of {', '.join(LOGPROB_CODECS)}")
     if ids not in ID_CODECS:
@@ -38,6 +39,12 @@ def make_encoding(*, k, vocab_size, top_p=None, min_k=1, ids="plain", logprobs="
     if top_p is not None and top_p == 0 and min_k == 0 and not draws:
         raise CacheError("--top-p 0 --min-k 0 keeps no teacher token and there are no --tail-draws: such a cache "
                          "holds no teacher information; add --tail-draws N (RS-KD) or raise --min-k")
+
+
+def make_encoding(*, k, vocab_size, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0,
+                  target_logprob=True, behavior_logprob=False) -> dict:
+    check_encoding_options(k=k, top_p=top_p, min_k=min_k, ids=ids, logprobs=logprobs, draws=draws,
+                           vocab_size=vocab_size)
     id_codec = {"codec": "bitpack", "bits": C.id_bits(vocab_size)} if ids == "bitpack" else \
         {"codec": "plain", "dtype": str(C.uint_dtype(vocab_size - 1))}
     return {"top_k": int(k), "top_p": None if top_p is None else float(top_p), "min_k": int(min_k),

@@ -120,6 +120,10 @@ class CacheWriter:
                 raise CacheMismatch(f"{target} holds a different cache (differs in {', '.join(diff[:4])}); "
                                     "pass --overwrite to replace it or choose another --out")
             return staging_path(target, plan)
+        staged = staging_path(target, plan)
+        if not target.exists() and complete_manifest(staged, plan["cache_key"]):     # a swap that was cut short
+            os.rename(staged, target)
+            return target
         if target.exists() and not target.is_dir():
             raise CacheMismatch(f"{target} is a file, not a cache folder; choose another --out")
         if target.exists() and any(p.name != M.LOCKS and not M.is_temporary(p.name, M.PLAN) for p in target.iterdir()):

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -345,3 +346,67 @@ def test_tp_groups_split_the_shards():
     cfg = ct.CacheTeacherConfig(teacher="t", data=None, out="o", shard=(1, 3))
     assert ct.shard_of(cfg, TeacherGroup(2, 1, 4, 0, [2, 3])) == (5, 12)
     assert ct.shard_of(ct.CacheTeacherConfig(teacher="t", data=None, out="o"), TeacherGroup(2, 3, 4, 1, [6, 7])) == (3, 4)
+
+
+# -- integrity: what the README recommends verifies, draws do not depend on batching, two runs on one --out agree
+
+README_ENCODINGS = {
+    "default top-k 64 fp16": {},
+    "top-p .95 q8 bitpack": {"top_k": 64, "top_p": 0.95, "ids": "bitpack", "logprob_dtype": "q8"},
+    "top-p .5 + 24 draws q8": {"top_p": 0.5, "tail_draws": 24, "ids": "bitpack", "logprob_dtype": "q8"},
+    "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "ids": "bitpack"},
+    "top-k 16": {"top_k": 16},
+}
+
+
+@pytest.mark.parametrize("name", README_ENCODINGS)
+def test_every_encoding_the_readme_names_writes_a_cache_that_verifies(tiny, tmp_path, name):
+    """RS-KD rows hold no head, so their tail is all the mass: log 1, which float32 rounding put a hair above 0."""
+    enc = {"top_k": 64, **README_ENCODINGS[name]}
+    run(tiny, tmp_path / "c", "llama", part_size=16, **enc)
+    assert storage.verify(tmp_path / "c")["encoding"]["top_k"] == enc["top_k"]
+
+
+def test_tail_draws_do_not_depend_on_the_batch_that_computes_them(tiny, tmp_path):
+    """Another --batch-size (as when a run is resumed with one) pads differently, which moves the logits by float
+    rounding only; the tokens drawn for each sample stay the same, so the cache key still means one content."""
+    enc = dict(top_k=8, top_p=0.02, tail_draws=16, part_size=16)
+    assert run(tiny, tmp_path / "a", "llama", batch_size=1, **enc)["manifest"]["cache_key"] == \
+        run(tiny, tmp_path / "b", "llama", batch_size=7, **enc)["manifest"]["cache_key"]
+    a, b = storage.open_cache(tmp_path / "a"), storage.open_cache(tmp_path / "b")
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i]["drawn_ids"], b[i]["drawn_ids"])
+        np.testing.assert_allclose(a[i]["drawn_logprobs"], b[i]["drawn_logprobs"], atol=1e-5)
+
+
+def test_two_cache_teacher_runs_on_one_out_split_the_parts_and_both_complete(tiny, tmp_path):
+    """Like two workflows sharing a --cache-root, or a requeued job whose old copy still runs: each part is written
+    by one of them, neither clears the other's work, and both end with the whole cache."""
+    ref = run(tiny, tmp_path / "ref", "llama", part_size=2, batch_size=1)["manifest"]
+    args = [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--teacher", tiny["llama"], "--data", tiny["train"],
+            "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "2",
+            "--batch-size", "1", "--out", str(tmp_path / "c")]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and all(o.startswith("complete") for o in outs), outs
+    written = [int(re.search(r"wrote (\d+) parts", out).group(1)) for out in outs]
+    assert sum(written) == ref["num_parts"] and min(written) > 0, outs
+    assert storage.verify(tmp_path / "c")["parts"] == ref["parts"]
+
+
+@pytest.mark.parametrize("row,expect", [
+    ({"prompt": None, "response": "a"}, "row 1: field 'prompt' is None (NoneType), not text"),
+    ({"prompt": 123, "response": "a"}, "row 1: field 'prompt' is 123 (int), not text"),
+    ({"prompt": "a", "response": "b", "ids": [1, 100000], "lp": [-1.0, -1.0]}, "token id 100000, outside"),
+    ({"prompt": "a", "response": "b", "ids": [1, -3], "lp": [-1.0, -1.0]}, "token id -3, outside"),
+    ({"prompt": "a", "response": "b", "ids": [1, 2], "lp": [-1.0, float("nan")]}, "NaN, infinite or above 0"),
+    ({"prompt": "a", "response": "b", "ids": [1, 2], "lp": [-1.0, 0.5]}, "NaN, infinite or above 0"),
+])
+def test_bad_rows_are_refused_naming_the_row(tiny, tmp_path, row, expect):
+    good = {"prompt": "a", "response": "b", **({"ids": [1, 2], "lp": [-1.0, -1.0]} if "ids" in row else {})}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    extra = ["--response-ids-field", "ids", "--behavior-field", "lp"] if "ids" in row else []
+    res = cli(tiny, tmp_path / "c", *extra, data=str(data))
+    assert res.exit_code == 1 and expect in res.output, res.output

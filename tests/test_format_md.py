@@ -23,6 +23,16 @@ def spec_part_checksum(folder):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def spec_record_checksum(folder):
+    """The same checksum from part.json alone (its own sha256 and the sha256s it records), after checking each file
+    against its recorded sha256 and size."""
+    record = json.loads((Path(folder) / "part.json").read_text())
+    for rel, digest in record["files"].items():
+        assert sha256_file(Path(folder) / rel) == digest and (Path(folder) / rel).stat().st_size == record["sizes"][rel]
+    lines = {**record["files"], "part.json": sha256_file(Path(folder) / "part.json")}
+    return hashlib.sha256("".join(f"{rel}\0{lines[rel]}\n" for rel in sorted(lines)).encode()).hexdigest()
+
+
 def spec_read_arrays(folder, backend):
     if backend == "zarr":
         g = zarr.open_group(str(Path(folder) / "data.zarr"), mode="r")
@@ -85,7 +95,7 @@ def spec_samples(cache_dir, t=0):
     for p in range(manifest["num_parts"]):
         name = f"part-{p:06d}"
         folder = Path(cache_dir) / "parts" / name
-        assert spec_part_checksum(folder) == manifest["parts"][name]["sha256"]
+        assert spec_part_checksum(folder) == spec_record_checksum(folder) == manifest["parts"][name]["sha256"]
         yield from spec_samples_v2(manifest, spec_read_arrays(folder, manifest["backend"]), t)
 
 

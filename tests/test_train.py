@@ -1,5 +1,7 @@
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline import batching, losses, models, teachers
+import storage
+from pipeline import batching, losses, models, scoring, teachers
 from pipeline.cli import main
 from pipeline.data import DataConfig
 from pipeline.errors import Diverged, OptionError
@@ -45,7 +48,7 @@ def heldout_kl(model_path, cache):
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     tok = models.load_tokenizer(model_path)
     head = models.PositionLogits(model, len(tok))
-    return tr.score(head, model, teachers.CachedTeacher(cache), tok.pad_token_id, torch.device("cpu"), ("fkl",))["fkl"]
+    return scoring.score(head, model, teachers.CachedTeacher(cache), tok.pad_token_id, torch.device("cpu"), ("fkl",))["fkl"]
 
 
 def distill(world, out, loss="fkl", **kw):
@@ -265,7 +268,7 @@ def test_packed_batches_give_the_padded_loss_and_gradient(world, arch):
     for pack in (None, 128, total):
         b = batching.collate(samples, tok.pad_token_id, pack)
         model.zero_grad()
-        parts = losses.batch_losses(tr.forward(head, b, False), b, teacher.rows(b), "akl")
+        parts = losses.batch_losses(scoring.forward(head, b, False), b, teacher.rows(b), "akl")
         (parts["kd"] + parts["ce"]).backward()
         out[pack] = (parts, {n: p.grad.clone() for n, p in model.named_parameters()}, b["input_ids"].shape)
     assert out[total][2] == (1, total) and out[128][2][0] > 1
@@ -351,3 +354,89 @@ def test_bad_scaling_options_are_one_line_errors(world, tmp_path, extra, expect)
     res = CliRunner().invoke(main, ["train", "--student", world["llama"], "--cache", world["cache_train"], "--out",
                                     str(tmp_path / "r")] + extra)
     assert res.exit_code != 0 and expect in res.output, res.output
+
+
+# -- a run folder holds one run: never an input, never another run's checkpoints, resumed only on its own inputs
+
+def cli_train(world, out, *extra, student=None, cache=None):
+    return CliRunner().invoke(main, ["train", "--student", student or world["llama"], "--cache",
+                                     cache or world["cache_train"], "--out", str(out), "--max-steps", "2",
+                                     "--batch-size", "4", "--log-every", "1", *extra])
+
+
+def test_an_out_that_is_or_touches_an_input_is_refused(world, tmp_path):
+    shutil.copytree(world["llama"], tmp_path / "student")
+    for out in (tmp_path / "student", tmp_path / "student/run", Path(world["cache_train"]) / "run"):
+        res = cli_train(world, out, student=str(tmp_path / "student"))
+        assert res.exit_code == 1 and "choose a run folder apart from the inputs" in res.output, res.output
+    AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    storage.verify(world["cache_train"])
+
+
+def test_another_runs_folder_is_refused_unless_overwritten(world, tmp_path):
+    assert cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3").exit_code == 0
+    res = cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", "--lr", "1e-4")
+    assert res.exit_code == 1 and "holds another run (it differs in lr)" in res.output, res.output
+    res = cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3")
+    assert res.exit_code == 1 and "pass --resume to continue it or --overwrite" in res.output, res.output
+    (tmp_path / "r/notes.txt").write_text("mine")
+    assert cli_train(world, tmp_path / "r", "--lr", "1e-4", "--overwrite").exit_code == 0
+    assert not (tmp_path / "r/checkpoints").exists() and (tmp_path / "r/notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "r/run.json").read_text())["settings"]["lr"] == 1e-4
+
+
+def test_resume_is_refused_when_its_inputs_changed_or_nothing_was_saved(world, tmp_path):
+    shutil.copytree(world["cache_train"], tmp_path / "cache")
+    assert cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", cache=str(tmp_path / "cache")
+                     ).exit_code == 0
+    ct.run(ct.CacheTeacherConfig(teacher=world["teacher"], data=train_data(world), out=str(tmp_path / "cache"),
+                                 top_k=16, temperatures=(1.0, 2.0), part_size=32, progress=False, logprob_dtype="q8",
+                                 overwrite=True))
+    res = cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", "--resume",
+                    cache=str(tmp_path / "cache"))
+    assert res.exit_code == 1 and "was started on other inputs (train:" in res.output, res.output
+    assert cli_train(world, tmp_path / "fresh", "--save-every", "5").exit_code == 0
+    res = cli_train(world, tmp_path / "fresh", "--save-every", "5", "--resume")
+    assert res.exit_code == 1 and "holds no checkpoint yet" in res.output, res.output
+    res = cli_train(world, tmp_path / "none", "--resume")
+    assert res.exit_code == 1 and "holds no training run" in res.output, res.output
+
+
+def test_a_damaged_cache_stops_training_with_one_line(world, tmp_path):
+    """A deleted Zarr chunk read back as zeros (ids 0, tails 0) before reads were checked; now it names the part."""
+    shutil.copytree(world["cache_train"], tmp_path / "cache")
+    next((tmp_path / "cache/parts/part-000001/data.zarr/tail_logmass_0").rglob("c/*")).unlink()
+    res = cli_train(world, tmp_path / "r", "--max-steps", "30", cache=str(tmp_path / "cache"))
+    assert res.exit_code == 1 and "part-000001: file data.zarr/tail_logmass_0/c/0 is missing" in res.output, res.output
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing_half_written(world, tmp_path):
+    """The file-size limit makes the checkpoint's tensor file fail to write (EFBIG), as a full disk would (ENOSPC)."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--student", world["llama"], "--cache", world["cache_train"],
+           "--out", str(tmp_path / "r"), "--max-steps", "2", "--save-every", "1", "--batch-size", "4"]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    lines = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    assert res.returncode == 1 and len(lines) == 1 and "File too large" in lines[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and not list((tmp_path / "r").rglob(".tmp-*"))
+
+
+def test_a_resumed_run_clears_what_a_killed_save_left(world, tmp_path):
+    assert cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3").exit_code == 0
+    (tmp_path / "r/checkpoints/.tmp-step-00000009/tensors").mkdir(parents=True)
+    (tmp_path / "r/checkpoints/.latest.json.dead0000").write_text("{}")
+    assert cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "4", "--resume").exit_code == 1
+    assert cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", "--resume").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == ["latest.json", "step-00000001",
+                                                                               "step-00000002"]
+
+
+def test_evaluate_refuses_a_teacher_cache_of_another_tokenizer(world, tmp_path):
+    shutil.copytree(world["llama"], tmp_path / "student")
+    tok = models.load_tokenizer(world["llama"])
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(tmp_path / "student")
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "student"), "--data", world["test"],
+                                    "--prompt-field", "prompt", "--response-field", "response", "--no-generate",
+                                    "--teacher-cache", world["cache_test"], "--out", str(tmp_path / "e.json")])
+    assert res.exit_code == 1 and "the student's tokenizer differs from the teacher cache's" in res.output, res.output
