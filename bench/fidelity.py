@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 import storage  # noqa: E402
-from pipeline import batching, losses, models, scoring, teachers  # noqa: E402
+from pipeline import batches, losses, models, scoring, sources, teachers  # noqa: E402
 from pipeline.data import DataConfig, tokenized  # noqa: E402
 from stages import cache_teacher as ct, prepare_demo, train as tr  # noqa: E402
 from storage.codecs import id_bits  # noqa: E402
@@ -166,7 +166,7 @@ def heldout(setting, model_path, teacher_model) -> dict:
     tok = models.load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     head = models.PositionLogits(model, len(tok))
-    source = batching.TokenizedSource(tokenized(data(setting, "test"), tok, progress=False))
+    source = sources.TokenizedSource(tokenized(data(setting, "test"), tok, progress=False))
     row = scoring.score(head, model, teachers.OnlineTeacher(source, teacher_model, len(tok)), tok.pad_token_id,
                    torch.device("cpu"), ("fkl", "rkl"), batch_size=32)
     return {"kl": row["fkl"], "rkl": row["rkl"], "nll": row["ce"]}
@@ -219,12 +219,12 @@ def gradient_angles(setting, caches, checkpoint, teacher_model, n=128, batch=32)
     tok = models.load_tokenizer(checkpoint)
     student = AutoModelForCausalLM.from_pretrained(checkpoint)
     head = models.PositionLogits(student, len(tok))
-    source = batching.TokenizedSource(tokenized(data(setting, "train"), tok, progress=False), 128)
+    source = sources.TokenizedSource(tokenized(data(setting, "train"), tok, progress=False), 128)
 
     def grad(teacher, tail="bucket"):
         student.zero_grad()
         for a in range(0, n, batch):
-            b = batching.collate([teacher.source[i] for i in range(a, a + batch)], tok.pad_token_id)
+            b = batches.collate([teacher.source[i] for i in range(a, a + batch)], tok.pad_token_id)
             parts = losses.batch_losses(scoring.forward(head, b, False), b, teacher.rows(b), "fkl", tail=tail)
             (parts["kd"] / n).backward()
         return torch.cat([p.grad.flatten() for p in student.parameters()]).clone()
@@ -232,7 +232,7 @@ def gradient_angles(setting, caches, checkpoint, teacher_model, n=128, batch=32)
     ref = grad(teachers.OnlineTeacher(source, teacher_model, len(tok)))
     out = {}
     for name, _, opts in ARMS:
-        g = grad(teachers.CachedTeacher(caches[name]), opts.get("tail", "bucket"))
+        g = grad(teachers.cached([caches[name]]), opts.get("tail", "bucket"))
         cos = float(torch.nn.functional.cosine_similarity(g.double(), ref.double(), dim=0))
         out[name] = {"angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
                      "relative_error": float((g - ref).norm() / ref.norm())}

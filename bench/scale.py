@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from pipeline import batching, models  # noqa: E402
+from pipeline import batches, models  # noqa: E402
 from pipeline.data import DataConfig, tokenized  # noqa: E402
 from stages import prepare_demo  # noqa: E402
 from pipeline.losses import batch_losses  # noqa: E402
@@ -130,9 +130,9 @@ def packing_speed(n_batches=12, budget=8192, pack_length=1024, vocab=8000) -> di
     order = np.arange(len(lengths))
     out = {}
     for packed in (False, True):
-        groups = batching.micro_batches(order, lengths, 0, budget, packed)[:n_batches]
-        batches = [batching.collate([sample(int(lengths[i])) for i in g], 0, pack_length if packed else None)
-                   for g in groups]
+        groups = batches.micro_batches(order, lengths, 0, budget, packed)[:n_batches]
+        collated = [batches.collate([sample(int(lengths[i])) for i in g], 0, pack_length if packed else None)
+                    for g in groups]
         rows = lambda b: {k: b[k] for k in ("topk_ids", "topk_logprobs", "tail_logmass")}
 
         def step(b):
@@ -141,13 +141,13 @@ def packing_speed(n_batches=12, budget=8192, pack_length=1024, vocab=8000) -> di
             opt.step()
             opt.zero_grad()
 
-        step(batches[0])
+        step(collated[0])
         t = time.perf_counter()
-        for b in batches:
+        for b in collated:
             step(b)
         dt = time.perf_counter() - t
-        real = sum(int(b["tokens"]) for b in batches)
-        computed = sum(b["input_ids"].numel() for b in batches)
+        real = sum(int(b["tokens"]) for b in collated)
+        computed = sum(b["input_ids"].numel() for b in collated)
         key = "packed" if packed else "padded"
         out[key] = {"real_tokens_per_s": real / dt, "computed_over_real_tokens": computed / real,
                     "samples": sum(len(g) for g in groups)}

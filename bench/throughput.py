@@ -24,9 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import storage  # noqa: E402
-from pipeline import batching, losses, models  # noqa: E402
+from pipeline import batches, losses, models, teachers  # noqa: E402
 from stages import cache_teacher as ct  # noqa: E402
-from pipeline import teacher_rows as trows  # noqa: E402
 from pipeline.losses import batch_losses  # noqa: E402
 from pipeline.scoring import forward  # noqa: E402
 
@@ -74,23 +73,23 @@ class Cfg:
     top_k, temperatures, top_p, min_k, tail_draws, seed = 64, (1.0,), None, 1, 0, 0
 
 
-def cache_teacher_ratio(teacher, batches, repeats):
+def cache_teacher_ratio(teacher, sample_batches, repeats):
     head = models.PositionLogits(teacher, V)
     chunk = max(1, (1 << 29) // (V * 4 * 3))
 
     @torch.inference_mode()
     def forward():
-        for b in batches:
-            c = batching.collate(b, 0)
+        for b in sample_batches:
+            c = batches.collate(b, 0)
             teacher(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
 
     def cache():
         with tempfile.TemporaryDirectory() as d:
             plan = storage.make_plan(backend="zarr", k=64, temperatures=[1.0], vocab_size=V,
-                                     num_rows=sum(map(len, batches)), part_size=len(batches[0]), identity={})
-            w = ct.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
-            for p, b in enumerate(batches):
-                res = ct._teacher_batch(Cfg, head, b, type("T", (), {"pad_token_id": 0}), "cpu", chunk)
+                                     num_rows=sum(map(len, sample_batches)), part_size=len(sample_batches[0]), identity={})
+            w = storage.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
+            for p, b in enumerate(sample_batches):
+                res = ct.teacher_fields(Cfg, head, b, 0, "cpu", chunk)
                 w.put(p, [{**s, **r} for s, r in zip(b, res)])
             w.close()
 
@@ -100,8 +99,8 @@ def cache_teacher_ratio(teacher, batches, repeats):
 def teacher_rows(teacher, samples):
     head = models.PositionLogits(teacher, V)
     with torch.inference_mode():
-        c = batching.collate(samples, 0)
-        r = trows.topk_rows(head(c["input_ids"], c["attention_mask"], c["rows"], c["cols"]).float(), 64, (1.0,))
+        c = batches.collate(samples, 0)
+        r = teachers.topk_rows(head(c["input_ids"], c["attention_mask"], c["rows"], c["cols"]).float(), 64, (1.0,))
         i, lp, tail = r["ids"], r["logprobs"], r["tail"]
     out, start = [], 0
     for s in samples:
@@ -112,12 +111,12 @@ def teacher_rows(teacher, samples):
     return out
 
 
-def train_ratios(student, teacher, batches, repeats):
+def train_ratios(student, teacher, sample_batches, repeats):
     head = models.PositionLogits(student, V)
     theads = models.PositionLogits(teacher, V)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    cached = [batching.collate(teacher_rows(teacher, b), 0) for b in batches]
-    plain = [batching.collate(b, 0) for b in batches]
+    cached = [batches.collate(teacher_rows(teacher, b), 0) for b in sample_batches]
+    plain = [batches.collate(b, 0) for b in sample_batches]
     student.train()
 
     def step(loss_fn, data):
@@ -165,11 +164,11 @@ def peak_memory(mode, n_batches=4, batch=8, seq=256):
     head = models.PositionLogits(teacher, V)
     with torch.inference_mode():
         for b in bs:
-            c = batching.collate(b, 0)
+            c = batches.collate(b, 0)
             if mode == "forward":
                 teacher(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
             else:
-                ct._teacher_batch(Cfg, head, b, type("T", (), {"pad_token_id": 0}), "cpu", max(1, (1 << 29) // (V * 12)))
+                ct.teacher_fields(Cfg, head, b, 0, "cpu", max(1, (1 << 29) // (V * 12)))
     done.set()
     sampler.join()
     print(json.dumps({"peak_mb": peak[0] - base}))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
-from pipeline import distributed
+from pipeline import parallel
 
 LATEST = "latest.json"
 TENSORS = "tensors"
@@ -85,7 +85,7 @@ def save(folder: Path, step: int, student, optimizer, scheduler, trainer_state: 
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    distributed.barrier()
+    parallel.barrier()
     try:
         return _save(folder, tmp, step, student, optimizer, scheduler, trainer_state, keep)
     except BaseException as e:
@@ -117,7 +117,7 @@ def _save(folder, tmp, step, student, optimizer, scheduler, trainer_state, keep)
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({"step": step, "trainer": trainer_state, "param_groups": groups,
                                                     "scheduler": scheduler.state_dict()}))
-    distributed.barrier()
+    parallel.barrier()
     if rank == 0:
         for p in tmp.rglob("*"):
             if p.is_file():
@@ -132,7 +132,7 @@ def _save(folder, tmp, step, student, optimizer, scheduler, trainer_state, keep)
         os.replace(pointer, folder / LATEST)
         for old in sorted(folder.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+    parallel.barrier()
     return folder / name
 
 

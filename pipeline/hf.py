@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import torch
 
-from pipeline import batching, losses
+from pipeline import batches, losses, sources
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -32,7 +32,7 @@ class CacheDataset(torch.utils.data.Dataset):
     teacher rows) at the chosen cached temperature. Parts are read on demand."""
 
     def __init__(self, path, temperature: float | None = None):
-        self.source = batching.CacheSource(path, temperature)
+        self.source = sources.CacheSource(path, temperature)
         self.cache = self.source.cache
 
     def __len__(self):
@@ -48,11 +48,11 @@ class CacheDataset(torch.utils.data.Dataset):
 
         class PlanSampler(torch.utils.data.Sampler):
             def __len__(self):
-                return epochs * sum(map(len, batching.epoch_plan(source, seed, 0, batch_size, None, shuffle_window, 1)))
+                return epochs * sum(map(len, source.plan(seed, 0, batch_size, None, shuffle_window, 1)))
 
             def __iter__(self):
                 for epoch in range(epochs):
-                    for batch in batching.epoch_plan(source, seed, epoch, batch_size, None, shuffle_window, 1):
+                    for batch in source.plan(seed, epoch, batch_size, None, shuffle_window, 1):
                         yield from batch
 
         return PlanSampler()
@@ -103,7 +103,7 @@ class DistillCollator:
         self.pack_length = pack_length
 
     def __call__(self, features: list[dict]) -> dict:
-        b = batching.collate(features, self.pad_id, self.pack_length)
+        b = batches.collate(features, self.pad_id, self.pack_length)
         keep, column = torch.unique(b["cols"], return_inverse=True)
         causal = torch.full_like(b["input_ids"], -100)
         causal[b["rows"], b["cols"] + 1] = b["targets"]
@@ -113,7 +113,7 @@ class DistillCollator:
                 out[key] = b[key]
         out["labels"] = DistillLabels(labels=causal, rows=b["rows"], columns=column, targets=b["targets"],
                                       vocab_size=self.vocab_size,
-                                      **{k: b[k] for k in batching.TEACHER_KEYS if k in b})
+                                      **{k: b[k] for k in batches.TEACHER_KEYS if k in b})
         return out
 
 
@@ -128,7 +128,7 @@ def distill_loss(kind: str = "akl", kd_ratio: float = 1.0, *, mu: float = 0.5, b
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits[labels["rows"], labels["columns"], :labels["vocab_size"]]
-        rows = {k: labels[k] for k in batching.TEACHER_KEYS if k in labels}
+        rows = {k: labels[k] for k in batches.TEACHER_KEYS if k in labels}
         parts = losses.batch_losses(logits, {"targets": labels["targets"]}, rows, kind, tail=tail, mu=mu, beta=beta,
                                     alpha=alpha, temperature=temperature)
         kd = parts.get("kd", torch.zeros((), device=logits.device))

@@ -1,4 +1,4 @@
-"""Loading Hugging Face causal LMs and tokenizers, their fingerprints, and logits at chosen positions only."""
+"""Loading Hugging Face causal LMs (a student, a teacher on one device, spread by a device map or sharded over a tensor-parallel group) and tokenizers, their fingerprints, and logits at chosen positions only."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import ModelError
+from pipeline import compat
+from pipeline.errors import ModelError, OptionError
 
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
                         "architectures", "use_cache"}
@@ -60,6 +61,69 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote
     except Exception as e:
         raise ModelError(f"cannot load a causal LM from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return model.to(device)
+
+
+def load_student(name: str, device: torch.device, *, tokenizer: str | None = None, init_from_config: bool = False,
+                 seed: int = 0, attn_implementation: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) of a student in float32: its weights, or freshly initialized from its config (seeded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tok = load_tokenizer(tokenizer or name, trust_remote_code)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if not init_from_config:
+        return load_model(name, torch.float32, device, trust_remote_code, **extra), tok
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra)
+    return model.to(device), tok
+
+
+def load_teacher(name: str, dtype: torch.dtype, device: torch.device, *, tp: int = 1, device_map: str | None = None,
+                 max_memory: str | None = None, trust_remote_code: bool = False):
+    """A teacher in eval mode: sharded over its TP group, spread by a device map, or on one device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if tp > 1 and device_map:
+        raise OptionError("--tp and --device-map are exclusive: shard across processes or spread one process, not both")
+    if tp == 1 and not device_map:
+        return load_model(name, dtype, device, trust_remote_code).eval()
+    check_exists(name)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tp > 1:
+        check_tensor_parallel(config, tp, name)
+        kwargs = compat.tensor_parallel_kwargs(tp)
+    else:
+        kwargs = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise ModelError(f"cannot load {name!r} with {'--tp ' + str(tp) if tp > 1 else '--device-map'}: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return model.eval()
+
+
+def check_tensor_parallel(config, tp: int, name: str) -> None:
+    """One-line refusals for models transformers cannot shard, or a TP size that does not divide the heads."""
+    text = compat.text_config(config)
+    if not getattr(text, "base_model_tp_plan", None):
+        raise OptionError(f"{name} ({config.model_type}) has no tensor-parallel plan in transformers; use "
+                         "--device-map auto, or a single device")
+    heads = getattr(text, "num_attention_heads", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    for what, n in (("attention heads", heads), ("key/value heads", kv)):
+        if n is not None and n % tp:
+            raise OptionError(f"--tp {tp} does not divide the teacher's {n} {what}; choose a TP size that divides {kv}")
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """'0=70GiB,1=70GiB,cpu=200GiB' → {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}."""
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise OptionError(f"--max-memory {text!r}: each entry is DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
+        out[int(key) if key.strip().isdigit() else key.strip()] = value.strip()
+    return out
 
 
 def config_sha256(config) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import batching, losses
+from pipeline import batches, losses
 
 
 def to_device(batch: dict, device) -> dict:
@@ -30,7 +30,7 @@ def score(student, model, teacher, pad_id, device, kinds=("fkl",), max_samples=N
     n = len(source) if max_samples is None else min(len(source), max_samples)
     totals, items = {}, 0
     for a in range(0, n, batch_size):
-        b = to_device(batching.collate([source[i] for i in range(a, min(n, a + batch_size))], pad_id), device)
+        b = to_device(batches.collate([source[i] for i in range(a, min(n, a + batch_size))], pad_id), device)
         logits, rows = forward(student, b, autocast), teacher.rows(b)
         items += len(b["rows"])
         for j, kind in enumerate(kinds or ("ce",)):

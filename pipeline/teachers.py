@@ -4,7 +4,9 @@ A teacher gives the training loop its samples (`source`: map-style, with `length
 plan) and, for each collated batch on the device, its rows (`rows(batch)`): the sparse fields of
 pipeline.losses (topk_ids, topk_logprobs, tail_logmass, and drawn_ids/drawn_logprobs, target_logprob when
 known) or dense `teacher_logits`. Cached rows travel with the samples through the DataLoader; an online teacher
-computes them from the batch; SFT has none.
+computes them from the batch; SFT has none. Here too: the policy checks of what a cache can serve (which losses a
+head-less cache feeds, what `pg` needs, whose token ids a student can read), and the rows themselves computed
+from a teacher's logits (`topk_rows`, `draw_tail`), shared by cache-teacher and the online teacher.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import warnings
 
 import torch
 
-from pipeline import batching, losses, models, teacher_rows
+from pipeline import losses, models
+from pipeline.batches import TEACHER_KEYS
+from pipeline.sources import CacheSource, MixtureSource, Source
 from pipeline.errors import OptionError
 
 
@@ -20,7 +24,7 @@ class Teacher:
     """No teacher: plain fine-tuning on the source's tokens."""
     kind = "none"
 
-    def __init__(self, source):
+    def __init__(self, source: Source):
         self.source = source
 
     def rows(self, batch: dict) -> dict:
@@ -28,26 +32,19 @@ class Teacher:
 
 
 class CachedTeacher(Teacher):
-    """Rows read from a teacher cache along with the samples."""
+    """Rows read from teacher caches along with the samples: one cache, or several mixed (sources.MixtureSource)."""
     kind = "cache"
 
-    def __init__(self, path, temperature=None):
-        super().__init__(batching.CacheSource(path, temperature))
-        self.manifest = self.source.cache.manifest
-
     def rows(self, batch: dict) -> dict:
-        return {k: batch[k] for k in batching.TEACHER_KEYS if k in batch}
+        return {k: batch[k] for k in TEACHER_KEYS if k in batch}
 
 
-class MixedCaches(CachedTeacher):
-    """Rows from several caches, each micro-batch from one of them (batching.MixtureSource)."""
-    kind = "mixture"
-
-    def __init__(self, paths, shares, temperature=None):
-        caches = [batching.CacheSource(p, temperature) for p in paths]
-        Teacher.__init__(self, batching.MixtureSource(caches, shares))
-        self.manifests = [c.cache.manifest for c in caches]
-        self.manifest = self.manifests[0]
+def cached(paths, shares=(), temperature=None) -> CachedTeacher:
+    """The teacher of one cache, or of several with one share each (two caches and one share: the second's, λ)."""
+    if len(paths) == 1:
+        return CachedTeacher(CacheSource(paths[0], temperature))
+    shares = tuple(shares) if len(shares) == len(paths) else (1 - shares[0], shares[0])
+    return CachedTeacher(MixtureSource([CacheSource(p, temperature) for p in paths], list(shares)))
 
 
 class OnlineTeacher(Teacher):
@@ -69,7 +66,7 @@ class OnlineTeacher(Teacher):
         self.head.model.train(was_training)
         if not self.topk:
             return {"teacher_logits": logits}
-        r = teacher_rows.topk_rows(logits, self.topk, [self.temperature], batch["targets"].to(logits.device))
+        r = topk_rows(logits, self.topk, [self.temperature], batch["targets"].to(logits.device))
         return {"topk_ids": r["ids"], "topk_logprobs": r["logprobs"][0], "tail_logmass": r["tail"][0],
                 "target_logprob": r["target"][0]}
 
@@ -107,6 +104,12 @@ def model_vocabulary(tok) -> dict:
     return {"fingerprint": models.tokenizer_fingerprint(tok), "size": len(tok), "max_id": len(tok) - 1}
 
 
+def check_caches_readable(source: Source, tok, model, allow_mismatch: bool = False, what: str = "cache") -> None:
+    """check_compatible for every cache behind a source."""
+    for c in source.caches():
+        check_compatible(cache_vocabulary(c.manifest), tok, model, allow_mismatch, what)
+
+
 def check_compatible(vocabulary: dict, tok, model, allow_mismatch: bool = False, what: str = "cache") -> int:
     """The softmax size; refuses teacher rows whose token ids the student (model and tok) cannot read as the same
     tokens, with the reason."""
@@ -123,3 +126,45 @@ def check_compatible(vocabulary: dict, tok, model, allow_mismatch: bool = False,
     if size != vocab and not allow_mismatch:
         raise OptionError(f"the {what}'s softmax runs over {size} tokens, the student's tokenizer has {vocab}")
     return vocab
+
+
+# ---------------------------------------------------------------- rows from logits
+
+def topk_rows(logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor | None = None) -> dict:
+    """Rows of float32 logits [P, V] → ids [P, k] (sorted by p), logprobs [T, P, k], tail [T, P] with
+    log P_R = logsumexp(z[not topk]/t) − logsumexp(z/t) summed over the non-top-k terms themselves, target [T, P]
+    (log p of `targets`, when given), and finite [P]: a NaN or +inf logit makes the row's log-normalizer
+    non-finite, which is how rows are checked. One exp per pass over [P, V] and temperature."""
+    vals, ids = logits.topk(k, dim=-1)
+    lps, tails, target_lps = [], [], []
+    for t in temperatures:
+        top = vals[:, :1] / t
+        e = (logits - top if t == 1 else (logits / t).sub_(top)).exp_()
+        log_z = e.sum(-1, keepdim=True).log_()
+        lps.append(vals / t - top - log_z)
+        if targets is not None:
+            target_lps.append(logits.gather(-1, targets[:, None])[:, 0] / t - top[:, 0] - log_z[:, 0])
+        tails.append(e.scatter_(-1, ids, 0.0).sum(-1).log_() - log_z[:, 0])
+    finite = torch.isfinite(log_z[:, 0]) & torch.isfinite(top[:, 0])
+    return {"ids": ids, "logprobs": torch.stack(lps), "tail": torch.stack(tails),
+            "target": torch.stack(target_lps) if targets is not None else None, "finite": finite}
+
+
+def draw_tail(logits: torch.Tensor, ids: torch.Tensor, widths: torch.Tensor, temperatures,
+              uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens drawn with replacement from the teacher's tail at each temperature: softmax(z / t) over every token
+    but the row's first `widths` ids, by inverse CDF (float64) at the given uniforms [T, P, n] in [0, 1). The draws are
+    a function of the logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""
+    kept = torch.arange(ids.shape[1], device=ids.device)[None, :] < widths[:, None]
+    out = []
+    for j, t in enumerate(temperatures):
+        x = logits / t
+        w = x.sub_(x.amax(-1, keepdim=True)).exp_()
+        at_ids = w.gather(-1, ids)
+        w.scatter_(-1, ids, torch.where(kept, torch.zeros_like(at_ids), at_ids))
+        cdf = w.cumsum(-1, dtype=torch.float64)
+        del w
+        total = cdf[:, -1:]
+        draws = torch.searchsorted(cdf, uniforms[j].to(cdf) * total, right=True).clamp_max_(cdf.shape[-1] - 1)
+        out.append(torch.where(total > 0, draws, torch.full_like(draws, -1)))
+    return torch.stack(out) if out else torch.zeros((0, len(logits), uniforms.shape[-1]), dtype=torch.long)

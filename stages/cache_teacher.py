@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 import storage
-from pipeline import __version__, batching, data as D, distributed, models, teacher_rows
+from pipeline import __version__, batches, data, models, parallel, teachers
+from pipeline.data import DataConfig
 from pipeline.errors import InputError, OptionError
 from storage.codecs import top_p_widths
 
@@ -26,7 +27,7 @@ class NonFiniteLogits(InputError):
 @dataclass
 class CacheTeacherConfig:
     teacher: str
-    data: D.DataConfig
+    data: DataConfig
     out: str | None = None
     cache_root: str | None = None
     top_k: int = 64
@@ -69,21 +70,7 @@ class CacheTeacherConfig:
                                        logprobs=self.logprob_dtype, draws=self.tail_draws)
 
 
-def batches(lengths: list[int], batch_size: int, batch_tokens: int | None) -> list[list[int]]:
-    """Indices grouped longest-first so each batch pads little: by sample count, or by padded-token budget."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out, cur = [], []
-    for i in order:
-        width = max([lengths[j] for j in cur] + [lengths[i]])
-        full = len(cur) >= batch_size if batch_tokens is None else width * (len(cur) + 1) > batch_tokens
-        if cur and full:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    return out + [cur] if cur else out
-
-
-def shard_of(cfg: CacheTeacherConfig, group: distributed.TeacherGroup) -> tuple[int, int]:
+def shard_of(cfg: CacheTeacherConfig, group: parallel.TeacherGroup) -> tuple[int, int]:
     """This TP group's shard: the torchrun groups split `--shard I/N` (or the whole cache) further."""
     i, n = cfg.shard or (0, 1)
     return i * group.groups + group.group, n * group.groups
@@ -92,15 +79,15 @@ def shard_of(cfg: CacheTeacherConfig, group: distributed.TeacherGroup) -> tuple[
 def run(cfg: CacheTeacherConfig) -> dict:
     """Returns {status: hit|complete|partial, path, manifest?, samples, tokens, seconds, parts_written}."""
     from transformers import AutoConfig
-    group = distributed.teacher_group(cfg.tp)
+    group = parallel.teacher_group(cfg.tp)
     models.check_exists(cfg.teacher)
     teacher_cfg = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     if cfg.tp > 1:
-        distributed.check_tensor_parallel(teacher_cfg, cfg.tp, cfg.teacher)
+        models.check_tensor_parallel(teacher_cfg, cfg.tp, cfg.teacher)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        distributed.init()
+        parallel.init()
     tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-    ds = D.tokenized(cfg.data, tok, cfg.num_proc, progress=cfg.progress)
+    ds = data.tokenized(cfg.data, tok, cfg.num_proc, progress=cfg.progress)
     vocab = len(tok)
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
@@ -108,7 +95,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
         "teacher": {"name_or_path": cfg.teacher, "config_sha256": models.config_sha256(teacher_cfg),
                     "weights_fingerprint": models.weights_fingerprint(cfg.teacher), "dtype": str(dtype).split(".")[-1]},
         "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tok), "size": vocab},
-        "dataset": D.fingerprint(ds, tok, cfg.data),
+        "dataset": data.fingerprint(ds, tok, cfg.data),
     }
     plan = storage.make_plan(backend=cfg.format, k=cfg.top_k, temperatures=cfg.temperatures, vocab_size=vocab,
                              num_rows=len(ds), part_size=cfg.part_size, identity=identity,
@@ -122,17 +109,17 @@ def run(cfg: CacheTeacherConfig) -> dict:
     writer = None
     if int(os.environ.get("RANK", "0")) == 0:       # prepares the folder (and any --overwrite) before the others
         writer = storage.CacheWriter(out, plan, overwrite=cfg.overwrite)
-    distributed.barrier()
+    parallel.barrier()
     if group.writer and writer is None:
         writer = storage.CacheWriter(out, plan, overwrite=cfg.overwrite)
     shard, num_shards = shard_of(cfg, group)
-    missing = distributed.broadcast_in_group(writer.missing_parts(shard, num_shards) if group.writer else [], group)
+    missing = parallel.broadcast_in_group(writer.missing_parts(shard, num_shards) if group.writer else [], group)
     t0 = time.perf_counter()
     stats = {"samples": 0, "tokens": 0, "parts_written": 0}
     if missing:
         stats = _compute(cfg, writer, plan, missing, ds, tok, vocab, device, dtype, group)
     manifest = writer.finalize() if writer else None
-    distributed.barrier()
+    parallel.barrier()
     if manifest is None:
         manifest = storage.complete_manifest(out, plan["cache_key"])
     return {"status": "complete" if manifest else "partial", "path": str(out), "manifest": manifest,
@@ -141,7 +128,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
 
 def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> dict:
     """Teacher rows for every part of `parts` this process claims (the group writer claims; its TP peers follow)."""
-    model = distributed.load_teacher(cfg.teacher, dtype, device, tp=cfg.tp, device_map=cfg.device_map,
+    model = models.load_teacher(cfg.teacher, dtype, device, tp=cfg.tp, device_map=cfg.device_map,
                                      max_memory=cfg.max_memory, trust_remote_code=cfg.trust_remote_code)
     models.check_vocab(model, tok, "teacher")
     head = models.PositionLogits(model, vocab)
@@ -157,11 +144,11 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
     try:
         while True:
             claim = next(claims, None) if claims is not None else None
-            p = distributed.broadcast_in_group([claim.p if claim else -1], group)[0]
+            p = parallel.broadcast_in_group([claim.p if claim else -1], group)[0]
             if p < 0:
                 break
             r = rows_of(p)
-            kept, counts = _part_rows(cfg, head, D.rows_of(ds, r.start, r.stop), tok, device, chunk, bar)
+            kept, counts = _part_rows(cfg, head, data.rows_of(ds, r.start, r.stop), tok, device, chunk, bar)
             n_samples, n_parts = n_samples + len(kept), n_parts + 1
             bar.set_postfix(samples=n_samples)
             if out_writer is not None:
@@ -177,8 +164,10 @@ def _part_rows(cfg, head, part, tok, device, chunk, bar) -> tuple[list[dict], di
     """A part's samples with their teacher rows, and its extra counts; samples with non-finite logits are skipped
     (or abort the run with --strict)."""
     results = [None] * len(part)
-    for batch in batches([len(s["input_ids"]) for s in part], cfg.batch_size, cfg.batch_tokens):
-        for i, res in zip(batch, _teacher_batch(cfg, head, [part[i] for i in batch], tok, device, chunk)):
+    lengths = np.array([len(s["input_ids"]) for s in part])
+    longest_first = np.argsort(-lengths, kind="stable")        # each batch pads little
+    for batch in batches.micro_batches(longest_first, lengths, cfg.batch_size, cfg.batch_tokens):
+        for i, res in zip(batch, teacher_fields(cfg, head, [part[i] for i in batch], tok.pad_token_id, device, chunk)):
             results[i] = res
         bar.update(sum(len(part[i]["input_ids"]) for i in batch))
     for s, res in zip(part, results):
@@ -201,49 +190,51 @@ def draw_uniforms(seed: int, batch: list[dict], n_temps: int, n: int) -> np.ndar
 
 
 @torch.inference_mode()
-def _teacher_batch(cfg, head, batch, tok, device, chunk) -> list[dict | None]:
-    c = batching.collate(batch, tok.pad_token_id)
-    rows = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "rows", "cols")))
-    targets = c["targets"].to(rows.device)
-    narrow = cfg.top_p is not None or cfg.tail_draws
-    uniforms = torch.from_numpy(draw_uniforms(cfg.seed, batch, len(cfg.temperatures), cfg.tail_draws)) \
+def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: int, device, chunk: int) -> list:
+    """Each sample's cached fields (top-k ids and log-probs, tail mass, target log-prob, row widths, tail draws), or
+    None for a sample with non-finite teacher logits. The lm_head runs over `chunk` positions at a time."""
+    c = batches.collate(samples, pad_id)
+    hidden = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "rows", "cols")))
+    uniforms = torch.from_numpy(draw_uniforms(cfg.seed, samples, len(cfg.temperatures), cfg.tail_draws)) \
         if cfg.tail_draws else None
-    cols = {"topk_ids": [], "topk_logprobs": [], "tail_logmass": [], "target_logprob": [], "widths": [], "draws": [],
-            "finite": []}
-    for a in range(0, len(rows), chunk):
-        logits = head.logits(rows[a:a + chunk]).float()
-        r = teacher_rows.topk_rows(logits, cfg.top_k, cfg.temperatures, targets[a:a + chunk].to(logits.device))
-        lp = r["logprobs"].cpu().numpy()
-        widths = top_p_widths(lp[0], cfg.top_p, cfg.min_k) if narrow else np.full(len(lp[0]), cfg.top_k)
-        if cfg.tail_draws:
-            d = teacher_rows.draw_tail(logits, r["ids"], torch.from_numpy(widths).to(logits.device), cfg.temperatures,
-                                       uniforms[:, a:a + chunk].to(logits.device))
-            cols["draws"].append(d.cpu().numpy())
-        cols["topk_ids"].append(r["ids"].cpu().numpy())
-        cols["topk_logprobs"].append(lp)
-        cols["tail_logmass"].append(r["tail"].cpu().numpy())
-        cols["target_logprob"].append(r["target"].cpu().numpy())
-        cols["widths"].append(widths)
-        cols["finite"].append(r["finite"].cpu().numpy())
-    k, nt = cfg.top_k, len(cfg.temperatures)
-    empty = {"topk_ids": np.zeros((0, k), np.int64), "topk_logprobs": np.zeros((nt, 0, k), np.float32),
-             "tail_logmass": np.zeros((nt, 0), np.float32), "target_logprob": np.zeros((nt, 0), np.float32),
-             "widths": np.zeros(0, np.int64), "draws": np.zeros((nt, 0, cfg.tail_draws), np.int64),
-             "finite": np.zeros(0, bool)}
-    axis = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "draws": 1}
-    full = {key: np.concatenate(v, axis=axis.get(key, 0)) if v else empty[key] for key, v in cols.items()}
-    results, start = [], 0
-    for s in batch:
-        n = int(s["loss_mask"].sum())
-        sl = slice(start, start + n)
-        start += n
-        if not full["finite"][sl].all():
-            results.append(None)
+    pieces = [_position_fields(cfg, head.logits(hidden[a:a + chunk]).float(), c["targets"][a:a + chunk],
+                               uniforms[:, a:a + chunk] if uniforms is not None else None)
+              for a in range(0, len(hidden), chunk)]
+    fields = {key: np.concatenate([p[key] for p in pieces], axis=POSITION_AXIS.get(key, 0)) if pieces
+              else _no_positions(cfg)[key] for key in _no_positions(cfg)}
+    out, start = [], 0
+    for s in samples:
+        at = slice(start, start + int(s["loss_mask"].sum()))
+        start = at.stop
+        if not fields["finite"][at].all():
+            out.append(None)
             continue
-        res = {"topk_ids": full["topk_ids"][sl], "topk_logprobs": full["topk_logprobs"][:, sl],
-               "tail_logmass": full["tail_logmass"][:, sl], "target_logprob": full["target_logprob"][:, sl],
-               "widths": full["widths"][sl]}
-        if cfg.tail_draws:
-            res["draws"] = full["draws"][:, sl]
-        results.append(res)
-    return results
+        out.append({key: v[:, at] if key in POSITION_AXIS else v[at] for key, v in fields.items()
+                    if key != "finite" and (key != "draws" or cfg.tail_draws)})
+    return out
+
+
+POSITION_AXIS = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "draws": 1}   # the others: axis 0
+
+
+def _position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor, uniforms) -> dict:
+    """The cached fields of a chunk of positions, as numpy, from their float32 logits."""
+    r = teachers.topk_rows(logits, cfg.top_k, cfg.temperatures, targets.to(logits.device))
+    lp = r["logprobs"].cpu().numpy()
+    narrow = cfg.top_p is not None or cfg.tail_draws
+    widths = top_p_widths(lp[0], cfg.top_p, cfg.min_k) if narrow else np.full(len(lp[0]), cfg.top_k)
+    out = {"topk_ids": r["ids"].cpu().numpy(), "topk_logprobs": lp, "tail_logmass": r["tail"].cpu().numpy(),
+           "target_logprob": r["target"].cpu().numpy(), "widths": widths, "finite": r["finite"].cpu().numpy(),
+           "draws": _no_positions(cfg)["draws"]}
+    if cfg.tail_draws:
+        out["draws"] = teachers.draw_tail(logits, r["ids"], torch.from_numpy(widths).to(logits.device),
+                                          cfg.temperatures, uniforms.to(logits.device)).cpu().numpy()
+    return out
+
+
+def _no_positions(cfg: CacheTeacherConfig) -> dict:
+    k, nt = cfg.top_k, len(cfg.temperatures)
+    return {"topk_ids": np.zeros((0, k), np.int64), "topk_logprobs": np.zeros((nt, 0, k), np.float32),
+            "tail_logmass": np.zeros((nt, 0), np.float32), "target_logprob": np.zeros((nt, 0), np.float32),
+            "widths": np.zeros(0, np.int64), "draws": np.zeros((nt, 0, cfg.tail_draws), np.int64),
+            "finite": np.zeros(0, bool)}

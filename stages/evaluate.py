@@ -12,14 +12,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import batching, data as D, distributed, models, teachers
+from pipeline import data, models, sources, teachers
+from pipeline.data import DataConfig
 from pipeline.scoring import score
 
 
 @dataclass
 class EvalConfig:
     model: str
-    data: D.DataConfig
+    data: DataConfig
     out: str
     teacher_cache: str | None = None
     teacher: str | None = None
@@ -60,7 +61,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     the samples (prompt ids + generated ids up to EOS, the generated ones marked for scoring)."""
     texts, samples = [], []
     for a in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-        enc = D.encode_instructions(tok, prompts[a:a + batch_size], [""] * len(prompts[a:a + batch_size]))[0]
+        enc = data.encode_instructions(tok, prompts[a:a + batch_size], [""] * len(prompts[a:a + batch_size]))[0]
         width = max(map(len, enc))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc], device=device)
         attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
@@ -87,12 +88,12 @@ def run(cfg: EvalConfig) -> dict:
     tok = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = models.load_model(cfg.model, dtype, device, cfg.trust_remote_code).eval()
     head = models.PositionLogits(model, models.check_vocab(model, tok, "evaluated"))
-    source = batching.TokenizedSource(D.tokenized(cfg.data, tok, progress=cfg.progress))
+    source = sources.TokenizedSource(data.tokenized(cfg.data, tok, progress=cfg.progress))
     nll = score(head, model, teachers.Teacher(source), tok.pad_token_id, device, (), batch_size=cfg.batch_size)
     metrics = {"model": cfg.model, "samples": len(source), "nll": nll["ce"], "ppl": math.exp(min(nll["ce"], 50))}
     own = None
     if cfg.generate and cfg.data.prompt_field:
-        rows = D.load_rows(cfg.data)
+        rows = data.load_rows(cfg.data)
         preds, own = generate(model, tok, [str(r[cfg.data.prompt_field]) for r in rows], cfg.max_new_tokens,
                               cfg.batch_size, device, cfg.progress)
         refs = [str(r[cfg.data.response_field]) for r in rows]
@@ -104,20 +105,20 @@ def run(cfg: EvalConfig) -> dict:
         metrics["examples"] = [{"prompt": r[cfg.data.prompt_field], "reference": ref, "prediction": p}
                                for r, ref, p in list(zip(rows, refs, preds))[:5]]
     if cfg.teacher_cache:
-        cached = teachers.CachedTeacher(cfg.teacher_cache)
-        teachers.check_compatible(teachers.cache_vocabulary(cached.manifest), tok, model, what="teacher cache")
+        cached = teachers.cached([cfg.teacher_cache])
+        teachers.check_caches_readable(cached.source, tok, model, what="teacher cache")
         kl = score(head, model, cached, tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
         metrics.update(fkl_to_teacher=kl["fkl"], rkl_to_teacher=kl["rkl"])
     if cfg.teacher:
         t_tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-        t_model = distributed.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
+        t_model = models.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
         models.check_vocab(t_model, t_tok, "teacher")
         teachers.check_compatible(teachers.model_vocabulary(t_tok), tok, model, what="teacher")
         kl = score(head, model, teachers.OnlineTeacher(source, t_model, len(tok)), tok.pad_token_id, device,
                    ("fkl", "rkl"), batch_size=cfg.batch_size)
         metrics.update(exact_fkl_to_teacher=kl["fkl"], exact_rkl_to_teacher=kl["rkl"])
         if own:                     # on the student's own greedy responses: the state distribution it acts in
-            kl = score(head, model, teachers.OnlineTeacher(batching.SampleList(own), t_model, len(tok)),
+            kl = score(head, model, teachers.OnlineTeacher(sources.SampleList(own), t_model, len(tok)),
                        tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
             metrics.update(own_fkl_to_teacher=kl["fkl"], own_rkl_to_teacher=kl["rkl"])
     metrics.update({k: v for k, v in (("label", cfg.label), ("run", cfg.run), ("round", cfg.round)) if v is not None})

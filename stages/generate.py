@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import data as D, distributed, models
+from pipeline import data, models
+from pipeline.data import DataConfig
 from pipeline.errors import OptionError
 
 
@@ -154,12 +155,12 @@ def run(cfg: GenerateConfig) -> dict:
     vocab = models.check_vocab(student, tok, "generating")
     teacher = None
     if cfg.teacher:
-        teacher = distributed.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
+        teacher = models.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
         if models.tokenizer_fingerprint(models.load_tokenizer(cfg.teacher)) != models.tokenizer_fingerprint(tok):
             raise OptionError("teacher-mixed sampling needs the teacher and the student to share a tokenizer")
-    rows = D.load_rows(D.DataConfig(cfg.source, cfg.split, text_field=cfg.prompt_field, limit=cfg.limit))
-    prompts = D.as_texts(rows[cfg.prompt_field], cfg.prompt_field, range(len(rows)))
-    prompt_ids = [p[-cfg.max_prompt_length:] for p in D.encode_instructions(tok, prompts, [""] * len(prompts))[0]]
+    rows = data.load_rows(DataConfig(cfg.source, cfg.split, text_field=cfg.prompt_field, limit=cfg.limit))
+    prompts = data.as_texts(rows[cfg.prompt_field], cfg.prompt_field, range(len(rows)))
+    prompt_ids = [p[-cfg.max_prompt_length:] for p in data.encode_instructions(tok, prompts, [""] * len(prompts))[0]]
     provenance = {"model": cfg.model, "config_sha256": models.config_sha256(student.config),
                   "weights_fingerprint": models.weights_fingerprint(cfg.model), "round": cfg.round}
     settings = sampling_settings(cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import batching, checkpoint, distributed, losses, models, run_folder, scoring, teachers
+from pipeline import batches, checkpoint, losses, models, parallel, run_folder, scoring, sources, teachers
 from pipeline.data import DataConfig, tokenized
 from pipeline.errors import Diverged, OptionError
 
@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     packing: bool = False
     pack_length: int = 2048
-    part_size: int = batching.DEFAULT_PART_SIZE
+    part_size: int = sources.DEFAULT_PART_SIZE
     fsdp: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
@@ -124,38 +124,17 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def load_student(cfg: TrainConfig, device):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    tok = models.load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
-    extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    if cfg.init_from_config:
-        torch.manual_seed(cfg.seed)
-        config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
-                                                 **extra)
-        model = model.to(device)
-    else:
-        model = models.load_model(cfg.student, torch.float32, device, cfg.trust_remote_code, **extra)
-    return model, tok
-
-
 def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, tok, model, device, online_model=None,
                  kind: str | None = None):
     """The teacher for a split (its cache, the online teacher over its data, or none: SFT), checked to serve the loss
     `kind` (default: the run's)."""
     if cache:
-        caches = (cache,) if isinstance(cache, str) else tuple(cache)
-        if len(caches) == 1:
-            t = teachers.CachedTeacher(caches[0], cfg.temperature)
-        else:
-            shares = cfg.mix if len(cfg.mix) == len(caches) else (1 - cfg.mix[0], cfg.mix[0])
-            t = teachers.MixedCaches(caches, shares, cfg.temperature)
-        for c in t.source.caches():
-            teachers.check_compatible(teachers.cache_vocabulary(c.manifest), tok, model, cfg.allow_tokenizer_mismatch)
+        t = teachers.cached((cache,) if isinstance(cache, str) else tuple(cache), cfg.mix, cfg.temperature)
+        teachers.check_caches_readable(t.source, tok, model, cfg.allow_tokenizer_mismatch)
         teachers.check_serves(t.source, kind or cfg.loss, beta=cfg.beta, tail=cfg.tail,
                               allow_offpolicy_pg=cfg.allow_offpolicy_pg)
         return t
-    source = batching.TokenizedSource(tokenized(data, tok, cfg.num_proc, cfg.progress), cfg.part_size)
+    source = sources.TokenizedSource(tokenized(data, tok, cfg.num_proc, cfg.progress), cfg.part_size)
     if online_model is None:
         return teachers.Teacher(source)
     return teachers.OnlineTeacher(source, online_model, len(tok), cfg.online_topk, cfg.temperature)
@@ -163,7 +142,7 @@ def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, t
 
 def load_online_teacher(cfg: TrainConfig, tok, model, device):
     t_tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-    teacher = distributed.load_teacher(cfg.teacher, models.resolve_dtype(cfg.dtype, device), device,
+    teacher = models.load_teacher(cfg.teacher, models.resolve_dtype(cfg.dtype, device), device,
                                        device_map=cfg.teacher_device_map, trust_remote_code=cfg.trust_remote_code)
     models.check_vocab(teacher, t_tok, "teacher")
     teachers.check_compatible(teachers.model_vocabulary(t_tok), tok, model, cfg.allow_tokenizer_mismatch, "teacher")
@@ -185,7 +164,7 @@ class Run:
     device: torch.device
     model: torch.nn.Module
     tok: object
-    student: distributed.Student
+    student: parallel.Student
     teacher: teachers.Teacher
     eval_teacher: teachers.Teacher | None
     autocast: bool
@@ -201,8 +180,8 @@ class Run:
 
     def plan(self, epoch: int) -> list[list[int]]:
         c = self.cfg
-        return batching.epoch_plan(self.teacher.source, c.seed, epoch, c.batch_size, c.batch_tokens, c.shuffle_window,
-                                   self.world, packed=c.packing)
+        return self.teacher.source.plan(c.seed, epoch, c.batch_size, c.batch_tokens, c.shuffle_window, self.world,
+                                        packed=c.packing)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -211,25 +190,27 @@ def run(cfg: TrainConfig) -> dict:
         if r.rank == 0:
             r.folder.start(cfg.resume, cfg.overwrite, checkpoint.latest_step(r.out / "checkpoints"))
             checkpoint.remove_stale(r.out / "checkpoints")
-        distributed.barrier()
+        parallel.barrier()
         state = restore(r)
         summary = loop(r, state)
         full = r.student.full_state_dict()
         if r.rank == 0:
             checkpoint.save_final(r.out / "final", r.model, r.tok, full)
             (r.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    distributed.barrier()
+    parallel.barrier()
     return summary
 
 
 def setup(cfg: TrainConfig) -> Run:
     """Process group, student, teachers (checked to serve the loss), optimizer and schedule, run folder."""
-    rank, world = distributed.init()
+    rank, world = parallel.init()
     run_folder.check_apart(cfg.out, input_paths(cfg))
     device = models.resolve_device(cfg.device)
     bf16 = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
     torch.manual_seed(cfg.seed)
-    model, tok = load_student(cfg, device)
+    model, tok = models.load_student(cfg.student, device, tokenizer=cfg.tokenizer, init_from_config=cfg.init_from_config,
+                                     seed=cfg.seed, attn_implementation=cfg.attn_implementation,
+                                     trust_remote_code=cfg.trust_remote_code)
     online = load_online_teacher(cfg, tok, model, device) if cfg.teacher else None
     teacher = make_teacher(cfg, cfg.data, cfg.cache, tok, model, device, online)
     eval_teacher = None
@@ -237,10 +218,10 @@ def setup(cfg: TrainConfig) -> Run:
         eval_teacher = make_teacher(cfg, cfg.eval_data, cfg.eval_cache, tok, model, device, online, eval_kind(cfg))
     folder = run_folder.RunFolder(cfg.out, _config_json(cfg), input_fingerprints(cfg, teacher, eval_teacher))
     vocab = models.check_vocab(model, tok, "student")
-    student = distributed.Student(models.PositionLogits(model, vocab), model, world=world, fsdp=cfg.fsdp,
+    student = parallel.Student(models.PositionLogits(model, vocab), model, world=world, fsdp=cfg.fsdp,
                                   bf16=bf16 and cfg.fsdp, gradient_checkpointing=cfg.gradient_checkpointing)
-    n_batches = len(batching.epoch_plan(teacher.source, cfg.seed, 0, cfg.batch_size, cfg.batch_tokens,
-                                        cfg.shuffle_window, world, packed=cfg.packing))
+    n_batches = len(teacher.source.plan(cfg.seed, 0, cfg.batch_size, cfg.batch_tokens, cfg.shuffle_window, world,
+                                        packed=cfg.packing))
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     if steps_per_epoch == 0:
         raise OptionError(f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batch_size} on {world} ranks")
@@ -293,8 +274,8 @@ def loader(r: Run, state: dict) -> torch.utils.data.DataLoader:
     first = state["step_in_epoch"] * cfg.grad_accum
     mine = [b[r.rank::r.world] for b in r.plan(state["epoch"])[first:]]
     return torch.utils.data.DataLoader(
-        batching.IndexDataset(r.teacher.source), batch_sampler=mine, num_workers=cfg.num_workers,
-        collate_fn=lambda s: batching.collate(s, r.tok.pad_token_id, pack), pin_memory=r.device.type == "cuda",
+        r.teacher.source, batch_sampler=mine, num_workers=cfg.num_workers,
+        collate_fn=lambda s: batches.collate(s, r.tok.pad_token_id, pack), pin_memory=r.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),   # not the global RNG: resume
         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
 
@@ -360,7 +341,7 @@ def after_step(r: Run, state: dict, sums: dict, log: Log, bar) -> None:
 
 def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
     """Forward/backward every micro-batch of one optimizer step, normalized by the step's global item count."""
-    n_items, n_tokens = distributed.all_sum([sum(int(len(b["rows"])) for b in group),
+    n_items, n_tokens = parallel.all_sum([sum(int(len(b["rows"])) for b in group),
                                              sum(int(b["tokens"]) for b in group)])
     n_items, n_tokens = max(1.0, n_items), int(n_tokens)
     sums: dict[str, float] = {}
@@ -375,7 +356,7 @@ def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
     names = sorted(sums)
-    sums = dict(zip(names, distributed.all_sum([sums[k] for k in names])))
+    sums = dict(zip(names, parallel.all_sum([sums[k] for k in names])))
     out = {k: v / n_items for k, v in sums.items()}
     out["loss"] = (1 - cfg.kd_ratio) * out["ce"] + cfg.kd_ratio * out.get("kd", 0.0)
     out["tokens"] = n_tokens

@@ -342,7 +342,7 @@ def test_unsupported_tensor_parallel_teachers_are_one_line_errors(tiny, tmp_path
 
 
 def test_tp_groups_split_the_shards():
-    from pipeline.distributed import TeacherGroup
+    from pipeline.parallel import TeacherGroup
     cfg = ct.CacheTeacherConfig(teacher="t", data=None, out="o", shard=(1, 3))
     assert ct.shard_of(cfg, TeacherGroup(2, 1, 4, 0, [2, 3])) == (5, 12)
     assert ct.shard_of(ct.CacheTeacherConfig(teacher="t", data=None, out="o"), TeacherGroup(2, 3, 4, 1, [6, 7])) == (3, 4)

@@ -341,17 +341,17 @@ def test_statistics_report_size_and_tail(tmp_path):
 
 def test_block_shuffle_plans_mix_caches_per_micro_batch(tmp_path):
     """A mixture's plan draws whole micro-batches from each cache in the given shares, deterministically."""
-    from pipeline import batching
+    from pipeline import sources
     write_cache(tmp_path / "a", num_rows=40, part_size=8)
     write_cache(tmp_path / "b", num_rows=24, part_size=8, seed=1)
-    mix = batching.MixtureSource([batching.CacheSource(tmp_path / "a"), batching.CacheSource(tmp_path / "b")],
+    mix = sources.MixtureSource([sources.CacheSource(tmp_path / "a"), sources.CacheSource(tmp_path / "b")],
                                  [0.25, 0.75])
-    plans = [batching.epoch_plan(mix, 0, e, 2, None, 4, 1) for e in range(30)]
-    assert plans[3] == batching.epoch_plan(mix, 0, 3, 2, None, 4, 1) and plans[3] != plans[4]
+    plans = [mix.plan(0, e, 2, None, 4, 1) for e in range(30)]
+    assert plans[3] == mix.plan(0, 3, 2, None, 4, 1) and plans[3] != plans[4]
     source_of = [[int(i >= 40) for i in b] for p in plans for b in p]
     assert all(len(set(s)) == 1 for s in source_of), "each micro-batch from one cache"
     share_b = sum(s[0] for s in source_of) / len(source_of)
     assert abs(share_b - 0.75) < 0.04, share_b
     assert mix[45]["sample_index"] == storage.open_cache(tmp_path / "b")[5]["sample_index"]
     with pytest.raises(ValueError, match="summing to 1"):
-        batching.MixtureSource(mix.sources, [0.5, 0.6])
+        sources.MixtureSource(mix.sources, [0.5, 0.6])

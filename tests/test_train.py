@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import storage
-from pipeline import batching, losses, models, scoring, teachers
+from pipeline import batches, losses, models, scoring, teachers
 from pipeline.cli import main
 from pipeline.data import DataConfig
 from pipeline.errors import Diverged, OptionError
@@ -48,7 +48,7 @@ def heldout_kl(model_path, cache):
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     tok = models.load_tokenizer(model_path)
     head = models.PositionLogits(model, len(tok))
-    return scoring.score(head, model, teachers.CachedTeacher(cache), tok.pad_token_id, torch.device("cpu"), ("fkl",))["fkl"]
+    return scoring.score(head, model, teachers.cached([cache]), tok.pad_token_id, torch.device("cpu"), ("fkl",))["fkl"]
 
 
 def distill(world, out, loss="fkl", **kw):
@@ -258,7 +258,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(world, tmp_path):
 def test_packed_batches_give_the_padded_loss_and_gradient(world, arch):
     """The same samples packed into rows with restarting position ids: same losses, same gradients; packed into one
     row they carry no padding at all."""
-    teacher = teachers.CachedTeacher(world["cache_train"])
+    teacher = teachers.cached([world["cache_train"]])
     samples = [teacher.source[i] for i in range(7)]
     total = sum(len(s["input_ids"]) for s in samples)
     model = AutoModelForCausalLM.from_pretrained(world[arch])
@@ -266,7 +266,7 @@ def test_packed_batches_give_the_padded_loss_and_gradient(world, arch):
     head = models.PositionLogits(model, len(tok))
     out = {}
     for pack in (None, 128, total):
-        b = batching.collate(samples, tok.pad_token_id, pack)
+        b = batches.collate(samples, tok.pad_token_id, pack)
         model.zero_grad()
         parts = losses.batch_losses(scoring.forward(head, b, False), b, teacher.rows(b), "akl")
         (parts["kd"] + parts["ce"]).backward()

@@ -1,6 +1,7 @@
-"""Process groups and model placement for every stage, on PyTorch's and transformers' engines: a teacher in tensor
-parallel groups (transformers' TP plans) or spread by a device map (accelerate), and a student in DDP or FSDP2
-(fully_shard per decoder layer, then the root). The stages ask this module; none wraps a model itself."""
+"""Process groups and the student's wrapping, on PyTorch's engines: ranks and collectives under torchrun, the
+teacher's tensor-parallel groups (which ranks shard one teacher and which writes), and the student in DDP or FSDP2
+(fully_shard per decoder layer, then the root). The stages ask this module; none wraps a model itself. (Loading a
+teacher sharded by transformers' TP plans is models.load_teacher.)"""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline import models
+from pipeline import compat
 from pipeline.errors import OptionError
 
 
@@ -41,7 +42,7 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-# ---------------------------------------------------------------- teachers
+# ---------------------------------------------------------------- tensor-parallel teacher groups
 
 @dataclass
 class TeacherGroup:
@@ -95,78 +96,6 @@ def _tp_process_group(group: TeacherGroup):
     return _TP_GROUPS[group.group]
 
 
-def check_tensor_parallel(config, tp: int, name: str) -> None:
-    """One-line refusals for models transformers cannot shard, or a TP size that does not divide the heads."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not getattr(text, "base_model_tp_plan", None):
-        raise OptionError(f"{name} ({config.model_type}) has no tensor-parallel plan in transformers; use "
-                         "--device-map auto, or a single device")
-    heads = getattr(text, "num_attention_heads", None)
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    for what, n in (("attention heads", heads), ("key/value heads", kv)):
-        if n is not None and n % tp:
-            raise OptionError(f"--tp {tp} does not divide the teacher's {n} {what}; choose a TP size that divides {kv}")
-
-
-def tensor_parallel_kwargs(tp: int) -> dict:
-    """from_pretrained arguments that shard a model over this rank's TP group of `tp` ranks, with the world split
-    into WORLD_SIZE / tp such groups. transformers' loading API changed in 2026; this shim is the only place
-    that knows either form."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        from transformers.distributed import DistributedConfig
-    except ImportError:                     # before DistributedConfig: tp_plan="auto" on a mesh's "tp" dimension
-        from torch.distributed.device_mesh import init_device_mesh
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        mesh = init_device_mesh(device, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-        return {"tp_plan": "auto", "device_mesh": mesh["tp"]}
-
-    class ReplicatedGroups(DistributedConfig):
-        """TP within groups of tp_size ranks; the dp_replicate groups hold full replicas (no FSDP) and run
-        different batches."""
-        @property
-        def dp_size(self):
-            return 1
-
-    return {"distributed_config": ReplicatedGroups(tp_size=tp, dp_replicate_size=world // tp)}
-
-
-def parse_max_memory(text: str | None) -> dict | None:
-    """'0=70GiB,1=70GiB,cpu=200GiB' → {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'}."""
-    if not text:
-        return None
-    out = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not value:
-            raise OptionError(f"--max-memory {text!r}: each entry is DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
-        out[int(key) if key.strip().isdigit() else key.strip()] = value.strip()
-    return out
-
-
-def load_teacher(name: str, dtype: torch.dtype, device: torch.device, *, tp: int = 1, device_map: str | None = None,
-                 max_memory: str | None = None, trust_remote_code: bool = False):
-    """A teacher in eval mode: sharded over its TP group, spread by a device map, or on one device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if tp > 1 and device_map:
-        raise OptionError("--tp and --device-map are exclusive: shard across processes or spread one process, not both")
-    if tp == 1 and not device_map:
-        return models.load_model(name, dtype, device, trust_remote_code).eval()
-    models.check_exists(name)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if tp > 1:
-        check_tensor_parallel(config, tp, name)
-        kwargs = tensor_parallel_kwargs(tp)
-    else:
-        kwargs = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise models.ModelError(f"cannot load {name!r} with {'--tp ' + str(tp) if tp > 1 else '--device-map'}: "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    return model.eval()
-
-
 # ---------------------------------------------------------------- students
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -185,11 +114,8 @@ class Student:
     def __init__(self, head, model, *, world: int, fsdp: bool = False, bf16: bool = False,
                  gradient_checkpointing: bool = False):
         self.model, self.head, self.world, self.fsdp = model, head, world, fsdp
-        if gradient_checkpointing:        # transformers 5 renamed it; older versions know only the second name
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:
+            compat.enable_gradient_checkpointing(model)
         if fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             if not dist.is_initialized():
