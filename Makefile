@@ -4,13 +4,13 @@ PY := $(VENV)/bin/python
 CORES ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[workflow,test]"
+	$(PY) -m pip install -q -e ".[workflow,test,report]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -19,7 +19,11 @@ demo: setup
 	snakemake --cores $(CORES) --configfile config/demo.yaml
 	@echo "report: results/report.md"
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: setup

@@ -22,6 +22,7 @@ dense gradient on the same 128 training samples, at the student's init and at th
 angle and the relative error, with no trajectory in between. Writes bench/out/fidelity.json and
 bench/fidelity.png. `python bench/fidelity.py [--quick]`.
 """
+
 import json
 import math
 import random
@@ -37,7 +38,9 @@ sys.path.insert(0, str(ROOT))
 import storage  # noqa: E402
 from pipeline import batches, losses, models, scoring, sources, teachers  # noqa: E402
 from pipeline.data import DataConfig, tokenized  # noqa: E402
-from stages import cache_teacher as ct, prepare_demo, train as tr  # noqa: E402
+from stages import cache_teacher as ct  # noqa: E402
+from stages import prepare_demo
+from stages import train as tr
 from storage.codecs import id_bits  # noqa: E402
 
 OUT = ROOT / "bench/out/fidelity"
@@ -56,26 +59,31 @@ ARMS = [
     ("top-p .99 q8", {"top_k": 64, "top_p": 0.99, "ids": "bitpack", "logprobs": "q8"}, {}),
     ("top-p .90 q8 + 16 draws", {"top_k": 64, "top_p": 0.90, "ids": "bitpack", "logprobs": "q8", "draws": 16}, {}),
     ("top-p .50 q8 + 24 draws", {"top_k": 64, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 24}, {}),
-    ("draws only (RS-KD, 32)", {"top_k": 64, "top_p": 0.0, "min_k": 0, "ids": "bitpack", "logprobs": "q8",
-                                "draws": 32}, {}),
+    (
+        "draws only (RS-KD, 32)",
+        {"top_k": 64, "top_p": 0.0, "min_k": 0, "ids": "bitpack", "logprobs": "q8", "draws": 32},
+        {},
+    ),
 ]
 
 
 # ---------------------------------------------------------------- teachers
+
 
 def build_stdlib(root: Path, train_n: int, test_n: int, steps: int) -> dict:
     train, test, where = prepare_demo.stdlib_chunks()
     random.Random(0).shuffle(train)
     random.Random(1).shuffle(test)
     root.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train[:train_n]), ("test", test[:test_n]), ("lm", train[train_n:train_n + 20000])):
+    for name, rows in (("train", train[:train_n]), ("test", test[:test_n]), ("lm", train[train_n : train_n + 20000])):
         with open(root / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in rows)
     if not (root / "tokenizer").exists():
         prepare_demo.save_tokenizer(root / "tokenizer", train[:20000], 2048)
     fields = {"text_field": "text", "max_length": 256}
-    return _teacher(root, fields, where, teacher=(4, 256, 4), student=(2, 128, 2), steps=steps,
-                    lm="lm.jsonl", lr=2e-3, batch=16)
+    return _teacher(
+        root, fields, where, teacher=(4, 256, 4), student=(2, 128, 2), steps=steps, lm="lm.jsonl", lr=2e-3, batch=16
+    )
 
 
 def build_demo(root: Path, train_n: int, test_n: int, steps: int) -> dict:
@@ -86,8 +94,17 @@ def build_demo(root: Path, train_n: int, test_n: int, steps: int) -> dict:
         (root / "lm.jsonl").write_text((root / "train.jsonl").read_text())
         (root / "data/tokenizer").rename(root / "tokenizer")
     fields = {"prompt_field": "prompt", "response_field": "response", "max_length": 64}
-    return _teacher(root, fields, "prepare-demo tasks", teacher=(4, 128, 4), student=(2, 64, 2), steps=steps,
-                    lm="lm.jsonl", lr=3e-3, batch=32)
+    return _teacher(
+        root,
+        fields,
+        "prepare-demo tasks",
+        teacher=(4, 128, 4),
+        student=(2, 64, 2),
+        steps=steps,
+        lm="lm.jsonl",
+        lr=3e-3,
+        batch=32,
+    )
 
 
 def _teacher(root, fields, where, teacher, student, steps, lm, lr, batch) -> dict:
@@ -97,15 +114,34 @@ def _teacher(root, fields, where, teacher, student, steps, lm, lr, batch) -> dic
             prepare_demo.save_model(root / name, root / "tokenizer", "llama", layers, width, heads)
     if not (root / "teacher/final").exists():
         t0 = time.perf_counter()
-        tr.run(tr.TrainConfig(student=str(root / "teacher-init"), out=str(root / "teacher"), loss="ce",
-                              data=DataConfig(str(root / lm), **fields), max_steps=steps, lr=lr, batch_size=batch,
-                              warmup_steps=30, log_every=50, progress=False))
+        tr.run(
+            tr.TrainConfig(
+                student=str(root / "teacher-init"),
+                out=str(root / "teacher"),
+                loss="ce",
+                data=DataConfig(str(root / lm), **fields),
+                max_steps=steps,
+                lr=lr,
+                batch_size=batch,
+                warmup_steps=30,
+                log_every=50,
+                progress=False,
+            )
+        )
         print(f"  trained teacher {root.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"root": root, "fields": fields, "where": where, "teacher": str(root / "teacher/final"),
-            "student": str(root / "student-init"), "batch": batch, "lr": lr}
+    return {
+        "root": root,
+        "fields": fields,
+        "where": where,
+        "teacher": str(root / "teacher/final"),
+        "student": str(root / "student-init"),
+        "batch": batch,
+        "lr": lr,
+    }
 
 
 # ---------------------------------------------------------------- arms
+
 
 def data(setting, split):
     return DataConfig(str(setting["root"] / f"{split}.jsonl"), **setting["fields"])
@@ -122,12 +158,28 @@ def build_caches(setting) -> dict:
         path = root / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "").replace(",", "")
         if not (path / "manifest.json").exists():
             if enc.get("draws"):
-                ct.run(ct.CacheTeacherConfig(out=str(path), top_k=enc["top_k"], top_p=enc.get("top_p"),
-                                             min_k=enc.get("min_k", 1), ids=enc["ids"], logprob_dtype=enc["logprobs"],
-                                             tail_draws=enc["draws"], **base))
+                ct.run(
+                    ct.CacheTeacherConfig(
+                        out=str(path),
+                        top_k=enc["top_k"],
+                        top_p=enc.get("top_p"),
+                        min_k=enc.get("min_k", 1),
+                        ids=enc["ids"],
+                        logprob_dtype=enc["logprobs"],
+                        tail_draws=enc["draws"],
+                        **base,
+                    )
+                )
             else:
-                storage.convert(source, path, top_k=enc["top_k"], top_p=enc.get("top_p"), min_k=enc.get("min_k"),
-                                ids=enc.get("ids"), logprobs=enc.get("logprobs", "float16"))
+                storage.convert(
+                    source,
+                    path,
+                    top_k=enc["top_k"],
+                    top_p=enc.get("top_p"),
+                    min_k=enc.get("min_k"),
+                    ids=enc.get("ids"),
+                    logprobs=enc.get("logprobs", "float16"),
+                )
         out[name] = path
     return out
 
@@ -137,18 +189,36 @@ def cache_figures(path) -> dict:
     enc = s["encoding"]
     entries = s["mean_width"] + s.get("mean_drawn_width", 0.0)
     big = s["bytes_per_distilled_position"]
-    if enc["ids"]["codec"] == "bitpack":                 # the same rows with ids of 18 bits instead of ours
+    if enc["ids"]["codec"] == "bitpack":  # the same rows with ids of 18 bits instead of ours
         big += entries * (id_bits(BIG_VOCAB) - enc["ids"]["bits"]) / 8
-    return {"bytes_per_position": s["bytes_per_distilled_position"], "bytes_per_position_at_151936": big,
-            "mean_width": s["mean_width"], "mean_drawn": s.get("mean_drawn_width", 0.0),
-            "decode_kl_mean": s.get("decode_kl_mean"), "decode_kl_max": s.get("decode_kl_max")}
+    return {
+        "bytes_per_position": s["bytes_per_distilled_position"],
+        "bytes_per_position_at_151936": big,
+        "mean_width": s["mean_width"],
+        "mean_drawn": s.get("mean_drawn_width", 0.0),
+        "decode_kl_mean": s.get("decode_kl_mean"),
+        "decode_kl_max": s.get("decode_kl_max"),
+    }
 
 
 def train_student(setting, out, seed, steps, cache=None, online=False, sft=False, **extra) -> float:
     t0 = time.perf_counter()
-    cfg = dict(student=setting["student"], out=str(out), loss="ce" if sft else "fkl", seed=seed, max_steps=steps,
-               batch_size=setting["batch"], lr=setting["lr"], warmup_steps=20, part_size=128, log_every=50,
-               progress=False, init_from_config=True, tokenizer=setting["student"], **extra)
+    cfg = dict(
+        student=setting["student"],
+        out=str(out),
+        loss="ce" if sft else "fkl",
+        seed=seed,
+        max_steps=steps,
+        batch_size=setting["batch"],
+        lr=setting["lr"],
+        warmup_steps=20,
+        part_size=128,
+        log_every=50,
+        progress=False,
+        init_from_config=True,
+        tokenizer=setting["student"],
+        **extra,
+    )
     if cache:
         cfg["cache"] = str(cache)
     else:
@@ -163,23 +233,33 @@ def train_student(setting, out, seed, steps, cache=None, online=False, sft=False
 def heldout(setting, model_path, teacher_model) -> dict:
     """Exact KL(teacher ‖ student) and KL(student ‖ teacher) over the full vocabulary, and NLL, per held-out token."""
     from transformers import AutoModelForCausalLM
+
     tok = models.load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     head = models.PositionLogits(model, len(tok))
     source = sources.TokenizedSource(tokenized(data(setting, "test"), tok, progress=False))
-    row = scoring.score(head, model, teachers.OnlineTeacher(source, teacher_model, len(tok)), tok.pad_token_id,
-                   torch.device("cpu"), ("fkl", "rkl"), batch_size=32)
+    row = scoring.score(
+        head,
+        model,
+        teachers.OnlineTeacher(source, teacher_model, len(tok)),
+        tok.pad_token_id,
+        torch.device("cpu"),
+        ("fkl", "rkl"),
+        batch_size=32,
+    )
     return {"kl": row["fkl"], "rkl": row["rkl"], "nll": row["ce"]}
 
 
 def run_setting(name, setting, seeds, steps) -> dict:
     from transformers import AutoModelForCausalLM
+
     print(f"== {name}: {setting['where']}", flush=True)
     caches = build_caches(setting)
     teacher_model = AutoModelForCausalLM.from_pretrained(setting["teacher"]).eval()
     runs = setting["root"] / "runs"
-    arms = [("online (dense)", None, {"online": True}), ("SFT", None, {"sft": True})] + \
-        [(n, caches[n], opts) for n, _, opts in ARMS]
+    arms = [("online (dense)", None, {"online": True}), ("SFT", None, {"sft": True})] + [
+        (n, caches[n], opts) for n, _, opts in ARMS
+    ]
     rows = []
     for arm, cache, opts in arms:
         row = {"arm": arm, **(cache_figures(cache) if cache else {}), "seeds": []}
@@ -194,28 +274,40 @@ def run_setting(name, setting, seeds, steps) -> dict:
         rows.append(row)
         (ROOT / "bench/out").mkdir(exist_ok=True)
         (ROOT / f"bench/out/fidelity-{name}.partial.json").write_text(json.dumps(rows, indent=1, default=str))
-        print(f"  {arm:26s} " + (f"{row['bytes_per_position']:7.1f} B/pos  " if cache else " " * 15) +
-              f"KL {row['kl']:.4f} ± {row['kl_std']:.4f}  NLL {row['nll']:.3f}", flush=True)
+        print(
+            f"  {arm:26s} "
+            + (f"{row['bytes_per_position']:7.1f} B/pos  " if cache else " " * 15)
+            + f"KL {row['kl']:.4f} ± {row['kl_std']:.4f}  NLL {row['nll']:.3f}",
+            flush=True,
+        )
     ref = rows[0]["kl"]
     for row in rows:
         row["kl_vs_online"] = row["kl"] / ref
     t_stats = storage.statistics(caches["top-k 64 fp16"])
-    angles = {"at_student_init": gradient_angles(setting, caches, setting["student"], teacher_model),
-              "at_online_student": gradient_angles(setting, caches, runs / "online_(dense)-s0" / "final",
-                                                   teacher_model)}
+    angles = {
+        "at_student_init": gradient_angles(setting, caches, setting["student"], teacher_model),
+        "at_online_student": gradient_angles(setting, caches, runs / "online_(dense)-s0" / "final", teacher_model),
+    }
     for row in rows:
         for where, a in angles.items():
             if row["arm"] in a:
                 row[f"grad_angle_deg_{where}"] = a[row["arm"]]["angle_deg"]
                 row[f"grad_rel_error_{where}"] = a[row["arm"]]["relative_error"]
-    return {"where": setting["where"], "vocab": len(models.load_tokenizer(setting["teacher"])), "steps": steps,
-            "seeds": seeds, "positions": t_stats["distilled_positions"], "rows": rows}
+    return {
+        "where": setting["where"],
+        "vocab": len(models.load_tokenizer(setting["teacher"])),
+        "steps": steps,
+        "seeds": seeds,
+        "positions": t_stats["distilled_positions"],
+        "rows": rows,
+    }
 
 
 def gradient_angles(setting, caches, checkpoint, teacher_model, n=128, batch=32) -> dict:
     """Per arm: the angle (degrees) and relative error of its FKL parameter gradient against the online teacher's dense
     FKL gradient, on the same n training samples, at a fixed student checkpoint. Low-noise: no training trajectory."""
     from transformers import AutoModelForCausalLM
+
     tok = models.load_tokenizer(checkpoint)
     student = AutoModelForCausalLM.from_pretrained(checkpoint)
     head = models.PositionLogits(student, len(tok))
@@ -234,10 +326,14 @@ def gradient_angles(setting, caches, checkpoint, teacher_model, n=128, batch=32)
     for name, _, opts in ARMS:
         g = grad(teachers.cached([caches[name]]), opts.get("tail", "bucket"))
         cos = float(torch.nn.functional.cosine_similarity(g.double(), ref.double(), dim=0))
-        out[name] = {"angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
-                     "relative_error": float((g - ref).norm() / ref.norm())}
-        print(f"  gradient {name:26s} {out[name]['angle_deg']:6.2f}°  relative error {out[name]['relative_error']:.3f}",
-              flush=True)
+        out[name] = {
+            "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
+            "relative_error": float((g - ref).norm() / ref.norm()),
+        }
+        print(
+            f"  gradient {name:26s} {out[name]['angle_deg']:6.2f}°  relative error {out[name]['relative_error']:.3f}",
+            flush=True,
+        )
     return out
 
 
@@ -245,8 +341,10 @@ def plot(results, path):
     """Top: held-out KL against bytes per position (the frontier). Bottom: the relative error of each arm's FKL
     gradient against the online teacher's dense one, at the online-trained student (no trajectory noise)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, len(results), figsize=(6.5 * len(results), 8.4), squeeze=False)
     for col, (name, res) in enumerate(results.items()):
         rows = res["rows"]
@@ -259,12 +357,18 @@ def plot(results, path):
         for r in rows[2:]:
             marker = "x" if "renormalized" in r["arm"] else ("^" if "draws" in r["arm"] else "o")
             ax.errorbar(r["bytes_per_position"], r["kl"], yerr=r["kl_std"], fmt=marker, capsize=3)
-            ax.annotate(r["arm"], (r["bytes_per_position"], r["kl"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                r["arm"], (r["bytes_per_position"], r["kl"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
             if "grad_rel_error_at_online_student" in r:
                 gx.plot(r["bytes_per_position"], r["grad_rel_error_at_online_student"], marker)
-                gx.annotate(r["arm"], (r["bytes_per_position"], r["grad_rel_error_at_online_student"]), fontsize=7,
-                            xytext=(4, 3), textcoords="offset points")
+                gx.annotate(
+                    r["arm"],
+                    (r["bytes_per_position"], r["grad_rel_error_at_online_student"]),
+                    fontsize=7,
+                    xytext=(4, 3),
+                    textcoords="offset points",
+                )
         for a in (ax, gx):
             a.axvline(64, color="k", lw=0.6, ls="-.")
             a.set_xscale("log")
@@ -284,9 +388,12 @@ def main(quick=False):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = [0] if quick else [0, 1]
     settings = {
-        "demo": build_demo(OUT / "demo", 3000 if not quick else 800, 200 if not quick else 64, 600 if not quick else 100),
-        "stdlib": build_stdlib(OUT / "stdlib", 4000 if not quick else 800, 200 if not quick else 64,
-                               1500 if not quick else 100),
+        "demo": build_demo(
+            OUT / "demo", 3000 if not quick else 800, 200 if not quick else 64, 600 if not quick else 100
+        ),
+        "stdlib": build_stdlib(
+            OUT / "stdlib", 4000 if not quick else 800, 200 if not quick else 64, 1500 if not quick else 100
+        ),
     }
     steps = {"demo": 200 if not quick else 20, "stdlib": 150 if not quick else 20}
     results = {name: run_setting(name, s, seeds, steps[name]) for name, s in settings.items()}

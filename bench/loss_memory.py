@@ -9,6 +9,7 @@ through the lm_head (N positions, hidden H, vocabulary V), each case in a fresh 
 Peak = max RSS during the case minus RSS after inputs are allocated. CPU only here: the figures are ratios
 measured side by side in one run. Writes bench/out/loss_memory.json.
 """
+
 import json
 import subprocess
 import sys
@@ -61,16 +62,20 @@ def run_case(n, v, h, case, repeats):
 def main(n=8192, h=256, vocabs=(32000, 151936), repeats=3):
     rows = []
     for v in vocabs:
-        logits_mb = n * v * 4 / 2 ** 20
+        logits_mb = n * v * 4 / 2**20
         for case in ("ce", "sparse", "chunked", "dense"):
             if case == "dense" and v > 64000:
-                print(f"N={n} V={v:6d} dense    skipped: ~10 [N,V] float32 tensors (~{10 * logits_mb / 1024:.0f} GB) "
-                      "exceed this 24 GB machine")
+                print(
+                    f"N={n} V={v:6d} dense    skipped: ~10 [N,V] float32 tensors (~{10 * logits_mb / 1024:.0f} GB) "
+                    "exceed this 24 GB machine"
+                )
                 continue
             r = run_case(n, v, h, case, repeats)
             rows.append({"n": n, "v": v, "h": h, "case": case, **r, "logits_mb": logits_mb})
-            print(f"N={n} V={v:6d} {case:8s} peak {r['peak_mb']:8.0f} MB ({r['peak_mb'] / logits_mb:4.2f}× one "
-                  f"[N,V] fp32)  median {r['median_s']:.2f} s")
+            print(
+                f"N={n} V={v:6d} {case:8s} peak {r['peak_mb']:8.0f} MB ({r['peak_mb'] / logits_mb:4.2f}× one "
+                f"[N,V] fp32)  median {r['median_s']:.2f} s"
+            )
     for v in vocabs:
         ce = next(r for r in rows if r["v"] == v and r["case"] == "ce")
         for r in rows:

@@ -1,5 +1,6 @@
 """Run the benchmarks (or those named), merge every script's latest JSON into bench/results.json, and print the
 README's tables. `python bench/run_all.py [storage_size.py fidelity.py …]`."""
+
 import json
 import platform
 import subprocess
@@ -9,87 +10,125 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SCRIPTS = {"storage_size.py": "storage", "loss_memory.py": "loss_memory", "throughput.py": "throughput",
-           "fidelity.py": "fidelity", "scale.py": "scale", "onpolicy.py": "onpolicy"}
+SCRIPTS = {
+    "storage_size.py": "storage",
+    "loss_memory.py": "loss_memory",
+    "throughput.py": "throughput",
+    "fidelity.py": "fidelity",
+    "scale.py": "scale",
+    "onpolicy.py": "onpolicy",
+}
 
 
 def storage_table(r) -> list[str]:
-    lines = ["| V | encoding | zarr B/pos | arrow B/pos | mean width | decoded read, M pos/s/core (zarr / arrow) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| V | encoding | zarr B/pos | arrow B/pos | mean width | decoded read, M pos/s/core (zarr / arrow) |",
+        "|---|---|---|---|---|---|",
+    ]
     rows = {(x["vocab"], x["encoding"], x["backend"]): x for x in r["rows"]}
     for (v, enc, backend), x in rows.items():
         if backend != "zarr":
             continue
         a = rows[(v, enc, "arrow")]
         width = f"{x['mean_width']:.1f}" + (f" + {x['mean_drawn']:.1f} drawn" if x["mean_drawn"] else "")
-        lines.append(f"| {v} | {enc} | {x['bytes_per_position']:.0f} | {a['bytes_per_position']:.0f} | {width} | "
-                     f"{x['read_positions_per_s'] / 1e6:.2f} / {a['read_positions_per_s'] / 1e6:.2f} |")
+        lines.append(
+            f"| {v} | {enc} | {x['bytes_per_position']:.0f} | {a['bytes_per_position']:.0f} | {width} | "
+            f"{x['read_positions_per_s'] / 1e6:.2f} / {a['read_positions_per_s'] / 1e6:.2f} |"
+        )
     return lines
 
 
 def fidelity_table(r) -> list[str]:
     lines = []
     for name, res in r.items():
-        lines += ["", f"**{name}** ({res['where']}; V = {res['vocab']}, {res['steps']} steps, seeds "
-                      f"{res['seeds']}, {res['positions']} distilled training positions)", "",
-                  "| arm | B/pos | B/pos at V=151936 | decode KL | held-out KL(T‖S) | ÷ online | NLL | FKL gradient error "
-                  "vs online (angle), student at init / trained |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"**{name}** ({res['where']}; V = {res['vocab']}, {res['steps']} steps, seeds "
+            f"{res['seeds']}, {res['positions']} distilled training positions)",
+            "",
+            "| arm | B/pos | B/pos at V=151936 | decode KL | held-out KL(T‖S) | ÷ online | NLL | FKL gradient error "
+            "vs online (angle), student at init / trained |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in res["rows"]:
             b = f"{row['bytes_per_position']:.0f}" if "bytes_per_position" in row else "–"
             big = f"{row['bytes_per_position_at_151936']:.0f}" if "bytes_per_position" in row else "–"
             dkl = f"{row['decode_kl_mean']:.1e}" if row.get("decode_kl_mean") is not None else "–"
-            ang = (f"{row['grad_rel_error_at_student_init']:.1%} ({row['grad_angle_deg_at_student_init']:.1f}°) / "
-                   f"{row['grad_rel_error_at_online_student']:.1%} ({row['grad_angle_deg_at_online_student']:.1f}°)"
-                   if "grad_angle_deg_at_online_student" in row else "–")
-            lines.append(f"| {row['arm']} | {b} | {big} | {dkl} | {row['kl']:.4f} ± {row['kl_std']:.4f} | "
-                         f"{row['kl_vs_online']:.3f} | {row['nll']:.3f} ± {row['nll_std']:.3f} | {ang} |")
+            ang = (
+                f"{row['grad_rel_error_at_student_init']:.1%} ({row['grad_angle_deg_at_student_init']:.1f}°) / "
+                f"{row['grad_rel_error_at_online_student']:.1%} ({row['grad_angle_deg_at_online_student']:.1f}°)"
+                if "grad_angle_deg_at_online_student" in row
+                else "–"
+            )
+            lines.append(
+                f"| {row['arm']} | {b} | {big} | {dkl} | {row['kl']:.4f} ± {row['kl_std']:.4f} | "
+                f"{row['kl_vs_online']:.3f} | {row['nll']:.3f} ± {row['nll_std']:.3f} | {ang} |"
+            )
     return lines
 
 
 def loss_table(r) -> list[str]:
     lines = ["| V | path | peak MB | × CE memory | median s | × CE time |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['v']} | {row['case']} | {row['peak_mb']:.0f} | {row['memory_vs_ce']:.2f} | "
-                     f"{row['median_s']:.2f} | {row['time_vs_ce']:.2f} |")
+        lines.append(
+            f"| {row['v']} | {row['case']} | {row['peak_mb']:.0f} | {row['memory_vs_ce']:.2f} | "
+            f"{row['median_s']:.2f} | {row['time_vs_ce']:.2f} |"
+        )
     return lines
 
 
 def throughput_table(t) -> list[str]:
-    lines = ["| data | cache-teacher ÷ forward, 46M teacher | same, 12×1024 teacher | cached KD ÷ SFT | "
-             "cached KD ÷ online KD (measured) | theoretical |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| data | cache-teacher ÷ forward, 46M teacher | same, 12×1024 teacher | cached KD ÷ SFT | "
+        "cached KD ÷ online KD (measured) | theoretical |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in t["rows"]:
-        lines.append(f"| {row['data']} | {row['cache_teacher_over_forward']:.3f} | "
-                     f"{row['body_heavy_cache_teacher_over_forward']:.3f} | {row['cached_kd_over_sft']:.3f} | "
-                     f"{row['cached_kd_speedup_over_online']:.2f}× | {t['theoretical_speedup_over_online']:.2f}× |")
+        lines.append(
+            f"| {row['data']} | {row['cache_teacher_over_forward']:.3f} | "
+            f"{row['body_heavy_cache_teacher_over_forward']:.3f} | {row['cached_kd_over_sft']:.3f} | "
+            f"{row['cached_kd_speedup_over_online']:.2f}× | {t['theoretical_speedup_over_online']:.2f}× |"
+        )
     return lines
 
 
 def scale_lines(s) -> list[str]:
     m, tk, pk = s["memory"], s["tokenize"], s["packing"]
-    return [f"- cache-teacher peak memory above a 1-sample run: {m['small']['samples']} samples "
-            f"{m['small']['vm_rss_mb'] - m['base']['vm_rss_mb']} MB, {m['large']['samples']} samples "
-            f"{m['large']['vm_rss_mb'] - m['base']['vm_rss_mb']} MB: ×{m['vm_rss_mb_large_over_small']:.2f} "
-            f"(anonymous memory ×{m['rss_anon_mb_large_over_small']:.2f}).",
-            f"- tokenization: {tk['num_proc_1_samples_per_s']:.0f} samples/s with --num-proc 1, "
-            f"{tk['num_proc_2_samples_per_s']:.0f} with 2 (×{tk['speedup_2_over_1']:.2f}).",
-            f"- packing: {pk['packed']['real_tokens_per_s']:.0f} real tokens/s packed vs "
-            f"{pk['padded']['real_tokens_per_s']:.0f} padded (×{pk['packed_over_padded']:.2f}); tokens computed per "
-            f"real token {pk['packed']['computed_over_real_tokens']:.2f} vs {pk['padded']['computed_over_real_tokens']:.2f}."]
+    return [
+        f"- cache-teacher peak memory above a 1-sample run: {m['small']['samples']} samples "
+        f"{m['small']['vm_rss_mb'] - m['base']['vm_rss_mb']} MB, {m['large']['samples']} samples "
+        f"{m['large']['vm_rss_mb'] - m['base']['vm_rss_mb']} MB: ×{m['vm_rss_mb_large_over_small']:.2f} "
+        f"(anonymous memory ×{m['rss_anon_mb_large_over_small']:.2f}).",
+        f"- tokenization: {tk['num_proc_1_samples_per_s']:.0f} samples/s with --num-proc 1, "
+        f"{tk['num_proc_2_samples_per_s']:.0f} with 2 (×{tk['speedup_2_over_1']:.2f}).",
+        f"- packing: {pk['packed']['real_tokens_per_s']:.0f} real tokens/s packed vs "
+        f"{pk['padded']['real_tokens_per_s']:.0f} padded (×{pk['packed_over_padded']:.2f}); tokens computed per "
+        f"real token {pk['packed']['computed_over_real_tokens']:.2f} vs "
+        f"{pk['padded']['computed_over_real_tokens']:.2f}.",
+    ]
 
 
 def onpolicy_lines(o) -> list[str]:
     r = o["round_seconds"]
-    return [f"- generation: `pipeline generate` {o['pipeline_generate']['tokens_per_s']:.0f} tokens/s, plain "
-            f"`model.generate` {o['plain_model_generate']['tokens_per_s']:.0f} (×{o['pipeline_over_plain']:.2f}); "
-            f"teacher-mixed (α = 0.2) {o['pipeline_generate_teacher_mixed']['tokens_per_s']:.0f}.",
-            f"- one round ({o['prompts']} prompts): generate {r['generate']:.1f} s, cache-teacher "
-            f"{r['cache_teacher']:.1f} s, train {r['train']:.1f} s."]
+    return [
+        f"- generation: `pipeline generate` {o['pipeline_generate']['tokens_per_s']:.0f} tokens/s, plain "
+        f"`model.generate` {o['plain_model_generate']['tokens_per_s']:.0f} (×{o['pipeline_over_plain']:.2f}); "
+        f"teacher-mixed (α = 0.2) {o['pipeline_generate_teacher_mixed']['tokens_per_s']:.0f}.",
+        f"- one round ({o['prompts']} prompts): generate {r['generate']:.1f} s, cache-teacher "
+        f"{r['cache_teacher']:.1f} s, train {r['train']:.1f} s.",
+    ]
 
 
 def tables(r: dict) -> str:
     out = [f"Machine: {r['machine']}", ""]
-    for key, fn in (("storage", storage_table), ("loss_memory", loss_table), ("throughput", throughput_table),
-                    ("fidelity", fidelity_table), ("scale", scale_lines), ("onpolicy", onpolicy_lines)):
+    for key, fn in (
+        ("storage", storage_table),
+        ("loss_memory", loss_table),
+        ("throughput", throughput_table),
+        ("fidelity", fidelity_table),
+        ("scale", scale_lines),
+        ("onpolicy", onpolicy_lines),
+    ):
         if key in r:
             out += [f"### {key}", *fn(r[key]), ""]
     return "\n".join(out)
@@ -101,8 +140,10 @@ def main(only=None):
     for s in only or SCRIPTS:
         print(f"== {s}", flush=True)
         subprocess.run([sys.executable, str(HERE / s)], check=True)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                          f"torch {torch.__version__}, CPU"}
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, CPU"
+    }
     for key in SCRIPTS.values():
         if (out / f"{key}.json").exists():
             results[key] = json.loads((out / f"{key}.json").read_text())

@@ -10,6 +10,7 @@
 
 Writes bench/out/scale.json. `python bench/scale.py`.
 """
+
 import json
 import os
 import subprocess
@@ -27,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from pipeline import batches, models  # noqa: E402
 from pipeline.data import DataConfig, tokenized  # noqa: E402
-from stages import prepare_demo  # noqa: E402
 from pipeline.losses import batch_losses  # noqa: E402
 from pipeline.scoring import forward  # noqa: E402
+from stages import prepare_demo  # noqa: E402
 
 
 def write_data(path, n, seed=0):
@@ -78,12 +79,34 @@ def memory(root: Path, small=2000) -> dict:
         data = root / f"{name}.jsonl"
         write_data(data, n)
         env = {**os.environ, "HF_DATASETS_CACHE": str(root / f"hf-{name}"), "OMP_NUM_THREADS": "2"}
-        cmd = [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--teacher", teacher, "--data", str(data),
-               "--prompt-field", "prompt", "--response-field", "response", "--top-k", "32", "--batch-tokens", "16384",
-               "--part-size", "256", "--out", str(root / f"cache-{name}")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "cache-teacher",
+            "--teacher",
+            teacher,
+            "--data",
+            str(data),
+            "--prompt-field",
+            "prompt",
+            "--response-field",
+            "response",
+            "--top-k",
+            "32",
+            "--batch-tokens",
+            "16384",
+            "--part-size",
+            "256",
+            "--out",
+            str(root / f"cache-{name}"),
+        ]
         out[name] = {"samples": n, **peak_rss(cmd, env)}
-        print(f"memory {name:5s} {n:6d} samples: peak RSS {out[name]['vm_rss_mb']} MB, anonymous "
-              f"{out[name]['rss_anon_mb']} MB", flush=True)
+        print(
+            f"memory {name:5s} {n:6d} samples: peak RSS {out[name]['vm_rss_mb']} MB, anonymous "
+            f"{out[name]['rss_anon_mb']} MB",
+            flush=True,
+        )
     for key in ("vm_rss_mb", "rss_anon_mb"):
         s, l = out["small"][key] - out["base"][key], out["large"][key] - out["base"][key]
         out[f"{key}_large_over_small"] = l / max(1, s)
@@ -92,6 +115,7 @@ def memory(root: Path, small=2000) -> dict:
 
 def tokenize_speed(root: Path, n=40000) -> dict:
     import datasets
+
     data = root / "tok.jsonl"
     write_data(data, n, seed=1)
     tok = models.load_tokenizer(str(root / "teacher"))
@@ -111,28 +135,44 @@ def tokenize_speed(root: Path, n=40000) -> dict:
 def packing_speed(n_batches=12, budget=8192, pack_length=1024, vocab=8000) -> dict:
     """Real tokens/s of a KD training step (FKL on synthetic top-16 rows), padded vs packed."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        )
+    )
     head = models.PositionLogits(model, vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     lengths = np.exp(rng.uniform(np.log(24), np.log(1000), 4000)).astype(int)
 
     def sample(n):
         mask = np.zeros(n, np.uint8)
-        mask[n // 3:] = 1
+        mask[n // 3 :] = 1
         p = int(mask.sum())
         lp = np.sort(np.log(rng.dirichlet(np.ones(17), p))[:, :16], axis=1)[:, ::-1].copy()
-        return {"input_ids": rng.integers(0, vocab, n), "loss_mask": mask, "topk_ids": rng.integers(0, vocab, (p, 16)),
-                "topk_logprobs": lp.astype(np.float32), "tail_logmass": np.log(1 - np.exp(lp).sum(1)).astype(np.float32)}
+        return {
+            "input_ids": rng.integers(0, vocab, n),
+            "loss_mask": mask,
+            "topk_ids": rng.integers(0, vocab, (p, 16)),
+            "topk_logprobs": lp.astype(np.float32),
+            "tail_logmass": np.log(1 - np.exp(lp).sum(1)).astype(np.float32),
+        }
 
     order = np.arange(len(lengths))
     out = {}
     for packed in (False, True):
         groups = batches.micro_batches(order, lengths, 0, budget, packed)[:n_batches]
-        collated = [batches.collate([sample(int(lengths[i])) for i in g], 0, pack_length if packed else None)
-                    for g in groups]
+        collated = [
+            batches.collate([sample(int(lengths[i])) for i in g], 0, pack_length if packed else None) for g in groups
+        ]
         rows = lambda b: {k: b[k] for k in ("topk_ids", "topk_logprobs", "tail_logmass")}
 
         def step(b):
@@ -149,10 +189,15 @@ def packing_speed(n_batches=12, budget=8192, pack_length=1024, vocab=8000) -> di
         real = sum(int(b["tokens"]) for b in collated)
         computed = sum(b["input_ids"].numel() for b in collated)
         key = "packed" if packed else "padded"
-        out[key] = {"real_tokens_per_s": real / dt, "computed_over_real_tokens": computed / real,
-                    "samples": sum(len(g) for g in groups)}
-        print(f"packing {key}: {real / dt:.0f} real tokens/s, {computed / real:.2f} tokens computed per real token",
-              flush=True)
+        out[key] = {
+            "real_tokens_per_s": real / dt,
+            "computed_over_real_tokens": computed / real,
+            "samples": sum(len(g) for g in groups),
+        }
+        print(
+            f"packing {key}: {real / dt:.0f} real tokens/s, {computed / real:.2f} tokens computed per real token",
+            flush=True,
+        )
     out["packed_over_padded"] = out["packed"]["real_tokens_per_s"] / out["padded"]["real_tokens_per_s"]
     return out
 
@@ -160,8 +205,12 @@ def packing_speed(n_batches=12, budget=8192, pack_length=1024, vocab=8000) -> di
 def main():
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        results = {"memory": memory(root), "tokenize": tokenize_speed(root), "packing": packing_speed(),
-                   "threads": torch.get_num_threads()}
+        results = {
+            "memory": memory(root),
+            "tokenize": tokenize_speed(root),
+            "packing": packing_speed(),
+            "threads": torch.get_num_threads(),
+        }
     return results
 
 

@@ -9,6 +9,7 @@ full default part (256 samples × 256 distilled positions: the rows tiled 4×, s
 as in a real cache; the bytes come from the untiled rows, since zstd would find the repeats).
 Writes JSON to bench/out/storage.json.
 """
+
 import json
 import os
 import shutil
@@ -23,9 +24,13 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import storage  # noqa: E402
 from storage.codecs import top_p_widths  # noqa: E402
 
-ANCHORS = {"DistillKit k=128, V=151936 (REFERENCE.md)": 344, "DistillKit k=50, V=151936": 127,
-           "Random-Sampling KD (about 12 unique of 50 draws)": 36, "Megatron-LM K=128 before zstd": 640,
-           "axolotl k=64 uncompressed": 1500}
+ANCHORS = {
+    "DistillKit k=128, V=151936 (REFERENCE.md)": 344,
+    "DistillKit k=50, V=151936": 127,
+    "Random-Sampling KD (about 12 unique of 50 draws)": 36,
+    "Megatron-LM K=128 before zstd": 640,
+    "axolotl k=64 uncompressed": 1500,
+}
 
 # name, k, encoding
 ENCODINGS = [
@@ -86,18 +91,32 @@ def build(path, backend, rows, k, vocab, encoding, seq=512, distilled=0.5):
     rng = np.random.default_rng(1)
     per_sample = int(seq * distilled)
     n_samples = len(rows["topk_ids"]) // per_sample
-    plan = storage.make_plan(backend=backend, k=k, temperatures=[1.0], vocab_size=vocab, num_rows=n_samples,
-                             part_size=256, identity={"bench": True}, **encoding)
+    plan = storage.make_plan(
+        backend=backend,
+        k=k,
+        temperatures=[1.0],
+        vocab_size=vocab,
+        num_rows=n_samples,
+        part_size=256,
+        identity={"bench": True},
+        **encoding,
+    )
     w = storage.CacheWriter(path, plan)
     for p in w.missing_parts():
         samples = []
         for i in w.part_rows(p):
             mask = np.zeros(seq, np.uint8)
-            mask[seq - per_sample:] = 1
+            mask[seq - per_sample :] = 1
             sl = slice(i * per_sample, (i + 1) * per_sample)
-            s = {"sample_index": i, "input_ids": rng.integers(0, vocab, seq), "loss_mask": mask,
-                 "topk_ids": rows["topk_ids"][sl], "topk_logprobs": rows["topk_logprobs"][:, sl],
-                 "tail_logmass": rows["tail_logmass"][:, sl], "target_logprob": rows["target_logprob"][:, sl]}
+            s = {
+                "sample_index": i,
+                "input_ids": rng.integers(0, vocab, seq),
+                "loss_mask": mask,
+                "topk_ids": rows["topk_ids"][sl],
+                "topk_logprobs": rows["topk_logprobs"][:, sl],
+                "tail_logmass": rows["tail_logmass"][:, sl],
+                "target_logprob": rows["target_logprob"][:, sl],
+            }
             if "draws" in rows:
                 s["draws"] = rows["draws"][:, sl]
             samples.append(s)
@@ -145,32 +164,49 @@ def read_throughput(path) -> dict:
 
 
 def main(positions=16384, vocabs=(32000, 151936)):
-    results = {"positions": positions, "rows": [], "anchors_bytes_per_position": ANCHORS,
-               "pinned_to_one_core": bool(shutil.which("taskset"))}
+    results = {
+        "positions": positions,
+        "rows": [],
+        "anchors_bytes_per_position": ANCHORS,
+        "pinned_to_one_core": bool(shutil.which("taskset")),
+    }
     for vocab in vocabs:
         rng = np.random.default_rng(0)
         base = {k: lm_like_rows(rng, positions, vocab, k) for k in (16, 64, 128)}
         for name, k, enc in ENCODINGS:
-            rows = base[k] if not enc.get("draws") else \
-                lm_like_rows(np.random.default_rng(0), positions, vocab, k, enc.get("top_p"), enc.get("min_k", 1),
-                             enc["draws"])
+            rows = (
+                base[k]
+                if not enc.get("draws")
+                else lm_like_rows(
+                    np.random.default_rng(0), positions, vocab, k, enc.get("top_p"), enc.get("min_k", 1), enc["draws"]
+                )
+            )
             for backend in ("zarr", "arrow"):
                 with tempfile.TemporaryDirectory() as d:
                     build(Path(d) / "c", backend, rows, k, vocab, enc)
                     stats = storage.statistics(Path(d) / "c")
-                    row = {"vocab": vocab, "encoding": name, "k": k, "backend": backend,
-                           "bytes_per_position": stats["bytes_per_distilled_position"],
-                           "mean_width": stats["mean_width"], "mean_drawn": stats.get("mean_drawn_width", 0.0),
-                           "decode_kl_mean": stats.get("decode_kl_mean"),
-                           "mean_tail_mass": stats["mean_tail_mass"]}
+                    row = {
+                        "vocab": vocab,
+                        "encoding": name,
+                        "k": k,
+                        "backend": backend,
+                        "bytes_per_position": stats["bytes_per_distilled_position"],
+                        "mean_width": stats["mean_width"],
+                        "mean_drawn": stats.get("mean_drawn_width", 0.0),
+                        "decode_kl_mean": stats.get("decode_kl_mean"),
+                        "mean_tail_mass": stats["mean_tail_mass"],
+                    }
                 with tempfile.TemporaryDirectory() as d:
                     build(Path(d) / "c", backend, tile(rows, 4), k, vocab, enc)
                     read = read_throughput(Path(d) / "c")
                     row["read_positions_per_s"], row["check_share"] = read["positions_per_s"], read["check_share"]
                 results["rows"].append(row)
-                print(f"V={vocab:6d} {name:32s} {backend:5s} {row['bytes_per_position']:7.1f} B/pos  width "
-                      f"{row['mean_width']:5.1f}  read {row['read_positions_per_s'] / 1e6:5.2f} M pos/s/core, "
-                      f"checks {100 * row['check_share']:4.1f} % of it", flush=True)
+                print(
+                    f"V={vocab:6d} {name:32s} {backend:5s} {row['bytes_per_position']:7.1f} B/pos  width "
+                    f"{row['mean_width']:5.1f}  read {row['read_positions_per_s'] / 1e6:5.2f} M pos/s/core, "
+                    f"checks {100 * row['check_share']:4.1f} % of it",
+                    flush=True,
+                )
     return results
 
 

@@ -11,6 +11,7 @@ Models are Llama-style, randomly initialized, V = 32000; batches of 8 × 256 tok
 distilled (instruction-like) or all of it (plain text). Each figure is the median of `repeats` timed passes
 after a warm-up. Writes bench/out/throughput.json.
 """
+
 import json
 import resource
 import subprocess
@@ -25,19 +26,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import storage  # noqa: E402
 from pipeline import batches, losses, models, teachers  # noqa: E402
-from stages import cache_teacher as ct  # noqa: E402
 from pipeline.losses import batch_losses  # noqa: E402
 from pipeline.scoring import forward  # noqa: E402
+from stages import cache_teacher as ct  # noqa: E402
 
 V = 32000
 
 
 def llama(layers, width, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=width, intermediate_size=width * 3, num_hidden_layers=layers,
-                      num_attention_heads=max(1, width // 64), num_key_value_heads=max(1, width // 64),
-                      max_position_embeddings=1024, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=width,
+        intermediate_size=width * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 64),
+        num_key_value_heads=max(1, width // 64),
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -52,7 +61,7 @@ def make_batches(n_batches, batch, seq, distilled, seed=0):
         samples = []
         for i in range(batch):
             mask = np.zeros(seq, np.uint8)
-            mask[max(1, int(seq * (1 - distilled))):] = 1
+            mask[max(1, int(seq * (1 - distilled))) :] = 1
             samples.append({"sample_index": i, "input_ids": rng.integers(0, V, seq), "loss_mask": mask})
         out.append(samples)
     return out
@@ -70,6 +79,7 @@ def median_time(fn, repeats):
 
 class Cfg:
     """cache-teacher's options for these batches: top-64 float16 rows, no top-p, no draws."""
+
     top_k, temperatures, top_p, min_k, tail_draws, seed = 64, (1.0,), None, 1, 0, 0
 
 
@@ -85,8 +95,15 @@ def cache_teacher_ratio(teacher, sample_batches, repeats):
 
     def cache():
         with tempfile.TemporaryDirectory() as d:
-            plan = storage.make_plan(backend="zarr", k=64, temperatures=[1.0], vocab_size=V,
-                                     num_rows=sum(map(len, sample_batches)), part_size=len(sample_batches[0]), identity={})
+            plan = storage.make_plan(
+                backend="zarr",
+                k=64,
+                temperatures=[1.0],
+                vocab_size=V,
+                num_rows=sum(map(len, sample_batches)),
+                part_size=len(sample_batches[0]),
+                identity={},
+            )
             w = storage.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
             for p, b in enumerate(sample_batches):
                 res = ct.teacher_fields(Cfg, head, b, 0, "cpu", chunk)
@@ -105,8 +122,14 @@ def teacher_rows(teacher, samples):
     out, start = [], 0
     for s in samples:
         n = int(s["loss_mask"].sum())
-        out.append({**s, "topk_ids": i[start:start + n].numpy(), "topk_logprobs": lp[0, start:start + n].numpy(),
-                    "tail_logmass": tail[0, start:start + n].numpy()})
+        out.append(
+            {
+                **s,
+                "topk_ids": i[start : start + n].numpy(),
+                "topk_logprobs": lp[0, start : start + n].numpy(),
+                "tail_logmass": tail[0, start : start + n].numpy(),
+            }
+        )
         start += n
     return out
 
@@ -125,6 +148,7 @@ def train_ratios(student, teacher, sample_batches, repeats):
                 loss_fn(batch).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+
         return run
 
     rows = lambda b: {k: b[k] for k in ("topk_ids", "topk_logprobs", "tail_logmass") if k in b}
@@ -137,19 +161,23 @@ def train_ratios(student, teacher, sample_batches, repeats):
         s_logits = head(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
         return losses.dense_kd_loss(s_logits, t_logits, "fkl").mean()
 
-    return (median_time(step(sft, plain), repeats), median_time(step(kd, cached), repeats),
-            median_time(step(online, plain), repeats))
+    return (
+        median_time(step(sft, plain), repeats),
+        median_time(step(kd, cached), repeats),
+        median_time(step(online, plain), repeats),
+    )
 
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def peak_memory(mode, n_batches=4, batch=8, seq=256):
     """Run one pass of `forward` or `cache` in this process; print its peak resident memory above the loaded
     model, sampled every 2 ms from /proc/self/statm."""
     import threading
+
     teacher = llama(4, 512)
     bs = make_batches(n_batches, batch, seq, 0.5)
     base, peak, done = rss_mb(), [0.0], threading.Event()
@@ -183,8 +211,16 @@ def main(repeats=5, n_batches=4, batch=8, seq=256):
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
     teacher, student = llama(4, 512), llama(2, 256)
-    results = {"device": "cpu", "threads": torch.get_num_threads(), "vocab": V, "batch": batch, "seq": seq,
-               "teacher_params": params(teacher), "student_params": params(student), "rows": []}
+    results = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "vocab": V,
+        "batch": batch,
+        "seq": seq,
+        "teacher_params": params(teacher),
+        "student_params": params(student),
+        "rows": [],
+    }
     tokens = n_batches * batch * seq
     body_heavy = llama(12, 1024)
     results["body_heavy_teacher_params"] = params(body_heavy)
@@ -192,15 +228,31 @@ def main(repeats=5, n_batches=4, batch=8, seq=256):
         bs = make_batches(n_batches, batch, seq, distilled)
         fwd, cache = cache_teacher_ratio(teacher, bs, repeats)
         big_fwd, big_cache = cache_teacher_ratio(body_heavy, bs, max(3, repeats - 2))
-        row = {"data": name, "teacher_forward_tok_s": tokens / fwd, "cache_teacher_tok_s": tokens / cache,
-               "cache_teacher_over_forward": fwd / cache, "body_heavy_cache_teacher_over_forward": big_fwd / big_cache}
-        print(f"{name:12s} cache-teacher {tokens / cache:8.0f} tok/s, forward {tokens / fwd:8.0f} tok/s, "
-              f"ratio {fwd / cache:.3f}; 12×1024 teacher ratio {big_fwd / big_cache:.3f}")
+        row = {
+            "data": name,
+            "teacher_forward_tok_s": tokens / fwd,
+            "cache_teacher_tok_s": tokens / cache,
+            "cache_teacher_over_forward": fwd / cache,
+            "body_heavy_cache_teacher_over_forward": big_fwd / big_cache,
+        }
+        print(
+            f"{name:12s} cache-teacher {tokens / cache:8.0f} tok/s, forward {tokens / fwd:8.0f} tok/s, "
+            f"ratio {fwd / cache:.3f}; 12×1024 teacher ratio {big_fwd / big_cache:.3f}"
+        )
         sft, kd, online = train_ratios(student, teacher, bs, repeats)
-        row.update({"sft_tok_s": tokens / sft, "cached_kd_tok_s": tokens / kd, "online_kd_tok_s": tokens / online,
-                    "cached_kd_over_sft": sft / kd, "cached_kd_speedup_over_online": online / kd})
-        print(f"{name:12s} cached KD {tokens / kd:8.0f} tok/s, SFT {tokens / sft:8.0f} tok/s (ratio {sft / kd:.3f}), "
-              f"online KD {tokens / online:8.0f} tok/s (cached is {online / kd:.2f}× faster)")
+        row.update(
+            {
+                "sft_tok_s": tokens / sft,
+                "cached_kd_tok_s": tokens / kd,
+                "online_kd_tok_s": tokens / online,
+                "cached_kd_over_sft": sft / kd,
+                "cached_kd_speedup_over_online": online / kd,
+            }
+        )
+        print(
+            f"{name:12s} cached KD {tokens / kd:8.0f} tok/s, SFT {tokens / sft:8.0f} tok/s (ratio {sft / kd:.3f}), "
+            f"online KD {tokens / online:8.0f} tok/s (cached is {online / kd:.2f}× faster)"
+        )
         results["rows"].append(row)
     # Theory: a training step costs ~3 forward-passes of the student (forward + backward); online KD adds one
     # teacher forward. FLOPs per token ∝ parameters (embedding lookups excluded, lm_head included).
@@ -208,10 +260,15 @@ def main(repeats=5, n_batches=4, batch=8, seq=256):
     t_flops = params(teacher) - V * teacher.config.hidden_size
     results["theoretical_speedup_over_online"] = (3 * s_flops + t_flops) / (3 * s_flops)
     results["peak_mb"] = {"teacher_forward": measured_peak("forward"), "cache_teacher": measured_peak("cache")}
-    print(f"peak memory above the loaded teacher (instruction batches): forward {results['peak_mb']['teacher_forward']:.0f} MB, "
-          f"cache-teacher {results['peak_mb']['cache_teacher']:.0f} MB")
-    print(f"theoretical speed-up over online KD: {results['theoretical_speedup_over_online']:.2f}× "
-          f"(teacher {params(teacher) / 1e6:.1f}M, student {params(student) / 1e6:.1f}M parameters)")
+    print(
+        "peak memory above the loaded teacher (instruction batches): "
+        f"forward {results['peak_mb']['teacher_forward']:.0f} MB, "
+        f"cache-teacher {results['peak_mb']['cache_teacher']:.0f} MB"
+    )
+    print(
+        f"theoretical speed-up over online KD: {results['theoretical_speedup_over_online']:.2f}× "
+        f"(teacher {params(teacher) / 1e6:.1f}M, student {params(student) / 1e6:.1f}M parameters)"
+    )
     return results
 
 

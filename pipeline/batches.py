@@ -1,16 +1,25 @@
 """Batches: samples grouped into micro-batches (by count or by a token budget), and the collate that turns a
 micro-batch's samples into tensors, padded or packed, with the teacher's fields beside them."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "drawn_ids", "drawn_logprobs",
-                "behavior_logprob")
+TEACHER_KEYS = (
+    "topk_ids",
+    "topk_logprobs",
+    "tail_logmass",
+    "target_logprob",
+    "drawn_ids",
+    "drawn_logprobs",
+    "behavior_logprob",
+)
 
 
-def micro_batches(order: np.ndarray, lengths, batch_size: int, batch_tokens: int | None,
-                  packed: bool = False) -> list[list[int]]:
+def micro_batches(
+    order: np.ndarray, lengths, batch_size: int, batch_tokens: int | None, packed: bool = False
+) -> list[list[int]]:
     """Consecutive samples of the epoch order, grouped by count or by a token budget (global, all ranks): the
     padded tokens, or with packing the real ones."""
     out, cur, width, total = [], [], 0, 0
@@ -59,13 +68,13 @@ def collate(samples: list[dict], pad_id: int, pack_length: int | None = None) ->
     pos = torch.arange(width).repeat(n_rows, 1)
     rows, cols = [], []
     for s, (r, o), n in zip(samples, place, lengths):
-        ids[r, o:o + n] = torch.from_numpy(np.asarray(s["input_ids"], dtype=np.int64))
-        attn[r, o:o + n] = 1
-        pos[r, o:o + n] = torch.arange(n)
+        ids[r, o : o + n] = torch.from_numpy(np.asarray(s["input_ids"], dtype=np.int64))
+        attn[r, o : o + n] = 1
+        pos[r, o : o + n] = torch.arange(n)
         j = np.nonzero(np.asarray(s["loss_mask"]))[0]
         rows.append(np.full(len(j), r))
         cols.append(o + j - 1)
-    if pack_length:                      # padding after the last sample of a row: its own sequence from 0
+    if pack_length:  # padding after the last sample of a row: its own sequence from 0
         for r in range(n_rows):
             used = int(attn[r].sum())
             pos[r, used:] = torch.arange(width - used)
@@ -93,4 +102,3 @@ def collate_teacher(samples: list[dict]) -> dict[str, torch.Tensor]:
         dtype = np.int64 if key.endswith("_ids") else np.float32
         out[key] = torch.from_numpy(np.concatenate(arrs).astype(dtype))
     return out
-

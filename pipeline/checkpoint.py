@@ -1,6 +1,7 @@
 """Training checkpoints without pickle: model and optimizer tensors through torch.distributed.checkpoint into
 safetensors files (under FSDP every rank writes its own shard; the state is resharded on load), everything else
 in JSON. A checkpoint folder appears by rename once whole, then the `latest.json` pointer moves to it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = s
     np_state = np.random.get_state()
-    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    meta = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
     return tensors, meta
 
 
@@ -97,6 +100,7 @@ def save(folder: Path, step: int, student, optimizer, scheduler, trainer_state: 
 def _os_error_inside(e: BaseException) -> OSError | None:
     """The file system's own error that torch.distributed.checkpoint wrapped (a full disk is one), if any."""
     from torch.distributed.checkpoint.api import CheckpointException
+
     if isinstance(e, CheckpointException):
         for exc, _ in e.failures.values():
             if isinstance(exc, OSError):
@@ -106,17 +110,24 @@ def _os_error_inside(e: BaseException) -> OSError | None:
 
 def _save(folder, tmp, step, student, optimizer, scheduler, trainer_state, keep) -> Path:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
     rank, name = _rank(), f"step-{step:08d}"
     flat, _, groups = _tensors(student, optimizer)
     with _single_process_quiet():
-        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / TENSORS), save_distributed=True),
-                 no_dist=not dist.is_initialized())
+        dcp.save(
+            flat,
+            storage_writer=HuggingFaceStorageWriter(str(tmp / TENSORS), save_distributed=True),
+            no_dist=not dist.is_initialized(),
+        )
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / f"rng-{rank}.safetensors"))
     (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_meta))
     if rank == 0:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "trainer": trainer_state, "param_groups": groups,
-                                                    "scheduler": scheduler.state_dict()}))
+        (tmp / "state.json").write_text(
+            json.dumps(
+                {"step": step, "trainer": trainer_state, "param_groups": groups, "scheduler": scheduler.state_dict()}
+            )
+        )
     parallel.barrier()
     if rank == 0:
         for p in tmp.rglob("*"):
@@ -149,7 +160,8 @@ def latest_step(folder: Path) -> int | None:
 
 
 def remove_stale(folder: Path) -> None:
-    """Partial checkpoint folders and pointer temporaries that a killed or failed save left (rank 0, before any save)."""
+    """Partial checkpoint folders and pointer temporaries that a killed or failed save left (rank 0, before any
+    save)."""
     for tmp in [*folder.glob(".tmp-step-*"), *folder.glob(f".{LATEST}.*")]:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -174,15 +186,16 @@ def save_final(path: Path, model, tokenizer, state_dict: dict) -> None:
 def load(path: Path, student, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG states in place; returns the trainer state."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
+
     flat, aliases, _ = _tensors(student, optimizer)
     with _single_process_quiet():
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / TENSORS)), no_dist=not dist.is_initialized())
     model = {k: v for k, v in flat.items() if k.startswith("model.")} | {k: flat[v] for k, v in aliases.items()}
-    student.load_model_state({k[len("model."):]: v for k, v in model.items()})
+    student.load_model_state({k[len("model.") :]: v for k, v in model.items()})
     state: dict[str, dict] = {}
     for key, v in flat.items():
         if key.startswith("optim."):
-            fqn, name = key[len("optim."):].rsplit(".", 1)
+            fqn, name = key[len("optim.") :].rsplit(".", 1)
             state.setdefault(fqn, {})[name] = v
     meta = json.loads((path / "state.json").read_text())
     student.load_optimizer_state(optimizer, {"state": state, "param_groups": meta["param_groups"]})

@@ -1,4 +1,5 @@
 """The `pipeline` command: a thin layer that turns options into a stage's config and calls it."""
+
 from __future__ import annotations
 
 import errno
@@ -27,8 +28,12 @@ def one_line_errors(fn):
         except OSError as e:
             if e.errno not in DISK_FULL:
                 raise
-            fail(e, f"a write{' to ' + str(e.filename) if e.filename else ''} failed: {os.strerror(e.errno)}; free "
-                    "space (or raise the limit) and run the command again: finished parts and checkpoints are kept")
+            fail(
+                e,
+                f"a write{' to ' + str(e.filename) if e.filename else ''} failed: {os.strerror(e.errno)}; free "
+                "space (or raise the limit) and run the command again: finished parts and checkpoints are kept",
+            )
+
     return wrapper
 
 
@@ -41,24 +46,47 @@ def fail(error: BaseException, message: str):
 
 
 def data_options(fn, required=True):
-    for opt in reversed([
-        click.option("--data", "source", required=required, help="jsonl/json/parquet/csv/arrow file, saved dataset folder, or hub name"),
-        click.option("--split", default="train", show_default=True),
-        click.option("--prompt-field"), click.option("--response-field"), click.option("--text-field"),
-        click.option("--max-length", default=1024, show_default=True, type=int),
-        click.option("--limit", type=int, help="use only the first N samples"),
-        click.option("--response-ids-field", help="generated rows: the response's token ids, used as they are"),
-        click.option("--behavior-field", help="generated rows: the sampler's log-prob of each response token"),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--data",
+                "source",
+                required=required,
+                help="jsonl/json/parquet/csv/arrow file, saved dataset folder, or hub name",
+            ),
+            click.option("--split", default="train", show_default=True),
+            click.option("--prompt-field"),
+            click.option("--response-field"),
+            click.option("--text-field"),
+            click.option("--max-length", default=1024, show_default=True, type=int),
+            click.option("--limit", type=int, help="use only the first N samples"),
+            click.option("--response-ids-field", help="generated rows: the response's token ids, used as they are"),
+            click.option("--behavior-field", help="generated rows: the sampler's log-prob of each response token"),
+        ]
+    ):
         fn = opt(fn)
     return fn
 
 
-def data_config(source, split, prompt_field, response_field, text_field, max_length, limit, response_ids_field=None,
-                behavior_field=None):
+DATA_KEYS = (
+    "source",
+    "split",
+    "prompt_field",
+    "response_field",
+    "text_field",
+    "max_length",
+    "limit",
+    "response_ids_field",
+    "behavior_field",
+)
+
+
+def pop_data_config(kw: dict, **changes):
+    """The DataConfig of the data options in kw (removed from it), with `changes`; None without a source."""
     from pipeline.data import DataConfig
-    return DataConfig(source, split, prompt_field, response_field, text_field, max_length, limit, response_ids_field,
-                      behavior_field)
+
+    values = {**{k: kw.pop(k, None) for k in DATA_KEYS}, **changes}
+    return DataConfig(**{k: v for k, v in values.items() if v is not None}) if values["source"] else None
 
 
 def parse_shard(value):
@@ -84,90 +112,142 @@ def main(debug):
 @click.option("--teacher", required=True, help="Hugging Face causal LM: local path or hub name")
 @data_options
 @click.option("--top-k", default=64, show_default=True, type=int, help="largest row width")
-@click.option("--top-p", type=float, help="keep per row the smallest teacher-sorted prefix with this mass (ragged rows)")
+@click.option(
+    "--top-p", type=float, help="keep per row the smallest teacher-sorted prefix with this mass (ragged rows)"
+)
 @click.option("--min-k", default=1, show_default=True, type=int, help="narrowest row with --top-p")
-@click.option("--ids", "id_codec", type=click.Choice(["plain", "bitpack"]), default="plain", show_default=True,
-              help="token id encoding: narrowest integer, or ceil(log2 V) bits")
-@click.option("--logprob-dtype", type=click.Choice(list(LOGPROB_CHOICES)), default="float16", show_default=True,
-              help="float16/float32, or qB: B-bit power quantization (rows still sum to 1 with the exact tail)")
-@click.option("--tail-draws", default=0, show_default=True, type=int,
-              help="tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none")
+@click.option(
+    "--ids",
+    type=click.Choice(["plain", "bitpack"]),
+    default="plain",
+    show_default=True,
+    help="token id encoding: narrowest integer, or ceil(log2 V) bits",
+)
+@click.option(
+    "--logprob-dtype",
+    type=click.Choice(list(LOGPROB_CHOICES)),
+    default="float16",
+    show_default=True,
+    help="float16/float32, or qB: B-bit power quantization (rows still sum to 1 with the exact tail)",
+)
+@click.option(
+    "--tail-draws",
+    default=0,
+    show_default=True,
+    type=int,
+    help="tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the tail draws")
 @click.option("--temperature", "temperatures", multiple=True, type=float, help="repeatable; default 1.0")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "arrow"]), default="zarr", show_default=True)
+@click.option("--format", type=click.Choice(["zarr", "arrow"]), default="zarr", show_default=True)
 @click.option("--out", help="cache folder")
 @click.option("--cache-root", help="folder of caches named by cache key (instead of --out)")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--batch-tokens", type=int, help="padded-token budget per batch (instead of --batch-size)")
-@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16")
+@click.option(
+    "--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16"
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
-@click.option("--tp", default=1, show_default=True, type=int,
-              help="tensor-parallel size under torchrun: WORLD_SIZE / TP groups each fill their own shard")
+@click.option(
+    "--tp",
+    default=1,
+    show_default=True,
+    type=int,
+    help="tensor-parallel size under torchrun: WORLD_SIZE / TP groups each fill their own shard",
+)
 @click.option("--device-map", help="spread the teacher over this process's devices: auto, balanced, sequential")
 @click.option("--max-memory", help="with --device-map: per-device limits, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
 @click.option("--shard", help="I/N: fill only parts p with p mod N = I (torchrun groups split it further)")
 @click.option("--part-size", default=256, show_default=True, type=int, help="samples per part")
 @click.option("--num-proc", default=1, show_default=True, type=int, help="tokenizer processes")
-@click.option("--overwrite", is_flag=True, help="replace a different cache at --out (the old one stays until the new one is whole)")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace a different cache at --out (the old one stays until the new one is whole)",
+)
 @click.option("--strict", is_flag=True, help="abort on non-finite teacher logits instead of skipping the sample")
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
-def cache_teacher(teacher, source, split, prompt_field, response_field, text_field, max_length, limit,
-                  response_ids_field, behavior_field, top_k, top_p,
-                  min_k, id_codec, logprob_dtype, tail_draws, seed, temperatures, fmt, out, cache_root, batch_size,
-                  batch_tokens, dtype, device, tp, device_map, max_memory, shard, part_size, num_proc, overwrite, strict,
-                  trust_remote_code):
+def cache_teacher(temperatures, shard, **kw):
     """Run a teacher over a dataset and store its top-k log-probs, exact tail mass and target log-probs."""
     from stages import cache_teacher as stage
+
+    data = pop_data_config(kw)
     cfg = stage.CacheTeacherConfig(
-        teacher=teacher, data=data_config(source, split, prompt_field, response_field, text_field, max_length, limit,
-                                          response_ids_field, behavior_field),
-        out=out, cache_root=cache_root, top_k=top_k, top_p=top_p, min_k=min_k, ids=id_codec,
-        logprob_dtype=logprob_dtype, tail_draws=tail_draws, seed=seed, temperatures=tuple(temperatures) or (1.0,),
-        format=fmt, batch_size=batch_size, batch_tokens=batch_tokens, dtype=dtype, device=device, tp=tp,
-        device_map=device_map, max_memory=max_memory, shard=parse_shard(shard), part_size=part_size,
-        num_proc=num_proc, overwrite=overwrite, strict=strict, trust_remote_code=trust_remote_code)
+        data=data, temperatures=tuple(temperatures) or (1.0,), shard=parse_shard(shard), **kw
+    )
     result = stage.run(cfg)
     if result["status"] == "hit":
         click.echo(f"cache hit: {result['path']} (key {result['manifest']['cache_key'][:16]})")
         return
-    if not result.get("writer", True):          # the other ranks of a tensor-parallel group write nothing
+    if not result.get("writer", True):  # the other ranks of a tensor-parallel group write nothing
         return
     m = result["manifest"]
-    truncated = m["counts"].get("truncated_samples", 0) if m else "?"
-    click.echo(f"{result['status']}: {result['path']}; wrote {result['parts_written']} parts, {result['samples']} samples, "
-               f"{result['tokens']} tokens in {result['seconds']:.1f}s" +
-               (f"; {m['counts']['samples']} samples in all, {truncated} truncated at --max-length {max_length}, "
-                f"{m['counts'].get('skipped_samples', 0)} skipped" if m else "; other shards still to finish"))
+    wrote = (
+        f"{result['status']}: {result['path']}; wrote {result['parts_written']} parts, {result['samples']} samples, "
+        f"{result['tokens']} tokens in {result['seconds']:.1f}s"
+    )
+    if not m:
+        click.echo(wrote + "; other shards still to finish")
+        return
+    click.echo(
+        f"{wrote}; {m['counts']['samples']} samples in all, {m['counts'].get('truncated_samples', 0)} truncated at "
+        f"--max-length {data.max_length}, {m['counts'].get('skipped_samples', 0)} skipped"
+    )
 
 
 @main.command()
-@click.option("--student", required=True, help="Hugging Face model (path or hub name), or a config with --init-from-config")
+@click.option(
+    "--student", required=True, help="Hugging Face model (path or hub name), or a config with --init-from-config"
+)
 @click.option("--out", required=True, help="run folder")
-@click.option("--loss", default="fkl", show_default=True,
-              help="ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl, or pg (reverse-KL policy gradient on generated tokens)")
+@click.option(
+    "--loss",
+    default="fkl",
+    show_default=True,
+    help="ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl, or pg (reverse-KL policy gradient on generated tokens)",
+)
 @click.option("--cache", multiple=True, help="teacher cache to distill from; repeat to mix several (with --mix)")
-@click.option("--mix", multiple=True, type=float,
-              help="share of each --cache per micro-batch; with two caches one value: the second's share λ (GKD)")
+@click.option(
+    "--mix",
+    multiple=True,
+    type=float,
+    help="share of each --cache per micro-batch; with two caches one value: the second's share λ (GKD)",
+)
 @click.option("--teacher", help="run this teacher online over --data instead of a cache (the fidelity reference)")
 @click.option("--online-topk", type=int, help="with --teacher: top-k + exact tail computed on the fly (default: dense)")
 @click.option("--teacher-device-map", help="with --teacher: spread it over devices (auto), e.g. beside the student")
 @lambda fn: data_options(fn, required=False)
-@click.option("--init-from-config", is_flag=True, help="initialize the student from --student's config, not its weights")
+@click.option(
+    "--init-from-config", is_flag=True, help="initialize the student from --student's config, not its weights"
+)
 @click.option("--tokenizer", help="tokenizer for --init-from-config")
 @click.option("--kd-ratio", type=float, help="weight of KD in (1 - r)·CE + r·KD; default 1 (0 for ce)")
 @click.option("--mu", default=0.5, show_default=True, type=float, help="AKL head mass")
 @click.option("--beta", default=0.5, show_default=True, type=float, help="JSD mixture weight")
 @click.option("--alpha", default=0.1, show_default=True, type=float, help="skew KL weight")
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="must be one the cache holds")
-@click.option("--tail", type=click.Choice(["bucket", "renormalize"]), default="bucket", show_default=True,
-              help="the teacher's tail as one exact bin, or dropped with the head renormalized (the peers' default)")
-@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option(
+    "--tail",
+    type=click.Choice(["bucket", "renormalize"]),
+    default="bucket",
+    show_default=True,
+    help="the teacher's tail as one exact bin, or dropped with the head renormalized (the peers' default)",
+)
+@click.option(
+    "--lr",
+    default=2e-5,
+    show_default=True,
+    type=float,
+    help="peak learning rate (a pretrained student's; the demo sets its own)",
+)
 @click.option("--min-lr-ratio", default=0.1, show_default=True, type=float, help="cosine floor as a fraction of --lr")
 @click.option("--warmup-steps", default=10, show_default=True, type=int)
 @click.option("--weight-decay", default=0.01, show_default=True, type=float)
 @click.option("--grad-clip", default=1.0, show_default=True, type=float)
-@click.option("--batch-size", default=8, show_default=True, type=int, help="samples per micro-batch, all ranks together")
+@click.option(
+    "--batch-size", default=8, show_default=True, type=int, help="samples per micro-batch, all ranks together"
+)
 @click.option("--batch-tokens", type=int, help="padded-token budget per micro-batch (instead of --batch-size)")
 @click.option("--grad-accum", default=1, show_default=True, type=int)
 @click.option("--epochs", default=1, show_default=True, type=int)
@@ -175,8 +255,13 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--packing", is_flag=True, help="pack samples into rows of --pack-length tokens, no padding")
 @click.option("--pack-length", default=2048, show_default=True, type=int)
-@click.option("--part-size", default=256, show_default=True, type=int,
-              help="with --data: the cache-teacher part size whose epoch plan to follow")
+@click.option(
+    "--part-size",
+    default=256,
+    show_default=True,
+    type=int,
+    help="with --data: the cache-teacher part size whose epoch plan to follow",
+)
 @click.option("--fsdp", is_flag=True, help="shard the student with FSDP2 (under torchrun)")
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--attn-implementation", help="transformers attention: sdpa, eager, flash_attention_2, …")
@@ -195,22 +280,26 @@ def cache_teacher(teacher, source, split, prompt_field, response_field, text_fie
 @click.option("--resume", is_flag=True, help="continue from the run's latest checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace another run in --out (its checkpoints, model and metrics)")
 @click.option("--allow-tokenizer-mismatch", is_flag=True)
-@click.option("--allow-offpolicy-pg", is_flag=True,
-              help="--loss pg on a cache of data the student did not generate (its gradient is then biased)")
+@click.option(
+    "--allow-offpolicy-pg",
+    is_flag=True,
+    help="--loss pg on a cache of data the student did not generate (its gradient is then biased)",
+)
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
-def train(student, out, loss, cache, source, split, prompt_field, response_field, text_field, max_length, limit,
-          response_ids_field, behavior_field, eval_data, eval_split, **kw):
+def train(eval_data, eval_split, **kw):
     """Distill a student from a teacher cache (or the teacher online), or fine-tune it on a dataset (--loss ce)."""
     from stages import train as stage
-    data = data_config(source, split, prompt_field, response_field, text_field, max_length, limit, response_ids_field,
-                       behavior_field) if source else None
-    eval_cfg = data_config(eval_data, eval_split, prompt_field, response_field, text_field, max_length, None) \
-        if eval_data else None
-    summary = stage.run(stage.TrainConfig(student=student, out=out, loss=loss, cache=cache, data=data,
-                                          eval_data=eval_cfg, **kw))
-    click.echo(f"trained {summary['steps']} steps ({summary['tokens']} tokens, {summary['nonfinite']} skipped) "
-               f"in {summary['seconds']:.1f}s; model in {out}/final")
+
+    fields = {k: kw.pop(k, None) for k in DATA_KEYS}
+    data = pop_data_config(dict(fields))
+    held_out = dict(source=eval_data, split=eval_split, limit=None, response_ids_field=None, behavior_field=None)
+    eval_cfg = pop_data_config(dict(fields), **held_out) if eval_data else None
+    summary = stage.run(stage.TrainConfig(data=data, eval_data=eval_cfg, **kw))
+    click.echo(
+        f"trained {summary['steps']} steps ({summary['tokens']} tokens, {summary['nonfinite']} skipped) "
+        f"in {summary['seconds']:.1f}s; model in {kw['out']}/final"
+    )
 
 
 @main.command()
@@ -224,20 +313,16 @@ def train(student, out, loss, cache, source, split, prompt_field, response_field
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--no-generate", is_flag=True, help="skip generation (NLL and KL only)")
 @click.option("--label", help="row name in the report (default: the run folder's name)")
-@click.option("--run", "run_dir", help="training run folder, for learning curves in the report")
-@click.option("--round", "round_", type=int, help="on-policy round of this model, for the per-round plot")
+@click.option("--run", help="training run folder, for learning curves in the report")
+@click.option("--round", type=int, help="on-policy round of this model, for the per-round plot")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @one_line_errors
-def evaluate(model, source, split, prompt_field, response_field, text_field, max_length, limit, response_ids_field,
-             behavior_field, out, teacher_cache, teacher, answer_field, max_new_tokens, batch_size, no_generate, label,
-             run_dir, round_, device, dtype):
+def evaluate(no_generate, **kw):
     """Held-out NLL/perplexity, ROUGE-L and exact match of greedy generations, KL to the teacher."""
     from stages import evaluate as stage
-    cfg = stage.EvalConfig(model=model, data=data_config(source, split, prompt_field, response_field, text_field,
-                                                         max_length, limit, response_ids_field, behavior_field), out=out, teacher_cache=teacher_cache,
-                           teacher=teacher, answer_field=answer_field, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           generate=not no_generate, label=label, run=run_dir, round=round_, device=device, dtype=dtype)
+
+    cfg = stage.EvalConfig(data=pop_data_config(kw), generate=not no_generate, **kw)
     metrics = stage.run(cfg)
     click.echo(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
@@ -265,17 +350,57 @@ def evaluate(model, source, split, prompt_field, response_field, text_field, max
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--trust-remote-code", is_flag=True)
 @one_line_errors
-def generate(model, source, prompt_field, split, limit, out, samples_per_prompt, temperature, top_p, top_k,
-             max_new_tokens, max_prompt_length, seed, round_, batch_size, teacher, alpha, response_field, device, dtype,
-             trust_remote_code):
+def generate(
+    model,
+    source,
+    prompt_field,
+    split,
+    limit,
+    out,
+    samples_per_prompt,
+    temperature,
+    top_p,
+    top_k,
+    max_new_tokens,
+    max_prompt_length,
+    seed,
+    round_,
+    batch_size,
+    teacher,
+    alpha,
+    response_field,
+    device,
+    dtype,
+    trust_remote_code,
+):
     """The student samples responses to prompts (on-policy data for cache-teacher)."""
     from stages import generate as stage
-    r = stage.run(stage.GenerateConfig(
-        model=model, source=source, prompt_field=prompt_field, out=out, split=split, limit=limit,
-        max_prompt_length=max_prompt_length, samples_per_prompt=samples_per_prompt, temperature=temperature,
-        top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, round=round_, batch_size=batch_size,
-        teacher=teacher, alpha=alpha, response_field=response_field, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code))
+
+    r = stage.run(
+        stage.GenerateConfig(
+            model=model,
+            source=source,
+            prompt_field=prompt_field,
+            out=out,
+            split=split,
+            limit=limit,
+            max_prompt_length=max_prompt_length,
+            samples_per_prompt=samples_per_prompt,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            round=round_,
+            batch_size=batch_size,
+            teacher=teacher,
+            alpha=alpha,
+            response_field=response_field,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+    )
     click.echo(f"wrote {r['samples']} samples, {r['tokens']} tokens ({r['tokens_per_s']:.0f} tok/s) to {r['path']}")
 
 
@@ -287,6 +412,7 @@ def generate(model, source, prompt_field, split, limit, out, samples_per_prompt,
 def report(evals, out, title):
     """Gather evaluation JSONs into a Markdown table with PNG plots."""
     from stages import report as stage
+
     click.echo(f"wrote {stage.run(stage.ReportConfig(list(evals), out, title))}")
 
 
@@ -296,16 +422,25 @@ def report(evals, out, title):
 @click.option("--test-size", default=200, show_default=True, type=int)
 @click.option("--vocab-size", default=600, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--pretrain-size", default=0, show_default=True, type=int,
-              help="also write pretrain.jsonl: this many chunks of the Python standard library's sources")
+@click.option(
+    "--pretrain-size",
+    default=0,
+    show_default=True,
+    type=int,
+    help="also write pretrain.jsonl: this many chunks of the Python standard library's sources",
+)
 @click.option("--pretrain-chars", default=600, show_default=True, type=int)
 @one_line_errors
 def prepare_demo(out, train_size, test_size, vocab_size, seed, pretrain_size, pretrain_chars):
     """Generate the embedded default: instruction tasks with checkable answers, optional pretraining text (the
     standard library's sources) and a tokenizer trained on both."""
     from stages import prepare_demo as stage
-    click.echo(json.dumps(stage.run(stage.DemoDataConfig(out, train_size, test_size, vocab_size, seed, pretrain_size,
-                                                         pretrain_chars))))
+
+    click.echo(
+        json.dumps(
+            stage.run(stage.DemoDataConfig(out, train_size, test_size, vocab_size, seed, pretrain_size, pretrain_chars))
+        )
+    )
 
 
 @main.command("prepare-data")
@@ -321,8 +456,16 @@ def prepare_demo(out, train_size, test_size, vocab_size, seed, pretrain_size, pr
 def prepare_data(source, out, prompt_field, response_field, context_field, split, test_size, limit):
     """Write train/test JSONL (prompt, response) from any datasets source."""
     from stages import prepare_data as stage
-    click.echo(json.dumps(stage.run(stage.PrepareDataConfig(source, out, prompt_field, response_field, context_field,
-                                                            split, test_size, limit))))
+
+    click.echo(
+        json.dumps(
+            stage.run(
+                stage.PrepareDataConfig(
+                    source, out, prompt_field, response_field, context_field, split, test_size, limit
+                )
+            )
+        )
+    )
 
 
 @main.command("init-model")
@@ -337,6 +480,7 @@ def prepare_data(source, out, prompt_field, response_field, context_field, split
 def init_model(tokenizer, out, arch, layers, width, heads, seed):
     """Save a freshly initialized small causal LM with a tokenizer (for the offline demo)."""
     from stages import prepare_demo as stage
+
     click.echo(stage.save_model(out, tokenizer, arch, layers, width, heads, seed))
 
 
@@ -346,9 +490,12 @@ def init_model(tokenizer, out, arch, layers, width, heads, seed):
 def verify(cache):
     """Check checksums, shapes, dtypes and values of every part; name the first bad one."""
     import storage
+
     m = storage.verify(cache)
-    click.echo(f"ok: {cache}: {m['num_parts']} parts, {m['counts']['samples']} samples, "
-               f"{m['counts']['distilled_positions']} distilled positions")
+    click.echo(
+        f"ok: {cache}: {m['num_parts']} parts, {m['counts']['samples']} samples, "
+        f"{m['counts']['distilled_positions']} distilled positions"
+    )
 
 
 @main.command()
@@ -358,6 +505,7 @@ def verify(cache):
 def inspect(cache, as_json):
     """Print the manifest summary and statistics of a cache."""
     import storage
+
     click.echo(json.dumps(storage.statistics(cache), indent=1) if as_json else storage.describe(cache))
 
 
@@ -375,8 +523,10 @@ def inspect(cache, as_json):
 def convert(src, dst, fmt, top_k, top_p, min_k, id_codec, logprob_dtype, overwrite):
     """Rewrite a cache (any version) as the current format, in another backend and/or encoding."""
     import storage
-    m = storage.convert(src, dst, fmt, overwrite, top_k=top_k, top_p=top_p, min_k=min_k, ids=id_codec,
-                        logprobs=logprob_dtype)
+
+    m = storage.convert(
+        src, dst, fmt, overwrite, top_k=top_k, top_p=top_p, min_k=min_k, ids=id_codec, logprobs=logprob_dtype
+    )
     click.echo(f"converted {src} → {dst} ({m['backend']}, {m['encoding']['logprobs']['name']}, {m['num_parts']} parts)")
 
 

@@ -1,4 +1,5 @@
 """Where transformers' API differs between the versions we support: each difference is written here, once."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ def tensor_parallel_kwargs(tp: int) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         from transformers.distributed import DistributedConfig
-    except ImportError:                     # before DistributedConfig: tp_plan="auto" on a mesh's "tp" dimension
+    except ImportError:  # before DistributedConfig: tp_plan="auto" on a mesh's "tp" dimension
         from torch.distributed.device_mesh import init_device_mesh
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device, (world // tp, tp), mesh_dim_names=("dp", "tp"))
         return {"tp_plan": "auto", "device_mesh": mesh["tp"]}
@@ -35,6 +37,7 @@ def tensor_parallel_kwargs(tp: int) -> dict:
     class ReplicatedGroups(DistributedConfig):
         """TP within groups of tp_size ranks; the dp_replicate groups hold full replicas (no FSDP) and run
         different batches."""
+
         @property
         def dp_size(self):
             return 1

@@ -7,6 +7,7 @@ named by a fingerprint of the source, the tokenizer and the options, so every pr
 one tokenized copy (a file lock lets the first one write it while the others wait). Each row also gets an 8-byte
 digest of its tokens, so the dataset's content hash is one pass over 8 bytes per row.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,7 @@ from pipeline.errors import DataError
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-TOKENIZE_VERSION = "3"          # bump when the tokenization below changes what it produces
-
-
+TOKENIZE_VERSION = "3"  # bump when the tokenization below changes what it produces
 
 
 @dataclass
@@ -34,14 +33,15 @@ class DataConfig:
     text_field: str | None = None
     max_length: int = 1024
     limit: int | None = None
-    response_ids_field: str | None = None      # generated data: the response's exact token ids (no EOS added)
-    behavior_field: str | None = None          # generated data: the sampler's log-prob of each response token
+    response_ids_field: str | None = None  # generated data: the response's exact token ids (no EOS added)
+    behavior_field: str | None = None  # generated data: the sampler's log-prob of each response token
 
     def __post_init__(self):
         instruction = self.prompt_field is not None or self.response_field is not None
         if instruction == (self.text_field is not None):
-            raise DataError("give either --prompt-field and --response-field (instruction data) or --text-field "
-                            "(plain text)")
+            raise DataError(
+                "give either --prompt-field and --response-field (instruction data) or --text-field (plain text)"
+            )
         if instruction and (self.prompt_field is None or self.response_field is None):
             raise DataError("instruction data needs both --prompt-field and --response-field")
         if self.max_length < 2:
@@ -87,12 +87,17 @@ def load_rows(cfg: DataConfig):
         if cause is not None and str(cause).strip():
             msg += f" ({str(cause).strip().splitlines()[0]})"
         raise DataError(f"cannot read dataset {cfg.source!r} split {cfg.split!r}: {msg}") from e
-    fields = [f for f in (cfg.prompt_field, cfg.response_field, cfg.text_field, cfg.response_ids_field,
-                          cfg.behavior_field) if f]
+    fields = [
+        f
+        for f in (cfg.prompt_field, cfg.response_field, cfg.text_field, cfg.response_ids_field, cfg.behavior_field)
+        if f
+    ]
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
-        raise DataError(f"column {missing[0]!r} not in {cfg.source} (columns: {', '.join(ds.column_names)}); "
-                        "pass the right --prompt-field/--response-field/--text-field")
+        raise DataError(
+            f"column {missing[0]!r} not in {cfg.source} (columns: {', '.join(ds.column_names)}); "
+            "pass the right --prompt-field/--response-field/--text-field"
+        )
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     if len(ds) == 0:
@@ -108,15 +113,10 @@ def template_name(tokenizer, cfg: DataConfig) -> str:
 
 def prompt_text(tokenizer, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return PLAIN_TEMPLATE.format(prompt=prompt)
-
-
-def encode_instruction(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids ending in EOS) for one pair."""
-    p_ids, r_ids = encode_instructions(tokenizer, [prompt], [response])
-    return p_ids[0], r_ids[0]
 
 
 def encode_instructions(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list, list]:
@@ -125,13 +125,16 @@ def encode_instructions(tokenizer, prompts: list[str], responses: list[str]) -> 
         heads, tails = [], []
         for prompt, response in zip(prompts, responses):
             head = prompt_text(tokenizer, prompt)
-            full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": response}], tokenize=False)
+            full = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+            )
             if not full.startswith(head):
-                raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the "
-                                "conversation; this template is not supported for distillation")
+                raise DataError(
+                    "the tokenizer's chat template does not render the prompt as a prefix of the "
+                    "conversation; this template is not supported for distillation"
+                )
             heads.append(head)
-            tails.append(full[len(head):].rstrip("\n"))
+            tails.append(full[len(head) :].rstrip("\n"))
         p_ids = tokenizer(heads, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(tails, add_special_tokens=False)["input_ids"] if tails else []
     else:
@@ -156,8 +159,10 @@ def _generated(batch, response_ids_field, behavior_field, indices, vocab_size) -
     ids = [np.asarray(r if r is not None else [], np.int64) for r in batch[response_ids_field]]
     for r, i in zip(ids, indices):
         if r.size and (r.min() < 0 or r.max() >= vocab_size):
-            raise DataError(f"row {i}: {response_ids_field!r} holds token id {int(r.min() if r.min() < 0 else r.max())}"
-                            f", outside the tokenizer's {vocab_size} tokens; were these rows generated with it?")
+            raise DataError(
+                f"row {i}: {response_ids_field!r} holds token id {int(r.min() if r.min() < 0 else r.max())}"
+                f", outside the tokenizer's {vocab_size} tokens; were these rows generated with it?"
+            )
     if not behavior_field:
         return [r.tolist() for r in ids], None
     behavior = [np.asarray(b if b is not None else [], np.float64) for b in batch[behavior_field]]
@@ -167,8 +172,17 @@ def _generated(batch, response_ids_field, behavior_field, indices, vocab_size) -
     return [r.tolist() for r in ids], [b.tolist() for b in behavior]
 
 
-def _tokenize_batch(batch, indices, tokenizer, text_field, prompt_field, response_field, max_length,
-                    response_ids_field=None, behavior_field=None):
+def _tokenize_batch(
+    batch,
+    indices,
+    tokenizer,
+    text_field,
+    prompt_field,
+    response_field,
+    max_length,
+    response_ids_field=None,
+    behavior_field=None,
+):
     """datasets.map function: a batch of rows (their indices) → input_ids, loss_mask, truncated, length, digest
     (and behavior_logprob, one per distilled token, for generated rows)."""
     behavior = None
@@ -183,7 +197,9 @@ def _tokenize_batch(batch, indices, tokenizer, text_field, prompt_field, respons
             p_ids = encode_instructions(tokenizer, prompts, [""] * len(prompts))[0]
             r_ids, behavior = _generated(batch, response_ids_field, behavior_field, indices, len(tokenizer))
         else:
-            p_ids, r_ids = encode_instructions(tokenizer, prompts, as_texts(batch[response_field], response_field, indices))
+            p_ids, r_ids = encode_instructions(
+                tokenizer, prompts, as_texts(batch[response_field], response_field, indices)
+            )
         ids = [p + r for p, r in zip(p_ids, r_ids)]
         masks = [[0] * len(p) + [1] * len(r) for p, r in zip(p_ids, r_ids)]
     out = {"input_ids": [], "loss_mask": [], "truncated": [], "length": [], "digest": []}
@@ -192,18 +208,19 @@ def _tokenize_batch(batch, indices, tokenizer, text_field, prompt_field, respons
     for n, (x, m) in enumerate(zip(ids, masks)):
         out["truncated"].append(len(x) > max_length)
         x, m = np.asarray(x[:max_length], np.int32), np.asarray(m[:max_length], np.uint8)
-        m[0] = 0                                        # token 0 has no prediction
+        m[0] = 0  # token 0 has no prediction
         out["input_ids"].append(x)
         out["loss_mask"].append(m)
         out["length"].append(len(x))
         digest = hashlib.blake2b(x.astype("<i4").tobytes() + b"|" + m.tobytes(), digest_size=8).digest()
         out["digest"].append(int.from_bytes(digest, "little", signed=True))
-        if behavior is not None:                        # one per distilled response token (the first is lost
-            skip = masks[n][0]                          # only when the prompt is empty)
-            kept = behavior[n][skip:skip + int(m.sum())]
+        if behavior is not None:  # one per distilled response token (the first is lost
+            skip = masks[n][0]  # only when the prompt is empty)
+            kept = behavior[n][skip : skip + int(m.sum())]
             if len(behavior[n]) != len(r_ids[n]) or len(kept) != int(m.sum()):
-                raise DataError(f"row {indices[n]}: {len(behavior[n])} behavior log-probs for {len(r_ids[n])} response "
-                                "tokens")
+                raise DataError(
+                    f"row {indices[n]}: {len(behavior[n])} behavior log-probs for {len(r_ids[n])} response tokens"
+                )
             out["behavior_logprob"].append(np.asarray(kept, np.float32))
     return out
 
@@ -216,22 +233,37 @@ def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = Tr
     from filelock import FileLock
 
     rows = load_rows(cfg)
-    key = hashlib.sha256(json.dumps({
-        "rows": rows._fingerprint, "tokenizer": _tokenizer_fingerprint(tokenizer), "version": TOKENIZE_VERSION,
-        **{k: v for k, v in asdict(cfg).items() if k not in ("source", "split", "limit")}},
-        sort_keys=True).encode()).hexdigest()[:32]
-    columns = {"input_ids": datasets.Sequence(datasets.Value("int32")),
-               "loss_mask": datasets.Sequence(datasets.Value("uint8")),
-               "truncated": datasets.Value("bool"), "length": datasets.Value("int32"), "digest": datasets.Value("int64")}
-    if cfg.behavior_field:
-        columns["behavior_logprob"] = datasets.Sequence(datasets.Value("float32"))
-    features = datasets.Features(columns)
-    kwargs = dict(batched=True, with_indices=True, batch_size=1000, remove_columns=rows.column_names, features=features,
-                  new_fingerprint=f"tok{key}", num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None,
-                  fn_kwargs={"tokenizer": tokenizer, "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
-                             "response_field": cfg.response_field, "max_length": cfg.max_length,
-                             "response_ids_field": cfg.response_ids_field, "behavior_field": cfg.behavior_field},
-                  desc=f"tokenize {Path(cfg.source).name}")
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "rows": rows._fingerprint,
+                "tokenizer": _tokenizer_fingerprint(tokenizer),
+                "version": TOKENIZE_VERSION,
+                **{k: v for k, v in asdict(cfg).items() if k not in ("source", "split", "limit")},
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:32]
+    features = _features(cfg)
+    kwargs = dict(
+        batched=True,
+        with_indices=True,
+        batch_size=1000,
+        remove_columns=rows.column_names,
+        features=features,
+        new_fingerprint=f"tok{key}",
+        num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "text_field": cfg.text_field,
+            "prompt_field": cfg.prompt_field,
+            "response_field": cfg.response_field,
+            "max_length": cfg.max_length,
+            "response_ids_field": cfg.response_ids_field,
+            "behavior_field": cfg.behavior_field,
+        },
+        desc=f"tokenize {Path(cfg.source).name}",
+    )
     if not progress:
         datasets.disable_progress_bars()
     try:
@@ -247,8 +279,24 @@ def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = Tr
     return out.with_format("numpy")
 
 
+def _features(cfg: DataConfig):
+    import datasets
+
+    columns = {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "loss_mask": datasets.Sequence(datasets.Value("uint8")),
+        "truncated": datasets.Value("bool"),
+        "length": datasets.Value("int32"),
+        "digest": datasets.Value("int64"),
+    }
+    if cfg.behavior_field:
+        columns["behavior_logprob"] = datasets.Sequence(datasets.Value("float32"))
+    return datasets.Features(columns)
+
+
 def _tokenizer_fingerprint(tok) -> str:
     from pipeline.models import tokenizer_fingerprint
+
     return tokenizer_fingerprint(tok)
 
 
@@ -264,8 +312,16 @@ def content_sha256(ds) -> str:
 def fingerprint(ds, tokenizer, cfg: DataConfig) -> dict:
     """The dataset's identity in a cache manifest (with the models that generated it, for generated rows)."""
     fields = {k: v for k, v in asdict(cfg).items() if k.endswith("_field") and v}
-    out = {"source": cfg.source, "split": cfg.split, "fields": fields, "template": template_name(tokenizer, cfg),
-           "max_length": cfg.max_length, "limit": cfg.limit, "content_sha256": content_sha256(ds), "num_rows": len(ds)}
+    out = {
+        "source": cfg.source,
+        "split": cfg.split,
+        "fields": fields,
+        "template": template_name(tokenizer, cfg),
+        "max_length": cfg.max_length,
+        "limit": cfg.limit,
+        "content_sha256": content_sha256(ds),
+        "num_rows": len(ds),
+    }
     rows = load_rows(cfg)
     if "generator" in rows.column_names:
         seen = {json.dumps(g, sort_keys=True) for g in rows.data.column("generator").to_pylist()}
@@ -279,8 +335,12 @@ def rows_of(ds, start: int, stop: int) -> list[dict]:
     batch = ds[start:stop]
     out = []
     for i in range(stop - start):
-        s = {"sample_index": start + i, "input_ids": np.asarray(batch["input_ids"][i], np.int64),
-             "loss_mask": np.asarray(batch["loss_mask"][i], np.uint8), "truncated": bool(batch["truncated"][i])}
+        s = {
+            "sample_index": start + i,
+            "input_ids": np.asarray(batch["input_ids"][i], np.int64),
+            "loss_mask": np.asarray(batch["loss_mask"][i], np.uint8),
+            "truncated": bool(batch["truncated"][i]),
+        }
         if "behavior_logprob" in batch:
             s["behavior_logprob"] = np.asarray(batch["behavior_logprob"][i], np.float32)
         out.append(s)

@@ -1,6 +1,7 @@
 """Errors that mean the input is wrong, not the code. The command line prints these (and the storage layer's
 CacheError) as one line `error: …`; every other exception is a bug or a failure of the machine and keeps its
 traceback. `pipeline --debug` (or DISTILL_DEBUG=1) shows the traceback of these too."""
+
 from storage.errors import CacheError
 
 

@@ -17,6 +17,7 @@ How the pieces meet Trainer:
   positions and divided by that count. DistillTrainer does the same for versions without `compute_loss_func`, and
   follows the cache's epoch plan (CacheDataset.plan_sampler) for batches identical to `pipeline train`'s.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,6 +78,7 @@ class CacheDataset(torch.utils.data.Dataset):
         def rows():
             for s in self.cache.stream():
                 yield {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+
         return datasets.IterableDataset.from_generator(rows)
 
 
@@ -111,26 +113,48 @@ class DistillCollator:
         for key in ("attention_mask", "position_ids"):
             if key in b:
                 out[key] = b[key]
-        out["labels"] = DistillLabels(labels=causal, rows=b["rows"], columns=column, targets=b["targets"],
-                                      vocab_size=self.vocab_size,
-                                      **{k: b[k] for k in batches.TEACHER_KEYS if k in b})
+        out["labels"] = DistillLabels(
+            labels=causal,
+            rows=b["rows"],
+            columns=column,
+            targets=b["targets"],
+            vocab_size=self.vocab_size,
+            **{k: b[k] for k in batches.TEACHER_KEYS if k in b},
+        )
         return out
 
 
-def distill_loss(kind: str = "akl", kd_ratio: float = 1.0, *, mu: float = 0.5, beta: float = 0.5, alpha: float = 0.1,
-                 temperature: float = 1.0, tail: str = "bucket"):
+def distill_loss(
+    kind: str = "akl",
+    kd_ratio: float = 1.0,
+    *,
+    mu: float = 0.5,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    tail: str = "bucket",
+):
     """A Trainer `compute_loss_func(outputs, labels, num_items_in_batch)` for DistillCollator batches:
     (1 − kd_ratio)·CE + kd_ratio·KD of `kind` (fkl, rkl, akl, jsd, tvd, sfkl, srkl; pg on generated data; ce alone),
     summed over the distilled positions and divided by Trainer's item count (the whole accumulated batch)."""
     if kind not in ("ce", "pg"):
         losses.check_params(kind, mu, beta, alpha)
-    losses.mix(torch.zeros(()), torch.zeros(()), kd_ratio)              # range check, one message for all
+    losses.mix(torch.zeros(()), torch.zeros(()), kd_ratio)  # range check, one message for all
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
-        logits = outputs.logits[labels["rows"], labels["columns"], :labels["vocab_size"]]
+        logits = outputs.logits[labels["rows"], labels["columns"], : labels["vocab_size"]]
         rows = {k: labels[k] for k in batches.TEACHER_KEYS if k in labels}
-        parts = losses.batch_losses(logits, {"targets": labels["targets"]}, rows, kind, tail=tail, mu=mu, beta=beta,
-                                    alpha=alpha, temperature=temperature)
+        parts = losses.batch_losses(
+            logits,
+            {"targets": labels["targets"]},
+            rows,
+            kind,
+            tail=tail,
+            mu=mu,
+            beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+        )
         kd = parts.get("kd", torch.zeros((), device=logits.device))
         n = num_items_in_batch if num_items_in_batch is not None else max(1, len(labels["targets"]))
         return losses.mix(parts["ce"], kd, kd_ratio if kind != "ce" else 0.0) / n
@@ -150,7 +174,7 @@ def _trainer_class():
             self.distill_loss_func = loss_func or distill_loss()
             self.plan_seed = plan_seed
             super().__init__(*args, **kwargs)
-            self.args.remove_unused_columns = False      # the collator needs every field of the cache's samples
+            self.args.remove_unused_columns = False  # the collator needs every field of the cache's samples
 
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -170,6 +194,6 @@ def _trainer_class():
 
 
 def __getattr__(name):
-    if name == "DistillTrainer":        # built on first use: importing transformers' Trainer costs seconds
+    if name == "DistillTrainer":  # built on first use: importing transformers' Trainer costs seconds
         return _trainer_class()
     raise AttributeError(name)

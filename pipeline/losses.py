@@ -33,6 +33,7 @@ divergence runs over the head bins alone. It is biased; "bucket" (ours) is the d
 AKL follows the paper's head rule (the token that crosses μ is in the head); the authors' published
 snippet leaves that token out of the head.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,6 +57,7 @@ class AKLStats(NamedTuple):
 
 
 # ---------------------------------------------------------------- divergences on bins
+
 
 def _floor(logx: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(logx), torch.full_like(logx, LOG_FLOOR), logx)
@@ -133,6 +135,7 @@ def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins
 
 # ---------------------------------------------------------------- the student's side, O(N·k) extra memory
 
+
 class _GatherWithTail(torch.autograd.Function):
     """(log q at ids [N, m], log Q_R [N], log q at targets [N]) from logits [N, V] at temperature t, in row chunks,
     keeping nothing of size [N, V] but the logits. With x = z/t − max: log q_i = x_i − log Σ e^x,
@@ -142,7 +145,7 @@ class _GatherWithTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ids, t, targets):
         n = logits.shape[0]
-        stats = logits.new_empty(3, n, dtype=torch.float32)       # row max, log Σ e^x, log Σ_{not ids} e^x
+        stats = logits.new_empty(3, n, dtype=torch.float32)  # row max, log Σ e^x, log Σ_{not ids} e^x
         log_q = logits.new_empty(ids.shape, dtype=torch.float32)
         log_y = logits.new_empty(n, dtype=torch.float32)
         for a in range(0, n, ROW_CHUNK):
@@ -182,22 +185,16 @@ class _GatherWithTail(torch.autograd.Function):
         return grad, None, None, None
 
 
-def student_bins(student_logits, topk_ids, temperature=1.0, targets=None):
-    """Student (k+1)-bin log-probs [N, k+1]: log q at the teacher's top-k ids, then log Q_R; with targets,
-    also log q(target) [N] from the same pass."""
-    log_q, log_r, log_y = _GatherWithTail.apply(student_logits, topk_ids, float(temperature),
-                                                topk_ids[:, 0] if targets is None else targets)
-    bins = torch.cat([log_q, log_r[:, None]], -1)
-    return bins if targets is None else (bins, log_y)
-
-
 def logsumexp(x: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dim that gives −inf (and zero gradients, not NaN) for rows of −inf."""
     m = x.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     total = (x - m).exp().sum(-1)
-    return torch.where(total > 0, total.clamp_min(torch.finfo(total.dtype).tiny).log() + m[..., 0],
-                       torch.full_like(total, float("-inf")))
+    return torch.where(
+        total > 0,
+        total.clamp_min(torch.finfo(total.dtype).tiny).log() + m[..., 0],
+        torch.full_like(total, float("-inf")),
+    )
 
 
 def _pad_with_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +211,7 @@ def token_logprob(logits, targets):
 
 
 # ---------------------------------------------------------------- public API
+
 
 def check_params(kind, mu=0.5, beta=0.5, alpha=0.1):
     if kind not in KINDS:
@@ -238,35 +236,80 @@ def has_teacher_weighted_terms(kind, beta=0.5) -> bool:
 def _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass, drawn_ids=None, drawn_logprobs=None):
     n, v = student_logits.shape
     if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != n:
-        raise ValueError(f"shape mismatch: student_logits {tuple(student_logits.shape)}, topk_ids "
-                         f"{tuple(topk_ids.shape)}, topk_logprobs {tuple(topk_logprobs.shape)}; want [N, V], [N, k], [N, k]")
+        raise ValueError(
+            f"shape mismatch: student_logits {tuple(student_logits.shape)}, topk_ids "
+            f"{tuple(topk_ids.shape)}, topk_logprobs {tuple(topk_logprobs.shape)}; want [N, V], [N, k], [N, k]"
+        )
     if tail_logmass.shape != (n,):
         raise ValueError(f"shape mismatch: tail_logmass {tuple(tail_logmass.shape)}, want [{n}]")
-    if (drawn_ids is None) != (drawn_logprobs is None) or drawn_ids is not None and (
-            drawn_ids.shape != drawn_logprobs.shape or drawn_ids.dim() != 2 or drawn_ids.shape[0] != n):
+    if (
+        (drawn_ids is None) != (drawn_logprobs is None)
+        or drawn_ids is not None
+        and (drawn_ids.shape != drawn_logprobs.shape or drawn_ids.dim() != 2 or drawn_ids.shape[0] != n)
+    ):
         raise ValueError("drawn_ids and drawn_logprobs go together, both [N, m]")
     for ids in (topk_ids, drawn_ids):
         if ids is not None and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= v):
-            raise ValueError(f"teacher token id {int(ids.max())} is outside the student's vocabulary of {v}; "
-                             "use a student with the teacher's tokenizer")
+            raise ValueError(
+                f"teacher token id {int(ids.max())} is outside the student's vocabulary of {v}; "
+                "use a student with the teacher's tokenizer"
+            )
 
 
-def sparse_kd_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, kind, *, mu=0.5, beta=0.5,
-                   alpha=0.1, temperature=1.0, return_stats=False, validate=True, **teacher):
+def sparse_kd_loss(
+    student_logits,
+    topk_ids,
+    topk_logprobs,
+    tail_logmass,
+    kind,
+    *,
+    mu=0.5,
+    beta=0.5,
+    alpha=0.1,
+    temperature=1.0,
+    return_stats=False,
+    validate=True,
+    **teacher,
+):
     """Per-position loss [N] between cached teacher rows (top-k + tail; −1-padded; optional drawn_ids and
     drawn_logprobs; tail="bucket"|"renormalize") and the student's logits at `temperature`.
 
     With return_stats=True returns (loss, AKLStats or None).
     """
-    loss, _, stats = sparse_kd_loss_with_ce(student_logits, None, topk_ids, topk_logprobs, tail_logmass, kind, mu=mu,
-                                            beta=beta, alpha=alpha, temperature=temperature, validate=validate,
-                                            **teacher)
+    loss, _, stats = sparse_kd_loss_with_ce(
+        student_logits,
+        None,
+        topk_ids,
+        topk_logprobs,
+        tail_logmass,
+        kind,
+        mu=mu,
+        beta=beta,
+        alpha=alpha,
+        temperature=temperature,
+        validate=validate,
+        **teacher,
+    )
     return (loss, stats) if return_stats else loss
 
 
-def sparse_kd_loss_with_ce(student_logits, targets, topk_ids, topk_logprobs, tail_logmass, kind, *, mu=0.5,
-                           beta=0.5, alpha=0.1, temperature=1.0, validate=True, drawn_ids=None, drawn_logprobs=None,
-                           tail="bucket"):
+def sparse_kd_loss_with_ce(
+    student_logits,
+    targets,
+    topk_ids,
+    topk_logprobs,
+    tail_logmass,
+    kind,
+    *,
+    mu=0.5,
+    beta=0.5,
+    alpha=0.1,
+    temperature=1.0,
+    validate=True,
+    drawn_ids=None,
+    drawn_logprobs=None,
+    tail="bucket",
+):
     """(KD loss [N], cross-entropy at temperature 1 [N] or None without targets, AKLStats or None); the CE
     shares the KD's pass over the logits when the temperature is 1."""
     check_params(kind, mu, beta, alpha)
@@ -305,21 +348,36 @@ def sparse_kd_loss_with_ce(student_logits, targets, topk_ids, topk_logprobs, tai
     return loss, (None if targets is None else -log_y), stats
 
 
-def dense_kd_loss(student_logits, teacher_logits, kind, *, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0,
-                  return_stats=False):
+def dense_kd_loss(
+    student_logits, teacher_logits, kind, *, mu=0.5, beta=0.5, alpha=0.1, temperature=1.0, return_stats=False
+):
     """The same divergences over the full vocabulary: the online baseline and the tests' oracle."""
     check_params(kind, mu, beta, alpha)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"shape mismatch: student {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"shape mismatch: student {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}"
+        )
     logq = torch.log_softmax(student_logits.float() / temperature, -1)
     logp = torch.log_softmax(teacher_logits.float() / temperature, -1)
     loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha)
     return (loss, stats) if return_stats else loss
 
 
-def sparse_kd_loss_from_hidden(hidden, lm_head_weight, topk_ids, topk_logprobs, tail_logmass, kind, *,
-                               chunk_size=1024, vocab_size=None, return_stats=False, drawn_ids=None,
-                               drawn_logprobs=None, **kw):
+def sparse_kd_loss_from_hidden(
+    hidden,
+    lm_head_weight,
+    topk_ids,
+    topk_logprobs,
+    tail_logmass,
+    kind,
+    *,
+    chunk_size=1024,
+    vocab_size=None,
+    return_stats=False,
+    drawn_ids=None,
+    drawn_logprobs=None,
+    **kw,
+):
     """sparse_kd_loss on logits = hidden @ W.T, computed chunk by chunk of positions.
 
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory holds one
@@ -328,18 +386,27 @@ def sparse_kd_loss_from_hidden(hidden, lm_head_weight, topk_ids, topk_logprobs, 
     v = vocab_size or lm_head_weight.shape[0]
 
     def chunk_loss(h, w, ids, lp, tail, d_ids, d_lp):
-        logits = (h @ w[:v].T)
-        loss, stats = sparse_kd_loss(logits, ids, lp, tail, kind, return_stats=True, drawn_ids=d_ids,
-                                     drawn_logprobs=d_lp, **kw)
+        logits = h @ w[:v].T
+        loss, stats = sparse_kd_loss(
+            logits, ids, lp, tail, kind, return_stats=True, drawn_ids=d_ids, drawn_logprobs=d_lp, **kw
+        )
         return (loss,) + (tuple(stats) if stats is not None else ())
 
     outs = []
     for a in range(0, hidden.shape[0], chunk_size):
         sl = slice(a, a + chunk_size)
-        args = (hidden[sl], lm_head_weight, topk_ids[sl], topk_logprobs[sl], tail_logmass[sl],
-                None if drawn_ids is None else drawn_ids[sl], None if drawn_logprobs is None else drawn_logprobs[sl])
-        outs.append(checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
-                    else chunk_loss(*args))
+        args = (
+            hidden[sl],
+            lm_head_weight,
+            topk_ids[sl],
+            topk_logprobs[sl],
+            tail_logmass[sl],
+            None if drawn_ids is None else drawn_ids[sl],
+            None if drawn_logprobs is None else drawn_logprobs[sl],
+        )
+        outs.append(
+            checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args)
+        )
     if not outs:
         loss = hidden.new_zeros(0, dtype=torch.float32)
         return (loss, AKLStats(loss, loss, loss) if kind == "akl" else None) if return_stats else loss
@@ -380,18 +447,39 @@ def batch_losses(logits, b, rows, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0
     if kind == "pg":
         if "target_logprob" not in rows:
             raise ValueError("the pg loss needs the teacher's log-prob of each sampled token (target_logprob)")
-        pg, estimate = onpolicy_pg_loss(logits, b["targets"], rows["target_logprob"], rows.get("behavior_logprob"),
-                                        temperature=temperature)
+        pg, estimate = onpolicy_pg_loss(
+            logits, b["targets"], rows["target_logprob"], rows.get("behavior_logprob"), temperature=temperature
+        )
         return {"ce": -token_logprob(logits, b["targets"]).sum(), "kd": pg.sum(), "rkl_estimate": estimate.sum()}
     if "teacher_logits" in rows:
-        kd, stats = dense_kd_loss(logits, rows["teacher_logits"], kind, mu=mu, beta=beta, alpha=alpha,
-                                  temperature=temperature, return_stats=True)
+        kd, stats = dense_kd_loss(
+            logits,
+            rows["teacher_logits"],
+            kind,
+            mu=mu,
+            beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+            return_stats=True,
+        )
         ce = -token_logprob(logits, b["targets"])
     else:
         kd, ce, stats = sparse_kd_loss_with_ce(
-            logits, b["targets"], rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"], kind, mu=mu,
-            beta=beta, alpha=alpha, temperature=temperature, validate=False, tail=tail,
-            drawn_ids=rows.get("drawn_ids"), drawn_logprobs=rows.get("drawn_logprobs"))
+            logits,
+            b["targets"],
+            rows["topk_ids"],
+            rows["topk_logprobs"],
+            rows["tail_logmass"],
+            kind,
+            mu=mu,
+            beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+            validate=False,
+            tail=tail,
+            drawn_ids=rows.get("drawn_ids"),
+            drawn_logprobs=rows.get("drawn_logprobs"),
+        )
     out = {"ce": ce.sum(), "kd": kd.sum()}
     if stats is not None:
         out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())

@@ -1,4 +1,6 @@
-"""Loading Hugging Face causal LMs (a student, a teacher on one device, spread by a device map or sharded over a tensor-parallel group) and tokenizers, their fingerprints, and logits at chosen positions only."""
+"""Loading Hugging Face causal LMs (a student; a teacher on one device, spread by a device map or sharded over a
+tensor-parallel group) and tokenizers, their fingerprints, and logits at chosen positions only."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +14,15 @@ import torch
 from pipeline import compat
 from pipeline.errors import ModelError, OptionError
 
-VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
-                        "architectures", "use_cache"}
+VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "_commit_hash",
+    "architectures",
+    "use_cache",
+}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -43,11 +52,14 @@ def check_exists(name) -> None:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
     check_exists(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ModelError(
+            f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -55,18 +67,30 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, **kwargs):
     from transformers import AutoModelForCausalLM
+
     check_exists(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:
-        raise ModelError(f"cannot load a causal LM from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ModelError(
+            f"cannot load a causal LM from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     return model.to(device)
 
 
-def load_student(name: str, device: torch.device, *, tokenizer: str | None = None, init_from_config: bool = False,
-                 seed: int = 0, attn_implementation: str | None = None, trust_remote_code: bool = False):
+def load_student(
+    name: str,
+    device: torch.device,
+    *,
+    tokenizer: str | None = None,
+    init_from_config: bool = False,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+):
     """(model, tokenizer) of a student in float32: its weights, or freshly initialized from its config (seeded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     tok = load_tokenizer(tokenizer or name, trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if not init_from_config:
@@ -77,10 +101,19 @@ def load_student(name: str, device: torch.device, *, tokenizer: str | None = Non
     return model.to(device), tok
 
 
-def load_teacher(name: str, dtype: torch.dtype, device: torch.device, *, tp: int = 1, device_map: str | None = None,
-                 max_memory: str | None = None, trust_remote_code: bool = False):
+def load_teacher(
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    tp: int = 1,
+    device_map: str | None = None,
+    max_memory: str | None = None,
+    trust_remote_code: bool = False,
+):
     """A teacher in eval mode: sharded over its TP group, spread by a device map, or on one device."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     if tp > 1 and device_map:
         raise OptionError("--tp and --device-map are exclusive: shard across processes or spread one process, not both")
     if tp == 1 and not device_map:
@@ -95,8 +128,10 @@ def load_teacher(name: str, dtype: torch.dtype, device: torch.device, *, tp: int
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except (ValueError, RuntimeError, OSError) as e:
-        raise ModelError(f"cannot load {name!r} with {'--tp ' + str(tp) if tp > 1 else '--device-map'}: "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ModelError(
+            f"cannot load {name!r} with {'--tp ' + str(tp) if tp > 1 else '--device-map'}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     return model.eval()
 
 
@@ -104,8 +139,10 @@ def check_tensor_parallel(config, tp: int, name: str) -> None:
     """One-line refusals for models transformers cannot shard, or a TP size that does not divide the heads."""
     text = compat.text_config(config)
     if not getattr(text, "base_model_tp_plan", None):
-        raise OptionError(f"{name} ({config.model_type}) has no tensor-parallel plan in transformers; use "
-                         "--device-map auto, or a single device")
+        raise OptionError(
+            f"{name} ({config.model_type}) has no tensor-parallel plan in transformers; use "
+            "--device-map auto, or a single device"
+        )
     heads = getattr(text, "num_attention_heads", None)
     kv = getattr(text, "num_key_value_heads", None) or heads
     for what, n in (("attention heads", heads), ("key/value heads", kv)):
@@ -136,6 +173,7 @@ def model_folder(name: str) -> Path | None:
         return Path(name)
     try:
         from transformers.utils import cached_file
+
         return Path(cached_file(name, "config.json", local_files_only=True)).parent
     except Exception:
         return None
@@ -160,8 +198,11 @@ def weights_fingerprint(name: str) -> str:
 
 
 def tokenizer_fingerprint(tok) -> str:
-    d = {"vocab": sorted(tok.get_vocab().items()), "special": {k: str(v) for k, v in tok.special_tokens_map.items()},
-         "chat_template": getattr(tok, "chat_template", None)}
+    d = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "special": {k: str(v) for k, v in tok.special_tokens_map.items()},
+        "chat_template": getattr(tok, "chat_template", None),
+    }
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -173,8 +214,10 @@ def check_vocab(model, tok, who: str) -> int:
     """The softmax size: the tokenizer's vocabulary, which the model's lm_head must cover."""
     v = len(tok)
     if v > output_size(model):
-        raise ModelError(f"the {who} tokenizer has {v} tokens but its lm_head has {output_size(model)} outputs; "
-                         "use the tokenizer that belongs to the model")
+        raise ModelError(
+            f"the {who} tokenizer has {v} tokens but its lm_head has {output_size(model)} outputs; "
+            "use the tokenizer that belongs to the model"
+        )
     return v
 
 
@@ -194,18 +237,24 @@ class PositionLogits(torch.nn.Module):
         """[P, H] hidden states (or [P, V'] logits on the fallback path) at the given positions. Packed rows pass
         position_ids that restart at each sample and no attention mask (transformers then masks across samples)."""
         if self.fast is None:
-            self.fast = self._fast_path_matches(input_ids[:1], attention_mask[:1] if attention_mask is not None
-                                                else None, None if position_ids is None else position_ids[:1])
+            self.fast = self._fast_path_matches(
+                input_ids[:1],
+                attention_mask[:1] if attention_mask is not None else None,
+                None if position_ids is None else position_ids[:1],
+            )
         dev = self.model.get_input_embeddings().weight.device
-        kw = dict(input_ids=input_ids.to(dev), use_cache=False,
-                  attention_mask=None if attention_mask is None else attention_mask.to(dev),
-                  position_ids=None if position_ids is None else position_ids.to(dev))
+        kw = dict(
+            input_ids=input_ids.to(dev),
+            use_cache=False,
+            attention_mask=None if attention_mask is None else attention_mask.to(dev),
+            position_ids=None if position_ids is None else position_ids.to(dev),
+        )
         h = self.model.base_model(**kw).last_hidden_state if self.fast else self.model(**kw).logits
         return h[rows.to(h.device), cols.to(h.device)]
 
     def logits(self, hidden_rows):
         out = self.model.get_output_embeddings()(hidden_rows) if self.fast else hidden_rows
-        return out[:, :self.vocab_size]
+        return out[:, : self.vocab_size]
 
     def forward(self, input_ids, attention_mask, rows, cols, position_ids=None):
         return self.logits(self.hidden_rows(input_ids, attention_mask, rows, cols, position_ids))
@@ -214,7 +263,7 @@ class PositionLogits(torch.nn.Module):
     def _fast_path_matches(self, input_ids, attention_mask, position_ids) -> bool:
         """The lm_head on the base model's hidden states against the model's own logits, on one sample."""
         n = int(attention_mask[0].sum()) if attention_mask is not None else input_ids.shape[1]
-        if position_ids is not None:            # packed: the first sample is where the positions first restart
+        if position_ids is not None:  # packed: the first sample is where the positions first restart
             restart = (position_ids[0, 1:] == 0).nonzero()
             n = int(restart[0]) + 1 if len(restart) else n
         dev = self.model.get_input_embeddings().weight.device
@@ -226,7 +275,9 @@ class PositionLogits(torch.nn.Module):
         fast = self.model.get_output_embeddings()(h).float().to(full.device)
         self.model.train(was_training)
         tol = 1e-4 if h.dtype == torch.float32 else 2e-2
-        ok = fast.shape == full.shape and torch.allclose(fast, full, rtol=tol, atol=tol * max(1.0, full.abs().max().item()))
+        ok = fast.shape == full.shape and torch.allclose(
+            fast, full, rtol=tol, atol=tol * max(1.0, full.abs().max().item())
+        )
         if not ok:
             warnings.warn("lm_head on hidden states does not reproduce this model's logits; using the full forward")
         return ok

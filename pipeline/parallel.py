@@ -2,6 +2,7 @@
 teacher's tensor-parallel groups (which ranks shard one teacher and which writes), and the student in DDP or FSDP2
 (fully_shard per decoder layer, then the root). The stages ask this module; none wraps a model itself. (Loading a
 teacher sharded by transformers' TP plans is models.load_teacher.)"""
+
 from __future__ import annotations
 
 import contextlib
@@ -44,10 +45,12 @@ def _collective_device() -> torch.device:
 
 # ---------------------------------------------------------------- tensor-parallel teacher groups
 
+
 @dataclass
 class TeacherGroup:
     """Where this process sits: the ranks of a tensor-parallel group run the same batches and its first rank
     writes; groups are data-parallel shards."""
+
     tp: int
     group: int
     groups: int
@@ -65,10 +68,13 @@ def teacher_group(tp: int) -> TeacherGroup:
     if tp < 1:
         raise OptionError(f"--tp {tp} must be at least 1")
     if tp > 1 and "RANK" not in os.environ:
-        raise OptionError(f"--tp {tp} runs under torchrun: torchrun --nproc-per-node {tp} -m pipeline.cli cache-teacher …")
+        raise OptionError(
+            f"--tp {tp} runs under torchrun: torchrun --nproc-per-node {tp} -m pipeline.cli cache-teacher …"
+        )
     if world % tp:
-        raise OptionError(f"--tp {tp} does not divide the {world} torchrun processes; use a world size that is a "
-                         f"multiple of {tp}")
+        raise OptionError(
+            f"--tp {tp} does not divide the {world} torchrun processes; use a world size that is a multiple of {tp}"
+        )
     g = rank // tp
     return TeacherGroup(tp, g, world // tp, rank % tp, list(range(g * tp, (g + 1) * tp)))
 
@@ -90,13 +96,14 @@ _TP_GROUPS: dict = {}
 
 
 def _tp_process_group(group: TeacherGroup):
-    if not _TP_GROUPS:                      # every rank creates every group, in the same order
+    if not _TP_GROUPS:  # every rank creates every group, in the same order
         for g in range(group.groups):
             _TP_GROUPS[g] = dist.new_group(list(range(g * group.tp, (g + 1) * group.tp)))
     return _TP_GROUPS[group.group]
 
 
 # ---------------------------------------------------------------- students
+
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks transformers names in _no_split_modules (LlamaDecoderLayer, GPT2Block, …)."""
@@ -111,17 +118,24 @@ class Student:
     """The student's forward module (the lm_head-at-positions head, wrapped for DDP or FSDP2) and the
     operations whose form depends on the wrapping: gradient sync, clipping, state dicts."""
 
-    def __init__(self, head, model, *, world: int, fsdp: bool = False, bf16: bool = False,
-                 gradient_checkpointing: bool = False):
+    def __init__(
+        self, head, model, *, world: int, fsdp: bool = False, bf16: bool = False, gradient_checkpointing: bool = False
+    ):
         self.model, self.head, self.world, self.fsdp = model, head, world, fsdp
         if gradient_checkpointing:
             compat.enable_gradient_checkpointing(model)
         if fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
             if not dist.is_initialized():
-                raise OptionError("--fsdp runs under torchrun: torchrun --nproc-per-node N -m pipeline.cli train --fsdp …")
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-                MixedPrecisionPolicy()
+                raise OptionError(
+                    "--fsdp runs under torchrun: torchrun --nproc-per-node N -m pipeline.cli train --fsdp …"
+                )
+            mp = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                if bf16
+                else MixedPrecisionPolicy()
+            )
             for layer in decoder_layers(model):
                 fully_shard(layer, mp_policy=mp)
             fully_shard(head, mp_policy=mp)
@@ -149,23 +163,28 @@ class Student:
     # state dicts: sharded (DTensor) under FSDP, plain otherwise; the same calls for both
     def model_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
         return get_model_state_dict(self.model)
 
     def load_model_state(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
         set_model_state_dict(self.model, state)
 
     def optimizer_state(self, optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
         return get_optimizer_state_dict(self.model, optimizer)
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
         set_optimizer_state_dict(self.model, optimizer, state)
 
     def full_state_dict(self) -> dict:
         """The whole model on CPU on rank 0 (a collective under FSDP); {} on other ranks."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         if not self.fsdp:
             return self.model.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else {}
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

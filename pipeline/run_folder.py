@@ -10,6 +10,7 @@ needs --overwrite, which removes that run's files and nothing else. --resume con
 holds, and only if the inputs it depends on are the ones it started with. A folder that is an input (the student,
 a cache, the data) or lies inside one, or holds one, is refused always.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,10 +23,10 @@ from filelock import FileLock, Timeout
 from pipeline.errors import RunError
 
 RUN = "run.json"
-LEGACY = "config.json"            # runs before run.json kept their settings here
+LEGACY = "config.json"  # runs before run.json kept their settings here
 RUN_FILES = (RUN, "metrics.jsonl", "summary.json", "checkpoints", "final")
 LOCK = ".lock"
-IGNORED = ("resume", "overwrite", "progress")     # how a run is invoked, not what it computes
+IGNORED = ("resume", "overwrite", "progress")  # how a run is invoked, not what it computes
 
 
 def check_apart(out, inputs: dict[str, str | None]) -> None:
@@ -33,7 +34,7 @@ def check_apart(out, inputs: dict[str, str | None]) -> None:
     o = Path(out).resolve()
     for flag, path in inputs.items():
         if not path or not Path(path).exists():
-            continue                                # a hub name, or an input that does not exist yet
+            continue  # a hub name, or an input that does not exist yet
         p = Path(path).resolve()
         if p == o or o in p.parents or p in o.parents:
             where = "is" if p == o else "holds" if o in p.parents else "lies inside"
@@ -94,8 +95,13 @@ class RunFolder:
         if resume:
             self._check_resumable(saved, latest_step)
             return True
-        ours = saved is not None and not _differences(saved["settings"], self.settings) \
-            and saved["inputs"] == self.inputs and latest_step is None and not (self.out / "final").exists()
+        ours = (
+            saved is not None
+            and not _differences(saved["settings"], self.settings)
+            and saved["inputs"] == self.inputs
+            and latest_step is None
+            and not (self.out / "final").exists()
+        )
         if others and not ours and not overwrite:
             raise RunError(self._occupied(saved, latest_step))
         if others:
@@ -109,12 +115,18 @@ class RunFolder:
             return f"--out {self.out} is not empty and holds no training run; choose another --out or pass --overwrite"
         diff = _differences(saved["settings"], self.settings)
         if diff:
-            return (f"--out {self.out} holds another run (it differs in {', '.join(diff[:5])}); choose another --out, "
-                    "or pass --overwrite to replace it")
+            return (
+                f"--out {self.out} holds another run (it differs in {', '.join(diff[:5])}); choose another --out, "
+                "or pass --overwrite to replace it"
+            )
         if saved["inputs"] != self.inputs:
-            return f"--out {self.out} holds a run of other inputs ({self._changed(saved)}); pass --overwrite to replace it"
+            return (
+                f"--out {self.out} holds a run of other inputs ({self._changed(saved)}); pass --overwrite to replace it"
+            )
         what = f"a checkpoint at step {latest_step}" if latest_step is not None else "a finished model"
-        return f"--out {self.out} holds this run with {what}; pass --resume to continue it or --overwrite to start again"
+        return (
+            f"--out {self.out} holds this run with {what}; pass --resume to continue it or --overwrite to start again"
+        )
 
     def _check_resumable(self, saved, latest_step) -> None:
         if saved is None:
@@ -123,11 +135,15 @@ class RunFolder:
         if diff:
             raise RunError(f"--resume with different settings than the run in {self.out}: {', '.join(diff)}")
         if saved["inputs"] is not None and saved["inputs"] != self.inputs:
-            raise RunError(f"--resume: the run in {self.out} was started on other inputs ({self._changed(saved)}); "
-                           "resume it with those, or start a new run")
+            raise RunError(
+                f"--resume: the run in {self.out} was started on other inputs ({self._changed(saved)}); "
+                "resume it with those, or start a new run"
+            )
         if latest_step is None:
-            raise RunError(f"--resume: {self.out} holds no checkpoint yet (the run stopped before its first "
-                           "--save-every); run again without --resume to start it over")
+            raise RunError(
+                f"--resume: {self.out} holds no checkpoint yet (the run stopped before its first "
+                "--save-every); run again without --resume to start it over"
+            )
 
     def _changed(self, saved) -> str:
         old, new = saved["inputs"] or {}, self.inputs

@@ -1,5 +1,6 @@
 """Scoring a student against teacher rows: its logits at a batch's distilled positions, and mean CE and divergences
 over a source in eval mode. Used by training (held-out loss), evaluation and the benchmarks."""
+
 from __future__ import annotations
 
 import torch
@@ -15,13 +16,15 @@ def forward(student, batch: dict, autocast: bool = False):
     """The student's logits at the batch's distilled positions (student: models.PositionLogits, maybe wrapped)."""
     device_type = batch["input_ids"].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        return student(batch["input_ids"], batch.get("attention_mask"), batch["rows"], batch["cols"],
-                       batch.get("position_ids"))
+        return student(
+            batch["input_ids"], batch.get("attention_mask"), batch["rows"], batch["cols"], batch.get("position_ids")
+        )
 
 
 @torch.no_grad()
-def score(student, model, teacher, pad_id, device, kinds=("fkl",), max_samples=None, batch_size=8, autocast=False,
-          **params) -> dict:
+def score(
+    student, model, teacher, pad_id, device, kinds=("fkl",), max_samples=None, batch_size=8, autocast=False, **params
+) -> dict:
     """Mean CE and (with teacher rows) the mean divergence of each kind, per distilled token, in eval mode; one
     forward per batch serves every kind. `teacher` is a teacher signal (pipeline.teachers) over the source to score."""
     was_training = model.training

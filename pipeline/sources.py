@@ -4,6 +4,7 @@ A source is map-style (`len`, `source[i]` → a sample dict of numpy arrays) and
 deterministic list of global micro-batches of one (seed, epoch), the same on every rank. A cached split and its
 dataset are cut into the same parts, so a run from either sees the same batches.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,11 +13,12 @@ import storage
 from pipeline.batches import micro_batches
 from pipeline.errors import OptionError
 
-DEFAULT_PART_SIZE = 256          # cache-teacher's default: a dataset split like it gets the same epoch plans
+DEFAULT_PART_SIZE = 256  # cache-teacher's default: a dataset split like it gets the same epoch plans
 
 
 class Source:
     """What every source has: per-sample `lengths`, `part_sizes` (the block shuffle's blocks) and the plan."""
+
     lengths: np.ndarray
     part_sizes: list[int]
 
@@ -27,8 +29,16 @@ class Source:
         """The teacher caches behind this source (none for a dataset)."""
         return []
 
-    def plan(self, seed: int, epoch: int, batch_size: int, batch_tokens: int | None, window: int, world_size: int,
-             packed: bool = False) -> list[list[int]]:
+    def plan(
+        self,
+        seed: int,
+        epoch: int,
+        batch_size: int,
+        batch_tokens: int | None,
+        window: int,
+        world_size: int,
+        packed: bool = False,
+    ) -> list[list[int]]:
         """Global micro-batches for one epoch: a fresh block shuffle per (seed, epoch); batches too small to give
         every rank a sample are dropped."""
         order = storage.block_shuffle(self.part_sizes, seed, epoch, window)
@@ -65,12 +75,16 @@ class TokenizedSource(Source):
 
     def fingerprint(self) -> str:
         from pipeline.data import content_sha256
+
         return content_sha256(self.ds)
 
     def __getitem__(self, i):
         sample = self.ds[int(i)]
-        return {"sample_index": int(i), "input_ids": np.asarray(sample["input_ids"], np.int64),
-                "loss_mask": np.asarray(sample["loss_mask"], np.uint8)}
+        return {
+            "sample_index": int(i),
+            "input_ids": np.asarray(sample["input_ids"], np.int64),
+            "loss_mask": np.asarray(sample["loss_mask"], np.uint8),
+        }
 
 
 class SampleList(Source):
@@ -112,7 +126,7 @@ class MixtureSource(Source):
         args = (batch_size, batch_tokens, window, world_size, packed)
         streams = [_cycling(src, seed, epoch, args) for src in self.sources]
         n = sum(len(src.plan(seed, epoch, *args)) for src in self.sources)
-        choice = np.random.default_rng([seed, epoch, 0x6d6978]).choice(len(self.sources), size=n, p=self.shares)
+        choice = np.random.default_rng([seed, epoch, 0x6D6978]).choice(len(self.sources), size=n, p=self.shares)
         return [[int(self.starts[k]) + i for i in next(streams[k])] for k in choice.tolist()]
 
 
@@ -121,7 +135,7 @@ def _cycling(source: Source, seed: int, epoch: int, args: tuple):
     yield from source.plan(seed, epoch, *args)
     m = 1
     while True:
-        more = source.plan(seed, 10 ** 6 + 1000 * epoch + m, *args)
+        more = source.plan(seed, 10**6 + 1000 * epoch + m, *args)
         if not more:
             raise OptionError("a mixed cache holds no micro-batch")
         yield from more

@@ -8,6 +8,7 @@ computes them from the batch; SFT has none. Here too: the policy checks of what 
 head-less cache feeds, what `pg` needs, whose token ids a student can read), and the rows themselves computed
 from a teacher's logits (`topk_rows`, `draw_tail`), shared by cache-teacher and the online teacher.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -16,12 +17,13 @@ import torch
 
 from pipeline import losses, models
 from pipeline.batches import TEACHER_KEYS
-from pipeline.sources import CacheSource, MixtureSource, Source
 from pipeline.errors import OptionError
+from pipeline.sources import CacheSource, MixtureSource, Source
 
 
 class Teacher:
     """No teacher: plain fine-tuning on the source's tokens."""
+
     kind = "none"
 
     def __init__(self, source: Source):
@@ -33,6 +35,7 @@ class Teacher:
 
 class CachedTeacher(Teacher):
     """Rows read from teacher caches along with the samples: one cache, or several mixed (sources.MixtureSource)."""
+
     kind = "cache"
 
     def rows(self, batch: dict) -> dict:
@@ -50,6 +53,7 @@ def cached(paths, shares=(), temperature=None) -> CachedTeacher:
 class OnlineTeacher(Teacher):
     """The teacher model run on every batch: dense full-vocabulary logits (the reference for a cache's fidelity), or
     top-k + exact tail computed on the fly (topk=k), the rows a cache would have stored."""
+
     kind = "online"
 
     def __init__(self, source, model, vocab_size: int, topk: int | None = None, temperature: float = 1.0):
@@ -61,14 +65,19 @@ class OnlineTeacher(Teacher):
     def rows(self, batch: dict) -> dict:
         was_training = self.head.model.training
         self.head.model.eval()
-        logits = self.head(batch["input_ids"], batch.get("attention_mask"), batch["rows"], batch["cols"],
-                           batch.get("position_ids")).float()
+        logits = self.head(
+            batch["input_ids"], batch.get("attention_mask"), batch["rows"], batch["cols"], batch.get("position_ids")
+        ).float()
         self.head.model.train(was_training)
         if not self.topk:
             return {"teacher_logits": logits}
         r = topk_rows(logits, self.topk, [self.temperature], batch["targets"].to(logits.device))
-        return {"topk_ids": r["ids"], "topk_logprobs": r["logprobs"][0], "tail_logmass": r["tail"][0],
-                "target_logprob": r["target"][0]}
+        return {
+            "topk_ids": r["ids"],
+            "topk_logprobs": r["logprobs"][0],
+            "tail_logmass": r["tail"][0],
+            "target_logprob": r["target"][0],
+        }
 
 
 def check_serves(source, kind: str, *, beta: float = 0.5, tail: str = "bucket", allow_offpolicy_pg: bool = False):
@@ -76,28 +85,39 @@ def check_serves(source, kind: str, *, beta: float = 0.5, tail: str = "bucket", 
     caches = source.caches()
     if any(c.encoding.get("top_p") == 0 and c.encoding.get("min_k") == 0 for c in caches):
         if kind in losses.KINDS and not losses.has_teacher_weighted_terms(kind, beta):
-            raise OptionError(f"--loss {kind}{f' --beta {beta:g}' if kind == 'jsd' else ''} gets its signal from terms "
-                              "weighted by the student's probabilities, and a cache without a head (--top-p 0 --min-k 0:"
-                              " tail draws only) gives those none; use fkl, sfkl or jsd with --beta < 1, or a cache "
-                              "with a head (--top-p 0.5 --tail-draws 24)")
+            raise OptionError(
+                f"--loss {kind}{f' --beta {beta:g}' if kind == 'jsd' else ''} gets its signal from terms "
+                "weighted by the student's probabilities, and a cache without a head (--top-p 0 --min-k 0:"
+                " tail draws only) gives those none; use fkl, sfkl or jsd with --beta < 1, or a cache "
+                "with a head (--top-p 0.5 --tail-draws 24)"
+            )
         if tail == "renormalize":
-            raise OptionError("--tail renormalize renormalizes the head, and this cache has none (--top-p 0 --min-k 0); "
-                              "use --tail bucket")
+            raise OptionError(
+                "--tail renormalize renormalizes the head, and this cache has none (--top-p 0 --min-k 0); "
+                "use --tail bucket"
+            )
     if kind == "pg":
         if not all(c.has_target_logprob for c in caches):
-            raise OptionError("--loss pg needs the teacher's log-prob of each sampled token: a version-2 cache of "
-                              "generated data (cache-teacher stores target_logprob)")
+            raise OptionError(
+                "--loss pg needs the teacher's log-prob of each sampled token: a version-2 cache of "
+                "generated data (cache-teacher stores target_logprob)"
+            )
         own = [c for c in caches if c.manifest["identity"].get("dataset", {}).get("generated_by")]
         if len(own) < len(caches) and not allow_offpolicy_pg:
-            raise OptionError("--loss pg is a policy gradient on tokens the student sampled, and a cache here holds data "
-                              "no model generated (no generated_by in its manifest); cache `pipeline generate` output, "
-                              "or pass --allow-offpolicy-pg")
+            raise OptionError(
+                "--loss pg is a policy gradient on tokens the student sampled, and a cache here holds data "
+                "no model generated (no generated_by in its manifest); cache `pipeline generate` output, "
+                "or pass --allow-offpolicy-pg"
+            )
 
 
 def cache_vocabulary(manifest: dict) -> dict:
     """What a cache's ids mean: its tokenizer's fingerprint, softmax size and largest stored id."""
-    return {"fingerprint": manifest["identity"]["tokenizer"]["fingerprint"], "size": manifest["vocab_size"],
-            "max_id": manifest["counts"].get("max_token_id", -1)}
+    return {
+        "fingerprint": manifest["identity"]["tokenizer"]["fingerprint"],
+        "size": manifest["vocab_size"],
+        "max_id": manifest["counts"].get("max_token_id", -1),
+    }
 
 
 def model_vocabulary(tok) -> dict:
@@ -116,12 +136,16 @@ def check_compatible(vocabulary: dict, tok, model, allow_mismatch: bool = False,
     vocab = models.check_vocab(model, tok, "student")
     size, max_id = vocabulary["size"], vocabulary["max_id"]
     if max_id >= vocab or size > models.output_size(model):
-        raise OptionError(f"the {what} holds token ids up to {max(max_id, size - 1)} but the student's vocabulary has "
-                          f"{vocab}; use a student that shares the teacher's tokenizer")
+        raise OptionError(
+            f"the {what} holds token ids up to {max(max_id, size - 1)} but the student's vocabulary has "
+            f"{vocab}; use a student that shares the teacher's tokenizer"
+        )
     if models.tokenizer_fingerprint(tok) != vocabulary["fingerprint"]:
         if not allow_mismatch:
-            raise OptionError(f"the student's tokenizer differs from the {what}'s; pass --allow-tokenizer-mismatch if "
-                              "the ids really mean the same tokens")
+            raise OptionError(
+                f"the student's tokenizer differs from the {what}'s; pass --allow-tokenizer-mismatch if "
+                "the ids really mean the same tokens"
+            )
         warnings.warn(f"student tokenizer differs from the {what}'s; continuing (--allow-tokenizer-mismatch)")
     if size != vocab and not allow_mismatch:
         raise OptionError(f"the {what}'s softmax runs over {size} tokens, the student's tokenizer has {vocab}")
@@ -129,6 +153,7 @@ def check_compatible(vocabulary: dict, tok, model, allow_mismatch: bool = False,
 
 
 # ---------------------------------------------------------------- rows from logits
+
 
 def topk_rows(logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor | None = None) -> dict:
     """Rows of float32 logits [P, V] → ids [P, k] (sorted by p), logprobs [T, P, k], tail [T, P] with
@@ -146,12 +171,18 @@ def topk_rows(logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor 
             target_lps.append(logits.gather(-1, targets[:, None])[:, 0] / t - top[:, 0] - log_z[:, 0])
         tails.append(e.scatter_(-1, ids, 0.0).sum(-1).log_() - log_z[:, 0])
     finite = torch.isfinite(log_z[:, 0]) & torch.isfinite(top[:, 0])
-    return {"ids": ids, "logprobs": torch.stack(lps), "tail": torch.stack(tails),
-            "target": torch.stack(target_lps) if targets is not None else None, "finite": finite}
+    return {
+        "ids": ids,
+        "logprobs": torch.stack(lps),
+        "tail": torch.stack(tails),
+        "target": torch.stack(target_lps) if targets is not None else None,
+        "finite": finite,
+    }
 
 
-def draw_tail(logits: torch.Tensor, ids: torch.Tensor, widths: torch.Tensor, temperatures,
-              uniforms: torch.Tensor) -> torch.Tensor:
+def draw_tail(
+    logits: torch.Tensor, ids: torch.Tensor, widths: torch.Tensor, temperatures, uniforms: torch.Tensor
+) -> torch.Tensor:
     """Tokens drawn with replacement from the teacher's tail at each temperature: softmax(z / t) over every token
     but the row's first `widths` ids, by inverse CDF (float64) at the given uniforms [T, P, n] in [0, 1). The draws are
     a function of the logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""

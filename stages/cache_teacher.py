@@ -1,5 +1,6 @@
 """Stage 1: run the teacher over a dataset and store, per distilled token, its top-k log-probs, exact tail mass,
 the log-prob of the actual next token and, optionally, tokens drawn from its tail."""
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,9 @@ class CacheTeacherConfig:
 
     def __post_init__(self):
         if not self.temperatures or any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
-            raise OptionError(f"--temperature must be finite and positive, got {', '.join(map(str, self.temperatures))}")
+            raise OptionError(
+                f"--temperature must be finite and positive, got {', '.join(map(str, self.temperatures))}"
+            )
         if len(set(self.temperatures)) != len(self.temperatures):
             raise OptionError(f"temperatures repeat: {self.temperatures}")
         if self.out is None and self.cache_root is None:
@@ -66,8 +69,14 @@ class CacheTeacherConfig:
             raise OptionError(f"--shard {self.shard[0]}/{self.shard[1]} is not of the form I/N with 0 <= I < N")
         if self.batch_size < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
             raise OptionError("--batch-size and --batch-tokens must be at least 1")
-        storage.check_encoding_options(k=self.top_k, top_p=self.top_p, min_k=self.min_k, ids=self.ids,
-                                       logprobs=self.logprob_dtype, draws=self.tail_draws)
+        storage.check_encoding_options(
+            k=self.top_k,
+            top_p=self.top_p,
+            min_k=self.min_k,
+            ids=self.ids,
+            logprobs=self.logprob_dtype,
+            draws=self.tail_draws,
+        )
 
 
 def shard_of(cfg: CacheTeacherConfig, group: parallel.TeacherGroup) -> tuple[int, int]:
@@ -79,6 +88,7 @@ def shard_of(cfg: CacheTeacherConfig, group: parallel.TeacherGroup) -> tuple[int
 def run(cfg: CacheTeacherConfig) -> dict:
     """Returns {status: hit|complete|partial, path, manifest?, samples, tokens, seconds, parts_written}."""
     from transformers import AutoConfig
+
     group = parallel.teacher_group(cfg.tp)
     models.check_exists(cfg.teacher)
     teacher_cfg = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
@@ -91,23 +101,13 @@ def run(cfg: CacheTeacherConfig) -> dict:
     vocab = len(tok)
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
-    identity = {
-        "teacher": {"name_or_path": cfg.teacher, "config_sha256": models.config_sha256(teacher_cfg),
-                    "weights_fingerprint": models.weights_fingerprint(cfg.teacher), "dtype": str(dtype).split(".")[-1]},
-        "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tok), "size": vocab},
-        "dataset": data.fingerprint(ds, tok, cfg.data),
-    }
-    plan = storage.make_plan(backend=cfg.format, k=cfg.top_k, temperatures=cfg.temperatures, vocab_size=vocab,
-                             num_rows=len(ds), part_size=cfg.part_size, identity=identity,
-                             logprob_dtype=cfg.logprob_dtype, top_p=cfg.top_p, min_k=cfg.min_k, ids=cfg.ids,
-                             draws=cfg.tail_draws, behavior_logprob=bool(cfg.data.behavior_field),
-                             package_version=__version__)
+    plan = make_plan(cfg, teacher_cfg, tok, ds, dtype)
     out = Path(cfg.out) if cfg.out else Path(cfg.cache_root) / plan["cache_key"][:16]
     done = storage.complete_manifest(out, plan["cache_key"])
     if done is not None and not cfg.overwrite:
         return {"status": "hit", "path": str(out), "manifest": done}
     writer = None
-    if int(os.environ.get("RANK", "0")) == 0:       # prepares the folder (and any --overwrite) before the others
+    if int(os.environ.get("RANK", "0")) == 0:  # prepares the folder (and any --overwrite) before the others
         writer = storage.CacheWriter(out, plan, overwrite=cfg.overwrite)
     parallel.barrier()
     if group.writer and writer is None:
@@ -122,21 +122,64 @@ def run(cfg: CacheTeacherConfig) -> dict:
     parallel.barrier()
     if manifest is None:
         manifest = storage.complete_manifest(out, plan["cache_key"])
-    return {"status": "complete" if manifest else "partial", "path": str(out), "manifest": manifest,
-            "seconds": time.perf_counter() - t0, "writer": group.writer, **stats}
+    return {
+        "status": "complete" if manifest else "partial",
+        "path": str(out),
+        "manifest": manifest,
+        "seconds": time.perf_counter() - t0,
+        "writer": group.writer,
+        **stats,
+    }
+
+
+def make_plan(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
+    """The cache's plan: its encoding and the identity (teacher, tokenizer, dataset) that its key hashes."""
+    identity = {
+        "teacher": {
+            "name_or_path": cfg.teacher,
+            "config_sha256": models.config_sha256(teacher_cfg),
+            "weights_fingerprint": models.weights_fingerprint(cfg.teacher),
+            "dtype": str(dtype).split(".")[-1],
+        },
+        "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tok), "size": len(tok)},
+        "dataset": data.fingerprint(ds, tok, cfg.data),
+    }
+    return storage.make_plan(
+        backend=cfg.format,
+        k=cfg.top_k,
+        temperatures=cfg.temperatures,
+        vocab_size=len(tok),
+        num_rows=len(ds),
+        part_size=cfg.part_size,
+        identity=identity,
+        logprob_dtype=cfg.logprob_dtype,
+        top_p=cfg.top_p,
+        min_k=cfg.min_k,
+        ids=cfg.ids,
+        draws=cfg.tail_draws,
+        behavior_logprob=bool(cfg.data.behavior_field),
+        package_version=__version__,
+    )
 
 
 def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> dict:
     """Teacher rows for every part of `parts` this process claims (the group writer claims; its TP peers follow)."""
-    model = models.load_teacher(cfg.teacher, dtype, device, tp=cfg.tp, device_map=cfg.device_map,
-                                     max_memory=cfg.max_memory, trust_remote_code=cfg.trust_remote_code)
+    model = models.load_teacher(
+        cfg.teacher,
+        dtype,
+        device,
+        tp=cfg.tp,
+        device_map=cfg.device_map,
+        max_memory=cfg.max_memory,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     models.check_vocab(model, tok, "teacher")
     head = models.PositionLogits(model, vocab)
     copies = 6 if cfg.tail_draws else 3
     chunk = max(1, cfg.chunk_bytes // (vocab * 4 * copies))
     lengths = ds.data.column("length").to_numpy()
     rows_of = lambda p: storage.part_rows(plan, p)
-    total = int(sum(lengths[rows_of(p).start:rows_of(p).stop].sum() for p in parts))
+    total = int(sum(lengths[rows_of(p).start : rows_of(p).stop].sum() for p in parts))
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="cache-teacher", disable=not (cfg.progress and writer))
     out_writer = storage.BackgroundWriter(writer) if writer is not None else None
     claims = writer.claims(parts) if writer is not None else None
@@ -165,7 +208,7 @@ def _part_rows(cfg, head, part, tok, device, chunk, bar) -> tuple[list[dict], di
     (or abort the run with --strict)."""
     results = [None] * len(part)
     lengths = np.array([len(s["input_ids"]) for s in part])
-    longest_first = np.argsort(-lengths, kind="stable")        # each batch pads little
+    longest_first = np.argsort(-lengths, kind="stable")  # each batch pads little
     for batch in batches.micro_batches(longest_first, lengths, cfg.batch_size, cfg.batch_tokens):
         for i, res in zip(batch, teacher_fields(cfg, head, [part[i] for i in batch], tok.pad_token_id, device, chunk)):
             results[i] = res
@@ -177,15 +220,16 @@ def _part_rows(cfg, head, part, tok, device, chunk, bar) -> tuple[list[dict], di
                 raise NonFiniteLogits(msg + " (--strict)")
             warnings.warn(msg + "; skipped")
     kept = [{**s, **res} for s, res in zip(part, results) if res is not None]
-    return kept, {"truncated_samples": sum(int(s["truncated"]) for s in kept),
-                  "skipped_samples": len(part) - len(kept)}
+    return kept, {"truncated_samples": sum(int(s["truncated"]) for s in kept), "skipped_samples": len(part) - len(kept)}
 
 
 def draw_uniforms(seed: int, batch: list[dict], n_temps: int, n: int) -> np.ndarray:
     """[T, P, n] uniforms for the tail draws of a batch's rows: each sample's from a generator seeded by (seed, its
     index), so a sample draws the same tokens whatever batch, shard or resumed run computes it."""
-    per_sample = [np.random.default_rng([seed, int(s["sample_index"])]).random((n_temps, int(s["loss_mask"].sum()), n))
-                  for s in batch]
+    per_sample = [
+        np.random.default_rng([seed, int(s["sample_index"])]).random((n_temps, int(s["loss_mask"].sum()), n))
+        for s in batch
+    ]
     return np.concatenate(per_sample, axis=1) if per_sample else np.zeros((n_temps, 0, n))
 
 
@@ -195,13 +239,26 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
     None for a sample with non-finite teacher logits. The lm_head runs over `chunk` positions at a time."""
     c = batches.collate(samples, pad_id)
     hidden = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "rows", "cols")))
-    uniforms = torch.from_numpy(draw_uniforms(cfg.seed, samples, len(cfg.temperatures), cfg.tail_draws)) \
-        if cfg.tail_draws else None
-    pieces = [_position_fields(cfg, head.logits(hidden[a:a + chunk]).float(), c["targets"][a:a + chunk],
-                               uniforms[:, a:a + chunk] if uniforms is not None else None)
-              for a in range(0, len(hidden), chunk)]
-    fields = {key: np.concatenate([p[key] for p in pieces], axis=POSITION_AXIS.get(key, 0)) if pieces
-              else _no_positions(cfg)[key] for key in _no_positions(cfg)}
+    uniforms = (
+        torch.from_numpy(draw_uniforms(cfg.seed, samples, len(cfg.temperatures), cfg.tail_draws))
+        if cfg.tail_draws
+        else None
+    )
+    pieces = [
+        _position_fields(
+            cfg,
+            head.logits(hidden[a : a + chunk]).float(),
+            c["targets"][a : a + chunk],
+            uniforms[:, a : a + chunk] if uniforms is not None else None,
+        )
+        for a in range(0, len(hidden), chunk)
+    ]
+    fields = {
+        key: np.concatenate([p[key] for p in pieces], axis=POSITION_AXIS.get(key, 0))
+        if pieces
+        else _no_positions(cfg)[key]
+        for key in _no_positions(cfg)
+    }
     out, start = [], 0
     for s in samples:
         at = slice(start, start + int(s["loss_mask"].sum()))
@@ -209,12 +266,17 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
         if not fields["finite"][at].all():
             out.append(None)
             continue
-        out.append({key: v[:, at] if key in POSITION_AXIS else v[at] for key, v in fields.items()
-                    if key != "finite" and (key != "draws" or cfg.tail_draws)})
+        out.append(
+            {
+                key: v[:, at] if key in POSITION_AXIS else v[at]
+                for key, v in fields.items()
+                if key != "finite" and (key != "draws" or cfg.tail_draws)
+            }
+        )
     return out
 
 
-POSITION_AXIS = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "draws": 1}   # the others: axis 0
+POSITION_AXIS = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "draws": 1}  # the others: axis 0
 
 
 def _position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor, uniforms) -> dict:
@@ -223,18 +285,38 @@ def _position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: tor
     lp = r["logprobs"].cpu().numpy()
     narrow = cfg.top_p is not None or cfg.tail_draws
     widths = top_p_widths(lp[0], cfg.top_p, cfg.min_k) if narrow else np.full(len(lp[0]), cfg.top_k)
-    out = {"topk_ids": r["ids"].cpu().numpy(), "topk_logprobs": lp, "tail_logmass": r["tail"].cpu().numpy(),
-           "target_logprob": r["target"].cpu().numpy(), "widths": widths, "finite": r["finite"].cpu().numpy(),
-           "draws": _no_positions(cfg)["draws"]}
+    out = {
+        "topk_ids": r["ids"].cpu().numpy(),
+        "topk_logprobs": lp,
+        "tail_logmass": r["tail"].cpu().numpy(),
+        "target_logprob": r["target"].cpu().numpy(),
+        "widths": widths,
+        "finite": r["finite"].cpu().numpy(),
+        "draws": _no_positions(cfg)["draws"],
+    }
     if cfg.tail_draws:
-        out["draws"] = teachers.draw_tail(logits, r["ids"], torch.from_numpy(widths).to(logits.device),
-                                          cfg.temperatures, uniforms.to(logits.device)).cpu().numpy()
+        out["draws"] = (
+            teachers.draw_tail(
+                logits,
+                r["ids"],
+                torch.from_numpy(widths).to(logits.device),
+                cfg.temperatures,
+                uniforms.to(logits.device),
+            )
+            .cpu()
+            .numpy()
+        )
     return out
 
 
 def _no_positions(cfg: CacheTeacherConfig) -> dict:
     k, nt = cfg.top_k, len(cfg.temperatures)
-    return {"topk_ids": np.zeros((0, k), np.int64), "topk_logprobs": np.zeros((nt, 0, k), np.float32),
-            "tail_logmass": np.zeros((nt, 0), np.float32), "target_logprob": np.zeros((nt, 0), np.float32),
-            "widths": np.zeros(0, np.int64), "draws": np.zeros((nt, 0, cfg.tail_draws), np.int64),
-            "finite": np.zeros(0, bool)}
+    return {
+        "topk_ids": np.zeros((0, k), np.int64),
+        "topk_logprobs": np.zeros((nt, 0, k), np.float32),
+        "tail_logmass": np.zeros((nt, 0), np.float32),
+        "target_logprob": np.zeros((nt, 0), np.float32),
+        "widths": np.zeros(0, np.int64),
+        "draws": np.zeros((nt, 0, cfg.tail_draws), np.int64),
+        "finite": np.zeros(0, bool),
+    }

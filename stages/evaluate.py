@@ -1,6 +1,7 @@
 """Stage 3: held-out response NLL and perplexity, ROUGE-L and exact match of greedy generations, and KL to the
 teacher: from a cache of the evaluation split (top-k + tail bucket), or exact over the full vocabulary with the
 teacher model itself."""
+
 from __future__ import annotations
 
 import json
@@ -47,11 +48,11 @@ def answer_correct(prediction: str, reference: str, answer: str) -> bool:
     the answer. "j appears 1 times" and a bare "1" answer 1; "j appears 11 times" does not."""
     p, r, a = normalize(prediction), normalize(reference), normalize(answer)
     at = r.rfind(a)
-    prefix, suffix = (r[:at], r[at + len(a):]) if at >= 0 else ("", "")
+    prefix, suffix = (r[:at], r[at + len(a) :]) if at >= 0 else ("", "")
     if prefix and p.startswith(prefix):
-        p = p[len(prefix):]
+        p = p[len(prefix) :]
     if suffix and p.endswith(suffix):
-        p = p[:-len(suffix)]
+        p = p[: -len(suffix)]
     return p == a
 
 
@@ -61,25 +62,49 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     the samples (prompt ids + generated ids up to EOS, the generated ones marked for scoring)."""
     texts, samples = [], []
     for a in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-        enc = data.encode_instructions(tok, prompts[a:a + batch_size], [""] * len(prompts[a:a + batch_size]))[0]
+        enc = data.encode_instructions(tok, prompts[a : a + batch_size], [""] * len(prompts[a : a + batch_size]))[0]
         width = max(map(len, enc))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc], device=device)
         attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, width:].tolist()
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )[:, width:].tolist()
         for e, g in zip(enc, gen):
-            g = g[:g.index(tok.eos_token_id) + 1] if tok.eos_token_id in g else g
+            g = g[: g.index(tok.eos_token_id) + 1] if tok.eos_token_id in g else g
             texts.append(tok.decode(g, skip_special_tokens=True).strip())
-            samples.append({"input_ids": np.array(e + g, np.int64),
-                            "loss_mask": np.array([0] * len(e) + [1] * len(g), np.uint8)})
+            samples.append(
+                {"input_ids": np.array(e + g, np.int64), "loss_mask": np.array([0] * len(e) + [1] * len(g), np.uint8)}
+            )
     return texts, samples
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return 100 * sum(scores) / max(1, len(scores))
+
+
+def exact_kl(cfg: EvalConfig, head, model, tok, source, own, dtype, device) -> dict:
+    """KL to the teacher run online, over the full vocabulary: on the split, and on the model's own greedy responses
+    (the state distribution it acts in) when it generated."""
+    t_tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    t_model = models.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
+    models.check_vocab(t_model, t_tok, "teacher")
+    teachers.check_compatible(teachers.model_vocabulary(t_tok), tok, model, what="teacher")
+    out = {}
+    for prefix, samples in (("exact", source), ("own", sources.SampleList(own) if own else None)):
+        if samples is not None:
+            teacher = teachers.OnlineTeacher(samples, t_model, len(tok))
+            kl = score(head, model, teacher, tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
+            out.update({f"{prefix}_fkl_to_teacher": kl["fkl"], f"{prefix}_rkl_to_teacher": kl["rkl"]})
+    return out
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -94,33 +119,32 @@ def run(cfg: EvalConfig) -> dict:
     own = None
     if cfg.generate and cfg.data.prompt_field:
         rows = data.load_rows(cfg.data)
-        preds, own = generate(model, tok, [str(r[cfg.data.prompt_field]) for r in rows], cfg.max_new_tokens,
-                              cfg.batch_size, device, cfg.progress)
+        preds, own = generate(
+            model,
+            tok,
+            [str(r[cfg.data.prompt_field]) for r in rows],
+            cfg.max_new_tokens,
+            cfg.batch_size,
+            device,
+            cfg.progress,
+        )
         refs = [str(r[cfg.data.response_field]) for r in rows]
         metrics["rougeL"] = rouge_l(preds, refs)
         metrics["exact_match"] = 100 * sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
         if cfg.answer_field and cfg.answer_field in rows.column_names:
             answers = [str(r[cfg.answer_field]) for r in rows]
             metrics["answer_accuracy"] = 100 * sum(map(answer_correct, preds, refs, answers)) / len(answers)
-        metrics["examples"] = [{"prompt": r[cfg.data.prompt_field], "reference": ref, "prediction": p}
-                               for r, ref, p in list(zip(rows, refs, preds))[:5]]
+        metrics["examples"] = [
+            {"prompt": r[cfg.data.prompt_field], "reference": ref, "prediction": p}
+            for r, ref, p in list(zip(rows, refs, preds))[:5]
+        ]
     if cfg.teacher_cache:
         cached = teachers.cached([cfg.teacher_cache])
         teachers.check_caches_readable(cached.source, tok, model, what="teacher cache")
         kl = score(head, model, cached, tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
         metrics.update(fkl_to_teacher=kl["fkl"], rkl_to_teacher=kl["rkl"])
     if cfg.teacher:
-        t_tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-        t_model = models.load_teacher(cfg.teacher, dtype, device, trust_remote_code=cfg.trust_remote_code)
-        models.check_vocab(t_model, t_tok, "teacher")
-        teachers.check_compatible(teachers.model_vocabulary(t_tok), tok, model, what="teacher")
-        kl = score(head, model, teachers.OnlineTeacher(source, t_model, len(tok)), tok.pad_token_id, device,
-                   ("fkl", "rkl"), batch_size=cfg.batch_size)
-        metrics.update(exact_fkl_to_teacher=kl["fkl"], exact_rkl_to_teacher=kl["rkl"])
-        if own:                     # on the student's own greedy responses: the state distribution it acts in
-            kl = score(head, model, teachers.OnlineTeacher(sources.SampleList(own), t_model, len(tok)),
-                       tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
-            metrics.update(own_fkl_to_teacher=kl["fkl"], own_rkl_to_teacher=kl["rkl"])
+        metrics.update(exact_kl(cfg, head, model, tok, source, own, dtype, device))
     metrics.update({k: v for k, v in (("label", cfg.label), ("run", cfg.run), ("round", cfg.round)) if v is not None})
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(metrics, indent=1))

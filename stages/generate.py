@@ -9,6 +9,7 @@ With --teacher and --alpha > 0 each token is drawn from α·p_T + (1 − α)·q_
 both models run side by side, each with its own KV cache, so a step costs a student and a teacher forward on one
 token, and both log-probs of the drawn token are recorded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,10 @@ class GenerateConfig:
 
 
 def sampling_settings(cfg: GenerateConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens", "samples_per_prompt",
-                                         "seed", "alpha")} | {"teacher": cfg.teacher}
+    return {
+        k: getattr(cfg, k)
+        for k in ("temperature", "top_p", "top_k", "max_new_tokens", "samples_per_prompt", "seed", "alpha")
+    } | {"teacher": cfg.teacher}
 
 
 def filtered(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -86,6 +89,7 @@ class Stepper:
 
     def __init__(self, model, ids, attn, vocab):
         from transformers import DynamicCache
+
         self.model, self.vocab, self.attn = model, vocab, attn
         self.cache = DynamicCache()
         # transformers renamed the forward's past_key_values to cache in 5.x (the old name goes in 5.40)
@@ -94,9 +98,10 @@ class Stepper:
         self.logits = self._run(ids, self.pos)
 
     def _run(self, ids, pos):
-        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=pos, use_cache=True,
-                         **{self.cache_arg: self.cache})
-        return out.logits[:, -1, :self.vocab].float()
+        out = self.model(
+            input_ids=ids, attention_mask=self.attn, position_ids=pos, use_cache=True, **{self.cache_arg: self.cache}
+        )
+        return out.logits[:, -1, : self.vocab].float()
 
     def advance(self, tokens):
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)
@@ -118,9 +123,14 @@ def sample_batch(cfg, student, teacher, prompts: list[list[int]], vocab, pad_id,
     for _ in range(cfg.max_new_tokens):
         log_q = torch.log_softmax(s.logits / temp, -1)
         log_p = torch.log_softmax(t.logits / temp, -1) if t is not None else None
-        mix = log_q if log_p is None else torch.logaddexp(log_p + math.log(cfg.alpha),
-                                                          log_q + math.log1p(-cfg.alpha) if cfg.alpha < 1 else
-                                                          torch.full_like(log_q, float("-inf")))
+        mix = (
+            log_q
+            if log_p is None
+            else torch.logaddexp(
+                log_p + math.log(cfg.alpha),
+                log_q + math.log1p(-cfg.alpha) if cfg.alpha < 1 else torch.full_like(log_q, float("-inf")),
+            )
+        )
         if cfg.temperature == 0:
             y = mix.argmax(-1)
             behavior = torch.zeros_like(y, dtype=torch.float32)
@@ -160,21 +170,37 @@ def run(cfg: GenerateConfig) -> dict:
             raise OptionError("teacher-mixed sampling needs the teacher and the student to share a tokenizer")
     rows = data.load_rows(DataConfig(cfg.source, cfg.split, text_field=cfg.prompt_field, limit=cfg.limit))
     prompts = data.as_texts(rows[cfg.prompt_field], cfg.prompt_field, range(len(rows)))
-    prompt_ids = [p[-cfg.max_prompt_length:] for p in data.encode_instructions(tok, prompts, [""] * len(prompts))[0]]
-    provenance = {"model": cfg.model, "config_sha256": models.config_sha256(student.config),
-                  "weights_fingerprint": models.weights_fingerprint(cfg.model), "round": cfg.round}
+    prompt_ids = [p[-cfg.max_prompt_length :] for p in data.encode_instructions(tok, prompts, [""] * len(prompts))[0]]
+    provenance = {
+        "model": cfg.model,
+        "config_sha256": models.config_sha256(student.config),
+        "weights_fingerprint": models.weights_fingerprint(cfg.model),
+        "round": cfg.round,
+    }
     settings = sampling_settings(cfg)
-    jobs = [(i, j) for i in sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
-            for j in range(cfg.samples_per_prompt)]
+    jobs = [
+        (i, j)
+        for i in sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+        for j in range(cfg.samples_per_prompt)
+    ]
     results = {}
     bar = tqdm(total=len(jobs), unit="sample", desc="generate", disable=not cfg.progress)
     t0, n_tokens = time.perf_counter(), 0
     for a in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[a:a + cfg.batch_size]
+        batch = jobs[a : a + cfg.batch_size]
         key = hashlib.sha256(f"{cfg.seed}:{cfg.round}:{batch[0]}:{len(batch)}".encode()).digest()
         gen = torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
-        out = sample_batch(cfg, student, teacher, [prompt_ids[i] for i, _ in batch], vocab, tok.pad_token_id,
-                           tok.eos_token_id, gen, device)
+        out = sample_batch(
+            cfg,
+            student,
+            teacher,
+            [prompt_ids[i] for i, _ in batch],
+            vocab,
+            tok.pad_token_id,
+            tok.eos_token_id,
+            gen,
+            device,
+        )
         for job, r in zip(batch, out):
             results[job] = r
             n_tokens += len(r["ids"])
@@ -184,8 +210,13 @@ def run(cfg: GenerateConfig) -> dict:
     out_path = Path(cfg.out)
     write_rows(out_path, rows, results, cfg, tok, provenance, settings, teacher is not None)
     seconds = time.perf_counter() - t0
-    return {"path": str(out_path), "samples": len(jobs), "tokens": n_tokens, "seconds": seconds,
-            "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan")}
+    return {
+        "path": str(out_path),
+        "samples": len(jobs),
+        "tokens": n_tokens,
+        "seconds": seconds,
+        "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
+    }
 
 
 def write_rows(out_path: Path, rows, results, cfg, tok, provenance, settings, mixed: bool) -> None:
@@ -209,10 +240,19 @@ def _write_jsonl(tmp, rows, results, cfg, tok, provenance, settings, mixed) -> N
             base = dict(rows[i])
             for j in range(cfg.samples_per_prompt):
                 r = results[(i, j)]
-                row = {**base, cfg.response_field: tok.decode(r["ids"], skip_special_tokens=True).strip(),
-                       "response_token_ids": r["ids"], "behavior_logprobs": r["behavior"],
-                       "student_logprobs": r["student"], "finished": r["finished"], "prompt_index": i, "sample": j,
-                       "round": cfg.round, "generator": provenance, "sampling": settings}
+                row = {
+                    **base,
+                    cfg.response_field: tok.decode(r["ids"], skip_special_tokens=True).strip(),
+                    "response_token_ids": r["ids"],
+                    "behavior_logprobs": r["behavior"],
+                    "student_logprobs": r["student"],
+                    "finished": r["finished"],
+                    "prompt_index": i,
+                    "sample": j,
+                    "round": cfg.round,
+                    "generator": provenance,
+                    "sampling": settings,
+                }
                 if mixed:
                     row["teacher_logprobs"] = r["teacher"]
                 f.write(json.dumps(row) + "\n")

@@ -1,5 +1,6 @@
 """Turn any datasets source into train/test JSONL files with prompt/response fields: the Snakefile's data step
 for user data (the embedded default generates its own, see prepare_demo)."""
+
 from __future__ import annotations
 
 import json

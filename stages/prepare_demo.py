@@ -1,5 +1,6 @@
 """The embedded default: procedurally generated instruction tasks with checkable answers, a tokenizer trained on
 them, and tiny model configs. Everything offline."""
+
 from __future__ import annotations
 
 import json
@@ -23,17 +24,36 @@ def make_example(rng: random.Random) -> dict:
     word = "".join(letters)
     if task == "reverse":
         out = word[::-1]
-        return {"task": task, "prompt": f"reverse {' '.join(word)}", "response": f"reversed : {' '.join(out)}", "answer": out}
+        return {
+            "task": task,
+            "prompt": f"reverse {' '.join(word)}",
+            "response": f"reversed : {' '.join(out)}",
+            "answer": out,
+        }
     if task == "sort":
         out = "".join(sorted(word))
-        return {"task": task, "prompt": f"sort {' '.join(word)}", "response": f"sorted : {' '.join(out)}", "answer": out}
+        return {
+            "task": task,
+            "prompt": f"sort {' '.join(word)}",
+            "response": f"sorted : {' '.join(out)}",
+            "answer": out,
+        }
     if task == "count":
         c = rng.choice(letters)
         n = letters.count(c)
-        return {"task": task, "prompt": f"count {c} in {' '.join(word)}", "response": f"{c} appears {n} times", "answer": str(n)}
+        return {
+            "task": task,
+            "prompt": f"count {c} in {' '.join(word)}",
+            "response": f"{c} appears {n} times",
+            "answer": str(n),
+        }
     nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
-    return {"task": task, "prompt": f"max of {' '.join(map(str, nums))}", "response": f"the max is {max(nums)}",
-            "answer": str(max(nums))}
+    return {
+        "task": task,
+        "prompt": f"max of {' '.join(map(str, nums))}",
+        "response": f"the max is {max(nums)}",
+        "answer": str(max(nums)),
+    }
 
 
 def stdlib_chunks(chars: int = 1000) -> tuple[list[str], list[str], str]:
@@ -64,7 +84,7 @@ class DemoDataConfig:
     test_size: int = 200
     vocab_size: int = 600
     seed: int = 0
-    pretrain_size: int = 0          # chunks of standard-library source for language-model pretraining
+    pretrain_size: int = 0  # chunks of standard-library source for language-model pretraining
     pretrain_chars: int = 600
 
 
@@ -72,14 +92,16 @@ def run(cfg: DemoDataConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
-    splits = {"train": [make_example(rng) for _ in range(cfg.train_size)],
-              "test": [make_example(rng) for _ in range(cfg.test_size)]}
+    splits = {
+        "train": [make_example(rng) for _ in range(cfg.train_size)],
+        "test": [make_example(rng) for _ in range(cfg.test_size)],
+    }
     texts = [r["prompt"] + " " + r["response"] for r in splits["train"]]
     if cfg.pretrain_size:
         chunks = stdlib_chunks(cfg.pretrain_chars)[0]
         random.Random(cfg.seed).shuffle(chunks)
-        splits["pretrain"] = [{"text": c} for c in chunks[:cfg.pretrain_size]]
-        texts += chunks[:cfg.pretrain_size]
+        splits["pretrain"] = [{"text": c} for c in chunks[: cfg.pretrain_size]]
+        texts += chunks[: cfg.pretrain_size]
     for name, rows in splits.items():
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -96,17 +118,27 @@ def save_tokenizer(folder, texts, vocab_size: int = 600):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.save_pretrained(str(folder))
     return fast
 
 
-def save_model(folder, tokenizer_folder, arch: str = "gpt2", layers: int = 2, width: int = 64, heads: int = 2,
-               seed: int = 0, vocab_size: int | None = None):
+def save_model(
+    folder,
+    tokenizer_folder,
+    arch: str = "llama",
+    layers: int = 2,
+    width: int = 64,
+    heads: int = 2,
+    seed: int = 0,
+    vocab_size: int | None = None,
+):
     """A freshly initialized tiny causal LM (GPT-2 or Llama style) with its tokenizer, via save_pretrained."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
@@ -117,9 +149,17 @@ def save_model(folder, tokenizer_folder, arch: str = "gpt2", layers: int = 2, wi
     if arch == "gpt2":
         config = GPT2Config(vocab_size=v, n_positions=256, n_embd=width, n_layer=layers, n_head=heads, **ids)
     elif arch == "llama":
-        config = LlamaConfig(vocab_size=v, hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                             max_position_embeddings=256, tie_word_embeddings=False, **ids)
+        config = LlamaConfig(
+            vocab_size=v,
+            hidden_size=width,
+            intermediate_size=width * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            **ids,
+        )
     else:
         raise OptionError(f"unknown arch {arch!r}; choose gpt2 or llama")
     torch.manual_seed(seed)

@@ -1,5 +1,6 @@
 """Stage 4: gather evaluated runs into results/report.md with PNG plots: the metrics per loss, learning curves,
 and AKL's head and tail gaps over training."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,33 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-ORDER = ["teacher", "start", "sft", "fkl", "rkl", "jsd", "tvd", "sfkl", "srkl", "akl", "onpolicy-fkl", "onpolicy-akl",
-         "onpolicy-jsd", "onpolicy-rkl", "onpolicy-pg"]
-METRICS = [("rougeL", "ROUGE-L", "{:.1f}"), ("answer_accuracy", "answer acc. %", "{:.1f}"),
-           ("exact_match", "exact match %", "{:.1f}"), ("nll", "NLL", "{:.3f}"), ("ppl", "PPL", "{:.2f}"),
-           ("fkl_to_teacher", "KL(T‖S)", "{:.4f}"), ("rkl_to_teacher", "KL(S‖T)", "{:.4f}"),
-           ("own_fkl_to_teacher", "KL(T‖S) own gen.", "{:.4f}")]
+ORDER = [
+    "teacher",
+    "start",
+    "sft",
+    "fkl",
+    "rkl",
+    "jsd",
+    "tvd",
+    "sfkl",
+    "srkl",
+    "akl",
+    "onpolicy-fkl",
+    "onpolicy-akl",
+    "onpolicy-jsd",
+    "onpolicy-rkl",
+    "onpolicy-pg",
+]
+METRICS = [
+    ("rougeL", "ROUGE-L", "{:.1f}"),
+    ("answer_accuracy", "answer acc. %", "{:.1f}"),
+    ("exact_match", "exact match %", "{:.1f}"),
+    ("nll", "NLL", "{:.3f}"),
+    ("ppl", "PPL", "{:.2f}"),
+    ("fkl_to_teacher", "KL(T‖S)", "{:.4f}"),
+    ("rkl_to_teacher", "KL(S‖T)", "{:.4f}"),
+    ("own_fkl_to_teacher", "KL(T‖S) own gen.", "{:.4f}"),
+]
 
 
 @dataclass
@@ -46,118 +68,190 @@ def _metrics_rows(run_dir: str | None) -> list[dict]:
     return [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl") if l.strip()]
 
 
-def run(cfg: ReportConfig) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+@dataclass
+class Evaluated:
+    """The evaluations grouped for the report: by label (each run at its last round) and, for runs with rounds,
+    by label and round."""
 
-    evals = [json.loads(Path(p).read_text()) for p in cfg.evals]
+    groups: dict[str, list[dict]]
+    by_round: dict[str, dict[int, list[dict]]]
+    labels: list[str]
+    present: list[tuple]
+
+
+def gather(paths: list[str]) -> Evaluated:
+    evals = [json.loads(Path(p).read_text()) for p in paths]
     by_round: dict[str, dict[int, list[dict]]] = {}
     for e in evals:
         if e.get("round") is not None:
             by_round.setdefault(_label(e), {}).setdefault(e["round"], []).append(e)
     groups: dict[str, list[dict]] = {}
-    for e in evals:                # the table shows every run at its last round
+    for e in evals:  # the table shows every run at its last round
         rounds = by_round.get(_label(e))
         if rounds is None or e["round"] == max(rounds):
             groups.setdefault(_label(e), []).append(e)
-    labels = sorted(groups, key=_order)
-    present = [m for m in METRICS if any(m[0] in e for e in evals)]
+    return Evaluated(
+        groups, by_round, sorted(groups, key=_order), [m for m in METRICS if any(m[0] in e for e in evals)]
+    )
+
+
+def run(cfg: ReportConfig) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = gather(cfg.evals)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {cfg.title}", "", "| model | seeds | " + " | ".join(m[1] for m in present) + " |",
-             "|---|---|" + "---|" * len(present)]
-    for label in labels:
-        g = groups[label]
-        cells = [_fmt([e[m] for e in g if m in e], fmt) for m, _, fmt in present]
+    lines = [
+        f"# {cfg.title}",
+        "",
+        "| model | seeds | " + " | ".join(m[1] for m in ev.present) + " |",
+        "|---|---|" + "---|" * len(ev.present),
+    ]
+    for label in ev.labels:
+        g = ev.groups[label]
+        cells = [_fmt([e[m] for e in g if m in e], fmt) for m, _, fmt in ev.present]
         lines.append(f"| {label} | {len(g)} | " + " | ".join(cells) + " |")
-
-    plots = []
-
-    def save(fig, title, name):
+    lines += [
+        "",
+        "Mean ± standard deviation over seeds where there are several. KL columns: per distilled token,",
+        'on the held-out split\'s teacher cache (top-k + tail bucket); "own gen.": exact, over the full',
+        "vocabulary, on the model's own greedy responses to the held-out prompts. On-policy rows: the last round.",
+    ]
+    for title, name, plot in PLOTS:
+        fig = plot(plt, ev)
+        if fig is None:
+            continue
         fig.tight_layout()
         fig.savefig(out.parent / name, dpi=110)
         plt.close(fig)
-        plots.append((title, name))
+        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    examples = next((e.get("examples") for l in reversed(ev.labels) for e in ev.groups[l] if e.get("examples")), None)
+    if examples:
+        lines += [
+            "",
+            "## Sample generations (" + ev.labels[-1] + ")",
+            "",
+            "| prompt | reference | prediction |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {x['prompt']} | {x['reference']} | {x['prediction']} |" for x in examples]
+    out.write_text("\n".join(lines) + "\n")
+    return str(out)
 
-    fig, axes = plt.subplots(1, len(present[:3]) or 1, figsize=(4.5 * max(1, len(present[:3])), 3.5))
-    for ax, (m, name, _) in zip(axes if hasattr(axes, "__iter__") else [axes], present[:3]):
-        vals = [[e[m] for e in groups[l] if m in e] for l in labels]
-        ax.bar(labels, [statistics.mean(v) if v else 0 for v in vals],
-               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], color="#4c72b0", capsize=3)
+
+def metrics_per_loss(plt, ev: Evaluated):
+    shown = ev.present[:3]
+    fig, axes = plt.subplots(1, len(shown) or 1, figsize=(4.5 * max(1, len(shown)), 3.5))
+    for ax, (m, name, _) in zip(axes if hasattr(axes, "__iter__") else [axes], shown):
+        vals = [[e[m] for e in ev.groups[l] if m in e] for l in ev.labels]
+        ax.bar(
+            ev.labels,
+            [statistics.mean(v) if v else 0 for v in vals],
+            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals],
+            color="#4c72b0",
+            capsize=3,
+        )
         ax.set_title(name)
         ax.tick_params(axis="x", rotation=45)
-    save(fig, "Metrics per loss", "metrics_per_loss.png")
+    return fig
 
+
+def learning_curves(plt, ev: Evaluated):
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = plt.get_cmap("tab10")
-    for c, label in enumerate(labels):
-        for n, e in enumerate(groups[label]):
+    for c, label in enumerate(ev.labels):
+        for n, e in enumerate(ev.groups[label]):
             rows = [r for r in _metrics_rows(e.get("run")) if "eval_fkl" in r]
             if rows and label != "teacher":
-                ax.plot([r["step"] for r in rows], [r["eval_fkl"] for r in rows], color=colors(c % 10),
-                        label=label if n == 0 else None)
+                ax.plot(
+                    [r["step"] for r in rows],
+                    [r["eval_fkl"] for r in rows],
+                    color=colors(c % 10),
+                    label=label if n == 0 else None,
+                )
     ax.set_xlabel("step")
     ax.set_ylabel("held-out KL(teacher ‖ student) per token")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("Learning curves (one line per seed)")
-    save(fig, "Learning curves", "learning_curves.png")
+    return fig
 
-    akl = [r for l in labels if l.rpartition("/")[2] == "akl" for e in groups[l] for r in [_metrics_rows(e.get("run"))] if r]
-    if akl:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        rows = [r for r in akl[0] if "g_head" in r]
-        steps = [r["step"] for r in rows]
-        ax.plot(steps, [r["g_head"] for r in rows], label="g_head")
-        ax.plot(steps, [r["g_tail"] for r in rows], label="g_tail")
-        ax2 = ax.twinx()
-        ax2.plot(steps, [r["w_head"] for r in rows], "k--", label="w_head")
-        ax2.set_ylabel("w_head")
-        ax2.set_ylim(0, 1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("gap (sum of |p − q|)")
-        ax.legend(loc="upper left")
-        ax2.legend(loc="upper right")
-        ax.set_title("AKL head and tail gaps over training")
-        save(fig, "AKL head and tail gaps", "akl_gaps.png")
 
-    rounds_plot = [l for l in by_round if l.rpartition("/")[2].startswith("onpolicy")]
-    if rounds_plot:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for c, label in enumerate(rounds_plot):
-            student = label.rpartition("/")[0]
-            start = by_round.get(f"{student}/start" if student else "start", {}).get(0, [])
-            rounds = {0: start, **by_round[label]} if start else by_round[label]
-            xs = sorted(rounds)
-            for ax, metric in zip(axes, ("answer_accuracy", "own_fkl_to_teacher")):
-                ys = [statistics.mean(e[metric] for e in rounds[r] if metric in e) for r in xs
-                      if any(metric in e for e in rounds[r])]
-                if len(ys) == len(xs):
-                    ax.plot(xs, ys, "o-", color=colors(c % 10), label=label)
-        for c, label in enumerate(l for l in labels if l.rpartition("/")[2] in ("sft", "fkl", "akl")):
-            for ax, metric in zip(axes, ("answer_accuracy", "own_fkl_to_teacher")):
-                vals = [e[metric] for e in groups[label] if metric in e]
-                if vals:
-                    ax.axhline(statistics.mean(vals), ls="--", lw=1, color=colors((c + 5) % 10),
-                               label=f"{label} (off-policy, same updates)")
-        axes[0].set_ylabel("held-out answer accuracy %")
-        axes[1].set_ylabel("KL(teacher ‖ student) on its own greedy generations")
-        for ax in axes:
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.set_xlabel("on-policy round (0: the start checkpoint)")
-            ax.legend(fontsize=7)
-        fig.suptitle("On-policy rounds (mean over seeds)")
-        save(fig, "On-policy rounds", "onpolicy_rounds.png")
+def akl_gaps(plt, ev: Evaluated):
+    akl = [
+        r
+        for l in ev.labels
+        if l.rpartition("/")[2] == "akl"
+        for e in ev.groups[l]
+        for r in [_metrics_rows(e.get("run"))]
+        if r
+    ]
+    if not akl:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = [r for r in akl[0] if "g_head" in r]
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["g_head"] for r in rows], label="g_head")
+    ax.plot(steps, [r["g_tail"] for r in rows], label="g_tail")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["w_head"] for r in rows], "k--", label="w_head")
+    ax2.set_ylabel("w_head")
+    ax2.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("gap (sum of |p − q|)")
+    ax.legend(loc="upper left")
+    ax2.legend(loc="upper right")
+    ax.set_title("AKL head and tail gaps over training")
+    return fig
 
-    lines += ["", "Mean ± standard deviation over seeds where there are several. KL columns: per distilled token,",
-              "on the held-out split's teacher cache (top-k + tail bucket); \"own gen.\": exact, over the full",
-              "vocabulary, on the model's own greedy responses to the held-out prompts. On-policy rows: the last round."]
-    for title, name in plots:
-        lines += ["", f"## {title}", "", f"![{title}]({name})"]
-    examples = next((e.get("examples") for l in reversed(labels) for e in groups[l] if e.get("examples")), None)
-    if examples:
-        lines += ["", "## Sample generations (" + labels[-1] + ")", "", "| prompt | reference | prediction |", "|---|---|---|"]
-        lines += [f"| {x['prompt']} | {x['reference']} | {x['prediction']} |" for x in examples]
-    out.write_text("\n".join(lines) + "\n")
-    return str(out)
+
+def onpolicy_rounds(plt, ev: Evaluated):
+    rounds_plot = [l for l in ev.by_round if l.rpartition("/")[2].startswith("onpolicy")]
+    if not rounds_plot:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.get_cmap("tab10")
+    metrics = ("answer_accuracy", "own_fkl_to_teacher")
+    for c, label in enumerate(rounds_plot):
+        student = label.rpartition("/")[0]
+        start = ev.by_round.get(f"{student}/start" if student else "start", {}).get(0, [])
+        rounds = {0: start, **ev.by_round[label]} if start else ev.by_round[label]
+        xs = sorted(rounds)
+        for ax, metric in zip(axes, metrics):
+            ys = [
+                statistics.mean(e[metric] for e in rounds[r] if metric in e)
+                for r in xs
+                if any(metric in e for e in rounds[r])
+            ]
+            if len(ys) == len(xs):
+                ax.plot(xs, ys, "o-", color=colors(c % 10), label=label)
+    for c, label in enumerate(l for l in ev.labels if l.rpartition("/")[2] in ("sft", "fkl", "akl")):
+        for ax, metric in zip(axes, metrics):
+            vals = [e[metric] for e in ev.groups[label] if metric in e]
+            if vals:
+                ax.axhline(
+                    statistics.mean(vals),
+                    ls="--",
+                    lw=1,
+                    color=colors((c + 5) % 10),
+                    label=f"{label} (off-policy, same updates)",
+                )
+    axes[0].set_ylabel("held-out answer accuracy %")
+    axes[1].set_ylabel("KL(teacher ‖ student) on its own greedy generations")
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("on-policy round (0: the start checkpoint)")
+        ax.legend(fontsize=7)
+    fig.suptitle("On-policy rounds (mean over seeds)")
+    return fig
+
+
+PLOTS = [
+    ("Metrics per loss", "metrics_per_loss.png", metrics_per_loss),
+    ("Learning curves", "learning_curves.png", learning_curves),
+    ("AKL head and tail gaps", "akl_gaps.png", akl_gaps),
+    ("On-policy rounds", "onpolicy_rounds.png", onpolicy_rounds),
+]

@@ -1,5 +1,6 @@
 """Stage 2: train a student from a teacher's rows (a cache, or the teacher run online) with sparse KD + CE, or
 plain SFT from a dataset. Single process, DDP or FSDP2; padded or packed batches."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ class TrainConfig:
     alpha: float = 0.1
     temperature: float = 1.0
     tail: str = "bucket"
-    lr: float = 5e-4
+    lr: float = 2e-5
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.01
@@ -77,15 +78,21 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise OptionError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        self.cache = (self.cache,) if isinstance(self.cache, str) else (tuple(self.cache) or None if self.cache else None)
+        self.cache = (
+            (self.cache,) if isinstance(self.cache, str) else (tuple(self.cache) or None if self.cache else None)
+        )
         self.mix = tuple(self.mix or ())
         n = len(self.cache or ())
         if self.mix and not (len(self.mix) == n or (n == 2 and len(self.mix) == 1)):
-            raise OptionError(f"--mix takes one share per --cache (or, with two caches, the second's share λ); "
-                             f"got {len(self.mix)} for {n}")
+            raise OptionError(
+                f"--mix takes one share per --cache (or, with two caches, the second's share λ); "
+                f"got {len(self.mix)} for {n}"
+            )
         if self.mix and n < 2:
-            raise OptionError("--mix shares out micro-batches among two or more --cache; with one cache it would be "
-                              "ignored: drop --mix or add the other --cache")
+            raise OptionError(
+                "--mix shares out micro-batches among two or more --cache; with one cache it would be "
+                "ignored: drop --mix or add the other --cache"
+            )
         if n > 1 and not self.mix:
             raise OptionError(f"{n} caches need --mix: the share of each (GKD's λ for the second of two)")
         if self.cache and self.teacher:
@@ -121,18 +128,28 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
-def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, tok, model, device, online_model=None,
-                 kind: str | None = None):
+def make_teacher(
+    cfg: TrainConfig,
+    data: DataConfig | None,
+    cache: str | None,
+    tok,
+    model,
+    device,
+    online_model=None,
+    kind: str | None = None,
+):
     """The teacher for a split (its cache, the online teacher over its data, or none: SFT), checked to serve the loss
     `kind` (default: the run's)."""
     if cache:
         t = teachers.cached((cache,) if isinstance(cache, str) else tuple(cache), cfg.mix, cfg.temperature)
         teachers.check_caches_readable(t.source, tok, model, cfg.allow_tokenizer_mismatch)
-        teachers.check_serves(t.source, kind or cfg.loss, beta=cfg.beta, tail=cfg.tail,
-                              allow_offpolicy_pg=cfg.allow_offpolicy_pg)
+        teachers.check_serves(
+            t.source, kind or cfg.loss, beta=cfg.beta, tail=cfg.tail, allow_offpolicy_pg=cfg.allow_offpolicy_pg
+        )
         return t
     source = sources.TokenizedSource(tokenized(data, tok, cfg.num_proc, cfg.progress), cfg.part_size)
     if online_model is None:
@@ -142,8 +159,13 @@ def make_teacher(cfg: TrainConfig, data: DataConfig | None, cache: str | None, t
 
 def load_online_teacher(cfg: TrainConfig, tok, model, device):
     t_tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-    teacher = models.load_teacher(cfg.teacher, models.resolve_dtype(cfg.dtype, device), device,
-                                       device_map=cfg.teacher_device_map, trust_remote_code=cfg.trust_remote_code)
+    teacher = models.load_teacher(
+        cfg.teacher,
+        models.resolve_dtype(cfg.dtype, device),
+        device,
+        device_map=cfg.teacher_device_map,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     models.check_vocab(teacher, t_tok, "teacher")
     teachers.check_compatible(teachers.model_vocabulary(t_tok), tok, model, cfg.allow_tokenizer_mismatch, "teacher")
     for p in teacher.parameters():
@@ -158,6 +180,7 @@ def loss_params(cfg: TrainConfig) -> dict:
 @dataclass
 class Run:
     """What the training loop works with, built once by setup()."""
+
     cfg: TrainConfig
     rank: int
     world: int
@@ -180,8 +203,9 @@ class Run:
 
     def plan(self, epoch: int) -> list[list[int]]:
         c = self.cfg
-        return self.teacher.source.plan(c.seed, epoch, c.batch_size, c.batch_tokens, c.shuffle_window, self.world,
-                                        packed=c.packing)
+        return self.teacher.source.plan(
+            c.seed, epoch, c.batch_size, c.batch_tokens, c.shuffle_window, self.world, packed=c.packing
+        )
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -208,9 +232,15 @@ def setup(cfg: TrainConfig) -> Run:
     device = models.resolve_device(cfg.device)
     bf16 = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
     torch.manual_seed(cfg.seed)
-    model, tok = models.load_student(cfg.student, device, tokenizer=cfg.tokenizer, init_from_config=cfg.init_from_config,
-                                     seed=cfg.seed, attn_implementation=cfg.attn_implementation,
-                                     trust_remote_code=cfg.trust_remote_code)
+    model, tok = models.load_student(
+        cfg.student,
+        device,
+        tokenizer=cfg.tokenizer,
+        init_from_config=cfg.init_from_config,
+        seed=cfg.seed,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     online = load_online_teacher(cfg, tok, model, device) if cfg.teacher else None
     teacher = make_teacher(cfg, cfg.data, cfg.cache, tok, model, device, online)
     eval_teacher = None
@@ -218,21 +248,38 @@ def setup(cfg: TrainConfig) -> Run:
         eval_teacher = make_teacher(cfg, cfg.eval_data, cfg.eval_cache, tok, model, device, online, eval_kind(cfg))
     folder = run_folder.RunFolder(cfg.out, _config_json(cfg), input_fingerprints(cfg, teacher, eval_teacher))
     vocab = models.check_vocab(model, tok, "student")
-    student = parallel.Student(models.PositionLogits(model, vocab), model, world=world, fsdp=cfg.fsdp,
-                                  bf16=bf16 and cfg.fsdp, gradient_checkpointing=cfg.gradient_checkpointing)
-    n_batches = len(teacher.source.plan(cfg.seed, 0, cfg.batch_size, cfg.batch_tokens, cfg.shuffle_window, world,
-                                        packed=cfg.packing))
+    student = parallel.Student(
+        models.PositionLogits(model, vocab),
+        model,
+        world=world,
+        fsdp=cfg.fsdp,
+        bf16=bf16 and cfg.fsdp,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    n_batches = len(
+        teacher.source.plan(
+            cfg.seed, 0, cfg.batch_size, cfg.batch_tokens, cfg.shuffle_window, world, packed=cfg.packing
+        )
+    )
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     if steps_per_epoch == 0:
-        raise OptionError(f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batch_size} on {world} ranks")
+        raise OptionError(
+            f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batch_size} on {world} ranks"
+        )
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    opt, sched = optimizer(cfg, model, total)
+    autocast = bf16 and not cfg.fsdp
+    return Run(cfg, rank, world, device, model, tok, student, teacher, eval_teacher, autocast, opt, sched,
+               steps_per_epoch, total, folder)  # fmt: skip
+
+
+def optimizer(cfg: TrainConfig, model, total: int):
+    """AdamW (no weight decay on biases and norms) and the warmup-cosine schedule over `total` steps."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
-    return Run(cfg, rank, world, device, model, tok, student, teacher, eval_teacher, bf16 and not cfg.fsdp, opt, sched,
-               steps_per_epoch, total, folder)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
 
 
 def restore(r: Run) -> dict:
@@ -251,8 +298,13 @@ def loop(r: Run, state: dict) -> dict:
     r.model.train()
     log = Log()
     t_start = time.perf_counter()
-    with tqdm(total=r.total, initial=state["step"], desc=f"train {cfg.loss}", unit="step",
-              disable=not cfg.progress or r.rank > 0) as bar:
+    with tqdm(
+        total=r.total,
+        initial=state["step"],
+        desc=f"train {cfg.loss}",
+        unit="step",
+        disable=not cfg.progress or r.rank > 0,
+    ) as bar:
         while state["step"] < r.total:
             it = iter(loader(r, state))
             while state["step"] < r.total and state["step_in_epoch"] < r.steps_per_epoch:
@@ -264,20 +316,30 @@ def loop(r: Run, state: dict) -> dict:
             if state["step_in_epoch"] >= r.steps_per_epoch:
                 state["epoch"] += 1
                 state["step_in_epoch"] = 0
-    return {"steps": state["step"], "nonfinite": state["nonfinite"], "tokens": state["tokens"],
-            "seconds": time.perf_counter() - t_start, "world_size": r.world}
+    return {
+        "steps": state["step"],
+        "nonfinite": state["nonfinite"],
+        "tokens": state["tokens"],
+        "seconds": time.perf_counter() - t_start,
+        "world_size": r.world,
+    }
 
 
 def loader(r: Run, state: dict) -> torch.utils.data.DataLoader:
     """This rank's share of the rest of the epoch's micro-batches, collated (padded or packed)."""
     cfg, pack = r.cfg, r.cfg.pack_length if r.cfg.packing else None
     first = state["step_in_epoch"] * cfg.grad_accum
-    mine = [b[r.rank::r.world] for b in r.plan(state["epoch"])[first:]]
+    mine = [b[r.rank :: r.world] for b in r.plan(state["epoch"])[first:]]
     return torch.utils.data.DataLoader(
-        r.teacher.source, batch_sampler=mine, num_workers=cfg.num_workers,
-        collate_fn=lambda s: batches.collate(s, r.tok.pad_token_id, pack), pin_memory=r.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),   # not the global RNG: resume
-        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+        r.teacher.source,
+        batch_sampler=mine,
+        num_workers=cfg.num_workers,
+        collate_fn=lambda s: batches.collate(s, r.tok.pad_token_id, pack),
+        pin_memory=r.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),  # not the global RNG: resume
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
 
 
 def optimizer_step(r: Run, state: dict, sums: dict) -> None:
@@ -293,8 +355,10 @@ def optimizer_step(r: Run, state: dict, sums: dict) -> None:
         state["nonfinite"] += 1
         warnings.warn(f"non-finite loss at step {state['step'] + 1}; step skipped ({state['nonfinite']} so far)")
         if state["nonfinite"] > cfg.max_nonfinite:
-            raise Diverged(f"{state['nonfinite']} non-finite losses (more than --max-nonfinite {cfg.max_nonfinite}); "
-                           "lower --lr or check the data")
+            raise Diverged(
+                f"{state['nonfinite']} non-finite losses (more than --max-nonfinite {cfg.max_nonfinite}); "
+                "lower --lr or check the data"
+            )
     r.opt.zero_grad(set_to_none=True)
     r.sched.step()
     state["step"] += 1
@@ -315,8 +379,10 @@ class Log:
 
     def row(self) -> dict:
         dt = time.perf_counter() - self.t
-        out = {"tokens_per_s": self.tokens / dt if dt > 0 else None,
-               **{k: v / self.n for k, v in self.sums.items() if k != "tokens"}}
+        out = {
+            "tokens_per_s": self.tokens / dt if dt > 0 else None,
+            **{k: v / self.n for k, v in self.sums.items() if k != "tokens"},
+        }
         self.__init__()
         return out
 
@@ -326,8 +392,13 @@ def after_step(r: Run, state: dict, sums: dict, log: Log, bar) -> None:
     cfg, step = r.cfg, state["step"]
     log.add(sums)
     if r.rank == 0 and (step % cfg.log_every == 0 or step == r.total):
-        row = {"step": step, "epoch": state["epoch"], "lr": r.sched.get_last_lr()[0], "nonfinite": state["nonfinite"],
-               **log.row()}
+        row = {
+            "step": step,
+            "epoch": state["epoch"],
+            "lr": r.sched.get_last_lr()[0],
+            "nonfinite": state["nonfinite"],
+            **log.row(),
+        }
         _append(r.out / "metrics.jsonl", row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
     if r.eval_teacher is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == r.total):
@@ -335,21 +406,24 @@ def after_step(r: Run, state: dict, sums: dict, log: Log, bar) -> None:
         if r.rank == 0:
             _append(r.out / "metrics.jsonl", {"step": step, **row})
     if cfg.save_every and step % cfg.save_every == 0 and step < r.total:
-        checkpoint.save(r.out / "checkpoints", step, r.student, r.opt, r.sched,
-                        {k: v for k, v in state.items() if k != "step"})
+        checkpoint.save(
+            r.out / "checkpoints", step, r.student, r.opt, r.sched, {k: v for k, v in state.items() if k != "step"}
+        )
 
 
 def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
     """Forward/backward every micro-batch of one optimizer step, normalized by the step's global item count."""
-    n_items, n_tokens = parallel.all_sum([sum(int(len(b["rows"])) for b in group),
-                                             sum(int(b["tokens"]) for b in group)])
+    n_items, n_tokens = parallel.all_sum(
+        [sum(int(len(b["rows"])) for b in group), sum(int(b["tokens"]) for b in group)]
+    )
     n_items, n_tokens = max(1.0, n_items), int(n_tokens)
     sums: dict[str, float] = {}
     for i, batch in enumerate(group):
         with student.sync(i == len(group) - 1):
             b = scoring.to_device(batch, device)
-            parts = losses.batch_losses(scoring.forward(student, b, autocast), b, teacher.rows(b), cfg.loss,
-                                        **loss_params(cfg))
+            parts = losses.batch_losses(
+                scoring.forward(student, b, autocast), b, teacher.rows(b), cfg.loss, **loss_params(cfg)
+            )
             kd = parts.get("kd", torch.zeros((), device=device))
             loss = losses.mix(parts["ce"], kd, cfg.kd_ratio) / n_items
             (loss * world).backward()
@@ -371,8 +445,18 @@ def eval_kind(cfg) -> str:
 def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dict:
     """eval_ce; with teacher rows also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
     kind = eval_kind(cfg)
-    row = scoring.score(student, model, teacher, tok.pad_token_id, device, tuple(dict.fromkeys([kind, "fkl"])),
-                        cfg.eval_samples, cfg.batch_size, autocast, **loss_params(cfg))
+    row = scoring.score(
+        student,
+        model,
+        teacher,
+        tok.pad_token_id,
+        device,
+        tuple(dict.fromkeys([kind, "fkl"])),
+        cfg.eval_samples,
+        cfg.batch_size,
+        autocast,
+        **loss_params(cfg),
+    )
     out = {"eval_ce": row["ce"]}
     if kind in row:
         out.update(eval_kd=row[kind], eval_fkl=row["fkl"])
@@ -389,9 +473,14 @@ def _config_json(cfg: TrainConfig) -> dict:
 
 def input_paths(cfg: TrainConfig) -> dict:
     """The run's inputs on disk, by the option that names them (an --out may be none of them)."""
-    out = {"--student": cfg.student, "--tokenizer": cfg.tokenizer, "--teacher": cfg.teacher,
-           "--eval-cache": cfg.eval_cache, "--data": cfg.data and cfg.data.source,
-           "--eval-data": cfg.eval_data and cfg.eval_data.source}
+    out = {
+        "--student": cfg.student,
+        "--tokenizer": cfg.tokenizer,
+        "--teacher": cfg.teacher,
+        "--eval-cache": cfg.eval_cache,
+        "--data": cfg.data and cfg.data.source,
+        "--eval-data": cfg.eval_data and cfg.eval_data.source,
+    }
     return out | {f"--cache {c}": c for c in cfg.cache or ()}
 
 

@@ -5,6 +5,7 @@ touches the disk (part_folder.py does, with the checksums) and knows nothing of 
 Decoding checks each array's stored shape against the length the caller expects before reading it, so a crafted
 shape cannot make it allocate more than the part's counts say.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,15 @@ class ZarrBackend:
             shard_rows = max(rows, -(-arr.shape[0] // rows) * rows)
             tail = tuple(arr.shape[1:])
             compressor = BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="shuffle", typesize=arr.itemsize)
-            z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(rows,) + tail,
-                                   shards=(shard_rows,) + tail, compressors=compressor, fill_value=0)
+            z = group.create_array(
+                name,
+                shape=arr.shape,
+                dtype=arr.dtype,
+                chunks=(rows,) + tail,
+                shards=(shard_rows,) + tail,
+                compressors=compressor,
+                fill_value=0,
+            )
             if arr.size:
                 z[...] = arr
         return {f"{ZarrBackend.data_name}/{key}": buf.to_bytes() for key, buf in store.items()}
@@ -60,8 +68,9 @@ class ZarrBackend:
 
         prefix = ZarrBackend.data_name + "/"
         make = default_buffer_prototype().buffer.from_bytes
-        store = MemoryStore({k[len(prefix):]: make(v) for k, v in files.items() if k.startswith(prefix)},
-                            read_only=True)
+        store = MemoryStore(
+            {k[len(prefix) :]: make(v) for k, v in files.items() if k.startswith(prefix)}, read_only=True
+        )
         group = zarr.open_group(store=store, mode="r", zarr_format=3)
         out = {}
         for name in names:
@@ -75,13 +84,16 @@ class ZarrBackend:
 
 class ArrowBackend:
     """One row; every array is a column of type large_list<dtype> whose single value is the array."""
+
     name = "arrow"
     data_name = "data.arrow"
 
     @staticmethod
     def encode(arrays: dict) -> dict[str, bytes]:
-        cols = {name: pa.LargeListArray.from_arrays(pa.array([0, len(a)], pa.int64()), pa.array(a))
-                for name, a in arrays.items()}
+        cols = {
+            name: pa.LargeListArray.from_arrays(pa.array([0, len(a)], pa.int64()), pa.array(a))
+            for name, a in arrays.items()
+        }
         table = pa.table(cols)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
@@ -90,7 +102,7 @@ class ArrowBackend:
 
     @staticmethod
     def needs(names: list[str]):
-        return None                     # one file holds every array
+        return None  # one file holds every array
 
     @staticmethod
     def decode(files: dict[str, bytes], names: list[str], expected: dict) -> dict:

@@ -11,6 +11,7 @@ Rows are ragged: row r of a part owns entries [offsets[r], offsets[r+1]) of ever
   draws       N tokens drawn from the teacher's tail (Random-Sampling KD) as unique ids with counts; decoded
               as the unbiased estimate P_R · count / N of each drawn token's probability
 """
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,7 @@ def offsets_of(widths: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- bit packing
 
+
 def _block(bits: int) -> tuple[int, int]:
     """(values, 64-bit words) in one repeating block: value i starts at bit i·bits of the stream."""
     values = 64 // math.gcd(bits, 64)
@@ -56,7 +58,7 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     n_vals, n_words = _block(bits)
     blocks = -(-values.size // n_vals)
     v = np.zeros(blocks * n_vals, np.uint64)
-    v[:values.size] = values
+    v[: values.size] = values
     v = v.reshape(blocks, n_vals)
     words = np.zeros((blocks, n_words + 1), np.uint64)
     for j in range(n_vals):
@@ -64,7 +66,7 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
         words[:, w] |= v[:, j] << np.uint64(s)
         if s + bits > 64:
             words[:, w + 1] |= v[:, j] >> np.uint64(64 - s)
-    return words[:, :n_words].astype("<u8").view(np.uint8).ravel()[:-(-values.size * bits // 8)].copy()
+    return words[:, :n_words].astype("<u8").view(np.uint8).ravel()[: -(-values.size * bits // 8)].copy()
 
 
 def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -76,8 +78,8 @@ def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
         raise ValueError(f"{data.size} packed bytes cannot hold exactly {n} values of {bits} bits")
     blocks = -(-n // 8)
     raw = np.zeros(blocks * bits + 8, np.uint8)
-    raw[:data.size] = data
-    word = np.uint32 if bits <= 25 else np.uint64        # shift (≤ 7) + bits fits the narrower window: half the work
+    raw[: data.size] = data
+    word = np.uint32 if bits <= 25 else np.uint64  # shift (≤ 7) + bits fits the narrower window: half the work
     windows = np.ndarray((blocks, bits), dtype=np.dtype(word).newbyteorder("<"), buffer=raw, strides=(bits, 1))
     out = np.empty((blocks, 8), np.uint32)
     mask = word((1 << bits) - 1)
@@ -95,7 +97,7 @@ def encode_ids(ids: np.ndarray, codec: dict) -> np.ndarray:
 
 def decode_ids(data: np.ndarray, codec: dict, n: int) -> np.ndarray:
     if codec["codec"] == "bitpack":
-        return unpack_bits(data, codec["bits"], n).view(np.int32)      # ids < 2^31: the same bits
+        return unpack_bits(data, codec["bits"], n).view(np.int32)  # ids < 2^31: the same bits
     if np.asarray(data).size != n:
         raise ValueError(f"{np.asarray(data).size} ids stored where the row widths say {n}")
     return np.asarray(data).astype(np.int32)
@@ -103,13 +105,14 @@ def decode_ids(data: np.ndarray, codec: dict, n: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- widths and truncation
 
+
 def top_p_widths(logprobs: np.ndarray, top_p: float | None, min_k: int = 1) -> np.ndarray:
     """Per row of teacher-sorted log-probs [P, k]: the smallest prefix with mass ≥ top_p, at least min_k and at most
     k (top_p None: k; top_p 0 with min_k 0: empty, for Random-Sampling KD's draws alone)."""
     n, k = logprobs.shape
     if top_p is None:
         return np.full(n, k, np.int64)
-    if top_p <= 0 or k == 0:                    # the empty prefix already has mass 0
+    if top_p <= 0 or k == 0:  # the empty prefix already has mass 0
         return np.full(n, min(min_k, k), np.int64)
     mass = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=1)
     reached = np.where(mass[:, -1] >= top_p, (mass >= top_p).argmax(1) + 1, k)
@@ -131,10 +134,11 @@ def truncate(logprobs: np.ndarray, tail: np.ndarray, widths: np.ndarray) -> tupl
     dropped = np.where(keep, 0.0, np.exp(logprobs.astype(np.float64))).sum(1)
     with np.errstate(divide="ignore"):
         new_tail = np.log(np.exp(tail.astype(np.float64)) + dropped).astype(np.float32)
-    return logprobs[keep], np.minimum(np.where(widths == k, tail, new_tail), 0).astype(np.float32)   # log 1 at most
+    return logprobs[keep], np.minimum(np.where(widths == k, tail, new_tail), 0).astype(np.float32)  # log 1 at most
 
 
 # ---------------------------------------------------------------- log-probabilities
+
 
 def _row_index(offsets: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
@@ -162,13 +166,13 @@ def decode_logprobs(data: np.ndarray, offsets: np.ndarray, tail: np.ndarray, cod
         raise ValueError(f"{np.asarray(data).size} log-prob codes stored where the row widths say {n}")
     codes = np.asarray(data if codec["bits"] == 8 else unpack_bits(data, codec["bits"], n))[:n]
     levels = (1 << codec["bits"]) - 1
-    x_of = codec["gamma"] * np.log(np.maximum(np.arange(levels + 1), 0.5) / levels)     # one entry per code
+    x_of = codec["gamma"] * np.log(np.maximum(np.arange(levels + 1), 0.5) / levels)  # one entry per code
     x = x_of.astype(np.float32)[codes]
     if not n:
         return x
     widths = np.diff(offsets)
     p = np.exp(x_of).astype(np.float32)[codes]
-    if (widths == widths[0]).all():                      # rectangular rows: reshape instead of reduceat and repeat
+    if (widths == widths[0]).all():  # rectangular rows: reshape instead of reduceat and repeat
         norm = np.log(p.reshape(len(widths), -1).sum(1, dtype=np.float64))
         return (x.reshape(len(widths), -1) + (log1mexp(tail) - norm).astype(np.float32)[:, None]).ravel()
     live = widths > 0
@@ -189,6 +193,7 @@ def bins_kl(exact_lp, exact_tail, lp, tail, offsets) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- drawn tail tokens
+
 
 def count_draws(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draws [P, N] (−1 where the row has no tail to draw from) → (widths [P], unique ids, counts), ids ascending
@@ -215,6 +220,7 @@ def drawn_logprobs(counts: np.ndarray, offsets: np.ndarray, tail: np.ndarray, n_
 
 # ---------------------------------------------------------------- ragged → padded
 
+
 def padded(flat: np.ndarray, offsets: np.ndarray, start: int, stop: int, pad) -> np.ndarray:
     """Rows [start, stop) of a ragged array as [stop − start, max width], right-padded with `pad` (a view when the
     rows share one width)."""
@@ -224,15 +230,15 @@ def padded(flat: np.ndarray, offsets: np.ndarray, start: int, stop: int, pad) ->
 def padded_rows(arrays: list, offsets: np.ndarray, start: int, stop: int) -> list[np.ndarray]:
     """padded() for several (flat, pad) arrays that share the offsets: the scatter positions are computed once
     (element j of row r goes to r · width + j − offset_r)."""
-    o = offsets[start:stop + 1]
+    o = offsets[start : stop + 1]
     widths = np.diff(o)
     if len(widths) and widths.min() == widths.max():
-        return [flat[o[0]:o[-1]].reshape(len(widths), int(widths[0])) for flat, _ in arrays]
+        return [flat[o[0] : o[-1]].reshape(len(widths), int(widths[0])) for flat, _ in arrays]
     width = int(widths.max()) if widths.size else 0
     where = np.arange(int(o[-1] - o[0])) + np.repeat(np.arange(len(widths)) * width - (o[:-1] - o[0]), widths)
     out = []
     for flat, pad in arrays:
         rows = np.full(len(widths) * width, pad, dtype=np.result_type(flat.dtype, np.min_scalar_type(pad)))
-        rows[where] = flat[o[0]:o[-1]]
+        rows[where] = flat[o[0] : o[-1]]
         out.append(rows.reshape(len(widths), width))
     return out

@@ -22,4 +22,4 @@ class CacheBusy(CacheError):
     """Another live process holds what this one needs."""
 
 
-VerifyError = CorruptCache          # the name `pipeline verify` users know
+VerifyError = CorruptCache  # the name `pipeline verify` users know

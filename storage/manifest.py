@@ -1,5 +1,6 @@
 """Manifest and plan: the JSON that makes a cache self-describing and verifiable, written atomically and read with
 every field a reader relies on checked first (a crafted manifest gives a one-line error, not a huge allocation)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -95,14 +96,18 @@ def _count(value) -> bool:
 
 def check(m: dict, encoding: dict) -> None:
     """Every field a reader sizes or indexes by, against the others; raises CorruptCache with the first problem."""
+
     def bad(msg):
         raise CorruptCache(f"manifest: {msg}")
 
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         bad(f"not a {FORMAT_NAME} manifest")
     temps = m.get("temperatures")
-    if not isinstance(temps, list) or not temps or not all(
-            isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in temps):
+    if (
+        not isinstance(temps, list)
+        or not temps
+        or not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in temps)
+    ):
         bad("temperatures must be a non-empty list of finite positive numbers")
     vocab = m.get("vocab_size")
     if not _count(vocab) or not 2 <= vocab <= MAX_VOCAB:

@@ -5,6 +5,7 @@ A decoded part holds flat arrays plus offsets: topk_offsets/topk_ids, and per te
 topk_logprobs_{t} (float32), tail_logmass_{t}, target_logprob_{t}, drawn_offsets_{t}/drawn_ids_{t}/drawn_logprobs_{t}.
 `sample` turns one sample into padded [rows, width] arrays (ids −1 and log-probs −inf where a row is shorter).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,11 @@ import numpy as np
 from . import codecs as C
 from .errors import CacheError
 
-LOGPROB_CODECS = {"float32": {"codec": "float32"}, "float16": {"codec": "float16"},
-                  **{f"q{b}": {"codec": "power", "bits": b, "gamma": C.POWER_GAMMA} for b in (8, 6, 5, 4, 3, 2)}}
+LOGPROB_CODECS = {
+    "float32": {"codec": "float32"},
+    "float16": {"codec": "float16"},
+    **{f"q{b}": {"codec": "power", "bits": b, "gamma": C.POWER_GAMMA} for b in (8, 6, 5, 4, 3, 2)},
+}
 ID_CODECS = ("plain", "bitpack")
 
 
@@ -21,8 +25,9 @@ MAX_TOP_K = 1 << 20
 MAX_DRAWS = 65535
 
 
-def check_encoding_options(*, k, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0,
-                           vocab_size=MAX_TOP_K) -> None:
+def check_encoding_options(
+    *, k, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0, vocab_size=MAX_TOP_K
+) -> None:
     """The range checks of every encoding option (the command line's and make_encoding's), in one place."""
     if logprobs not in LOGPROB_CODECS:
         raise CacheError(f"log-prob encoding {logprobs!r} is not supported; choose one of {', '.join(LOGPROB_CODECS)}")
@@ -37,20 +42,42 @@ def check_encoding_options(*, k, top_p=None, min_k=1, ids="plain", logprobs="flo
     if draws < 0 or draws > MAX_DRAWS:
         raise CacheError(f"--tail-draws {draws} must lie between 0 and {MAX_DRAWS}")
     if top_p is not None and top_p == 0 and min_k == 0 and not draws:
-        raise CacheError("--top-p 0 --min-k 0 keeps no teacher token and there are no --tail-draws: such a cache "
-                         "holds no teacher information; add --tail-draws N (RS-KD) or raise --min-k")
+        raise CacheError(
+            "--top-p 0 --min-k 0 keeps no teacher token and there are no --tail-draws: such a cache "
+            "holds no teacher information; add --tail-draws N (RS-KD) or raise --min-k"
+        )
 
 
-def make_encoding(*, k, vocab_size, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0,
-                  target_logprob=True, behavior_logprob=False) -> dict:
-    check_encoding_options(k=k, top_p=top_p, min_k=min_k, ids=ids, logprobs=logprobs, draws=draws,
-                           vocab_size=vocab_size)
-    id_codec = {"codec": "bitpack", "bits": C.id_bits(vocab_size)} if ids == "bitpack" else \
-        {"codec": "plain", "dtype": str(C.uint_dtype(vocab_size - 1))}
-    return {"top_k": int(k), "top_p": None if top_p is None else float(top_p), "min_k": int(min_k),
-            "ids": id_codec, "logprobs": dict(LOGPROB_CODECS[logprobs], name=logprobs),
-            "draws": {"n": int(draws), "counts_dtype": str(C.uint_dtype(draws))} if draws else None,
-            "target_logprob": bool(target_logprob), "behavior_logprob": bool(behavior_logprob)}
+def make_encoding(
+    *,
+    k,
+    vocab_size,
+    top_p=None,
+    min_k=1,
+    ids="plain",
+    logprobs="float16",
+    draws=0,
+    target_logprob=True,
+    behavior_logprob=False,
+) -> dict:
+    check_encoding_options(
+        k=k, top_p=top_p, min_k=min_k, ids=ids, logprobs=logprobs, draws=draws, vocab_size=vocab_size
+    )
+    id_codec = (
+        {"codec": "bitpack", "bits": C.id_bits(vocab_size)}
+        if ids == "bitpack"
+        else {"codec": "plain", "dtype": str(C.uint_dtype(vocab_size - 1))}
+    )
+    return {
+        "top_k": int(k),
+        "top_p": None if top_p is None else float(top_p),
+        "min_k": int(min_k),
+        "ids": id_codec,
+        "logprobs": dict(LOGPROB_CODECS[logprobs], name=logprobs),
+        "draws": {"n": int(draws), "counts_dtype": str(C.uint_dtype(draws))} if draws else None,
+        "target_logprob": bool(target_logprob),
+        "behavior_logprob": bool(behavior_logprob),
+    }
 
 
 def encoding_problem(encoding, vocab_size: int) -> str | None:
@@ -68,14 +95,20 @@ def encoding_problem(encoding, vocab_size: int) -> str | None:
         elif ids.get("codec") != "plain" or ids.get("dtype") not in ("uint8", "uint16", "uint32"):
             return f"ids {ids!r} is not a known id codec"
         if lp.get("codec") == "power":
-            if lp.get("bits") not in range(2, 9) or not isinstance(lp.get("gamma"), (int, float)) \
-                    or not 0 < lp["gamma"] < 1e3:
+            if (
+                lp.get("bits") not in range(2, 9)
+                or not isinstance(lp.get("gamma"), (int, float))
+                or not 0 < lp["gamma"] < 1e3
+            ):
                 return f"logprobs {lp!r} is not a power codec of 2 to 8 bits"
         elif lp.get("codec") not in ("float16", "float32"):
             return f"logprobs {lp!r} is not a known log-prob codec"
         draws = encoding.get("draws")
-        if draws is not None and (not isinstance(draws.get("n"), int) or not 1 <= draws["n"] <= MAX_DRAWS
-                                  or draws.get("counts_dtype") not in ("uint8", "uint16")):
+        if draws is not None and (
+            not isinstance(draws.get("n"), int)
+            or not 1 <= draws["n"] <= MAX_DRAWS
+            or draws.get("counts_dtype") not in ("uint8", "uint16")
+        ):
             return f"draws {draws!r} is not 1 to {MAX_DRAWS} draws"
     except (TypeError, KeyError, AttributeError) as e:
         return f"malformed ({type(e).__name__}: {e})"
@@ -93,14 +126,28 @@ def stored_shapes(counts: dict, encoding: dict, n_temps: int) -> dict:
         packed = codec["codec"] == "bitpack" or (codec["codec"] == "power" and codec["bits"] != 8)
         return (-(-entries * codec["bits"] // 8),) if packed else (entries,)
 
-    out = {"sample_index": (s,), "token_offsets": (s + 1,), "input_ids": (n,), "loss_mask": (n,),
-           "position_offsets": (s + 1,), "topk_width": (p,), "topk_ids": coded(h, encoding["ids"]),
-           "behavior_logprob": (p,)}
+    out = {
+        "sample_index": (s,),
+        "token_offsets": (s + 1,),
+        "input_ids": (n,),
+        "loss_mask": (n,),
+        "position_offsets": (s + 1,),
+        "topk_width": (p,),
+        "topk_ids": coded(h, encoding["ids"]),
+        "behavior_logprob": (p,),
+    }
     for t in range(n_temps):
         d = counts.get(f"drawn_entries_{t}")
-        out.update({f"topk_logprobs_{t}": coded(h, encoding["logprobs"]), f"tail_logmass_{t}": (p,),
-                    f"target_logprob_{t}": (p,), f"drawn_width_{t}": (p,), f"drawn_ids_{t}": coded(d, encoding["ids"]),
-                    f"drawn_counts_{t}": None if d is None else (d,)})
+        out.update(
+            {
+                f"topk_logprobs_{t}": coded(h, encoding["logprobs"]),
+                f"tail_logmass_{t}": (p,),
+                f"target_logprob_{t}": (p,),
+                f"drawn_width_{t}": (p,),
+                f"drawn_ids_{t}": coded(d, encoding["ids"]),
+                f"drawn_counts_{t}": None if d is None else (d,),
+            }
+        )
     return out
 
 
@@ -121,7 +168,9 @@ def array_names(encoding: dict, n_temps: int) -> list[str]:
     if encoding.get("behavior_logprob"):
         names.append("behavior_logprob")
     for t in range(n_temps):
-        names += [f"topk_logprobs_{t}", f"tail_logmass_{t}"] + ([f"target_logprob_{t}"] if encoding["target_logprob"] else [])
+        names += [f"topk_logprobs_{t}", f"tail_logmass_{t}"] + (
+            [f"target_logprob_{t}"] if encoding["target_logprob"] else []
+        )
         if encoding["draws"]:
             names += [f"drawn_width_{t}", f"drawn_ids_{t}", f"drawn_counts_{t}"]
     return names
@@ -133,18 +182,21 @@ def target_dtype(encoding) -> str:
 
 # ---------------------------------------------------------------- encode
 
+
 def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tuple[dict, dict]:
     """Samples → (encoded part arrays, counts and decode-error statistics).
 
     A sample holds sample_index, input_ids, loss_mask, topk_ids [P, K ≥ k] (teacher-sorted; entries past each row's
-    width join its tail), topk_logprobs [T, P, K] and tail_logmass [T, P] in float32, target_logprob [T, P], and optionally widths [P] (the encoding's
-    top_p_widths at temperature index 0 decide; rows never grow past given widths) and draws [T, P, N] (tail tokens drawn beyond each
-    row's kept prefix; −1 for none)."""
+    width join its tail), topk_logprobs [T, P, K] and tail_logmass [T, P] in float32, target_logprob [T, P], and
+    optionally widths [P] (the encoding's top_p_widths at temperature index 0 decide; rows never grow past given
+    widths) and draws [T, P, N] (tail tokens drawn beyond each row's kept prefix; −1 for none)."""
     k = encoding["top_k"]
     for s in samples:
         if int(np.asarray(s["loss_mask"]).sum()) != len(s["topk_ids"]):
-            raise ValueError(f"sample {s['sample_index']}: loss_mask has {int(np.asarray(s['loss_mask']).sum())} "
-                             f"distilled positions but {len(s['topk_ids'])} teacher rows")
+            raise ValueError(
+                f"sample {s['sample_index']}: loss_mask has {int(np.asarray(s['loss_mask']).sum())} "
+                f"distilled positions but {len(s['topk_ids'])} teacher rows"
+            )
 
     def cat(key, shape_tail=(), dtype=np.float32, axis=0):
         arrs = [np.asarray(s[key]) for s in samples]
@@ -152,17 +204,22 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
             return np.zeros(shape_tail, dtype)
         return np.concatenate(arrs, axis=axis)
 
-    given = np.asarray(samples[0]["topk_ids"]).shape[1] if samples else k      # rows may be wider than k
+    given = np.asarray(samples[0]["topk_ids"]).shape[1] if samples else k  # rows may be wider than k
     if given < k and samples:
         raise ValueError(f"rows of {given} entries cannot fill an encoding of top-k {k}")
     ids = cat("topk_ids", (0, given), np.int64).reshape(-1, given)
     # float32 rounding can put a log-probability a hair above 0 (a tail holding all the mass): probabilities ≤ 1
-    lps = np.minimum(cat("topk_logprobs", (n_temps, 0, given), axis=1).reshape(n_temps, -1, given), 0).astype(np.float32)
+    lps = np.minimum(cat("topk_logprobs", (n_temps, 0, given), axis=1).reshape(n_temps, -1, given), 0).astype(
+        np.float32
+    )
     tails = np.minimum(cat("tail_logmass", (n_temps, 0), axis=1).reshape(n_temps, -1), 0).astype(np.float32)
-    targets = np.minimum(cat("target_logprob", (n_temps, 0), axis=1).reshape(n_temps, -1), 0) \
-        if encoding["target_logprob"] else None
+    targets = (
+        np.minimum(cat("target_logprob", (n_temps, 0), axis=1).reshape(n_temps, -1), 0)
+        if encoding["target_logprob"]
+        else None
+    )
     widths = C.top_p_widths(lps[0][:, :k], encoding["top_p"], encoding["min_k"])
-    if samples and "widths" in samples[0]:      # rows that hold fewer entries (re-encoding a ragged cache)
+    if samples and "widths" in samples[0]:  # rows that hold fewer entries (re-encoding a ragged cache)
         widths = np.minimum(widths, np.concatenate([np.asarray(s["widths"]) for s in samples]).astype(np.int64))
     offsets = C.offsets_of(widths)
     keep = np.arange(given)[None, :] < widths[:, None]
@@ -177,8 +234,7 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
     }
     if encoding.get("behavior_logprob"):
         arrays["behavior_logprob"] = cat("behavior_logprob", (0,)).astype(np.float32)
-    stats = {"topk_entries": int(offsets[-1]),
-             "max_token_id": int(ids[keep].max()) if offsets[-1] else -1}
+    stats = {"topk_entries": int(offsets[-1]), "max_token_id": int(ids[keep].max()) if offsets[-1] else -1}
     for t in range(n_temps):
         flat, tail = C.truncate(lps[t], tails[t], widths)
         arrays[f"topk_logprobs_{t}"] = C.encode_logprobs(flat, offsets, encoding["logprobs"])
@@ -191,7 +247,8 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
         stats[f"decode_kl_max_{t}"] = float(kl.max()) if kl.size else 0.0
         if encoding["draws"]:
             draws = cat("draws", (n_temps, 0, encoding["draws"]["n"]), np.int64, axis=1).reshape(
-                n_temps, -1, encoding["draws"]["n"])[t]
+                n_temps, -1, encoding["draws"]["n"]
+            )[t]
             d_widths, d_ids, d_counts = C.count_draws(draws)
             arrays[f"drawn_width_{t}"] = d_widths.astype(C.uint_dtype(encoding["draws"]["n"]))
             arrays[f"drawn_ids_{t}"] = C.encode_ids(d_ids, encoding["ids"])
@@ -204,12 +261,14 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
 
 # ---------------------------------------------------------------- decode
 
+
 def decode(arrays: dict, encoding: dict, temperatures: list[int]) -> dict:
     """Encoded part arrays → decoded flat arrays for the given temperature indices."""
     widths = arrays["topk_width"].astype(np.int64)
     offsets = C.offsets_of(widths)
-    out = {name: arrays[name] for name in ("sample_index", "token_offsets", "input_ids", "loss_mask",
-                                           "position_offsets")}
+    out = {
+        name: arrays[name] for name in ("sample_index", "token_offsets", "input_ids", "loss_mask", "position_offsets")
+    }
     out["topk_offsets"] = offsets
     out["topk_ids"] = C.decode_ids(arrays["topk_ids"], encoding["ids"], int(offsets[-1]))
     if "behavior_logprob" in arrays:
@@ -240,16 +299,21 @@ def samples_for_encoding(part: dict, temperatures: list[int], k: int, n_draws: i
         def to_k(a, pad):
             return np.pad(a, ((0, 0), (0, k - width)), constant_values=pad)
 
-        s = {"sample_index": first["sample_index"], "input_ids": first["input_ids"], "loss_mask": first["loss_mask"],
-             "topk_ids": to_k(first["topk_ids"], -1), "widths": (first["topk_ids"] >= 0).sum(1),
-             "topk_logprobs": np.stack([to_k(v["topk_logprobs"], -np.inf) for v in views]),
-             "tail_logmass": np.stack([v["tail_logmass"] for v in views])}
+        s = {
+            "sample_index": first["sample_index"],
+            "input_ids": first["input_ids"],
+            "loss_mask": first["loss_mask"],
+            "topk_ids": to_k(first["topk_ids"], -1),
+            "widths": (first["topk_ids"] >= 0).sum(1),
+            "topk_logprobs": np.stack([to_k(v["topk_logprobs"], -np.inf) for v in views]),
+            "tail_logmass": np.stack([v["tail_logmass"] for v in views]),
+        }
         if "target_logprob" in first:
             s["target_logprob"] = np.stack([v["target_logprob"] for v in views])
         if "behavior_logprob" in first:
             s["behavior_logprob"] = first["behavior_logprob"]
         if n_draws:
-            p0, p1 = part["position_offsets"][i:i + 2]
+            p0, p1 = part["position_offsets"][i : i + 2]
             s["draws"] = np.stack([_expand_draws(part, t, p0, p1, n_draws) for t in temperatures])
         out.append(s)
     return out
@@ -271,10 +335,11 @@ def n_samples(part) -> int:
 
 def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
     """Sample i of a decoded part at temperature index t, teacher rows padded to the sample's widest row."""
-    t0, t1 = part["token_offsets"][i:i + 2]
-    p0, p1 = (int(x) for x in part["position_offsets"][i:i + 2])
-    ids, logprobs = C.padded_rows([(part["topk_ids"], -1), (part[f"topk_logprobs_{t}"], -np.inf)],
-                                  part["topk_offsets"], p0, p1)
+    t0, t1 = part["token_offsets"][i : i + 2]
+    p0, p1 = (int(x) for x in part["position_offsets"][i : i + 2])
+    ids, logprobs = C.padded_rows(
+        [(part["topk_ids"], -1), (part[f"topk_logprobs_{t}"], -np.inf)], part["topk_offsets"], p0, p1
+    )
     out = {
         "sample_index": int(part["sample_index"][i]),
         "input_ids": part["input_ids"][t0:t1],
@@ -289,16 +354,21 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
         out["behavior_logprob"] = part["behavior_logprob"][p0:p1]
     if f"drawn_ids_{t}" in part:
         out["drawn_ids"], out["drawn_logprobs"] = C.padded_rows(
-            [(part[f"drawn_ids_{t}"], -1), (part[f"drawn_logprobs_{t}"], -np.inf)], part[f"drawn_offsets_{t}"], p0, p1)
+            [(part[f"drawn_ids_{t}"], -1), (part[f"drawn_logprobs_{t}"], -np.inf)], part[f"drawn_offsets_{t}"], p0, p1
+        )
     return out
 
 
 def counts(part: dict) -> dict[str, int]:
-    return {"samples": n_samples(part), "tokens": int(part["token_offsets"][-1]),
-            "distilled_positions": int(part["position_offsets"][-1])}
+    return {
+        "samples": n_samples(part),
+        "tokens": int(part["token_offsets"][-1]),
+        "distilled_positions": int(part["position_offsets"][-1]),
+    }
 
 
 # ---------------------------------------------------------------- invariants
+
 
 def problems(part: dict, encoding: dict, temperatures: list[int], vocab_size: int, tol: float) -> list[str]:
     """What is wrong with a decoded part (empty when it is sound)."""
@@ -327,8 +397,10 @@ def problems(part: dict, encoding: dict, temperatures: list[int], vocab_size: in
     for t in temperatures:
         lp, tail = part[f"topk_logprobs_{t}"].astype(np.float64), part[f"tail_logmass_{t}"].astype(np.float64)
         if tail.shape != (n_pos,) or lp.shape != ids.shape:
-            out.append(f"temperature {t}: {lp.shape[0]} log-probs and {tail.shape[0]} tails for {ids.shape[0]} "
-                       f"entries and {n_pos} rows")
+            out.append(
+                f"temperature {t}: {lp.shape[0]} log-probs and {tail.shape[0]} tails for {ids.shape[0]} "
+                f"entries and {n_pos} rows"
+            )
             continue
         if np.isnan(lp).any() or np.isnan(tail).any():
             out.append(f"temperature {t}: NaN log-probabilities")

@@ -6,6 +6,7 @@ and `pipeline verify` recomputes them), its xxh3-128 (the fast checksum every re
 size. A reader opens only regular files found inside the folder, never follows a link, and never reads more bytes
 than recorded, so a crafted part.json cannot point it at /dev/zero or at a file elsewhere.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,9 +60,12 @@ def write(folder: Path, files: dict[str, bytes], record: dict) -> dict:
     """Write files and their part.json into an empty folder, each fsynced; returns the record with its checksums."""
     for rel, data in files.items():
         _write_file(folder / rel, data)
-    record = {**record, "files": {rel: sha256(d) for rel, d in files.items()},
-              "sizes": {rel: len(d) for rel, d in files.items()},
-              "xxh3_128": {rel: fast_hash(d) for rel, d in files.items()}}
+    record = {
+        **record,
+        "files": {rel: sha256(d) for rel, d in files.items()},
+        "sizes": {rel: len(d) for rel, d in files.items()},
+        "xxh3_128": {rel: fast_hash(d) for rel, d in files.items()},
+    }
     _write_file(folder / RECORD, json.dumps(record, indent=1, sort_keys=True).encode())
     _fsync_dirs(folder)
     return record
@@ -123,10 +127,11 @@ def read(folder: Path, expected_sha256: str | None, full: bool = False, select=N
     missing = sorted(set(record["files"]) - set(listing))
     extra = sorted(set(listing) - set(record["files"]))
     if missing or extra:
-        raise CorruptCache(f"{folder.name}: " + (f"file {missing[0]} is missing" if missing else
-                                                 f"unexpected file {extra[0]}"))
+        raise CorruptCache(
+            f"{folder.name}: " + (f"file {missing[0]} is missing" if missing else f"unexpected file {extra[0]}")
+        )
     fast = record.get("xxh3_128") if not full else None
-    sizes = record.setdefault("sizes", dict(listing))          # records before version 2.1 hold no sizes
+    sizes = record.setdefault("sizes", dict(listing))  # records before version 2.1 hold no sizes
     files = {}
     for rel in sorted(listing):
         if rel in sizes and listing[rel] != sizes[rel]:

@@ -1,5 +1,6 @@
 """Reading a finished cache: random access with a small part cache, streaming with read-ahead, and splits
 of samples across data-loader workers and distributed ranks. Only a few parts are ever in memory."""
+
 from __future__ import annotations
 
 import bisect
@@ -13,7 +14,6 @@ from . import backends, part_folder, v1
 from . import manifest as M
 from . import part as P
 from .errors import CacheError, CorruptCache, IncompleteCache
-
 
 # a part may claim to decode to at most this many bytes per byte stored (zstd on real rows gives 2–20), plus a slack
 MAX_EXPANSION, EXPANSION_SLACK = 4096, 256 << 20
@@ -31,14 +31,19 @@ class Cache:
         self.path = Path(path)
         f = self.path / M.MANIFEST
         if not f.exists():
-            state = "incomplete (no manifest: a writer has not finished)" if (self.path / M.PLAN).exists() \
+            state = (
+                "incomplete (no manifest: a writer has not finished)"
+                if (self.path / M.PLAN).exists()
                 else "not a teacher cache"
+            )
             raise IncompleteCache(f"{self.path} is {state}; run `pipeline cache-teacher` to create or finish it")
         self.manifest = M.read_json(f)
         self.version = self.manifest.get("format_version") if isinstance(self.manifest, dict) else None
         if self.version not in M.READABLE_VERSIONS:
-            raise CacheError(f"{self.path} has format version {self.version}; this reader understands "
-                             f"{', '.join(map(str, M.READABLE_VERSIONS))} (upgrade distill-cache)")
+            raise CacheError(
+                f"{self.path} has format version {self.version}; this reader understands "
+                f"{', '.join(map(str, M.READABLE_VERSIONS))} (upgrade distill-cache)"
+            )
         try:
             self.encoding = self.manifest["encoding"] if self.version >= 2 else v1.encoding(self.manifest)
             M.check(self.manifest, self.encoding)
@@ -73,8 +78,10 @@ class Cache:
         for j, t in enumerate(temps):
             if abs(t - float(temperature)) < 1e-9:
                 return j
-        raise CacheError(f"temperature {temperature} is not in this cache; cached temperatures: "
-                         f"{', '.join(map(str, temps))} (rerun cache-teacher with --temperature {temperature})")
+        raise CacheError(
+            f"temperature {temperature} is not in this cache; cached temperatures: "
+            f"{', '.join(map(str, temps))} (rerun cache-teacher with --temperature {temperature})"
+        )
 
     def at_temperature(self, temperature: float) -> "Cache":
         """The same cache read at another cached temperature (shares nothing mutable)."""
@@ -113,8 +120,10 @@ class Cache:
         if need > MAX_EXPANSION * stored + EXPANSION_SLACK:
             raise CorruptCache(f"{name}: its counts claim {need} decoded bytes from {stored} stored; refusing")
         if record.get("counts", {}).get("samples") != counts["samples"]:
-            raise CorruptCache(f"{name}: part.json holds {record.get('counts', {}).get('samples')} samples, the "
-                               f"manifest {counts['samples']}")
+            raise CorruptCache(
+                f"{name}: part.json holds {record.get('counts', {}).get('samples')} samples, the "
+                f"manifest {counts['samples']}"
+            )
 
     def decode(self, p: int, temperatures: list[int] | None = None) -> dict:
         """Part p decoded at the given temperature indices (default: this cache's temperature)."""
@@ -164,7 +173,7 @@ class Cache:
         parts = list(range(self.num_parts)) if parts is None else list(parts)
         read = lambda p: self.decode(p, temperatures)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(read, p) for p in parts[:readahead + 1]]
+            pending = [pool.submit(read, p) for p in parts[: readahead + 1]]
             for n, p in enumerate(parts):
                 arrays = pending[n].result()
                 pending[n] = None
@@ -180,7 +189,9 @@ class Cache:
                 yield P.sample(arrays, j, self.temperature_index)
 
 
-def open_cache(path, temperature: float | None = None, max_parts_in_memory: int = 4, full_checks: bool = False) -> Cache:
+def open_cache(
+    path, temperature: float | None = None, max_parts_in_memory: int = 4, full_checks: bool = False
+) -> Cache:
     return Cache(path, temperature, max_parts_in_memory, full_checks)
 
 
@@ -192,6 +203,8 @@ def block_shuffle(part_sizes: list[int], seed: int, epoch: int, window: int = 4)
     order = rng.permutation(len(part_sizes))
     out = []
     for g in range(0, len(order), window):
-        idx = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in order[g:g + window]] or [np.zeros(0, np.int64)])
+        idx = np.concatenate(
+            [np.arange(starts[p], starts[p + 1]) for p in order[g : g + window]] or [np.zeros(0, np.int64)]
+        )
         out.append(rng.permutation(idx))
     return np.concatenate(out) if out else np.zeros(0, np.int64)

@@ -1,5 +1,6 @@
 """Reading format version 1: fixed-width [P, k] teacher rows, Arrow parts with one row per sample, no target
 log-probabilities. A v1 part is returned in the version-2 encoded form (plain codecs), so one decoder serves both."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,9 +11,16 @@ from . import backends
 
 def encoding(manifest: dict) -> dict:
     k = manifest["k"]
-    return {"top_k": k, "top_p": None, "min_k": k, "ids": {"codec": "plain", "dtype": manifest["dtypes"]["topk_ids"]},
-            "logprobs": {"codec": manifest["dtypes"]["topk_logprobs"], "name": manifest["dtypes"]["topk_logprobs"]},
-            "draws": None, "target_logprob": False, "behavior_logprob": False}
+    return {
+        "top_k": k,
+        "top_p": None,
+        "min_k": k,
+        "ids": {"codec": "plain", "dtype": manifest["dtypes"]["topk_ids"]},
+        "logprobs": {"codec": manifest["dtypes"]["topk_logprobs"], "name": manifest["dtypes"]["topk_logprobs"]},
+        "draws": None,
+        "target_logprob": False,
+        "behavior_logprob": False,
+    }
 
 
 def _names(n_temps: int) -> list[str]:
@@ -55,7 +63,7 @@ def _read_arrow(files: dict[str, bytes], n_temps: int) -> dict:
             flat = col.values.values if width else col.values
             values = flat.to_numpy(zero_copy_only=False)
             values = values.reshape(-1, width) if width else values
-            values, offsets = values[offsets[0]:offsets[-1]], offsets - offsets[0]
+            values, offsets = values[offsets[0] : offsets[-1]], offsets - offsets[0]
         out[name] = values
         if name == "input_ids":
             out["token_offsets"] = offsets

@@ -1,4 +1,5 @@
 """Checking, describing and converting finished caches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,13 +68,18 @@ def statistics(path, temperature=None, max_positions: int = 1_000_000) -> dict:
     c = m["counts"]
     n_pos = c["distilled_positions"]
     out = {
-        "samples": c["samples"], "tokens": c["tokens"], "distilled_positions": n_pos,
-        "truncated_samples": c.get("truncated_samples", 0), "skipped_samples": c.get("skipped_samples", 0),
-        "bytes_on_disk": nbytes, "bytes_per_distilled_position": nbytes / n_pos if n_pos else float("nan"),
+        "samples": c["samples"],
+        "tokens": c["tokens"],
+        "distilled_positions": n_pos,
+        "truncated_samples": c.get("truncated_samples", 0),
+        "skipped_samples": c.get("skipped_samples", 0),
+        "bytes_on_disk": nbytes,
+        "bytes_per_distilled_position": nbytes / n_pos if n_pos else float("nan"),
         "mean_width": float(widths.mean()) if widths.size else float("nan"),
         "mean_tail_mass": float(tails.mean()) if tails.size else float("nan"),
         "top1_mass_histogram": {"edges": edges.round(2).tolist(), "counts": hist.tolist()},
-        "temperature": m["temperatures"][j], "positions_sampled": int(tails.size),
+        "temperature": m["temperatures"][j],
+        "positions_sampled": int(tails.size),
         "encoding": cache.encoding,
     }
     if f"decode_kl_sum_{j}" in c and n_pos:
@@ -86,8 +92,9 @@ def statistics(path, temperature=None, max_positions: int = 1_000_000) -> dict:
 
 def encoding_text(enc: dict) -> str:
     width = f"top-k {enc['top_k']}" + (f", top-p {enc['top_p']} (min {enc['min_k']})" if enc["top_p"] else "")
-    ids = enc["ids"]["codec"] + (f" {enc['ids']['bits']} bits" if enc["ids"]["codec"] == "bitpack" else
-                                 f" {enc['ids']['dtype']}")
+    ids = enc["ids"]["codec"] + (
+        f" {enc['ids']['bits']} bits" if enc["ids"]["codec"] == "bitpack" else f" {enc['ids']['dtype']}"
+    )
     lp = enc["logprobs"]
     lp_text = lp["codec"] if lp["codec"] != "power" else f"{lp['bits']}-bit power (γ={lp['gamma']:g})"
     draws = f", {enc['draws']['n']} tail draws" if enc.get("draws") else ""
@@ -108,12 +115,16 @@ def describe(path) -> str:
         f"            temperatures {m['temperatures']}   vocab {m['vocab_size']}",
         f"samples     {s['samples']}  (truncated {s['truncated_samples']}, skipped {s['skipped_samples']})",
         f"tokens      {s['tokens']}   distilled positions {s['distilled_positions']}   mean row width "
-        f"{s['mean_width']:.1f}" + (f"   mean drawn tokens {s['mean_drawn_width']:.1f}" if "mean_drawn_width" in s else ""),
-        f"on disk     {s['bytes_on_disk'] / 1e6:.2f} MB = {s['bytes_per_distilled_position']:.1f} B per distilled position",
+        f"{s['mean_width']:.1f}"
+        + (f"   mean drawn tokens {s['mean_drawn_width']:.1f}" if "mean_drawn_width" in s else ""),
+        f"on disk     {s['bytes_on_disk'] / 1e6:.2f} MB = "
+        f"{s['bytes_per_distilled_position']:.1f} B per distilled position",
         f"tail mass   mean {s['mean_tail_mass']:.4f} at T={s['temperature']}",
     ]
     if "decode_kl_mean" in s:
-        lines.append(f"decode err  KL(exact ‖ decoded bins) mean {s['decode_kl_mean']:.2e}, max {s['decode_kl_max']:.2e} nats")
+        lines.append(
+            f"decode err  KL(exact ‖ decoded bins) mean {s['decode_kl_mean']:.2e}, max {s['decode_kl_max']:.2e} nats"
+        )
     lines.append("top-1 mass histogram:")
     counts = s["top1_mass_histogram"]["counts"]
     edges = s["top1_mass_histogram"]["edges"]
@@ -123,8 +134,18 @@ def describe(path) -> str:
     return "\n".join(lines)
 
 
-def convert(src, dst, backend: str | None = None, overwrite: bool = False, *, top_k=None, top_p=None, min_k=None,
-            ids: str | None = None, logprobs: str | None = None) -> dict:
+def convert(
+    src,
+    dst,
+    backend: str | None = None,
+    overwrite: bool = False,
+    *,
+    top_k=None,
+    top_p=None,
+    min_k=None,
+    ids: str | None = None,
+    logprobs: str | None = None,
+) -> dict:
     """Rewrite a finished cache part by part in another backend and/or encoding (always as the current format
     version). With the encoding unchanged the encoded arrays are copied as they are; otherwise each part is
     decoded and encoded again, so a lossy encoding's decode error is measured against the source's values."""
@@ -135,16 +156,27 @@ def convert(src, dst, backend: str | None = None, overwrite: bool = False, *, to
         raise CacheMismatch(f"--top-k {top_k} is wider than the source's {m['k']}; rerun cache-teacher for wider rows")
     narrower = top_p is not None or (min_k is not None and min_k != old["min_k"]) or (top_k or m["k"]) < m["k"]
     if old.get("draws") and narrower:
-        raise CacheMismatch("cannot narrow the rows of a cache with drawn tail tokens: the draws came from the old tail; "
-                         "rerun cache-teacher with the new --top-p")
-    plan = make_plan(backend=backend or m["backend"], k=top_k or m["k"], temperatures=m["temperatures"],
-                     vocab_size=m["vocab_size"], num_rows=m["num_rows"], part_size=m["part_size"],
-                     identity=m["identity"], logprob_dtype=logprobs or old["logprobs"]["name"],
-                     top_p=top_p if top_p is not None else old["top_p"],
-                     min_k=min_k if min_k is not None else min(old["min_k"], top_k or m["k"]),
-                     ids=ids or old["ids"]["codec"],
-                     draws=cache.draws, target_logprob=old["target_logprob"],
-                     behavior_logprob=old.get("behavior_logprob", False), package_version=m.get("package_version", "0"))
+        raise CacheMismatch(
+            "cannot narrow the rows of a cache with drawn tail tokens: the draws came from the old tail; "
+            "rerun cache-teacher with the new --top-p"
+        )
+    plan = make_plan(
+        backend=backend or m["backend"],
+        k=top_k or m["k"],
+        temperatures=m["temperatures"],
+        vocab_size=m["vocab_size"],
+        num_rows=m["num_rows"],
+        part_size=m["part_size"],
+        identity=m["identity"],
+        logprob_dtype=logprobs or old["logprobs"]["name"],
+        top_p=top_p if top_p is not None else old["top_p"],
+        min_k=min_k if min_k is not None else min(old["min_k"], top_k or m["k"]),
+        ids=ids or old["ids"]["codec"],
+        draws=cache.draws,
+        target_logprob=old["target_logprob"],
+        behavior_logprob=old.get("behavior_logprob", False),
+        package_version=m.get("package_version", "0"),
+    )
     writer = CacheWriter(dst, plan, overwrite=overwrite)
     temps = list(range(len(m["temperatures"])))
     copy = cache.version == M.FORMAT_VERSION and plan["encoding"] == old
@@ -163,5 +195,7 @@ def check_apart(src, dst) -> None:
     """A conversion reads src while it writes dst: neither may be, or hold, the other."""
     a, b = Path(src).resolve(), Path(dst).resolve()
     if a == b or a in b.parents or b in a.parents:
-        raise CacheMismatch(f"convert would write {dst} {'over' if a == b else 'inside' if a in b.parents else 'around'}"
-                            f" its source {src}; choose a destination outside the source")
+        raise CacheMismatch(
+            f"convert would write {dst} {'over' if a == b else 'inside' if a in b.parents else 'around'}"
+            f" its source {src}; choose a destination outside the source"
+        )

@@ -9,6 +9,7 @@ files against the checksums recorded when they were written, so a part damaged i
 `overwrite` never deletes the cache it replaces before the new one is whole: the new cache is written beside it,
 in `.NAME.staging-KEY/`, and swapped in when its manifest is written.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -28,22 +29,57 @@ from . import part as P
 from .errors import CacheMismatch, CorruptCache
 
 
-def make_plan(*, backend, k, temperatures, vocab_size, num_rows, part_size, identity, logprob_dtype="float16",
-              top_p=None, min_k=1, ids="plain", draws=0, target_logprob=True, behavior_logprob=False,
-              package_version="0"):
+def make_plan(
+    *,
+    backend,
+    k,
+    temperatures,
+    vocab_size,
+    num_rows,
+    part_size,
+    identity,
+    logprob_dtype="float16",
+    top_p=None,
+    min_k=1,
+    ids="plain",
+    draws=0,
+    target_logprob=True,
+    behavior_logprob=False,
+    package_version="0",
+):
     """What the writers fill: the cache's identity, encoding (see part.make_encoding) and part layout."""
     if part_size < 1:
         raise CacheMismatch(f"part size {part_size} must be at least 1 sample")
-    encoding = P.make_encoding(k=k, vocab_size=vocab_size, top_p=top_p, min_k=min_k, ids=ids, logprobs=logprob_dtype,
-                               draws=draws, target_logprob=target_logprob, behavior_logprob=behavior_logprob)
+    encoding = P.make_encoding(
+        k=k,
+        vocab_size=vocab_size,
+        top_p=top_p,
+        min_k=min_k,
+        ids=ids,
+        logprobs=logprob_dtype,
+        draws=draws,
+        target_logprob=target_logprob,
+        behavior_logprob=behavior_logprob,
+    )
     plan = {
-        "format": M.FORMAT_NAME, "format_version": M.FORMAT_VERSION, "backend": backends.get(backend).name,
-        "k": int(k), "temperatures": [float(t) for t in temperatures], "vocab_size": int(vocab_size),
-        "dtypes": {"token_ids": str(codecs.uint_dtype(vocab_size - 1)), "loss_mask": "uint8",
-                   "topk_width": str(P.width_dtype(encoding)), "tail_logmass": "float32",
-                   "target_logprob": P.target_dtype(encoding), "offsets": "int64"},
+        "format": M.FORMAT_NAME,
+        "format_version": M.FORMAT_VERSION,
+        "backend": backends.get(backend).name,
+        "k": int(k),
+        "temperatures": [float(t) for t in temperatures],
+        "vocab_size": int(vocab_size),
+        "dtypes": {
+            "token_ids": str(codecs.uint_dtype(vocab_size - 1)),
+            "loss_mask": "uint8",
+            "topk_width": str(P.width_dtype(encoding)),
+            "tail_logmass": "float32",
+            "target_logprob": P.target_dtype(encoding),
+            "offsets": "int64",
+        },
         "encoding": encoding,
-        "identity": identity, "num_rows": int(num_rows), "part_size": int(part_size),
+        "identity": identity,
+        "num_rows": int(num_rows),
+        "part_size": int(part_size),
         "num_parts": max(1, -(-int(num_rows) // int(part_size))),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "package_version": package_version,
@@ -92,13 +128,13 @@ class Claim:
 class CacheWriter:
     def __init__(self, path, plan: dict, overwrite: bool = False):
         self.target = Path(path)
-        self._folder(plan, overwrite)                   # refuse before creating anything
+        self._folder(plan, overwrite)  # refuse before creating anything
         with cache_lock(self.target):
             self.path = self._folder(plan, overwrite)
             self.parts_dir = self.path / M.PARTS
             existing = self.path / M.PLAN
-            if existing.exists() and not same_cache(M.read_json(existing), plan):   # a staging folder of another
-                shutil.rmtree(self.path)                                            # layout, never finished
+            if existing.exists() and not same_cache(M.read_json(existing), plan):  # a staging folder of another
+                shutil.rmtree(self.path)  # layout, never finished
             self.path.mkdir(parents=True, exist_ok=True)
             M.remove_temporaries(self.path, M.PLAN)
             if not existing.exists():
@@ -117,18 +153,22 @@ class CacheWriter:
             if not overwrite:
                 fields = M.KEY_FIELDS + LAYOUT_FIELDS[1:]
                 diff = M.identity_diff({f: old.get(f) for f in fields}, {f: plan.get(f) for f in fields})
-                raise CacheMismatch(f"{target} holds a different cache (differs in {', '.join(diff[:4])}); "
-                                    "pass --overwrite to replace it or choose another --out")
+                raise CacheMismatch(
+                    f"{target} holds a different cache (differs in {', '.join(diff[:4])}); "
+                    "pass --overwrite to replace it or choose another --out"
+                )
             return staging_path(target, plan)
         staged = staging_path(target, plan)
-        if not target.exists() and complete_manifest(staged, plan["cache_key"]):     # a swap that was cut short
+        if not target.exists() and complete_manifest(staged, plan["cache_key"]):  # a swap that was cut short
             os.rename(staged, target)
             return target
         if target.exists() and not target.is_dir():
             raise CacheMismatch(f"{target} is a file, not a cache folder; choose another --out")
         if target.exists() and any(p.name != M.LOCKS and not M.is_temporary(p.name, M.PLAN) for p in target.iterdir()):
-            raise CacheMismatch(f"{target} exists and is not a teacher cache; choose another --out (--overwrite "
-                                "replaces a cache, never other files)")
+            raise CacheMismatch(
+                f"{target} exists and is not a teacher cache; choose another --out (--overwrite "
+                "replaces a cache, never other files)"
+            )
         return target
 
     @property
@@ -157,7 +197,7 @@ class CacheWriter:
         if (self.parts_dir / M.part_name(p)).is_dir():
             lock.release()
             return None
-        for tmp in self.parts_dir.glob(f".tmp-{M.part_name(p)}-*"):     # a killed writer's: nobody else's
+        for tmp in self.parts_dir.glob(f".tmp-{M.part_name(p)}-*"):  # a killed writer's: nobody else's
             shutil.rmtree(tmp, ignore_errors=True)
         return Claim(p, lock)
 
@@ -176,13 +216,21 @@ class CacheWriter:
             if c is not None:
                 yield c
 
-    def write_part(self, p: int, samples: list[dict], extra_counts: dict | None = None, claim: Claim | None = None) -> dict:
+    def write_part(
+        self, p: int, samples: list[dict], extra_counts: dict | None = None, claim: Claim | None = None
+    ) -> dict:
         """Encode part p from its samples (see part.encode) and write it atomically; returns its record."""
         plan = self.plan
-        arrays, stats = P.encode(samples, plan["encoding"], len(plan["temperatures"]),
-                                 np.dtype(plan["dtypes"]["token_ids"]))
-        counts = {"samples": len(arrays["sample_index"]), "tokens": int(arrays["token_offsets"][-1]),
-                  "distilled_positions": int(arrays["position_offsets"][-1]), **stats, **(extra_counts or {})}
+        arrays, stats = P.encode(
+            samples, plan["encoding"], len(plan["temperatures"]), np.dtype(plan["dtypes"]["token_ids"])
+        )
+        counts = {
+            "samples": len(arrays["sample_index"]),
+            "tokens": int(arrays["token_offsets"][-1]),
+            "distilled_positions": int(arrays["position_offsets"][-1]),
+            **stats,
+            **(extra_counts or {}),
+        }
         return self.write_arrays(p, arrays, counts, claim)
 
     def write_arrays(self, p: int, arrays: dict, counts: dict, claim: Claim | None = None) -> dict:
@@ -190,7 +238,7 @@ class CacheWriter:
         unless the caller holds its claim); the claim is released either way."""
         claim = claim or self.claim(p, wait=True)
         if claim is None:
-            return part_folder.read_record(self.parts_dir / M.part_name(p))[1]      # written meanwhile
+            return part_folder.read_record(self.parts_dir / M.part_name(p))[1]  # written meanwhile
         try:
             files = self.backend.encode(arrays)
             tmp = self.parts_dir / f".tmp-{M.part_name(p)}-{uuid.uuid4().hex[:8]}"
@@ -217,7 +265,7 @@ class CacheWriter:
                 manifest = write_manifest(self.path, self.plan)
                 if self.path != self.target:
                     _swap(self.path, self.target)
-        except FileNotFoundError:                       # this staging folder was swapped in by another writer
+        except FileNotFoundError:  # this staging folder was swapped in by another writer
             return complete_manifest(self.target, self.plan["cache_key"])
         return manifest
 
@@ -241,16 +289,20 @@ def write_manifest(path: Path, plan: dict) -> dict:
         except CorruptCache as e:
             aside = folder.with_name(f".corrupt-{folder.name}-{uuid.uuid4().hex[:8]}")
             os.rename(folder, aside)
-            raise CorruptCache(f"{e}; it changed after it was written and was moved to {aside.name}: rerun "
-                               "cache-teacher to write it again") from None
+            raise CorruptCache(
+                f"{e}; it changed after it was written and was moved to {aside.name}: rerun "
+                "cache-teacher to write it again"
+            ) from None
         raw, record = part_folder.read_record(folder)
         parts[M.part_name(p)] = {"sha256": part_folder.record_sha256(raw, record), "counts": record["counts"]}
         for key, v in record["counts"].items():
-            totals[key] = max(totals.get(key, v), v) if "_max" in key or key.startswith("max_") else totals.get(key, 0) + v
+            totals[key] = (
+                max(totals.get(key, v), v) if "_max" in key or key.startswith("max_") else totals.get(key, 0) + v
+            )
     manifest = {**plan, "counts": totals, "parts": parts, "complete": True}
     M.write_json_atomic(path / M.MANIFEST, manifest)
     M.remove_temporaries(path, M.MANIFEST)
-    for lock in (path / M.LOCKS).glob("part-*.lock"):          # no part is being written any more
+    for lock in (path / M.LOCKS).glob("part-*.lock"):  # no part is being written any more
         lock.unlink(missing_ok=True)
     return manifest
 

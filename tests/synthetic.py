@@ -1,5 +1,6 @@
 """Teacher-like samples from random logits (numpy only), for storage tests and benchmarks: full distributions, so
 every stored quantity (top-k, exact tail, target log-prob, tail draws) has an exact reference."""
+
 import numpy as np
 
 
@@ -13,6 +14,7 @@ def teacher_rows(rng, n, vocab, k, temperatures=(1.0,), sharpness=3.0, targets=N
     with draws > 0, draws [T, n, draws] from each row's tail beyond its kept prefix (the top_p widths at the first
     temperature; −1 where that tail is empty)."""
     from storage.codecs import top_p_widths
+
     z = rng.standard_normal((n, vocab)).astype(np.float32) * sharpness
     z[np.arange(n), rng.integers(0, vocab, n)] += 8
     ids = np.argsort(-z, axis=1)[:, :k]
@@ -44,8 +46,20 @@ def teacher_rows(rng, n, vocab, k, temperatures=(1.0,), sharpness=3.0, targets=N
     return {key: np.stack(v) if isinstance(v, list) else v for key, v in out.items()}
 
 
-def samples(n_samples, vocab=300, k=8, temperatures=(1.0,), seed=0, start=0, min_len=3, max_len=40, draws=0,
-            keep_full=False, top_p=None, min_k=1):
+def samples(
+    n_samples,
+    vocab=300,
+    k=8,
+    temperatures=(1.0,),
+    seed=0,
+    start=0,
+    min_len=3,
+    max_len=40,
+    draws=0,
+    keep_full=False,
+    top_p=None,
+    min_k=1,
+):
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_samples):
@@ -53,27 +67,62 @@ def samples(n_samples, vocab=300, k=8, temperatures=(1.0,), seed=0, start=0, min
         input_ids = rng.integers(0, vocab, length)
         mask = (rng.random(length) < 0.6).astype(np.uint8)
         mask[0] = 0
-        rows = teacher_rows(rng, int(mask.sum()), vocab, k, temperatures, targets=input_ids[mask == 1], draws=draws,
-                            top_p=top_p, min_k=min_k)
+        rows = teacher_rows(
+            rng,
+            int(mask.sum()),
+            vocab,
+            k,
+            temperatures,
+            targets=input_ids[mask == 1],
+            draws=draws,
+            top_p=top_p,
+            min_k=min_k,
+        )
         full = rows.pop("full")
-        out.append({"sample_index": start + i, "input_ids": input_ids, "loss_mask": mask, **rows,
-                    **({"full_logprobs": full} if keep_full else {})})
+        out.append(
+            {
+                "sample_index": start + i,
+                "input_ids": input_ids,
+                "loss_mask": mask,
+                **rows,
+                **({"full_logprobs": full} if keep_full else {}),
+            }
+        )
     return out
 
 
 def plan(backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), **encoding):
     from storage import make_plan
-    return make_plan(backend=backend, k=k, temperatures=temperatures, vocab_size=vocab, num_rows=num_rows,
-                     part_size=part_size, identity={"teacher": {"name_or_path": "synthetic"}}, **encoding)
+
+    return make_plan(
+        backend=backend,
+        k=k,
+        temperatures=temperatures,
+        vocab_size=vocab,
+        num_rows=num_rows,
+        part_size=part_size,
+        identity={"teacher": {"name_or_path": "synthetic"}},
+        **encoding,
+    )
 
 
-def write_cache(path, backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), seed=0,
-                **encoding):
+def write_cache(
+    path, backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), seed=0, **encoding
+):
     """A finished synthetic cache and the exact samples it was written from."""
     from storage import CacheWriter
+
     w = CacheWriter(path, plan(backend, num_rows, part_size, vocab, k, temperatures, **encoding))
-    data = samples(num_rows, vocab, k, temperatures, seed, draws=encoding.get("draws", 0), top_p=encoding.get("top_p"),
-                   min_k=encoding.get("min_k", 1))
+    data = samples(
+        num_rows,
+        vocab,
+        k,
+        temperatures,
+        seed,
+        draws=encoding.get("draws", 0),
+        top_p=encoding.get("top_p"),
+        min_k=encoding.get("min_k", 1),
+    )
     for p in w.missing_parts():
         w.write_part(p, [data[i] for i in w.part_rows(p)])
     return w.finalize(), data

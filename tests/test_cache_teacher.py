@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny import build, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import storage
 from pipeline.cli import main
 from pipeline.data import DataConfig
 from stages import cache_teacher as ct
-from tiny import build
 
 ROOT = Path(__file__).parents[1]
 
@@ -32,8 +32,15 @@ def instruction(paths, **kw):
 
 
 def run(paths, out, arch="gpt2", data=None, **kw):
-    cfg = ct.CacheTeacherConfig(teacher=paths[arch], data=data or instruction(paths), out=str(out), top_k=kw.pop("top_k", 5),
-                                part_size=kw.pop("part_size", 16), progress=False, **kw)
+    cfg = ct.CacheTeacherConfig(
+        teacher=paths[arch],
+        data=data or instruction(paths),
+        out=str(out),
+        top_k=kw.pop("top_k", 5),
+        part_size=kw.pop("part_size", 16),
+        progress=False,
+        **kw,
+    )
     return ct.run(cfg)
 
 
@@ -49,6 +56,7 @@ def recompute(paths, arch, sample, temperature):
 
 
 # -- stored values equal an independent recomputation from the teacher's full logits
+
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("kind", ["instruction", "plain"])
@@ -104,6 +112,7 @@ def test_token_budget_batches_equal_fixed_batches(tiny, tmp_path):
 
 # -- many writers, resume, reuse
 
+
 def test_shards_merge_into_the_single_process_cache(tiny, tmp_path):
     ref = run(tiny, tmp_path / "one", part_size=8)["manifest"]
     first = run(tiny, tmp_path / "many", part_size=8, shard=(1, 3))
@@ -116,16 +125,34 @@ def test_shards_merge_into_the_single_process_cache(tiny, tmp_path):
 def test_same_inputs_are_a_cache_hit(tiny, tmp_path):
     run(tiny, tmp_path / "c")
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "c/parts").rglob("*")}
-    res = CliRunner().invoke(main, ["cache-teacher", "--teacher", tiny["gpt2"], "--data", tiny["train"], "--prompt-field",
-                                    "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "16",
-                                    "--out", str(tmp_path / "c")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "cache-teacher",
+            "--teacher",
+            tiny["gpt2"],
+            "--data",
+            tiny["train"],
+            "--prompt-field",
+            "prompt",
+            "--response-field",
+            "response",
+            "--top-k",
+            "5",
+            "--part-size",
+            "16",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
     assert res.exit_code == 0 and res.output.startswith("cache hit"), res.output
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "c/parts").rglob("*")}
 
 
 def test_cache_root_names_the_cache_by_key(tiny, tmp_path):
-    cfg = ct.CacheTeacherConfig(teacher=tiny["gpt2"], data=instruction(tiny), cache_root=str(tmp_path), top_k=5,
-                                progress=False)
+    cfg = ct.CacheTeacherConfig(
+        teacher=tiny["gpt2"], data=instruction(tiny), cache_root=str(tmp_path), top_k=5, progress=False
+    )
     first, second = ct.run(cfg), ct.run(cfg)
     assert first["status"] == "complete" and second["status"] == "hit" and first["path"] == second["path"]
     assert Path(first["path"]).name == first["manifest"]["cache_key"][:16]
@@ -141,9 +168,28 @@ def test_another_teacher_at_the_same_path_is_refused(tiny, tmp_path):
 
 
 def test_sigkill_then_resume_computes_only_missing_parts(tiny, tmp_path):
-    args = [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--teacher", tiny["llama"], "--data", tiny["train"],
-            "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "2",
-            "--batch-size", "1", "--out", str(tmp_path / "c")]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "cache-teacher",
+        "--teacher",
+        tiny["llama"],
+        "--data",
+        tiny["train"],
+        "--prompt-field",
+        "prompt",
+        "--response-field",
+        "response",
+        "--top-k",
+        "5",
+        "--part-size",
+        "2",
+        "--batch-size",
+        "1",
+        "--out",
+        str(tmp_path / "c"),
+    ]
     ref = run(tiny, tmp_path / "ref", "llama", part_size=2, batch_size=1)["manifest"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "c/parts"
@@ -163,6 +209,7 @@ def test_sigkill_then_resume_computes_only_missing_parts(tiny, tmp_path):
 
 # -- bad input: one line, non-zero exit, nothing visible written
 
+
 def cli(tiny, out, *extra, teacher=None, data=None):
     args = ["cache-teacher", "--teacher", teacher or tiny["gpt2"], "--data", data or tiny["train"], "--out", str(out)]
     if "--text-field" not in extra:
@@ -170,14 +217,17 @@ def cli(tiny, out, *extra, teacher=None, data=None):
     return CliRunner().invoke(main, args + list(extra))
 
 
-@pytest.mark.parametrize("case,expect", [
-    ("missing-teacher", "model path"),
-    ("missing-field", "column 'question' not in"),
-    ("empty", "is empty"),
-    ("malformed", "cannot read dataset"),
-    ("k-too-large", "--top-k 100000 must lie between 1 and the vocabulary size"),
-    ("tokenizer-too-big", "tokenizer has"),
-])
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("missing-teacher", "model path"),
+        ("missing-field", "column 'question' not in"),
+        ("empty", "is empty"),
+        ("malformed", "cannot read dataset"),
+        ("k-too-large", "--top-k 100000 must lie between 1 and the vocabulary size"),
+        ("tokenizer-too-big", "tokenizer has"),
+    ],
+)
 def test_bad_input_is_one_line(tiny, tmp_path, case, expect):
     out = tmp_path / "c"
     empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
@@ -186,8 +236,22 @@ def test_bad_input_is_one_line(tiny, tmp_path, case, expect):
     if case == "missing-teacher":
         res = cli(tiny, out, teacher=str(tmp_path / "nope"))
     elif case == "missing-field":
-        res = CliRunner().invoke(main, ["cache-teacher", "--teacher", tiny["gpt2"], "--data", tiny["train"], "--out",
-                                        str(out), "--prompt-field", "question", "--response-field", "response"])
+        res = CliRunner().invoke(
+            main,
+            [
+                "cache-teacher",
+                "--teacher",
+                tiny["gpt2"],
+                "--data",
+                tiny["train"],
+                "--out",
+                str(out),
+                "--prompt-field",
+                "question",
+                "--response-field",
+                "response",
+            ],
+        )
     elif case == "empty":
         res = cli(tiny, out, data=str(empty))
     elif case == "malformed":
@@ -196,6 +260,7 @@ def test_bad_input_is_one_line(tiny, tmp_path, case, expect):
         res = cli(tiny, out, "--top-k", "100000")
     else:
         from stages import prepare_demo
+
         small = prepare_demo.save_model(tmp_path / "small", tiny["tokenizer"], "gpt2", 1, 16, 2, vocab_size=50)
         res = cli(tiny, out, teacher=small)
     assert res.exit_code != 0
@@ -205,7 +270,8 @@ def test_bad_input_is_one_line(tiny, tmp_path, case, expect):
 
 
 def test_non_finite_logits_skip_the_sample_or_abort_when_strict(tiny, tmp_path):
-    """A NaN input embedding (untied Llama, so the lm_head stays finite) poisons exactly the samples using that token."""
+    """A NaN input embedding (untied Llama, so the lm_head stays finite) poisons exactly the samples using that
+    token."""
     model = AutoModelForCausalLM.from_pretrained(tiny["llama"])
     tok = AutoTokenizer.from_pretrained(tiny["llama"])
     poison = tok("reverse", add_special_tokens=False)["input_ids"][0]
@@ -215,6 +281,7 @@ def test_non_finite_logits_skip_the_sample_or_abort_when_strict(tiny, tmp_path):
     tok.save_pretrained(tmp_path / "bad")
     paths = {**tiny, "bad": str(tmp_path / "bad")}
     from pipeline.data import tokenized
+
     n_poisoned = sum(poison in ids for ids in tokenized(instruction(tiny), tok)[:]["input_ids"])
     assert 0 < n_poisoned < 48
     with pytest.warns(UserWarning, match="non-finite teacher logits"):
@@ -225,8 +292,10 @@ def test_non_finite_logits_skip_the_sample_or_abort_when_strict(tiny, tmp_path):
         run(paths, tmp_path / "d", "bad", strict=True)
 
 
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def test_chat_template_masks_the_assistant_turn(tiny, tmp_path):
@@ -245,17 +314,47 @@ def test_chat_template_masks_the_assistant_turn(tiny, tmp_path):
     assert tok.decode(s["input_ids"][s["loss_mask"] == 0]).endswith("<|assistant|>")
 
 
+@pytest.mark.distributed
 def test_torchrun_ranks_take_their_shards_and_merge_to_one_run(tiny, tmp_path):
     ref = run(tiny, tmp_path / "one", part_size=8)["manifest"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
-                    "-m", "pipeline.cli", "cache-teacher", "--teacher", tiny["gpt2"], "--data", tiny["train"],
-                    "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "8",
-                    "--out", str(tmp_path / "two")], cwd=ROOT, check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "pipeline.cli",
+            "cache-teacher",
+            "--teacher",
+            tiny["gpt2"],
+            "--data",
+            tiny["train"],
+            "--prompt-field",
+            "prompt",
+            "--response-field",
+            "response",
+            "--top-k",
+            "5",
+            "--part-size",
+            "8",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert storage.verify(tmp_path / "two")["parts"] == ref["parts"]
 
 
 # -- compact encodings, target log-probs and tail draws, against the teacher's full distribution
+
 
 def test_compact_encoding_keeps_exact_prefixes_tails_and_targets(tiny, tmp_path):
     """--top-p rows are prefixes of the exact top-k with the exact tail of what was kept; the target log-prob is
@@ -279,8 +378,9 @@ def test_compact_encoding_keeps_exact_prefixes_tails_and_targets(tiny, tmp_path)
             mass = logp[r].exp()[order[r, :w]].sum()
             assert float(mass) >= 0.02 or w == 12
             np.testing.assert_allclose(np.exp(s["tail_logmass"][r]), 1 - float(mass), atol=1e-5)
-            np.testing.assert_allclose(np.exp(s["topk_logprobs"][r, :w]), logp[r].exp()[order[r, :w]].numpy(),
-                                       rtol=0.05, atol=1e-4)
+            np.testing.assert_allclose(
+                np.exp(s["topk_logprobs"][r, :w]), logp[r].exp()[order[r, :w]].numpy(), rtol=0.05, atol=1e-4
+            )
             drawn = s["drawn_ids"][r][s["drawn_ids"][r] >= 0]
             assert len(drawn) and not set(drawn) & set(order[r, :w].tolist())
             outside += int(targets[r] not in set(order[r, :w].tolist()))
@@ -289,13 +389,14 @@ def test_compact_encoding_keeps_exact_prefixes_tails_and_targets(tiny, tmp_path)
 
 def test_tokenized_data_is_one_shared_copy_with_a_content_fingerprint(tiny, tmp_path):
     from pipeline.data import content_sha256, tokenized
+
     tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
     data = tmp_path / "d.jsonl"
     data.write_text(open(tiny["train"]).read())
     cfg = instruction({"train": str(data)})
     one, again, two = tokenized(cfg, tok), tokenized(cfg, tok), tokenized(cfg, tok, num_proc=2)
-    assert one.cache_files == again.cache_files                  # reused, not recomputed
-    assert content_sha256(one) == content_sha256(two)            # workers split the map, not the content
+    assert one.cache_files == again.cache_files  # reused, not recomputed
+    assert content_sha256(one) == content_sha256(two)  # workers split the map, not the content
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[:-1] + [lines[-1].replace("the", "a")]) + "\n")
     assert content_sha256(tokenized(cfg, tok)) != content_sha256(one)
@@ -303,17 +404,52 @@ def test_tokenized_data_is_one_shared_copy_with_a_content_fingerprint(tiny, tmp_
 
 # -- a teacher across processes or devices equals the single-device cache
 
+
+@pytest.mark.distributed
 def test_tensor_parallel_teacher_equals_the_single_process_cache(tiny, tmp_path):
     """torchrun with 2 gloo ranks, --tp 2: one TP group (4 heads, 2 KV heads) writes the cache."""
     from stages import prepare_demo
+
     teacher = prepare_demo.save_model(tmp_path / "llama4", tiny["tokenizer"], "llama", 2, 32, 4)
     paths = {**tiny, "llama4": teacher}
     run(paths, tmp_path / "one", "llama4", part_size=16, logprob_dtype="float32")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
-                    "-m", "pipeline.cli", "cache-teacher", "--teacher", teacher, "--data", tiny["train"],
-                    "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "16",
-                    "--logprob-dtype", "float32", "--tp", "2", "--out", str(tmp_path / "tp")], cwd=ROOT, check=True,
-                   capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "pipeline.cli",
+            "cache-teacher",
+            "--teacher",
+            teacher,
+            "--data",
+            tiny["train"],
+            "--prompt-field",
+            "prompt",
+            "--response-field",
+            "response",
+            "--top-k",
+            "5",
+            "--part-size",
+            "16",
+            "--logprob-dtype",
+            "float32",
+            "--tp",
+            "2",
+            "--out",
+            str(tmp_path / "tp"),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert_same_cache(tmp_path / "one", tmp_path / "tp")
 
 
@@ -332,8 +468,10 @@ def assert_same_cache(a, b):
             np.testing.assert_allclose(a[i][key], b[i][key], atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("arch,expect", [("gpt2", "has no tensor-parallel plan"),
-                                         ("llama", "--tp 2 does not divide the teacher's 1 key/value heads")])
+@pytest.mark.parametrize(
+    "arch,expect",
+    [("gpt2", "has no tensor-parallel plan"), ("llama", "--tp 2 does not divide the teacher's 1 key/value heads")],
+)
 def test_unsupported_tensor_parallel_teachers_are_one_line_errors(tiny, tmp_path, monkeypatch, arch, expect):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -343,9 +481,13 @@ def test_unsupported_tensor_parallel_teachers_are_one_line_errors(tiny, tmp_path
 
 def test_tp_groups_split_the_shards():
     from pipeline.parallel import TeacherGroup
+
     cfg = ct.CacheTeacherConfig(teacher="t", data=None, out="o", shard=(1, 3))
     assert ct.shard_of(cfg, TeacherGroup(2, 1, 4, 0, [2, 3])) == (5, 12)
-    assert ct.shard_of(ct.CacheTeacherConfig(teacher="t", data=None, out="o"), TeacherGroup(2, 3, 4, 1, [6, 7])) == (3, 4)
+    assert ct.shard_of(ct.CacheTeacherConfig(teacher="t", data=None, out="o"), TeacherGroup(2, 3, 4, 1, [6, 7])) == (
+        3,
+        4,
+    )
 
 
 # -- integrity: what the README recommends verifies, draws do not depend on batching, two runs on one --out agree
@@ -371,8 +513,10 @@ def test_tail_draws_do_not_depend_on_the_batch_that_computes_them(tiny, tmp_path
     """Another --batch-size (as when a run is resumed with one) pads differently, which moves the logits by float
     rounding only; the tokens drawn for each sample stay the same, so the cache key still means one content."""
     enc = dict(top_k=8, top_p=0.02, tail_draws=16, part_size=16)
-    assert run(tiny, tmp_path / "a", "llama", batch_size=1, **enc)["manifest"]["cache_key"] == \
-        run(tiny, tmp_path / "b", "llama", batch_size=7, **enc)["manifest"]["cache_key"]
+    assert (
+        run(tiny, tmp_path / "a", "llama", batch_size=1, **enc)["manifest"]["cache_key"]
+        == run(tiny, tmp_path / "b", "llama", batch_size=7, **enc)["manifest"]["cache_key"]
+    )
     a, b = storage.open_cache(tmp_path / "a"), storage.open_cache(tmp_path / "b")
     for i in range(len(a)):
         np.testing.assert_array_equal(a[i]["drawn_ids"], b[i]["drawn_ids"])
@@ -383,11 +527,31 @@ def test_two_cache_teacher_runs_on_one_out_split_the_parts_and_both_complete(tin
     """Like two workflows sharing a --cache-root, or a requeued job whose old copy still runs: each part is written
     by one of them, neither clears the other's work, and both end with the whole cache."""
     ref = run(tiny, tmp_path / "ref", "llama", part_size=2, batch_size=1)["manifest"]
-    args = [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--teacher", tiny["llama"], "--data", tiny["train"],
-            "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "2",
-            "--batch-size", "1", "--out", str(tmp_path / "c")]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "cache-teacher",
+        "--teacher",
+        tiny["llama"],
+        "--data",
+        tiny["train"],
+        "--prompt-field",
+        "prompt",
+        "--response-field",
+        "response",
+        "--top-k",
+        "5",
+        "--part-size",
+        "2",
+        "--batch-size",
+        "1",
+        "--out",
+        str(tmp_path / "c"),
+    ]
+    procs = [
+        subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and all(o.startswith("complete") for o in outs), outs
     written = [int(re.search(r"wrote (\d+) parts", out).group(1)) for out in outs]
@@ -395,14 +559,17 @@ def test_two_cache_teacher_runs_on_one_out_split_the_parts_and_both_complete(tin
     assert storage.verify(tmp_path / "c")["parts"] == ref["parts"]
 
 
-@pytest.mark.parametrize("row,expect", [
-    ({"prompt": None, "response": "a"}, "row 1: field 'prompt' is None (NoneType), not text"),
-    ({"prompt": 123, "response": "a"}, "row 1: field 'prompt' is 123 (int), not text"),
-    ({"prompt": "a", "response": "b", "ids": [1, 100000], "lp": [-1.0, -1.0]}, "token id 100000, outside"),
-    ({"prompt": "a", "response": "b", "ids": [1, -3], "lp": [-1.0, -1.0]}, "token id -3, outside"),
-    ({"prompt": "a", "response": "b", "ids": [1, 2], "lp": [-1.0, float("nan")]}, "NaN, infinite or above 0"),
-    ({"prompt": "a", "response": "b", "ids": [1, 2], "lp": [-1.0, 0.5]}, "NaN, infinite or above 0"),
-])
+@pytest.mark.parametrize(
+    "row,expect",
+    [
+        ({"prompt": None, "response": "a"}, "row 1: field 'prompt' is None (NoneType), not text"),
+        ({"prompt": 123, "response": "a"}, "row 1: field 'prompt' is 123 (int), not text"),
+        ({"prompt": "a", "response": "b", "ids": [1, 100000], "lp": [-1.0, -1.0]}, "token id 100000, outside"),
+        ({"prompt": "a", "response": "b", "ids": [1, -3], "lp": [-1.0, -1.0]}, "token id -3, outside"),
+        ({"prompt": "a", "response": "b", "ids": [1, 2], "lp": [-1.0, float("nan")]}, "NaN, infinite or above 0"),
+        ({"prompt": "a", "response": "b", "ids": [1, 2], "lp": [-1.0, 0.5]}, "NaN, infinite or above 0"),
+    ],
+)
 def test_bad_rows_are_refused_naming_the_row(tiny, tmp_path, row, expect):
     good = {"prompt": "a", "response": "b", **({"ids": [1, 2], "lp": [-1.0, -1.0]} if "ids" in row else {})}
     data = tmp_path / "d.jsonl"

@@ -1,18 +1,21 @@
 """The cache's encodings are pure numpy encode/decode pairs: round trips, ragged and empty rows, V = 2 and 151936."""
+
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-from storage import codecs as C, part as P
 from synthetic import log_softmax
+
+from storage import codecs as C
+from storage import part as P
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 
 
 def naive_unpack(data, bits, n):
     """FORMAT.md's definition: stream bit j is bit (j mod 8) of byte j div 8; value i is stream bits [i·b, (i+1)·b)."""
-    stream = np.unpackbits(np.asarray(data, np.uint8), bitorder="little")[:n * bits].reshape(n, bits)
+    stream = np.unpackbits(np.asarray(data, np.uint8), bitorder="little")[: n * bits].reshape(n, bits)
     return (stream.astype(np.uint64) << np.arange(bits, dtype=np.uint64)).sum(1)
 
 
@@ -29,7 +32,7 @@ def ragged_rows(draw, max_k=12):
     k = draw(st.integers(1, max_k))
     n = draw(st.integers(0, 20))
     vocab = draw(st.integers(k + 1, 60))
-    seed = draw(st.integers(0, 2 ** 31))
+    seed = draw(st.integers(0, 2**31))
     rng = np.random.default_rng(seed)
     lp = log_softmax(rng.standard_normal((n, vocab)) * draw(st.floats(0.1, 8)))
     lp = -np.sort(-lp, axis=1)
@@ -40,6 +43,7 @@ def ragged_rows(draw, max_k=12):
 
 
 # -- bit packing
+
 
 @SETTINGS
 @given(packable())
@@ -59,8 +63,12 @@ def test_id_codecs_round_trip_at_the_extreme_vocabularies(vocab, codec):
     ids[:2] = [0, vocab - 1]
     data = C.encode_ids(ids, enc)
     np.testing.assert_array_equal(C.decode_ids(data, enc, ids.size), ids)
-    assert (enc["bits"] if codec == "bitpack" else np.dtype(enc["dtype"]).itemsize * 8) == \
-        {(2, "bitpack"): 1, (151936, "bitpack"): 18, (2, "plain"): 8, (151936, "plain"): 32}[(vocab, codec)]
+    assert (enc["bits"] if codec == "bitpack" else np.dtype(enc["dtype"]).itemsize * 8) == {
+        (2, "bitpack"): 1,
+        (151936, "bitpack"): 18,
+        (2, "plain"): 8,
+        (151936, "plain"): 32,
+    }[(vocab, codec)]
 
 
 def test_a_truncated_bit_stream_is_refused():
@@ -70,8 +78,9 @@ def test_a_truncated_bit_stream_is_refused():
 
 # -- widths and truncation
 
+
 @SETTINGS
-@given(st.integers(0, 2 ** 31), st.floats(0.0, 1.0), st.integers(0, 6))
+@given(st.integers(0, 2**31), st.floats(0.0, 1.0), st.integers(0, 6))
 def test_top_p_width_is_the_smallest_prefix_reaching_the_mass(seed, top_p, min_k):
     rng = np.random.default_rng(seed)
     lp = -np.sort(-log_softmax(rng.standard_normal((30, 40)) * 3), axis=1)[:, :8]
@@ -89,7 +98,7 @@ def test_top_p_width_is_the_smallest_prefix_reaching_the_mass(seed, top_p, min_k
 
 
 @SETTINGS
-@given(st.integers(0, 2 ** 31))
+@given(st.integers(0, 2**31))
 def test_truncation_moves_the_dropped_mass_into_the_tail(seed):
     rng = np.random.default_rng(seed)
     full = log_softmax(rng.standard_normal((12, 30)) * 4)
@@ -103,6 +112,7 @@ def test_truncation_moves_the_dropped_mass_into_the_tail(seed):
 
 
 # -- log-probabilities
+
 
 @SETTINGS
 @given(ragged_rows(), st.sampled_from(["float32", "float16", "q8", "q6", "q4", "q2"]))
@@ -128,8 +138,9 @@ def test_eight_bit_decode_error_is_small_on_lm_like_rows():
     lp = -np.sort(-log_softmax(z), axis=1)
     tail = np.log(np.exp(lp[:, 64:]).sum(1)).astype(np.float32)
     flat, offsets = lp[:, :64].ravel().astype(np.float32), C.offsets_of(np.full(500, 64))
-    got = C.decode_logprobs(C.encode_logprobs(flat, offsets, P.LOGPROB_CODECS["q8"]), offsets, tail,
-                            P.LOGPROB_CODECS["q8"])
+    got = C.decode_logprobs(
+        C.encode_logprobs(flat, offsets, P.LOGPROB_CODECS["q8"]), offsets, tail, P.LOGPROB_CODECS["q8"]
+    )
     kl = C.bins_kl(flat, tail, got, tail, offsets)
     assert kl.mean() < 5e-5 and kl.max() < 2e-4
 
@@ -138,30 +149,32 @@ def test_quantized_top1_is_exact_up_to_the_head_mass():
     flat = np.log(np.array([0.5, 0.2, 0.1], np.float32))
     tail = np.log(np.array([0.2], np.float32))
     offsets = C.offsets_of([3])
-    got = C.decode_logprobs(C.encode_logprobs(flat, offsets, P.LOGPROB_CODECS["q8"]), offsets, tail,
-                            P.LOGPROB_CODECS["q8"])
+    got = C.decode_logprobs(
+        C.encode_logprobs(flat, offsets, P.LOGPROB_CODECS["q8"]), offsets, tail, P.LOGPROB_CODECS["q8"]
+    )
     np.testing.assert_allclose(np.exp(got), [0.5, 0.2, 0.1], rtol=0.02)
 
 
 # -- drawn tail tokens
 
+
 @SETTINGS
 @given(hnp.arrays(np.int64, st.tuples(st.integers(0, 8), st.integers(1, 30)), elements=st.integers(-1, 9)))
 def test_draw_counts_round_trip(draws):
-    draws = np.where((draws < 0).any(1, keepdims=True), -1, draws)        # a row draws everything or nothing
+    draws = np.where((draws < 0).any(1, keepdims=True), -1, draws)  # a row draws everything or nothing
     widths, ids, counts = C.count_draws(draws)
     off = C.offsets_of(widths)
     for r in range(len(draws)):
-        got = np.repeat(ids[off[r]:off[r + 1]], counts[off[r]:off[r + 1]])
+        got = np.repeat(ids[off[r] : off[r + 1]], counts[off[r] : off[r + 1]])
         want = np.sort(draws[r][draws[r] >= 0])
         np.testing.assert_array_equal(got, want)
-        assert (np.diff(ids[off[r]:off[r + 1]]) > 0).all()
+        assert (np.diff(ids[off[r] : off[r + 1]]) > 0).all()
 
 
 def test_drawn_estimate_is_unbiased():
     """E[P_R · count_j / N] = p_j for every tail token j (Random-Sampling KD's estimator)."""
     rng = np.random.default_rng(0)
-    p_tail = np.array([0.05, 0.03, 0.015, 0.005])                # the teacher's tail tokens; P_R = 0.1
+    p_tail = np.array([0.05, 0.03, 0.015, 0.005])  # the teacher's tail tokens; P_R = 0.1
     draws = rng.choice(4, size=(20000, 10), p=p_tail / p_tail.sum())
     widths, ids, counts = C.count_draws(draws)
     est = np.exp(C.drawn_logprobs(counts, C.offsets_of(widths), np.full(20000, np.log(0.1)), 10))
@@ -170,6 +183,7 @@ def test_drawn_estimate_is_unbiased():
 
 
 # -- ragged → padded
+
 
 @SETTINGS
 @given(st.lists(st.integers(0, 5), max_size=10), st.data())
@@ -182,5 +196,5 @@ def test_padded_rows_hold_each_row_then_the_pad(widths, data):
     got = C.padded(flat, off, start, stop, -1)
     assert got.shape == (stop - start, int(widths[start:stop].max()) if stop > start else 0)
     for r in range(start, stop):
-        np.testing.assert_array_equal(got[r - start, :widths[r]], flat[off[r]:off[r + 1]])
-        assert (got[r - start, widths[r]:] == -1).all()
+        np.testing.assert_array_equal(got[r - start, : widths[r]], flat[off[r] : off[r + 1]])
+        assert (got[r - start, widths[r] :] == -1).all()

@@ -1,5 +1,6 @@
 """A reader written from storage/FORMAT.md alone (json, hashlib, numpy, zarr, pyarrow; nothing of ours) agrees with
 open_cache on every sample and checksum, for every encoding of version 2 and for version 1."""
+
 import hashlib
 import json
 from pathlib import Path
@@ -8,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import zarr
+from synthetic import write_cache
 
 import storage
-from synthetic import write_cache
 
 
 def sha256_file(path):
@@ -42,7 +43,7 @@ def spec_read_arrays(folder, backend):
 
 
 def spec_unpack(data, bits, n):
-    stream = np.unpackbits(np.asarray(data, np.uint8), bitorder="little")[:n * bits].reshape(n, bits)
+    stream = np.unpackbits(np.asarray(data, np.uint8), bitorder="little")[: n * bits].reshape(n, bits)
     return (stream.astype(np.int64) << np.arange(bits)).sum(1)
 
 
@@ -55,11 +56,11 @@ def spec_logprobs(data, codec, widths, tail):
         return data.astype(np.float64)
     n, b, gamma = int(widths.sum()), codec["bits"], codec["gamma"]
     codes = data.astype(np.int64) if b == 8 else spec_unpack(data, b, n)
-    x = gamma * np.log(np.maximum(codes, 0.5) / (2 ** b - 1))
+    x = gamma * np.log(np.maximum(codes, 0.5) / (2**b - 1))
     out, o = np.empty(n), 0
     for r, w in enumerate(widths):
-        row = x[o:o + w]
-        out[o:o + w] = row - np.log(np.exp(row).sum()) + np.log(1 - np.exp(float(tail[r])))
+        row = x[o : o + w]
+        out[o : o + w] = row - np.log(np.exp(row).sum()) + np.log(1 - np.exp(float(tail[r])))
         o += w
     return out
 
@@ -74,9 +75,14 @@ def spec_samples_v2(manifest, arr, t):
     for i in range(len(arr["sample_index"])):
         t0, t1 = arr["token_offsets"][i], arr["token_offsets"][i + 1]
         r0, r1 = arr["position_offsets"][i], arr["position_offsets"][i + 1]
-        rows = [(ids[o[r]:o[r + 1]], lps[o[r]:o[r + 1]]) for r in range(r0, r1)]
-        s = {"sample_index": int(arr["sample_index"][i]), "input_ids": arr["input_ids"][t0:t1],
-             "loss_mask": arr["loss_mask"][t0:t1], "rows": rows, "tail_logmass": tail[r0:r1]}
+        rows = [(ids[o[r] : o[r + 1]], lps[o[r] : o[r + 1]]) for r in range(r0, r1)]
+        s = {
+            "sample_index": int(arr["sample_index"][i]),
+            "input_ids": arr["input_ids"][t0:t1],
+            "loss_mask": arr["loss_mask"][t0:t1],
+            "rows": rows,
+            "tail_logmass": tail[r0:r1],
+        }
         if enc["target_logprob"]:
             s["target_logprob"] = arr[f"target_logprob_{t}"][r0:r1]
         if enc["draws"]:
@@ -84,8 +90,10 @@ def spec_samples_v2(manifest, arr, t):
             do = np.concatenate([[0], np.cumsum(dw)])
             d_ids = spec_ids(arr[f"drawn_ids_{t}"], enc["ids"], int(do[-1]))
             counts = arr[f"drawn_counts_{t}"]
-            s["drawn"] = [(d_ids[do[r]:do[r + 1]], np.exp(float(tail[r])) * counts[do[r]:do[r + 1]] / enc["draws"]["n"])
-                          for r in range(r0, r1)]
+            s["drawn"] = [
+                (d_ids[do[r] : do[r + 1]], np.exp(float(tail[r])) * counts[do[r] : do[r + 1]] / enc["draws"]["n"])
+                for r in range(r0, r1)
+            ]
         yield s
 
 
@@ -99,8 +107,12 @@ def spec_samples(cache_dir, t=0):
         yield from spec_samples_v2(manifest, spec_read_arrays(folder, manifest["backend"]), t)
 
 
-ENCODINGS = [{}, {"logprob_dtype": "float32"}, {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.9},
-             {"ids": "bitpack", "logprob_dtype": "q5", "top_p": 0.6, "min_k": 0, "draws": 12}]
+ENCODINGS = [
+    {},
+    {"logprob_dtype": "float32"},
+    {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.9},
+    {"ids": "bitpack", "logprob_dtype": "q5", "top_p": 0.6, "min_k": 0, "draws": 12},
+]
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS, ids=["default", "float32", "bitpack-q8-topp", "q5-draws"])

@@ -3,6 +3,7 @@
 A crafted cache has checksums that match its crafted bytes (an attacker recomputes them), so only the format's own
 checks stand between it and a reader: paths outside the part, sizes the decoders would allocate by, codec widths.
 Each command runs in a child process with its address space capped at 3 GiB and a 60 s timeout."""
+
 import json
 import os
 import resource
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from synthetic import write_cache
 
 import storage
 from pipeline.cli import main
 from storage import part_folder
-from synthetic import write_cache
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"}
@@ -24,12 +25,21 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"}
 
 def bounded(*args, limit_bytes=3 << 30, fsize=None):
     """The command line in a child process with capped memory (and file size), as a CompletedProcess."""
+
     def limits():
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=60, preexec_fn=limits)
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limits,
+    )
 
 
 def one_error_line(res) -> str:
@@ -42,11 +52,17 @@ def reseal(cache: Path, p: int = 0) -> None:
     """Recompute part p's recorded checksums and the manifest's, as a forger would."""
     folder = cache / "parts" / f"part-{p:06d}"
     record = json.loads((folder / "part.json").read_text())
-    files = {f.relative_to(folder).as_posix(): f.read_bytes() for f in folder.rglob("*")
-             if f.is_file() and not f.is_symlink() and f.name != "part.json"}
+    files = {
+        f.relative_to(folder).as_posix(): f.read_bytes()
+        for f in folder.rglob("*")
+        if f.is_file() and not f.is_symlink() and f.name != "part.json"
+    }
     for rel, data in files.items():
-        record["files"][rel], record["xxh3_128"][rel], record["sizes"][rel] = \
-            part_folder.sha256(data), part_folder.fast_hash(data), len(data)
+        record["files"][rel], record["xxh3_128"][rel], record["sizes"][rel] = (
+            part_folder.sha256(data),
+            part_folder.fast_hash(data),
+            len(data),
+        )
     text = json.dumps(record).encode()
     (folder / "part.json").write_bytes(text)
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -61,6 +77,7 @@ def edit_json(path: Path, change) -> None:
 
 
 # -- crafted caches
+
 
 def point_at_dev_zero(c: Path):
     edit_json(c / "parts/part-000000/part.json", lambda r: r["files"].update({"../../../../../dev/zero": "0" * 64}))
@@ -77,26 +94,29 @@ def thirty_bit_codes(c: Path):
 
 def huge_zarr_shape(c: Path):
     meta = c / "parts/part-000000/data.zarr/input_ids/zarr.json"
-    edit_json(meta, lambda z: z.update(shape=[10 ** 12]))
+    edit_json(meta, lambda z: z.update(shape=[10**12]))
     reseal(c)
 
 
 def huge_counts(c: Path):
-    edit_json(c / "manifest.json", lambda m: m["parts"]["part-000000"]["counts"].update(tokens=10 ** 12))
+    edit_json(c / "manifest.json", lambda m: m["parts"]["part-000000"]["counts"].update(tokens=10**12))
 
 
 def huge_part_count(c: Path):
-    edit_json(c / "manifest.json", lambda m: m.update(num_parts=10 ** 12))
+    edit_json(c / "manifest.json", lambda m: m.update(num_parts=10**12))
 
 
-@pytest.mark.parametrize("craft,expect", [
-    (point_at_dev_zero, "part-000000: file ../../../../../dev/zero is missing"),
-    (link_to_dev_zero, "part-000000: data.zarr/zero is not a regular file"),
-    (thirty_bit_codes, "encoding: logprobs"),
-    (huge_zarr_shape, "array input_ids has shape (1000000000000,)"),
-    (huge_counts, "decoded bytes"),
-    (huge_part_count, "num_parts 1000000000000 does not cover"),
-])
+@pytest.mark.parametrize(
+    "craft,expect",
+    [
+        (point_at_dev_zero, "part-000000: file ../../../../../dev/zero is missing"),
+        (link_to_dev_zero, "part-000000: data.zarr/zero is not a regular file"),
+        (thirty_bit_codes, "encoding: logprobs"),
+        (huge_zarr_shape, "array input_ids has shape (1000000000000,)"),
+        (huge_counts, "decoded bytes"),
+        (huge_part_count, "num_parts 1000000000000 does not cover"),
+    ],
+)
 @pytest.mark.parametrize("command", ["verify", "inspect"])
 def test_a_crafted_cache_is_a_one_line_error_in_bounded_time_and_memory(tmp_path, craft, expect, command):
     write_cache(tmp_path / "c", num_rows=8, part_size=4, ids="bitpack", logprob_dtype="q8")
@@ -106,30 +126,60 @@ def test_a_crafted_cache_is_a_one_line_error_in_bounded_time_and_memory(tmp_path
 
 # -- values that are not sensible do not pass
 
-@pytest.mark.parametrize("extra,expect", [
-    (["--temperature", "nan"], "--temperature must be finite and positive"),
-    (["--temperature", "inf"], "--temperature must be finite and positive"),
-    (["--top-k", "4", "--min-k", "8", "--top-p", "0.5"], "--min-k 8 must lie between 0 and --top-k 4"),
-    (["--top-p", "0", "--min-k", "0"], "holds no teacher information"),
-])
+
+@pytest.mark.parametrize(
+    "extra,expect",
+    [
+        (["--temperature", "nan"], "--temperature must be finite and positive"),
+        (["--temperature", "inf"], "--temperature must be finite and positive"),
+        (["--top-k", "4", "--min-k", "8", "--top-p", "0.5"], "--min-k 8 must lie between 0 and --top-k 4"),
+        (["--top-p", "0", "--min-k", "0"], "holds no teacher information"),
+    ],
+)
 def test_cache_teacher_refuses_values_that_make_no_sense(tmp_path, extra, expect):
-    res = CliRunner().invoke(main, ["cache-teacher", "--teacher", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
-                                    "--text-field", "text", "--out", str(tmp_path / "c"), *extra])
+    res = CliRunner().invoke(
+        main,
+        [
+            "cache-teacher",
+            "--teacher",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--text-field",
+            "text",
+            "--out",
+            str(tmp_path / "c"),
+            *extra,
+        ],
+    )
     assert res.exit_code == 1 and expect in res.output, res.output
     assert not (tmp_path / "c").exists()
 
 
 def test_convert_refuses_an_encoding_without_teacher_information(tmp_path):
     write_cache(tmp_path / "a")
-    res = CliRunner().invoke(main, ["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--top-p", "0",
-                                    "--min-k", "0"])
+    res = CliRunner().invoke(
+        main, ["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--top-p", "0", "--min-k", "0"]
+    )
     assert res.exit_code == 1 and "holds no teacher information" in res.output and not (tmp_path / "b").exists()
 
 
 def test_mix_with_one_cache_is_refused(tmp_path):
     write_cache(tmp_path / "a")
-    res = CliRunner().invoke(main, ["train", "--student", str(tmp_path), "--cache", str(tmp_path / "a"), "--mix",
-                                    "0.5", "--out", str(tmp_path / "r")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--student",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "a"),
+            "--mix",
+            "0.5",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert res.exit_code == 1 and "with one cache it would be ignored" in res.output, res.output
 
 
@@ -142,6 +192,12 @@ def test_a_failed_json_write_leaves_no_temporary(tmp_path):
 def test_debug_shows_the_traceback_of_an_input_error(tmp_path):
     write_cache(tmp_path / "c")
     huge_part_count(tmp_path / "c")
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "--debug", "verify", str(tmp_path / "c")], cwd=ROOT,
-                         env=ENV, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--debug", "verify", str(tmp_path / "c")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1 and "Traceback" in res.stderr and "CorruptCache" in res.stderr

@@ -1,5 +1,6 @@
 """Nothing lost, nothing silently wrong: a cache is replaced only by a whole one, writers of one cache never undo
 each other's parts, a part is sealed only as it was written, and every read checks the bytes it reads."""
+
 import json
 import os
 import subprocess
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from synthetic import plan, samples, write_cache
 
 import storage
 from pipeline.cli import main
-from synthetic import plan, samples, write_cache
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"}
@@ -32,12 +33,14 @@ def one_error_line(output: str) -> str:
 
 # -- convert never deletes its source, and replaces a destination only with a whole cache
 
+
 def test_convert_refuses_a_destination_that_is_holds_or_lies_in_its_source(tmp_path):
     write_cache(tmp_path / "c")
     before = storage.verify(tmp_path / "c")
     for dst in (tmp_path / "c", tmp_path / "c/sub", tmp_path / "c/parts/x", tmp_path):
-        res = CliRunner().invoke(main, ["convert", str(tmp_path / "c"), str(dst), "--logprob-dtype", "q8",
-                                        "--overwrite"])
+        res = CliRunner().invoke(
+            main, ["convert", str(tmp_path / "c"), str(dst), "--logprob-dtype", "q8", "--overwrite"]
+        )
         assert res.exit_code == 1 and "outside the source" in one_error_line(res.output)
     assert storage.verify(tmp_path / "c") == before
 
@@ -74,8 +77,9 @@ print(json.dumps({"wrote": wrote, "complete": w.finalize() is not None}))
 def start_writer(tmp_path, out, delay):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    return subprocess.Popen([sys.executable, str(script), str(out), str(delay)], env=ENV, stdout=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), str(delay)], env=ENV, stdout=subprocess.PIPE, text=True
+    )
 
 
 def test_two_writers_of_one_cache_split_its_parts_and_both_finish(tmp_path):
@@ -109,6 +113,7 @@ def test_a_live_writers_part_is_neither_cleared_nor_taken_and_its_peer_waits_for
 
 # -- a part is sealed only as it was written
 
+
 def test_a_part_damaged_before_the_manifest_is_never_sealed(tmp_path):
     w = storage.CacheWriter(tmp_path / "c", plan(num_rows=10, part_size=4))
     data = samples(10)
@@ -125,14 +130,20 @@ def test_a_part_damaged_before_the_manifest_is_never_sealed(tmp_path):
 
 # -- every read checks the bytes it reads: a flipped, truncated or missing file is an error, never other values
 
+
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])
 def test_every_read_checks_the_bytes_it_reads(tmp_path, backend):
     write_cache(tmp_path / "c", backend, ids="bitpack", logprob_dtype="q8", top_p=0.8, draws=4)
     files = sorted(p for p in (tmp_path / "c/parts/part-000001").rglob("*") if p.is_file())
     for f in files:
         raw = f.read_bytes()
-        damages = [lambda: flip(f, 0), lambda: flip(f, len(raw) // 2), lambda: flip(f, -1),
-                   lambda: f.write_bytes(raw[:-1]), lambda: f.unlink()]
+        damages = [
+            lambda: flip(f, 0),
+            lambda: flip(f, len(raw) // 2),
+            lambda: flip(f, -1),
+            lambda: f.write_bytes(raw[:-1]),
+            lambda: f.unlink(),
+        ]
         for damage in damages:
             damage()
             with pytest.raises(storage.CorruptCache, match="part-000001"):
@@ -184,8 +195,13 @@ def test_a_crafted_arrow_part_with_valid_checksums_is_an_error_never_a_crash(tmp
     ends in CacheError or in values that verify accepts, and the process never dies of an out-of-bounds read."""
     write_cache(tmp_path / "c", "arrow", num_rows=4, part_size=4)
     (tmp_path / "crafted.py").write_text(CRAFTED_ARROW)
-    res = subprocess.run([sys.executable, str(tmp_path / "crafted.py"), str(tmp_path / "c")], env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(tmp_path / "crafted.py"), str(tmp_path / "c")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert int(res.stdout) > 100, res.stdout
 
@@ -197,7 +213,7 @@ def test_a_swap_cut_short_between_its_renames_is_finished_by_the_next_run(tmp_pa
     for p in w.missing_parts():
         w.write_part(p, [data[i] for i in w.part_rows(p)])
     storage.writer.write_manifest(w.path, w.plan)
-    os.rename(tmp_path / "c", tmp_path / ".c.replaced-killed0")             # killed between the two renames
+    os.rename(tmp_path / "c", tmp_path / ".c.replaced-killed0")  # killed between the two renames
     again = storage.CacheWriter(tmp_path / "c", plan(k=4), overwrite=True)
     assert again.missing_parts() == [] and again.finalize()["cache_key"] == w.plan["cache_key"]
     assert storage.verify(tmp_path / "c")["encoding"]["top_k"] == 4

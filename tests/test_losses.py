@@ -29,12 +29,16 @@ def random_case(seed):
     s = torch.randn(n, v, generator=g) * scale
     t = torch.randn(n, v, generator=g) * scale
     temp = [0.5, 1.0, 2.0][seed % 3]
-    params = dict(mu=float(torch.rand(1, generator=g)), beta=float(torch.rand(1, generator=g)),
-                  alpha=float(torch.rand(1, generator=g)))
+    params = dict(
+        mu=float(torch.rand(1, generator=g)),
+        beta=float(torch.rand(1, generator=g)),
+        alpha=float(torch.rand(1, generator=g)),
+    )
     return s, t, temp, params
 
 
 # -- the property: with k = |V| every sparse kind is its dense twin, values and gradients
+
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("seed", range(12))
@@ -62,8 +66,9 @@ def test_dense_jsd_matches_trl_formula():
     ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
     kl = torch.nn.functional.kl_div
-    want = beta * kl(lm, lt, reduction="none", log_target=True).sum(-1) + \
-        (1 - beta) * kl(lm, ls, reduction="none", log_target=True).sum(-1)
+    want = beta * kl(lm, lt, reduction="none", log_target=True).sum(-1) + (1 - beta) * kl(
+        lm, ls, reduction="none", log_target=True
+    ).sum(-1)
     torch.testing.assert_close(dense_kd_loss(s, t, "jsd", beta=beta), want)
 
 
@@ -106,6 +111,7 @@ def test_temperature_is_applied_to_the_student():
 
 # -- the chunked lm_head path
 
+
 @pytest.mark.parametrize("kind", ["fkl", "akl", "jsd"])
 def test_hidden_chunked_path_equals_logits_path(kind):
     g = torch.Generator().manual_seed(0)
@@ -124,6 +130,7 @@ def test_hidden_chunked_path_equals_logits_path(kind):
 
 # -- edge cases: nothing non-finite from finite (or -inf masked) inputs
 
+
 def assert_finite(kind, s, ids, lp, tail_logmass, **kw):
     s = s.clone().requires_grad_()
     loss = sparse_kd_loss(s, ids, lp, tail_logmass, kind, **kw)
@@ -141,7 +148,7 @@ def test_masked_student_logits_and_zero_tail(kind):
     assert_finite(kind, s, ids, lp, tail)
     assert_finite(kind, s, ids, lp, torch.full_like(tail, float("-inf")))
     s2 = s.clone()
-    s2[:, 5:] = float("-inf")            # student puts no mass outside a set: Q_R may be 0
+    s2[:, 5:] = float("-inf")  # student puts no mass outside a set: Q_R may be 0
     assert_finite(kind, s2, ids, lp, tail)
 
 
@@ -190,6 +197,7 @@ def test_token_logprob_is_cross_entropy():
 
 # -- errors
 
+
 def test_clear_errors():
     s = torch.randn(2, 10)
     ids, lp, tail = teacher_topk(torch.randn(2, 10), 3)
@@ -211,7 +219,7 @@ def test_fused_cross_entropy_equals_separate_losses(kind, temp):
     g = torch.Generator().manual_seed(4)
     s, y = torch.randn(9, 30, generator=g), torch.randint(0, 30, (9,), generator=g)
     ids, lp, tail = teacher_topk(torch.randn(9, 30, generator=g), 5, temp)
-    y[0] = ids[0, 0]                                   # a target inside the top-k and others outside
+    y[0] = ids[0, 0]  # a target inside the top-k and others outside
     w = torch.rand(9, generator=g)
 
     def fused(x):
@@ -219,8 +227,9 @@ def test_fused_cross_entropy_equals_separate_losses(kind, temp):
         return kd + w * ce
 
     def apart(x):
-        return sparse_kd_loss(x, ids, lp, tail, kind, temperature=temp) + \
-            w * torch.nn.functional.cross_entropy(x, y, reduction="none")
+        return sparse_kd_loss(x, ids, lp, tail, kind, temperature=temp) + w * torch.nn.functional.cross_entropy(
+            x, y, reduction="none"
+        )
 
     a, ga = grads(fused, s)
     b, gb = grads(apart, s)
@@ -229,6 +238,7 @@ def test_fused_cross_entropy_equals_separate_losses(kind, temp):
 
 
 # -- ragged rows, drawn tail tokens, renormalization
+
 
 def pad_rows(ids, lp, widths, extra=3):
     """Rows cut to the given widths and padded (id −1, log-prob −inf) to a common width plus `extra` columns."""
@@ -249,13 +259,17 @@ def test_padding_changes_nothing(kind):
     widths = [1, 5, 3, 7, 2, 4]
     ids, lp, _ = teacher_topk(t, 7)
     logp = torch.log_softmax(t, -1)
-    tail = torch.stack([torch.logsumexp(logp[r].scatter(0, ids[r, :n], float("-inf")), 0) for r, n in enumerate(widths)])
+    tail = torch.stack(
+        [torch.logsumexp(logp[r].scatter(0, ids[r, :n], float("-inf")), 0) for r, n in enumerate(widths)]
+    )
     pid, plp = pad_rows(ids, lp, widths)
     padded_v, padded_g = grads(lambda x: sparse_kd_loss(x, pid, plp, tail, kind), s)
     for r, n in enumerate(widths):
-        v, gr = grads(lambda x: sparse_kd_loss(x, ids[r:r + 1, :n], lp[r:r + 1, :n], tail[r:r + 1], kind), s[r:r + 1])
-        torch.testing.assert_close(padded_v[r:r + 1], v)
-        torch.testing.assert_close(padded_g[r:r + 1], gr)
+        v, gr = grads(
+            lambda x: sparse_kd_loss(x, ids[r : r + 1, :n], lp[r : r + 1, :n], tail[r : r + 1], kind), s[r : r + 1]
+        )
+        torch.testing.assert_close(padded_v[r : r + 1], v)
+        torch.testing.assert_close(padded_g[r : r + 1], gr)
 
 
 def fkl_grad_with_draws(s, logp, head, n_draws, reps, gen):
@@ -275,11 +289,15 @@ def fkl_grad_with_draws(s, logp, head, n_draws, reps, gen):
     d_lp = torch.full((reps, m), float("-inf"))
     log_pr = torch.log(tail_p.sum())
     for r, (u, c) in enumerate(zip(ids, counts)):
-        d_ids[r, :len(u)], d_lp[r, :len(u)] = u, log_pr + torch.log(c / n_draws)
+        d_ids[r, : len(u)], d_lp[r, : len(u)] = u, log_pr + torch.log(c / n_draws)
     h = len(head)
     hid = head.expand(reps, h) if h else torch.zeros((reps, 0), dtype=torch.long)
-    _, gr = grads(lambda x: sparse_kd_loss(x, hid, logp[head].expand(reps, h), log_pr.expand(reps), "fkl",
-                                           drawn_ids=d_ids, drawn_logprobs=d_lp), s.expand(reps, v).contiguous())
+    _, gr = grads(
+        lambda x: sparse_kd_loss(
+            x, hid, logp[head].expand(reps, h), log_pr.expand(reps), "fkl", drawn_ids=d_ids, drawn_logprobs=d_lp
+        ),
+        s.expand(reps, v).contiguous(),
+    )
     return gr.mean(0)
 
 
@@ -297,8 +315,9 @@ def test_drawn_tail_tokens_give_an_unbiased_fkl_gradient(head_width):
     if head_width:
         rest = logp.clone()
         rest[head] = float("-inf")
-        _, bucket = grads(lambda x: sparse_kd_loss(x, head[None], logp[head][None], torch.logsumexp(rest, 0)[None],
-                                                   "fkl"), s)
+        _, bucket = grads(
+            lambda x: sparse_kd_loss(x, head[None], logp[head][None], torch.logsumexp(rest, 0)[None], "fkl"), s
+        )
         assert (bucket[0] - dense).abs().max() > 5 * (est - dense).abs().max()
 
 
@@ -309,11 +328,15 @@ def test_drawn_tokens_keep_every_kind_finite_and_student_weighted_terms_exact(ki
     ids, lp, tail = teacher_topk(t, 3)
     d_ids = torch.tensor([[5, 9, -1], [7, -1, -1], [-1, -1, -1], [11, 12, 13]])
     d_ids = torch.where(torch.isin(d_ids, ids), torch.full_like(d_ids, -1), d_ids)
-    d_lp = torch.where(d_ids >= 0, tail[:, None] + math.log(1 / 3), torch.full_like(tail[:, None], float("-inf")).expand(4, 3))
+    d_lp = torch.where(
+        d_ids >= 0, tail[:, None] + math.log(1 / 3), torch.full_like(tail[:, None], float("-inf")).expand(4, 3)
+    )
     assert_finite(kind, s, ids, lp, tail, drawn_ids=d_ids, drawn_logprobs=d_lp)
-    if kind in ("rkl", "srkl", "tvd"):          # no teacher-weighted term: the draws change nothing
-        torch.testing.assert_close(sparse_kd_loss(s, ids, lp, tail, kind, drawn_ids=d_ids, drawn_logprobs=d_lp),
-                                   sparse_kd_loss(s, ids, lp, tail, kind))
+    if kind in ("rkl", "srkl", "tvd"):  # no teacher-weighted term: the draws change nothing
+        torch.testing.assert_close(
+            sparse_kd_loss(s, ids, lp, tail, kind, drawn_ids=d_ids, drawn_logprobs=d_lp),
+            sparse_kd_loss(s, ids, lp, tail, kind),
+        )
 
 
 def test_renormalize_is_distillkits_sparse_kl():
@@ -330,6 +353,7 @@ def test_renormalize_is_distillkits_sparse_kl():
 
 
 # -- the on-policy objective
+
 
 def test_policy_gradient_matches_its_analytic_form():
     """∇_z [−w·sg(log p − log q(y))·log q(y)] = w·(log q(y) − log p(y))·(e_y − softmax(z)), w = min(clip, q/π)."""

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import plan, samples, write_cache
 
 import storage
-from synthetic import plan, samples, write_cache
 
 BACKENDS = ["zarr", "arrow"]
 
@@ -23,12 +23,16 @@ def assert_same_sample(a, b):
 
 def written(sample, t=0):
     """What a float16 cache returns for a synthetic sample written at full width."""
-    return {**sample, "topk_logprobs": sample["topk_logprobs"][t].astype(np.float16).astype(np.float32),
-            "tail_logmass": sample["tail_logmass"][t],
-            "target_logprob": sample["target_logprob"][t].astype(np.float16).astype(np.float32)}
+    return {
+        **sample,
+        "topk_logprobs": sample["topk_logprobs"][t].astype(np.float16).astype(np.float32),
+        "tail_logmass": sample["tail_logmass"][t],
+        "target_logprob": sample["target_logprob"][t].astype(np.float16).astype(np.float32),
+    }
 
 
 # -- round trip: what is written is what is read, in both backends
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_round_trip(tmp_path, backend):
@@ -83,10 +87,17 @@ def test_drawn_tail_tokens_come_back_as_estimates(tmp_path, backend):
 
 def test_empty_samples_and_parts_round_trip(tmp_path):
     from storage import CacheWriter
+
     w = CacheWriter(tmp_path / "c", plan(num_rows=3, part_size=2))
-    empty = {"sample_index": 1, "input_ids": np.arange(4), "loss_mask": np.zeros(4, np.uint8),
-             "topk_ids": np.zeros((0, 8), np.int64), "topk_logprobs": np.zeros((1, 0, 8), np.float32),
-             "tail_logmass": np.zeros((1, 0), np.float32), "target_logprob": np.zeros((1, 0), np.float32)}
+    empty = {
+        "sample_index": 1,
+        "input_ids": np.arange(4),
+        "loss_mask": np.zeros(4, np.uint8),
+        "topk_ids": np.zeros((0, 8), np.int64),
+        "topk_logprobs": np.zeros((1, 0, 8), np.float32),
+        "tail_logmass": np.zeros((1, 0), np.float32),
+        "target_logprob": np.zeros((1, 0), np.float32),
+    }
     w.write_part(0, [samples(1)[0], empty])
     w.write_part(1, [])
     m = w.finalize()
@@ -98,8 +109,12 @@ def test_empty_samples_and_parts_round_trip(tmp_path):
 def test_ids_use_the_narrowest_type(tmp_path):
     write_cache(tmp_path / "c", vocab=200)
     assert storage.open_cache(tmp_path / "c").encoding["ids"]["dtype"] == "uint8"
-    assert storage.make_plan(backend="zarr", k=4, temperatures=[1], vocab_size=151936, num_rows=1, part_size=1,
-                             identity={})["encoding"]["ids"]["dtype"] == "uint32"
+    assert (
+        storage.make_plan(
+            backend="zarr", k=4, temperatures=[1], vocab_size=151936, num_rows=1, part_size=1, identity={}
+        )["encoding"]["ids"]["dtype"]
+        == "uint32"
+    )
 
 
 @pytest.mark.parametrize("src,dst", [("zarr", "arrow"), ("arrow", "zarr")])
@@ -117,7 +132,10 @@ def test_convert_between_backends_copies_the_encoded_arrays(tmp_path, src, dst):
 def test_convert_to_a_compact_encoding_records_its_decode_error(tmp_path):
     write_cache(tmp_path / "a", num_rows=12, temperatures=(1.0, 2.0))
     m = storage.convert(tmp_path / "a", tmp_path / "b", top_p=0.9, ids="bitpack", logprobs="q8")
-    assert m["encoding"]["logprobs"]["name"] == "q8" and m["cache_key"] != storage.open_cache(tmp_path / "a").manifest["cache_key"]
+    assert (
+        m["encoding"]["logprobs"]["name"] == "q8"
+        and m["cache_key"] != storage.open_cache(tmp_path / "a").manifest["cache_key"]
+    )
     stats = storage.statistics(tmp_path / "b")
     assert 0 < stats["decode_kl_mean"] < 1e-3 and stats["mean_width"] < 8
     a, b = storage.open_cache(tmp_path / "a"), storage.open_cache(tmp_path / "b")
@@ -125,7 +143,7 @@ def test_convert_to_a_compact_encoding_records_its_decode_error(tmp_path):
         np.testing.assert_allclose(a[i]["target_logprob"], b[i]["target_logprob"])
         w = (b[i]["topk_ids"] >= 0).sum(1)
         for r in range(len(w)):
-            np.testing.assert_array_equal(a[i]["topk_ids"][r, :w[r]], b[i]["topk_ids"][r, :w[r]])
+            np.testing.assert_array_equal(a[i]["topk_ids"][r, : w[r]], b[i]["topk_ids"][r, : w[r]])
     storage.verify(tmp_path / "b")
 
 
@@ -137,7 +155,9 @@ def test_convert_to_fewer_entries_keeps_the_tail_exact(tmp_path):
     for i in range(6):
         np.testing.assert_array_equal(b[i]["topk_ids"], data[i]["topk_ids"][:, :3])
         dropped = np.exp(data[i]["topk_logprobs"][0, :, 3:].astype(np.float64)).sum(1)
-        np.testing.assert_allclose(np.exp(b[i]["tail_logmass"]), np.exp(data[i]["tail_logmass"][0]) + dropped, rtol=1e-6)
+        np.testing.assert_allclose(
+            np.exp(b[i]["tail_logmass"]), np.exp(data[i]["tail_logmass"][0]) + dropped, rtol=1e-6
+        )
     with pytest.raises(ValueError, match="wider than the source"):
         storage.convert(tmp_path / "a", tmp_path / "c", top_k=9)
 
@@ -166,7 +186,9 @@ def test_version_1_caches_still_read_verify_and_convert(tmp_path, backend):
             got = c[i]
             np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
             np.testing.assert_array_equal(got["topk_ids"], np.array(want["topk_ids"]).reshape(-1, 4))
-            np.testing.assert_array_equal(got["topk_logprobs"], np.array(want["topk_logprobs"][t], np.float32).reshape(-1, 4))
+            np.testing.assert_array_equal(
+                got["topk_logprobs"], np.array(want["topk_logprobs"][t], np.float32).reshape(-1, 4)
+            )
             np.testing.assert_array_equal(got["tail_logmass"], np.array(want["tail_logmass"][t], np.float32))
     storage.convert(V1 / f"v1-{backend}", tmp_path / "v2", "arrow")
     new = storage.open_cache(tmp_path / "v2", temperature=2.0)
@@ -178,11 +200,16 @@ def test_version_1_caches_still_read_verify_and_convert(tmp_path, backend):
 
 # -- streaming, random access and splits
 
+
 def test_streaming_split_covers_every_sample_once(tmp_path):
     write_cache(tmp_path / "c", num_rows=23, part_size=3)
     cache = storage.open_cache(tmp_path / "c", max_parts_in_memory=1)
-    seen = [s["sample_index"] for rank in range(2) for w in range(2)
-            for s in cache.stream(rank=rank, world_size=2, worker=w, num_workers=2)]
+    seen = [
+        s["sample_index"]
+        for rank in range(2)
+        for w in range(2)
+        for s in cache.stream(rank=rank, world_size=2, worker=w, num_workers=2)
+    ]
     assert sorted(seen) == list(range(23))
     assert [s["sample_index"] for s in cache.stream()] == list(range(23))
 
@@ -207,6 +234,7 @@ def test_temperature_not_cached_is_refused(tmp_path):
 
 
 # -- parts, resume, manifest
+
 
 def test_incomplete_cache_has_no_manifest_and_cannot_be_opened(tmp_path):
     w = storage.CacheWriter(tmp_path / "c", plan(num_rows=10, part_size=4))
@@ -255,7 +283,7 @@ def test_overwrite_keeps_the_old_cache_until_the_new_one_is_whole(tmp_path):
     w.write_part(last, [data[i] for i in w.part_rows(last)])
     m = w.finalize()
     assert storage.open_cache(tmp_path / "c").k == 4 and storage.verify(tmp_path / "c")["cache_key"] == m["cache_key"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]              # no staging or replaced folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no staging or replaced folder left
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".locks", "manifest.json", "parts", "plan.json"]
 
 
@@ -303,6 +331,7 @@ def test_sigkill_at_any_instant_then_resume_equals_one_run(tmp_path, backend):
 
 # -- verify
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_verify_catches_a_flipped_byte_in_any_part_file(tmp_path, backend):
     write_cache(tmp_path / "c", backend)
@@ -322,9 +351,10 @@ def test_verify_catches_a_flipped_byte_in_any_part_file(tmp_path, backend):
 def test_verify_checks_values_not_only_checksums(tmp_path):
     """A writer that stored unsorted log-probs is caught even with matching checksums."""
     from storage.writer import write_manifest
+
     w = storage.CacheWriter(tmp_path / "c", plan(num_rows=4, part_size=4))
     bad = samples(4)
-    bad[1]["topk_logprobs"] = bad[1]["topk_logprobs"][..., ::-1].copy()      # stored as float16, as given
+    bad[1]["topk_logprobs"] = bad[1]["topk_logprobs"][..., ::-1].copy()  # stored as float16, as given
     w.write_part(0, bad)
     write_manifest(w.path, w.plan)
     with pytest.raises(storage.VerifyError, match="part-000000: temperature 0: top-k log-probabilities are not sorted"):
@@ -342,10 +372,12 @@ def test_statistics_report_size_and_tail(tmp_path):
 def test_block_shuffle_plans_mix_caches_per_micro_batch(tmp_path):
     """A mixture's plan draws whole micro-batches from each cache in the given shares, deterministically."""
     from pipeline import sources
+
     write_cache(tmp_path / "a", num_rows=40, part_size=8)
     write_cache(tmp_path / "b", num_rows=24, part_size=8, seed=1)
-    mix = sources.MixtureSource([sources.CacheSource(tmp_path / "a"), sources.CacheSource(tmp_path / "b")],
-                                 [0.25, 0.75])
+    mix = sources.MixtureSource(
+        [sources.CacheSource(tmp_path / "a"), sources.CacheSource(tmp_path / "b")], [0.25, 0.75]
+    )
     plans = [mix.plan(0, e, 2, None, 4, 1) for e in range(30)]
     assert plans[3] == mix.plan(0, 3, 2, None, 4, 1) and plans[3] != plans[4]
     source_of = [[int(i >= 40) for i in b] for p in plans for b in p]

@@ -5,13 +5,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tiny import build
 from transformers import AutoModelForCausalLM
 
 import storage
@@ -19,9 +20,10 @@ from pipeline import batches, losses, models, scoring, teachers
 from pipeline.cli import main
 from pipeline.data import DataConfig
 from pipeline.errors import Diverged, OptionError
-from stages import cache_teacher as ct, prepare_demo, train as tr
+from stages import cache_teacher as ct
+from stages import prepare_demo
+from stages import train as tr
 from stages.train import TrainConfig
-from tiny import build
 
 ROOT = Path(__file__).parents[1]
 
@@ -32,13 +34,32 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     paths = build(root, train_size=96, test_size=16, archs=("gpt2", "llama"))
     train_data = DataConfig(paths["train"], prompt_field="prompt", response_field="response")
-    tr.run(TrainConfig(student=paths["gpt2"], out=str(root / "teacher"), loss="ce", data=train_data, max_steps=40,
-                       lr=3e-3, batch_size=16, progress=False, log_every=40))
+    tr.run(
+        TrainConfig(
+            student=paths["gpt2"],
+            out=str(root / "teacher"),
+            loss="ce",
+            data=train_data,
+            max_steps=40,
+            lr=3e-3,
+            batch_size=16,
+            progress=False,
+            log_every=40,
+        )
+    )
     paths["teacher"] = str(root / "teacher/final")
     for split in ("train", "test"):
-        ct.run(ct.CacheTeacherConfig(teacher=paths["teacher"], data=DataConfig(paths[split], prompt_field="prompt",
-                                     response_field="response"), out=str(root / f"cache-{split}"), top_k=16,
-                                     temperatures=(1.0, 2.0), part_size=32, progress=False))
+        ct.run(
+            ct.CacheTeacherConfig(
+                teacher=paths["teacher"],
+                data=DataConfig(paths[split], prompt_field="prompt", response_field="response"),
+                out=str(root / f"cache-{split}"),
+                top_k=16,
+                temperatures=(1.0, 2.0),
+                part_size=32,
+                progress=False,
+            )
+        )
         paths[f"cache_{split}"] = str(root / f"cache-{split}")
     paths["root"] = root
     return paths
@@ -52,12 +73,22 @@ def heldout_kl(model_path, cache):
 
 
 def distill(world, out, loss="fkl", **kw):
-    cfg = dict(student=world["llama"], out=str(out), loss=loss, cache=world["cache_train"], max_steps=30, lr=3e-3,
-               batch_size=8, progress=False, log_every=5)
+    cfg = dict(
+        student=world["llama"],
+        out=str(out),
+        loss=loss,
+        cache=world["cache_train"],
+        max_steps=30,
+        lr=3e-3,
+        batch_size=8,
+        progress=False,
+        log_every=5,
+    )
     return tr.run(TrainConfig(**{**cfg, **kw}))
 
 
 # -- every loss brings the student closer to the teacher
+
 
 @pytest.mark.parametrize("loss", losses.KINDS)
 def test_every_loss_lowers_heldout_kl_to_the_teacher(world, tmp_path, loss):
@@ -73,16 +104,37 @@ def test_every_loss_lowers_heldout_kl_to_the_teacher(world, tmp_path, loss):
 
 def test_sft_without_a_cache_lowers_ce(world, tmp_path):
     data = DataConfig(world["train"], prompt_field="prompt", response_field="response")
-    tr.run(TrainConfig(student=world["llama"], out=str(tmp_path / "sft"), loss="ce", data=data, max_steps=30,
-                       lr=3e-3, progress=False, log_every=1))
+    tr.run(
+        TrainConfig(
+            student=world["llama"],
+            out=str(tmp_path / "sft"),
+            loss="ce",
+            data=data,
+            max_steps=30,
+            lr=3e-3,
+            progress=False,
+            log_every=1,
+        )
+    )
     rows = [json.loads(l) for l in open(tmp_path / "sft/metrics.jsonl")]
     assert rows[-1]["ce"] < rows[0]["ce"] - 0.5
 
 
 def test_init_from_config_and_kd_mix_and_accumulation(world, tmp_path):
-    s = distill(world, tmp_path / "r", "akl", student=world["llama"], init_from_config=True,
-                tokenizer=world["tokenizer"], kd_ratio=0.5, grad_accum=2, batch_tokens=300, max_steps=4,
-                eval_cache=world["cache_test"], eval_every=2)
+    s = distill(
+        world,
+        tmp_path / "r",
+        "akl",
+        student=world["llama"],
+        init_from_config=True,
+        tokenizer=world["tokenizer"],
+        kd_ratio=0.5,
+        grad_accum=2,
+        batch_tokens=300,
+        max_steps=4,
+        eval_cache=world["cache_test"],
+        eval_every=2,
+    )
     assert s["steps"] == 4
     rows = [json.loads(l) for l in open(tmp_path / "r/metrics.jsonl")]
     assert any("eval_kd" in r for r in rows)
@@ -101,20 +153,35 @@ def test_accumulation_normalizes_over_the_whole_step(world, tmp_path):
 
 # -- interruption: a killed run resumed ends bit-identical to an uninterrupted one
 
+
 def test_sigkill_and_resume_is_bit_identical(world, tmp_path):
-    args = ["train", "--student", world["gpt2"], "--cache", world["cache_train"], "--loss", "akl", "--max-steps", "150",
-            "--batch-size", "4", "--save-every", "20", "--lr", "1e-3", "--log-every", "5"]
+    args = [
+        "train",
+        "--student",
+        world["gpt2"],
+        "--cache",
+        world["cache_train"],
+        "--loss",
+        "akl",
+        "--max-steps",
+        "150",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "20",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "5",
+    ]
     ref = CliRunner().invoke(main, args + ["--out", str(tmp_path / "ref")])
     assert ref.exit_code == 0, ref.output
     cmd = [sys.executable, "-m", "pipeline.cli"] + args + ["--out", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = tmp_path / "run/checkpoints/latest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not latest.exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.exists() and not (tmp_path / "run/final").exists(), "the kill did not land mid-run"
+    env = tiny.killed_after_saves(tmp_path / "hook", 2)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 40
+    assert not (tmp_path / "run/final").exists()
     subprocess.run(cmd + ["--resume"], cwd=ROOT, check=True, capture_output=True)
     a, b = load_file(tmp_path / "ref/final/model.safetensors"), load_file(tmp_path / "run/final/model.safetensors")
     for k in a:
@@ -131,15 +198,27 @@ def test_resume_with_other_settings_is_refused(world, tmp_path):
 
 # -- DDP: two CPU processes with gloo match one process
 
+
+@pytest.mark.distributed
 def test_ddp_two_processes_match_one(world, tmp_path):
-    args = ["train", "--student", world["llama"], "--cache", world["cache_train"], "--loss", "jsd", "--max-steps", "6",
-            "--batch-size", "8", "--lr", "2e-3"]
+    args = [
+        "train",
+        "--student",
+        world["llama"],
+        "--cache",
+        world["cache_train"],
+        "--loss",
+        "jsd",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+    ]
     single = CliRunner().invoke(main, args + ["--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                    "-m", "pipeline.cli"] + args + ["--out", str(tmp_path / "two")], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)
+    torchrun(args, tmp_path / "two")
     a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
@@ -148,24 +227,31 @@ def test_ddp_two_processes_match_one(world, tmp_path):
 
 # -- refusals
 
+
 def test_vocabulary_mismatched_student_is_refused(world, tmp_path):
     prepare_demo.save_tokenizer(tmp_path / "tok", ["completely different text " * 5], 280)
     small = prepare_demo.save_model(tmp_path / "s", tmp_path / "tok", "llama", 1, 16, 2)
-    res = CliRunner().invoke(main, ["train", "--student", small, "--cache", world["cache_train"], "--out",
-                                    str(tmp_path / "r")])
+    res = CliRunner().invoke(
+        main, ["train", "--student", small, "--cache", world["cache_train"], "--out", str(tmp_path / "r")]
+    )
     assert res.exit_code == 1 and res.output.count("error:") == 1
     assert "cache holds token ids up to" in res.output or "tokenizer differs" in res.output
     assert not (tmp_path / "r/final").exists()
 
 
-@pytest.mark.parametrize("extra,expect", [
-    (["--temperature", "3.0"], "temperature 3.0 is not in this cache; cached temperatures: 1.0, 2.0"),
-    (["--loss", "kl"], "unknown --loss 'kl'"),
-    (["--loss", "akl", "--mu", "2"], "mu=2.0 is out of range"),
-])
+@pytest.mark.parametrize(
+    "extra,expect",
+    [
+        (["--temperature", "3.0"], "temperature 3.0 is not in this cache; cached temperatures: 1.0, 2.0"),
+        (["--loss", "kl"], "unknown --loss 'kl'"),
+        (["--loss", "akl", "--mu", "2"], "mu=2.0 is out of range"),
+    ],
+)
 def test_bad_training_options_are_one_line_errors(world, tmp_path, extra, expect):
-    res = CliRunner().invoke(main, ["train", "--student", world["llama"], "--cache", world["cache_train"], "--out",
-                                    str(tmp_path / "r")] + extra)
+    res = CliRunner().invoke(
+        main,
+        ["train", "--student", world["llama"], "--cache", world["cache_train"], "--out", str(tmp_path / "r")] + extra,
+    )
     assert res.exit_code == 1 and expect in res.output, res.output
 
 
@@ -190,55 +276,66 @@ def test_dataloader_workers_give_the_same_run(world, tmp_path):
 def test_padded_embedding_rows_are_outside_the_softmax(world, tmp_path):
     """A student whose tables are padded past the tokenizer trains; the padded lm_head rows get no gradient."""
     tok = models.load_tokenizer(world["llama"])
-    padded = prepare_demo.save_model(tmp_path / "padded", world["tokenizer"], "llama", 2, 32, 2, vocab_size=len(tok) + 13)
+    padded = prepare_demo.save_model(
+        tmp_path / "padded", world["tokenizer"], "llama", 2, 32, 2, vocab_size=len(tok) + 13
+    )
     distill(world, tmp_path / "r", student=padded, max_steps=3, weight_decay=0.0)
     before = load_file(tmp_path / "padded/model.safetensors")["lm_head.weight"]
     after = load_file(tmp_path / "r/final/model.safetensors")["lm_head.weight"]
     assert after.shape[0] == len(tok) + 13
-    assert torch.equal(before[len(tok):], after[len(tok):]) and not torch.equal(before[:len(tok)], after[:len(tok)])
+    assert torch.equal(before[len(tok) :], after[len(tok) :]) and not torch.equal(before[: len(tok)], after[: len(tok)])
 
 
 # -- FSDP2 over 2 gloo processes, gradient checkpointing
 
-def torchrun(args, out, port, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "pipeline.cli"] + args + ["--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+
+def torchrun(args, out, env=None, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(tiny.free_port()), "-m", "pipeline.cli"] + args + ["--out", str(out)]  # fmt: skip
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, check=check, capture_output=True, timeout=300)
 
 
 def weights(run):
     return load_file(Path(run) / "final/model.safetensors")
 
 
+@pytest.mark.distributed
 def test_fsdp_matches_one_process_and_resumes_bit_identically(world, tmp_path):
     """FSDP2 with gradient checkpointing on 2 ranks ends where one process without either does; killed with SIGKILL
     and resumed from its sharded checkpoint, it ends exactly where the uninterrupted FSDP run does; the final model
     is a consolidated folder from_pretrained loads."""
-    args = ["train", "--student", world["llama"], "--cache", world["cache_train"], "--loss", "akl", "--max-steps", "24",
-            "--batch-size", "8", "--lr", "2e-3", "--log-every", "4"]
+    args = [
+        "train",
+        "--student",
+        world["llama"],
+        "--cache",
+        world["cache_train"],
+        "--loss",
+        "akl",
+        "--max-steps",
+        "24",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--log-every",
+        "4",
+    ]
     single = CliRunner().invoke(main, args + ["--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
     sharded = args + ["--fsdp", "--gradient-checkpointing", "--save-every", "4"]
-    torchrun(sharded, tmp_path / "fsdp", 29561)
+    torchrun(sharded, tmp_path / "fsdp")
     a, b = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
     AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp/final")
 
-    proc = torchrun(sharded, tmp_path / "killed", 29562, popen=True)
-    latest = tmp_path / "killed/checkpoints/latest.json"
-    deadline = time.time() + 180
-    while time.time() < deadline and not latest.exists():
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest.exists() and not (tmp_path / "killed/final").exists(), "the kill did not land mid-run"
+    killed = torchrun(sharded, tmp_path / "killed", env=tiny.killed_after_saves(tmp_path / "hook", 1), check=False)
+    assert killed.returncode != 0 and not (tmp_path / "killed/final").exists(), "the kill did not land mid-run"
+    assert json.loads((tmp_path / "killed/checkpoints/latest.json").read_text())["step"] == 4
     assert len(list((tmp_path / "killed/checkpoints").glob("step-*/tensors/*.safetensors"))) == 2, "a shard per rank"
-    torchrun(sharded + ["--resume"], tmp_path / "killed", 29563)
+    torchrun(sharded + ["--resume"], tmp_path / "killed")
     c = weights(tmp_path / "killed")
     for k in b:
         assert torch.equal(b[k], c[k]), k
@@ -253,6 +350,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(world, tmp_path):
 
 
 # -- packing
+
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_packed_batches_give_the_padded_loss_and_gradient(world, arch):
@@ -290,6 +388,7 @@ def test_packed_training_matches_padded_training(world, tmp_path):
 
 # -- the online teacher and the tail options
 
+
 def train_data(world):
     return DataConfig(world["train"], prompt_field="prompt", response_field="response")
 
@@ -298,8 +397,18 @@ def test_online_teacher_sees_the_cache_runs_batches(world, tmp_path):
     """--teacher over the data with top-k + tail on the fly follows the cache run step for step: same batches, same
     schedule, the same losses up to the cache's float16 log-probs."""
     distill(world, tmp_path / "cache", loss="akl", max_steps=4, log_every=1)
-    distill(world, tmp_path / "online", loss="akl", max_steps=4, log_every=1, cache=None, teacher=world["teacher"],
-            data=train_data(world), online_topk=16, part_size=32)
+    distill(
+        world,
+        tmp_path / "online",
+        loss="akl",
+        max_steps=4,
+        log_every=1,
+        cache=None,
+        teacher=world["teacher"],
+        data=train_data(world),
+        online_topk=16,
+        part_size=32,
+    )
     a = [json.loads(l) for l in open(tmp_path / "cache/metrics.jsonl")]
     b = [json.loads(l) for l in open(tmp_path / "online/metrics.jsonl")]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
@@ -309,8 +418,16 @@ def test_online_teacher_sees_the_cache_runs_batches(world, tmp_path):
 
 def test_dense_online_reference_lowers_heldout_kl(world, tmp_path):
     before = heldout_kl(world["llama"], world["cache_test"])
-    distill(world, tmp_path / "run", "fkl", cache=None, teacher=world["teacher"], data=train_data(world),
-            eval_data=DataConfig(world["test"], prompt_field="prompt", response_field="response"), eval_every=30)
+    distill(
+        world,
+        tmp_path / "run",
+        "fkl",
+        cache=None,
+        teacher=world["teacher"],
+        data=train_data(world),
+        eval_data=DataConfig(world["test"], prompt_field="prompt", response_field="response"),
+        eval_every=30,
+    )
     assert heldout_kl(str(tmp_path / "run/final"), world["cache_test"]) < 0.8 * before
     rows = [json.loads(l) for l in open(tmp_path / "run/metrics.jsonl")]
     assert "eval_kd" in rows[-1]
@@ -324,9 +441,20 @@ def test_renormalized_tail_trains_and_differs_from_the_bucket(world, tmp_path):
 
 
 def test_a_cache_with_drawn_tail_tokens_trains_every_kind(world, tmp_path):
-    ct.run(ct.CacheTeacherConfig(teacher=world["teacher"], data=train_data(world), out=str(tmp_path / "c"), top_k=8,
-                                 top_p=0.9, ids="bitpack", logprob_dtype="q8", tail_draws=16, part_size=32,
-                                 progress=False))
+    ct.run(
+        ct.CacheTeacherConfig(
+            teacher=world["teacher"],
+            data=train_data(world),
+            out=str(tmp_path / "c"),
+            top_k=8,
+            top_p=0.9,
+            ids="bitpack",
+            logprob_dtype="q8",
+            tail_draws=16,
+            part_size=32,
+            progress=False,
+        )
+    )
     for kind in ("fkl", "akl", "jsd"):
         s = distill(world, tmp_path / kind, kind, cache=str(tmp_path / "c"), max_steps=2)
         assert s["nonfinite"] == 0
@@ -334,9 +462,21 @@ def test_a_cache_with_drawn_tail_tokens_trains_every_kind(world, tmp_path):
 
 def test_a_cache_of_draws_alone_trains_teacher_weighted_kinds_and_refuses_the_others(world, tmp_path):
     """Random-Sampling KD (no head): fkl learns from the draws; rkl/akl would see one bucket holding all the mass."""
-    ct.run(ct.CacheTeacherConfig(teacher=world["teacher"], data=train_data(world), out=str(tmp_path / "c"), top_k=8,
-                                 top_p=0.0, min_k=0, ids="bitpack", logprob_dtype="q8", tail_draws=16, part_size=32,
-                                 progress=False))
+    ct.run(
+        ct.CacheTeacherConfig(
+            teacher=world["teacher"],
+            data=train_data(world),
+            out=str(tmp_path / "c"),
+            top_k=8,
+            top_p=0.0,
+            min_k=0,
+            ids="bitpack",
+            logprob_dtype="q8",
+            tail_draws=16,
+            part_size=32,
+            progress=False,
+        )
+    )
     assert distill(world, tmp_path / "fkl", "fkl", cache=str(tmp_path / "c"), max_steps=2)["nonfinite"] == 0
     for kind, extra in (("rkl", {}), ("akl", {}), ("tvd", {}), ("jsd", {"beta": 1.0})):
         with pytest.raises(OptionError, match=f"--loss {kind}.* gets its signal from terms weighted by the student"):
@@ -345,23 +485,45 @@ def test_a_cache_of_draws_alone_trains_teacher_weighted_kinds_and_refuses_the_ot
         distill(world, tmp_path / "renorm", "fkl", cache=str(tmp_path / "c"), max_steps=2, tail="renormalize")
 
 
-@pytest.mark.parametrize("extra,expect", [
-    (["--fsdp"], "--fsdp runs under torchrun"),
-    (["--teacher", "t"], "give --cache (a cached teacher) or --teacher (run online), not both"),
-    (["--tail", "drop"], "Invalid value for '--tail'"),
-])
+@pytest.mark.parametrize(
+    "extra,expect",
+    [
+        (["--fsdp"], "--fsdp runs under torchrun"),
+        (["--teacher", "t"], "give --cache (a cached teacher) or --teacher (run online), not both"),
+        (["--tail", "drop"], "Invalid value for '--tail'"),
+    ],
+)
 def test_bad_scaling_options_are_one_line_errors(world, tmp_path, extra, expect):
-    res = CliRunner().invoke(main, ["train", "--student", world["llama"], "--cache", world["cache_train"], "--out",
-                                    str(tmp_path / "r")] + extra)
+    res = CliRunner().invoke(
+        main,
+        ["train", "--student", world["llama"], "--cache", world["cache_train"], "--out", str(tmp_path / "r")] + extra,
+    )
     assert res.exit_code != 0 and expect in res.output, res.output
 
 
 # -- a run folder holds one run: never an input, never another run's checkpoints, resumed only on its own inputs
 
+
 def cli_train(world, out, *extra, student=None, cache=None):
-    return CliRunner().invoke(main, ["train", "--student", student or world["llama"], "--cache",
-                                     cache or world["cache_train"], "--out", str(out), "--max-steps", "2",
-                                     "--batch-size", "4", "--log-every", "1", *extra])
+    return CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--student",
+            student or world["llama"],
+            "--cache",
+            cache or world["cache_train"],
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--log-every",
+            "1",
+            *extra,
+        ],
+    )
 
 
 def test_an_out_that_is_or_touches_an_input_is_refused(world, tmp_path):
@@ -387,13 +549,28 @@ def test_another_runs_folder_is_refused_unless_overwritten(world, tmp_path):
 
 def test_resume_is_refused_when_its_inputs_changed_or_nothing_was_saved(world, tmp_path):
     shutil.copytree(world["cache_train"], tmp_path / "cache")
-    assert cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", cache=str(tmp_path / "cache")
-                     ).exit_code == 0
-    ct.run(ct.CacheTeacherConfig(teacher=world["teacher"], data=train_data(world), out=str(tmp_path / "cache"),
-                                 top_k=16, temperatures=(1.0, 2.0), part_size=32, progress=False, logprob_dtype="q8",
-                                 overwrite=True))
-    res = cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", "--resume",
-                    cache=str(tmp_path / "cache"))
+    assert (
+        cli_train(
+            world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", cache=str(tmp_path / "cache")
+        ).exit_code
+        == 0
+    )
+    ct.run(
+        ct.CacheTeacherConfig(
+            teacher=world["teacher"],
+            data=train_data(world),
+            out=str(tmp_path / "cache"),
+            top_k=16,
+            temperatures=(1.0, 2.0),
+            part_size=32,
+            progress=False,
+            logprob_dtype="q8",
+            overwrite=True,
+        )
+    )
+    res = cli_train(
+        world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", "--resume", cache=str(tmp_path / "cache")
+    )
     assert res.exit_code == 1 and "was started on other inputs (train:" in res.output, res.output
     assert cli_train(world, tmp_path / "fresh", "--save-every", "5").exit_code == 0
     res = cli_train(world, tmp_path / "fresh", "--save-every", "5", "--resume")
@@ -412,8 +589,24 @@ def test_a_damaged_cache_stops_training_with_one_line(world, tmp_path):
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing_half_written(world, tmp_path):
     """The file-size limit makes the checkpoint's tensor file fail to write (EFBIG), as a full disk would (ENOSPC)."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--student", world["llama"], "--cache", world["cache_train"],
-           "--out", str(tmp_path / "r"), "--max-steps", "2", "--save-every", "1", "--batch-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        "--student",
+        world["llama"],
+        "--cache",
+        world["cache_train"],
+        "--out",
+        str(tmp_path / "r"),
+        "--max-steps",
+        "2",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=300)
     lines = [l for l in res.stderr.splitlines() if l.startswith("error:")]
@@ -427,8 +620,11 @@ def test_a_resumed_run_clears_what_a_killed_save_left(world, tmp_path):
     (tmp_path / "r/checkpoints/.latest.json.dead0000").write_text("{}")
     assert cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "4", "--resume").exit_code == 1
     assert cli_train(world, tmp_path / "r", "--save-every", "1", "--max-steps", "3", "--resume").exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == ["latest.json", "step-00000001",
-                                                                               "step-00000002"]
+    assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == [
+        "latest.json",
+        "step-00000001",
+        "step-00000002",
+    ]
 
 
 def test_evaluate_refuses_a_teacher_cache_of_another_tokenizer(world, tmp_path):
@@ -436,7 +632,23 @@ def test_evaluate_refuses_a_teacher_cache_of_another_tokenizer(world, tmp_path):
     tok = models.load_tokenizer(world["llama"])
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tok.save_pretrained(tmp_path / "student")
-    res = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "student"), "--data", world["test"],
-                                    "--prompt-field", "prompt", "--response-field", "response", "--no-generate",
-                                    "--teacher-cache", world["cache_test"], "--out", str(tmp_path / "e.json")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "student"),
+            "--data",
+            world["test"],
+            "--prompt-field",
+            "prompt",
+            "--response-field",
+            "response",
+            "--no-generate",
+            "--teacher-cache",
+            world["cache_test"],
+            "--out",
+            str(tmp_path / "e.json"),
+        ],
+    )
     assert res.exit_code == 1 and "the student's tokenizer differs from the teacher cache's" in res.output, res.output

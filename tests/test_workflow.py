@@ -27,8 +27,11 @@ def job_counts(out: str) -> dict:
 
 @pytest.mark.parametrize("config", ["config/demo.yaml", "config/gpu_dolly.yaml", "config/slurm_70b.yaml"])
 def test_dry_run_resolves_the_whole_dag(config, tmp_path):
-    counts = job_counts(snakemake("-n", "--configfile", str(ROOT / config), "--config", f"work_dir={tmp_path}/w",
-                                  f"results_dir={tmp_path}/r"))
+    counts = job_counts(
+        snakemake(
+            "-n", "--configfile", str(ROOT / config), "--config", f"work_dir={tmp_path}/w", f"results_dir={tmp_path}/r"
+        )
+    )
     c = yaml.safe_load(open(ROOT / config))
     per_student = len(c["students"]) * len(c["seeds"])
     runs = (len(c["losses"]) + bool(c.get("sft"))) * per_student
@@ -41,8 +44,16 @@ def test_dry_run_resolves_the_whole_dag(config, tmp_path):
 
 def test_scale_knobs_reach_the_commands(tmp_path):
     """tp, gpus_per_job, nodes, fsdp and packing become torchrun launches and flags."""
-    out = snakemake("-n", "-p", "--configfile", str(ROOT / "config/slurm_70b.yaml"), "--config",
-                    f"work_dir={tmp_path}/w", f"results_dir={tmp_path}/r", "nodes=2")
+    out = snakemake(
+        "-n",
+        "-p",
+        "--configfile",
+        str(ROOT / "config/slurm_70b.yaml"),
+        "--config",
+        f"work_dir={tmp_path}/w",
+        f"results_dir={tmp_path}/r",
+        "nodes=2",
+    )
     assert "torchrun --nproc-per-node 8 -m pipeline.cli cache-teacher --tp 8" in out
     assert "--shard 15/16" in out and "--top-p 0.95" in out and "--ids bitpack" in out
     train = [l for l in out.splitlines() if " train --student" in l and "--loss akl" in l]
@@ -54,38 +65,77 @@ def test_scale_knobs_reach_the_commands(tmp_path):
 def mini(tmp_path_factory):
     root = tmp_path_factory.mktemp("wf")
     config = {
-        "title": "mini", "work_dir": str(root / "work"), "results_dir": str(root / "results"),
-        "data": {"generate": {"train_size": 120, "test_size": 16, "vocab_size": 300, "pretrain_size": 60,
-                              "pretrain_chars": 200}},
-        "teacher": {"init": {"arch": "llama", "layers": 1, "width": 32, "heads": 2},
-                    "pretrain": {"max_steps": 4, "batch_size": 8, "max_length": 64},
-                    "train": {"max_steps": 15, "batch_size": 16, "lr": 3.0e-3, "log_every": 5}},
-        "students": {"tiny": {"init": {"arch": "gpt2", "layers": 1, "width": 32, "heads": 2},
-                              "finetune": {"max_steps": 3, "batch_size": 16}},
-                     "wide": {"init": {"arch": "llama", "layers": 1, "width": 48, "heads": 2}}},
+        "title": "mini",
+        "work_dir": str(root / "work"),
+        "results_dir": str(root / "results"),
+        "data": {
+            "generate": {
+                "train_size": 120,
+                "test_size": 16,
+                "vocab_size": 300,
+                "pretrain_size": 60,
+                "pretrain_chars": 200,
+            }
+        },
+        "teacher": {
+            "init": {"arch": "llama", "layers": 1, "width": 32, "heads": 2},
+            "pretrain": {"max_steps": 4, "batch_size": 8, "max_length": 64},
+            "train": {"max_steps": 15, "batch_size": 16, "lr": 3.0e-3, "log_every": 5},
+        },
+        "students": {
+            "tiny": {
+                "init": {"arch": "gpt2", "layers": 1, "width": 32, "heads": 2},
+                "finetune": {"max_steps": 3, "batch_size": 16},
+            },
+            "wide": {"init": {"arch": "llama", "layers": 1, "width": 48, "heads": 2}},
+        },
         "cache": {"shards": 2, "top_k": 8, "part_size": 32},
-        "losses": ["fkl", "akl"], "sft": True, "seeds": [0],
-        "onpolicy": {"rounds": 2, "lambda": 0.5, "prompts": 24, "losses": ["akl"],
-                     "sampling": {"max_new_tokens": 6, "temperature": 1.0}},
+        "losses": ["fkl", "akl"],
+        "sft": True,
+        "seeds": [0],
+        "onpolicy": {
+            "rounds": 2,
+            "lambda": 0.5,
+            "prompts": 24,
+            "losses": ["akl"],
+            "sampling": {"max_new_tokens": 6, "temperature": 1.0},
+        },
         "train": {"max_steps": 10, "batch_size": 16, "lr": 3.0e-3, "log_every": 2, "eval_every": 5},
-        "evaluate": {"max_new_tokens": 8, "batch_size": 16}, "gpus_per_job": 0,
+        "evaluate": {"max_new_tokens": 8, "batch_size": 16},
+        "gpus_per_job": 0,
     }
     (root / "mini.yaml").write_text(yaml.safe_dump(config))
     snakemake("--configfile", str(root / "mini.yaml"))
     return root, config
 
 
+@pytest.mark.slow
 def test_miniature_end_to_end_run_writes_the_report(mini):
     """Pretraining, teacher SFT, a fine-tuned start checkpoint, off-policy arms, two on-policy rounds mixing the fixed
     cache and each round's generations (λ = 0.5), evaluation of every round, the report and its plots."""
     root, _ = mini
     report = (root / "results/report.md").read_text()
-    for row in ("| teacher |", "| tiny/start |", "| tiny/sft |", "| tiny/fkl |", "| wide/akl |", "| wide/onpolicy-akl |"):
+    for row in (
+        "| teacher |",
+        "| tiny/start |",
+        "| tiny/sft |",
+        "| tiny/fkl |",
+        "| wide/akl |",
+        "| wide/onpolicy-akl |",
+    ):
         assert row in report
     for png in ("metrics_per_loss.png", "learning_curves.png", "akl_gaps.png", "onpolicy_rounds.png"):
         assert (root / "results" / png).stat().st_size > 1000
     akl = json.loads((root / "work/eval/wide-akl-s0.json").read_text())
-    assert {"nll", "ppl", "rougeL", "exact_match", "answer_accuracy", "fkl_to_teacher", "own_fkl_to_teacher"} <= akl.keys()
+    assert {
+        "nll",
+        "ppl",
+        "rougeL",
+        "exact_match",
+        "answer_accuracy",
+        "fkl_to_teacher",
+        "own_fkl_to_teacher",
+    } <= akl.keys()
     manifest = json.loads((root / "work/cache/train/manifest.json").read_text())
     assert manifest["num_parts"] == 4 and manifest["counts"]["samples"] == 120
     arm = root / "work/onpolicy/wide-onpolicy-akl-s0"
@@ -98,6 +148,7 @@ def test_miniature_end_to_end_run_writes_the_report(mini):
     assert json.loads((root / "work/eval/wide-onpolicy-akl-s0-r2.json").read_text())["round"] == 2
 
 
+@pytest.mark.slow
 def test_adding_a_loss_trains_only_the_new_student_and_reuses_the_cache(mini):
     root, config = mini
     (root / "more.yaml").write_text(yaml.safe_dump({**config, "losses": ["fkl", "akl", "tvd"]}))
