@@ -30,3 +30,13 @@ class Diverged(InputError):
 
 
 ONE_LINE = (InputError, CacheError)
+
+
+def extra(module: str, purpose: str):
+    """An optional dependency of the `report` extra, or a one-line OptionError naming how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OptionError(f"{purpose} needs {module}: pip install 'distill-cache[report]'") from None

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pipeline import data, models, sources, teachers
 from pipeline.data import DataConfig
+from pipeline.errors import extra
 from pipeline.scoring import score
 
 
@@ -84,8 +85,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = extra("rouge_score.rouge_scorer", "ROUGE-L (or pass --no-generate)")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return 100 * sum(scores) / max(1, len(scores))

@@ -8,6 +8,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import extra
+
 ORDER = [
     "teacher",
     "start",
@@ -96,9 +98,7 @@ def gather(paths: list[str]) -> Evaluated:
 
 
 def run(cfg: ReportConfig) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    extra("matplotlib", "the report's plots").use("Agg")
     import matplotlib.pyplot as plt
 
     ev = gather(cfg.evals)

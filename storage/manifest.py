@@ -11,7 +11,7 @@ import os
 import uuid
 from pathlib import Path
 
-from . import part as P
+from . import part as part_io
 from .errors import CorruptCache
 
 FORMAT_NAME = "distill-teacher-cache"
@@ -112,7 +112,7 @@ def check(m: dict, encoding: dict) -> None:
     vocab = m.get("vocab_size")
     if not _count(vocab) or not 2 <= vocab <= MAX_VOCAB:
         bad(f"vocab_size {vocab!r} is not an integer in [2, {MAX_VOCAB}]")
-    problem = P.encoding_problem(encoding, vocab)
+    problem = part_io.encoding_problem(encoding, vocab)
     if problem:
         bad(f"encoding: {problem}")
     for f in ("num_rows", "part_size", "num_parts"):

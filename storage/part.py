@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import codecs as C
+from . import codecs
 from .errors import CacheError
 
 LOGPROB_CODECS = {
     "float32": {"codec": "float32"},
     "float16": {"codec": "float16"},
-    **{f"q{b}": {"codec": "power", "bits": b, "gamma": C.POWER_GAMMA} for b in (8, 6, 5, 4, 3, 2)},
+    **{f"q{b}": {"codec": "power", "bits": b, "gamma": codecs.POWER_GAMMA} for b in (8, 6, 5, 4, 3, 2)},
 }
 ID_CODECS = ("plain", "bitpack")
 
@@ -64,9 +64,9 @@ def make_encoding(
         k=k, top_p=top_p, min_k=min_k, ids=ids, logprobs=logprobs, draws=draws, vocab_size=vocab_size
     )
     id_codec = (
-        {"codec": "bitpack", "bits": C.id_bits(vocab_size)}
+        {"codec": "bitpack", "bits": codecs.id_bits(vocab_size)}
         if ids == "bitpack"
-        else {"codec": "plain", "dtype": str(C.uint_dtype(vocab_size - 1))}
+        else {"codec": "plain", "dtype": str(codecs.uint_dtype(vocab_size - 1))}
     )
     return {
         "top_k": int(k),
@@ -74,7 +74,7 @@ def make_encoding(
         "min_k": int(min_k),
         "ids": id_codec,
         "logprobs": dict(LOGPROB_CODECS[logprobs], name=logprobs),
-        "draws": {"n": int(draws), "counts_dtype": str(C.uint_dtype(draws))} if draws else None,
+        "draws": {"n": int(draws), "counts_dtype": str(codecs.uint_dtype(draws))} if draws else None,
         "target_logprob": bool(target_logprob),
         "behavior_logprob": bool(behavior_logprob),
     }
@@ -90,7 +90,7 @@ def encoding_problem(encoding, vocab_size: int) -> str | None:
         if not isinstance(encoding.get("min_k", 0), int) or not 0 <= encoding.get("min_k", 0) <= k:
             return f"min_k {encoding.get('min_k')!r} is not in [0, top_k]"
         if ids.get("codec") == "bitpack":
-            if ids.get("bits") != C.id_bits(vocab_size):
+            if ids.get("bits") != codecs.id_bits(vocab_size):
                 return f"ids.bits {ids.get('bits')!r} is not ceil(log2 {vocab_size})"
         elif ids.get("codec") != "plain" or ids.get("dtype") not in ("uint8", "uint16", "uint32"):
             return f"ids {ids!r} is not a known id codec"
@@ -160,7 +160,7 @@ def decoded_bytes(counts: dict, encoding: dict, n_temps: int) -> int:
 
 
 def width_dtype(encoding) -> np.dtype:
-    return C.uint_dtype(encoding["top_k"])
+    return codecs.uint_dtype(encoding["top_k"])
 
 
 def array_names(encoding: dict, n_temps: int) -> list[str]:
@@ -197,66 +197,70 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
                 f"sample {s['sample_index']}: loss_mask has {int(np.asarray(s['loss_mask']).sum())} "
                 f"distilled positions but {len(s['topk_ids'])} teacher rows"
             )
-
-    def cat(key, shape_tail=(), dtype=np.float32, axis=0):
-        arrs = [np.asarray(s[key]) for s in samples]
-        if not arrs:
-            return np.zeros(shape_tail, dtype)
-        return np.concatenate(arrs, axis=axis)
-
     given = np.asarray(samples[0]["topk_ids"]).shape[1] if samples else k  # rows may be wider than k
     if given < k and samples:
         raise ValueError(f"rows of {given} entries cannot fill an encoding of top-k {k}")
-    ids = cat("topk_ids", (0, given), np.int64).reshape(-1, given)
+    ids = _cat(samples, "topk_ids", (0, given), np.int64).reshape(-1, given)
     # float32 rounding can put a log-probability a hair above 0 (a tail holding all the mass): probabilities ≤ 1
-    lps = np.minimum(cat("topk_logprobs", (n_temps, 0, given), axis=1).reshape(n_temps, -1, given), 0).astype(
-        np.float32
-    )
-    tails = np.minimum(cat("tail_logmass", (n_temps, 0), axis=1).reshape(n_temps, -1), 0).astype(np.float32)
-    targets = (
-        np.minimum(cat("target_logprob", (n_temps, 0), axis=1).reshape(n_temps, -1), 0)
-        if encoding["target_logprob"]
-        else None
-    )
-    widths = C.top_p_widths(lps[0][:, :k], encoding["top_p"], encoding["min_k"])
+    lps = _cat(samples, "topk_logprobs", (n_temps, 0, given), axis=1).reshape(n_temps, -1, given)
+    lps = np.minimum(lps, 0).astype(np.float32)
+    tails = np.minimum(_cat(samples, "tail_logmass", (n_temps, 0), axis=1).reshape(n_temps, -1), 0).astype(np.float32)
+    widths = codecs.top_p_widths(lps[0][:, :k], encoding["top_p"], encoding["min_k"])
     if samples and "widths" in samples[0]:  # rows that hold fewer entries (re-encoding a ragged cache)
         widths = np.minimum(widths, np.concatenate([np.asarray(s["widths"]) for s in samples]).astype(np.int64))
-    offsets = C.offsets_of(widths)
+    offsets = codecs.offsets_of(widths)
     keep = np.arange(given)[None, :] < widths[:, None]
     arrays = {
         "sample_index": np.array([s["sample_index"] for s in samples], dtype=np.int64),
-        "token_offsets": C.offsets_of([len(s["input_ids"]) for s in samples]),
-        "input_ids": cat("input_ids", (0,), np.int64).astype(token_dtype),
-        "loss_mask": cat("loss_mask", (0,), np.uint8).astype(np.uint8),
-        "position_offsets": C.offsets_of([len(s["topk_ids"]) for s in samples]),
+        "token_offsets": codecs.offsets_of([len(s["input_ids"]) for s in samples]),
+        "input_ids": _cat(samples, "input_ids", (0,), np.int64).astype(token_dtype),
+        "loss_mask": _cat(samples, "loss_mask", (0,), np.uint8).astype(np.uint8),
+        "position_offsets": codecs.offsets_of([len(s["topk_ids"]) for s in samples]),
         "topk_width": widths.astype(width_dtype(encoding)),
-        "topk_ids": C.encode_ids(ids[keep], encoding["ids"]),
+        "topk_ids": codecs.encode_ids(ids[keep], encoding["ids"]),
     }
     if encoding.get("behavior_logprob"):
-        arrays["behavior_logprob"] = cat("behavior_logprob", (0,)).astype(np.float32)
+        arrays["behavior_logprob"] = _cat(samples, "behavior_logprob", (0,)).astype(np.float32)
     stats = {"topk_entries": int(offsets[-1]), "max_token_id": int(ids[keep].max()) if offsets[-1] else -1}
-    for t in range(n_temps):
-        flat, tail = C.truncate(lps[t], tails[t], widths)
-        arrays[f"topk_logprobs_{t}"] = C.encode_logprobs(flat, offsets, encoding["logprobs"])
-        arrays[f"tail_logmass_{t}"] = tail
+    targets = _cat(samples, "target_logprob", (n_temps, 0), axis=1) if encoding["target_logprob"] else None
+    n = encoding["draws"]["n"] if encoding["draws"] else 0
+    draws = _cat(samples, "draws", (n_temps, 0, n), np.int64, axis=1).reshape(n_temps, -1, n) if n else None
+    for t in range(n_temps):  # per temperature, in the order of FORMAT.md's table
+        flat, tail = codecs.truncate(lps[t], tails[t], widths)
+        _encode_temperature(arrays, stats, t, flat, tail, offsets, encoding)
         if targets is not None:
-            arrays[f"target_logprob_{t}"] = targets[t].astype(target_dtype(encoding))
-        decoded = C.decode_logprobs(arrays[f"topk_logprobs_{t}"], offsets, tail, encoding["logprobs"])
-        kl = C.bins_kl(flat, tail, decoded, tail, offsets)
-        stats[f"decode_kl_sum_{t}"] = float(kl.sum())
-        stats[f"decode_kl_max_{t}"] = float(kl.max()) if kl.size else 0.0
-        if encoding["draws"]:
-            draws = cat("draws", (n_temps, 0, encoding["draws"]["n"]), np.int64, axis=1).reshape(
-                n_temps, -1, encoding["draws"]["n"]
-            )[t]
-            d_widths, d_ids, d_counts = C.count_draws(draws)
-            arrays[f"drawn_width_{t}"] = d_widths.astype(C.uint_dtype(encoding["draws"]["n"]))
-            arrays[f"drawn_ids_{t}"] = C.encode_ids(d_ids, encoding["ids"])
-            arrays[f"drawn_counts_{t}"] = d_counts.astype(encoding["draws"]["counts_dtype"])
-            stats[f"drawn_entries_{t}"] = int(d_widths.sum())
-            if d_ids.size:
-                stats["max_token_id"] = max(stats["max_token_id"], int(d_ids.max()))
+            arrays[f"target_logprob_{t}"] = np.minimum(targets.reshape(n_temps, -1)[t], 0).astype(
+                target_dtype(encoding)
+            )
+        if draws is not None:
+            _encode_draws(arrays, stats, t, draws[t], encoding)
     return arrays, stats
+
+
+def _cat(samples: list[dict], key: str, empty_shape=(), dtype=np.float32, axis=0) -> np.ndarray:
+    arrs = [np.asarray(s[key]) for s in samples]
+    return np.concatenate(arrs, axis=axis) if arrs else np.zeros(empty_shape, dtype)
+
+
+def _encode_temperature(arrays: dict, stats: dict, t: int, flat, tail, offsets, encoding: dict) -> None:
+    """One temperature's head log-probs and tail; the decode error of its encoding goes into stats."""
+    arrays[f"topk_logprobs_{t}"] = codecs.encode_logprobs(flat, offsets, encoding["logprobs"])
+    arrays[f"tail_logmass_{t}"] = tail
+    decoded = codecs.decode_logprobs(arrays[f"topk_logprobs_{t}"], offsets, tail, encoding["logprobs"])
+    kl = codecs.bins_kl(flat, tail, decoded, tail, offsets)
+    stats[f"decode_kl_sum_{t}"] = float(kl.sum())
+    stats[f"decode_kl_max_{t}"] = float(kl.max()) if kl.size else 0.0
+
+
+def _encode_draws(arrays: dict, stats: dict, t: int, draws, encoding: dict) -> None:
+    """One temperature's tail draws [P, N] as distinct ids with counts per row."""
+    d_widths, d_ids, d_counts = codecs.count_draws(draws)
+    arrays[f"drawn_width_{t}"] = d_widths.astype(codecs.uint_dtype(encoding["draws"]["n"]))
+    arrays[f"drawn_ids_{t}"] = codecs.encode_ids(d_ids, encoding["ids"])
+    arrays[f"drawn_counts_{t}"] = d_counts.astype(encoding["draws"]["counts_dtype"])
+    stats[f"drawn_entries_{t}"] = int(d_widths.sum())
+    if d_ids.size:
+        stats["max_token_id"] = max(stats["max_token_id"], int(d_ids.max()))
 
 
 # ---------------------------------------------------------------- decode
@@ -265,26 +269,30 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
 def decode(arrays: dict, encoding: dict, temperatures: list[int]) -> dict:
     """Encoded part arrays → decoded flat arrays for the given temperature indices."""
     widths = arrays["topk_width"].astype(np.int64)
-    offsets = C.offsets_of(widths)
+    offsets = codecs.offsets_of(widths)
     out = {
         name: arrays[name] for name in ("sample_index", "token_offsets", "input_ids", "loss_mask", "position_offsets")
     }
     out["topk_offsets"] = offsets
-    out["topk_ids"] = C.decode_ids(arrays["topk_ids"], encoding["ids"], int(offsets[-1]))
+    out["topk_ids"] = codecs.decode_ids(arrays["topk_ids"], encoding["ids"], int(offsets[-1]))
     if "behavior_logprob" in arrays:
         out["behavior_logprob"] = arrays["behavior_logprob"].astype(np.float32)
     for t in temperatures:
         tail = arrays[f"tail_logmass_{t}"].astype(np.float32)
         out[f"tail_logmass_{t}"] = tail
-        out[f"topk_logprobs_{t}"] = C.decode_logprobs(arrays[f"topk_logprobs_{t}"], offsets, tail, encoding["logprobs"])
+        out[f"topk_logprobs_{t}"] = codecs.decode_logprobs(
+            arrays[f"topk_logprobs_{t}"], offsets, tail, encoding["logprobs"]
+        )
         if f"target_logprob_{t}" in arrays:
             out[f"target_logprob_{t}"] = arrays[f"target_logprob_{t}"].astype(np.float32)
         if encoding["draws"]:
-            d_off = C.offsets_of(arrays[f"drawn_width_{t}"].astype(np.int64))
+            d_off = codecs.offsets_of(arrays[f"drawn_width_{t}"].astype(np.int64))
             out[f"drawn_offsets_{t}"] = d_off
-            out[f"drawn_ids_{t}"] = C.decode_ids(arrays[f"drawn_ids_{t}"], encoding["ids"], int(d_off[-1]))
+            out[f"drawn_ids_{t}"] = codecs.decode_ids(arrays[f"drawn_ids_{t}"], encoding["ids"], int(d_off[-1]))
             out[f"drawn_counts_{t}"] = arrays[f"drawn_counts_{t}"].astype(np.int64)
-            out[f"drawn_logprobs_{t}"] = C.drawn_logprobs(out[f"drawn_counts_{t}"], d_off, tail, encoding["draws"]["n"])
+            out[f"drawn_logprobs_{t}"] = codecs.drawn_logprobs(
+                out[f"drawn_counts_{t}"], d_off, tail, encoding["draws"]["n"]
+            )
     return out
 
 
@@ -337,7 +345,7 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
     """Sample i of a decoded part at temperature index t, teacher rows padded to the sample's widest row."""
     t0, t1 = part["token_offsets"][i : i + 2]
     p0, p1 = (int(x) for x in part["position_offsets"][i : i + 2])
-    ids, logprobs = C.padded_rows(
+    ids, logprobs = codecs.padded_rows(
         [(part["topk_ids"], -1), (part[f"topk_logprobs_{t}"], -np.inf)], part["topk_offsets"], p0, p1
     )
     out = {
@@ -353,7 +361,7 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
     if "behavior_logprob" in part:
         out["behavior_logprob"] = part["behavior_logprob"][p0:p1]
     if f"drawn_ids_{t}" in part:
-        out["drawn_ids"], out["drawn_logprobs"] = C.padded_rows(
+        out["drawn_ids"], out["drawn_logprobs"] = codecs.padded_rows(
             [(part[f"drawn_ids_{t}"], -1), (part[f"drawn_logprobs_{t}"], -np.inf)], part[f"drawn_offsets_{t}"], p0, p1
         )
     return out
@@ -393,52 +401,57 @@ def problems(part: dict, encoding: dict, temperatures: list[int], vocab_size: in
     ids = part["topk_ids"]
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         out.append(f"token id {int(ids.max())} >= vocab_size {vocab_size}")
-    keys = [rows.astype(np.int64) * vocab_size + ids]
+    head_keys = rows.astype(np.int64) * vocab_size + ids
     for t in temperatures:
-        lp, tail = part[f"topk_logprobs_{t}"].astype(np.float64), part[f"tail_logmass_{t}"].astype(np.float64)
-        if tail.shape != (n_pos,) or lp.shape != ids.shape:
-            out.append(
-                f"temperature {t}: {lp.shape[0]} log-probs and {tail.shape[0]} tails for {ids.shape[0]} "
-                f"entries and {n_pos} rows"
-            )
-            continue
-        if np.isnan(lp).any() or np.isnan(tail).any():
-            out.append(f"temperature {t}: NaN log-probabilities")
-        if (lp > 0).any() or (tail > 0).any():
-            out.append(f"temperature {t}: positive log-probabilities")
-        same_row = rows[1:] == rows[:-1]
-        if (np.diff(lp)[same_row] > 0).any():
-            out.append(f"temperature {t}: top-k log-probabilities are not sorted descending")
-        if n_pos:
-            total = np.bincount(rows, np.exp(lp), minlength=n_pos) + np.exp(tail)
-            worst = float(np.abs(total - 1).max())
-            if worst > tol:
-                out.append(f"temperature {t}: top-k mass + tail mass is off 1 by {worst:.3g} (tolerance {tol})")
-        target = part.get(f"target_logprob_{t}")
-        if encoding["target_logprob"] and target is None:
-            out.append(f"temperature {t}: target log-probabilities are missing")
-        if target is not None and (target.shape != (n_pos,) or np.isnan(target).any() or (target > 0).any()):
-            out.append(f"temperature {t}: target log-probabilities are NaN, positive or misshapen")
-        if encoding["draws"]:
-            d_off, d_ids = part[f"drawn_offsets_{t}"], part[f"drawn_ids_{t}"]
-            d_counts = part[f"drawn_counts_{t}"]
-            if len(d_off) != n_pos + 1:
-                out.append(f"temperature {t}: {len(d_off) - 1} drawn-token rows for {n_pos} positions")
-                continue
-            d_rows = np.repeat(np.arange(n_pos), np.diff(d_off))
-            sums = np.bincount(d_rows, d_counts, minlength=n_pos)
-            if ((sums != 0) & (sums != encoding["draws"]["n"])).any():
-                out.append(f"temperature {t}: drawn counts do not sum to {encoding['draws']['n']} per row")
-            if d_ids.size and (d_ids.min() < 0 or d_ids.max() >= vocab_size):
-                out.append(f"temperature {t}: drawn token id outside the vocabulary")
-            keys.append(d_rows.astype(np.int64) * vocab_size + d_ids)
-            if len(np.unique(np.concatenate(keys))) != sum(len(x) for x in keys):
-                out.append(f"temperature {t}: a token appears twice in one row (head and drawn tokens overlap)")
-            keys.pop()
+        out += _temperature_problems(part, encoding, t, rows, ids, n_pos, tol)
+        if encoding["draws"] and len(part[f"drawn_offsets_{t}"]) == n_pos + 1:
+            out += _draw_problems(part, encoding, t, head_keys, n_pos, vocab_size)
     if encoding.get("behavior_logprob"):
         b = part.get("behavior_logprob")
         if b is None or b.shape != (n_pos,) or np.isnan(b).any() or (b > 1e-6).any():
             out.append("behavior log-probabilities are missing, NaN, positive or misshapen")
-    if len(np.unique(keys[0])) != len(keys[0]):
+    if len(np.unique(head_keys)) != len(head_keys):
         out.append("a token id repeats within one row")
+    return out
+
+
+def _temperature_problems(part: dict, encoding: dict, t: int, rows, ids, n_pos: int, tol: float) -> list[str]:
+    lp, tail = part[f"topk_logprobs_{t}"].astype(np.float64), part[f"tail_logmass_{t}"].astype(np.float64)
+    if tail.shape != (n_pos,) or lp.shape != ids.shape:
+        return [f"temperature {t}: {lp.shape[0]} log-probs and {tail.shape[0]} tails for {ids.shape[0]} entries "
+                f"and {n_pos} rows"]  # fmt: skip
+    out = []
+    if np.isnan(lp).any() or np.isnan(tail).any():
+        out.append(f"temperature {t}: NaN log-probabilities")
+    if (lp > 0).any() or (tail > 0).any():
+        out.append(f"temperature {t}: positive log-probabilities")
+    same_row = rows[1:] == rows[:-1]
+    if (np.diff(lp)[same_row] > 0).any():
+        out.append(f"temperature {t}: top-k log-probabilities are not sorted descending")
+    if n_pos:
+        worst = float(np.abs(np.bincount(rows, np.exp(lp), minlength=n_pos) + np.exp(tail) - 1).max())
+        if worst > tol:
+            out.append(f"temperature {t}: top-k mass + tail mass is off 1 by {worst:.3g} (tolerance {tol})")
+    target = part.get(f"target_logprob_{t}")
+    if encoding["target_logprob"] and target is None:
+        out.append(f"temperature {t}: target log-probabilities are missing")
+    if target is not None and (target.shape != (n_pos,) or np.isnan(target).any() or (target > 0).any()):
+        out.append(f"temperature {t}: target log-probabilities are NaN, positive or misshapen")
+    if encoding["draws"] and len(part[f"drawn_offsets_{t}"]) != n_pos + 1:
+        out.append(f"temperature {t}: {len(part[f'drawn_offsets_{t}']) - 1} drawn-token rows for {n_pos} positions")
+    return out
+
+
+def _draw_problems(part: dict, encoding: dict, t: int, head_keys, n_pos: int, vocab_size: int) -> list[str]:
+    out = []
+    d_off, d_ids, d_counts = part[f"drawn_offsets_{t}"], part[f"drawn_ids_{t}"], part[f"drawn_counts_{t}"]
+    d_rows = np.repeat(np.arange(n_pos), np.diff(d_off))
+    sums = np.bincount(d_rows, d_counts, minlength=n_pos)
+    if ((sums != 0) & (sums != encoding["draws"]["n"])).any():
+        out.append(f"temperature {t}: drawn counts do not sum to {encoding['draws']['n']} per row")
+    if d_ids.size and (d_ids.min() < 0 or d_ids.max() >= vocab_size):
+        out.append(f"temperature {t}: drawn token id outside the vocabulary")
+    keys = np.concatenate([head_keys, d_rows.astype(np.int64) * vocab_size + d_ids])
+    if len(np.unique(keys)) != len(keys):
+        out.append(f"temperature {t}: a token appears twice in one row (head and drawn tokens overlap)")
     return out

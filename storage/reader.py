@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from . import backends, part_folder, v1
-from . import manifest as M
-from . import part as P
+from . import manifest as manifest_io
+from . import part as part_io
 from .errors import CacheError, CorruptCache, IncompleteCache
 
 # a part may claim to decode to at most this many bytes per byte stored (zstd on real rows gives 2–20), plus a slack
@@ -29,30 +29,30 @@ class Cache:
 
     def __init__(self, path, temperature: float | None = None, max_parts_in_memory: int = 4, full_checks: bool = False):
         self.path = Path(path)
-        f = self.path / M.MANIFEST
+        f = self.path / manifest_io.MANIFEST
         if not f.exists():
             state = (
                 "incomplete (no manifest: a writer has not finished)"
-                if (self.path / M.PLAN).exists()
+                if (self.path / manifest_io.PLAN).exists()
                 else "not a teacher cache"
             )
             raise IncompleteCache(f"{self.path} is {state}; run `pipeline cache-teacher` to create or finish it")
-        self.manifest = M.read_json(f)
+        self.manifest = manifest_io.read_json(f)
         self.version = self.manifest.get("format_version") if isinstance(self.manifest, dict) else None
-        if self.version not in M.READABLE_VERSIONS:
+        if self.version not in manifest_io.READABLE_VERSIONS:
             raise CacheError(
                 f"{self.path} has format version {self.version}; this reader understands "
-                f"{', '.join(map(str, M.READABLE_VERSIONS))} (upgrade distill-cache)"
+                f"{', '.join(map(str, manifest_io.READABLE_VERSIONS))} (upgrade distill-cache)"
             )
         try:
             self.encoding = self.manifest["encoding"] if self.version >= 2 else v1.encoding(self.manifest)
-            M.check(self.manifest, self.encoding)
+            manifest_io.check(self.manifest, self.encoding)
         except (KeyError, TypeError, AttributeError) as e:
             raise CorruptCache(f"{f}: malformed manifest ({type(e).__name__}: {e})") from None
         self.backend = backends.get(self.manifest["backend"])
         self.full_checks = full_checks
         self.temperature_index = self.temperature_index_of(temperature)
-        sizes = [self.manifest["parts"][M.part_name(p)]["counts"]["samples"] for p in range(self.num_parts)]
+        sizes = [self.manifest["parts"][manifest_io.part_name(p)]["counts"]["samples"] for p in range(self.num_parts)]
         self.part_sizes = sizes
         self.part_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
         self._lru: OrderedDict[int, dict] = OrderedDict()
@@ -92,15 +92,15 @@ class Cache:
 
     # -- parts
     def part_folder(self, p: int) -> Path:
-        return self.path / M.PARTS / M.part_name(p)
+        return self.path / manifest_io.PARTS / manifest_io.part_name(p)
 
     def read_encoded(self, p: int, names: list[str] | None = None) -> dict:
         """Part p's arrays as stored (version-2 encoded form; a version-1 part is converted on the way), after its
         files passed their checksums."""
-        name = M.part_name(p)
+        name = manifest_io.part_name(p)
         entry = self.manifest["parts"][name]
         n_temps = len(self.temperatures)
-        names = names or P.array_names(self.encoding, n_temps)
+        names = names or part_io.array_names(self.encoding, n_temps)
         try:
             select = self.backend.needs(names) if self.version >= 2 else None
             record, files = part_folder.read(self.part_folder(p), entry["sha256"], self.full_checks, select)
@@ -108,7 +108,7 @@ class Cache:
             if self.version == 1:
                 arrays = v1.decode(self.backend.name, files, self.manifest)
                 return {n: arrays[n] for n in names}
-            return self.backend.decode(files, names, P.stored_shapes(entry["counts"], self.encoding, n_temps))
+            return self.backend.decode(files, names, part_io.stored_shapes(entry["counts"], self.encoding, n_temps))
         except CacheError as e:
             raise CorruptCache(f"{self.path}: {e}" if name in str(e) else f"{self.path}: {name}: {e}") from e
         except DECODE_ERRORS as e:
@@ -116,7 +116,7 @@ class Cache:
 
     def _check_budget(self, name: str, counts: dict, record: dict) -> None:
         stored = sum(record["sizes"].values())
-        need = P.decoded_bytes(counts, self.encoding, len(self.temperatures))
+        need = part_io.decoded_bytes(counts, self.encoding, len(self.temperatures))
         if need > MAX_EXPANSION * stored + EXPANSION_SLACK:
             raise CorruptCache(f"{name}: its counts claim {need} decoded bytes from {stored} stored; refusing")
         if record.get("counts", {}).get("samples") != counts["samples"]:
@@ -130,9 +130,11 @@ class Cache:
         temps = [self.temperature_index] if temperatures is None else temperatures
         arrays = self.read_encoded(p)
         try:
-            return P.decode(arrays, self.encoding, temps)
+            return part_io.decode(arrays, self.encoding, temps)
         except DECODE_ERRORS as e:
-            raise CorruptCache(f"{self.path}: {M.part_name(p)} cannot be decoded ({type(e).__name__}: {e})") from e
+            raise CorruptCache(
+                f"{self.path}: {manifest_io.part_name(p)} cannot be decoded ({type(e).__name__}: {e})"
+            ) from e
 
     def read_part(self, p: int) -> dict:
         """Part p decoded at this cache's temperature, from the in-memory cache of recent parts or from disk."""
@@ -161,7 +163,7 @@ class Cache:
 
     def __getitem__(self, i: int) -> dict:
         p, j = self.locate(int(i))
-        return P.sample(self.read_part(p), j, self.temperature_index)
+        return part_io.sample(self.read_part(p), j, self.temperature_index)
 
     def sample_lengths(self) -> np.ndarray:
         """Token count of every stored sample, read from the offsets alone."""
@@ -185,8 +187,8 @@ class Cache:
         """Samples in storage order, restricted to this (rank, worker)'s parts: part p goes to slot p mod (W·N)."""
         slot, slots = rank * num_workers + worker, world_size * num_workers
         for _, arrays in self.iter_parts(range(slot, self.num_parts, slots), readahead):
-            for j in range(P.n_samples(arrays)):
-                yield P.sample(arrays, j, self.temperature_index)
+            for j in range(part_io.n_samples(arrays)):
+                yield part_io.sample(arrays, j, self.temperature_index)
 
 
 def open_cache(

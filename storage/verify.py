@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import manifest as M
-from . import part as P
+from . import manifest as manifest_io
+from . import part as part_io
 from .errors import CacheMismatch, VerifyError
 from .reader import open_cache
 from .writer import CacheWriter, make_plan
@@ -24,12 +24,12 @@ def verify(path) -> dict:
     tol = TOLERANCE[enc["logprobs"]["codec"]]
     totals = {}
     for p in range(m["num_parts"]):
-        name = M.part_name(p)
+        name = manifest_io.part_name(p)
         decoded = cache.decode(p, temps)
-        issues = P.problems(decoded, enc, temps, m["vocab_size"], tol)
+        issues = part_io.problems(decoded, enc, temps, m["vocab_size"], tol)
         if issues:
             raise VerifyError(f"{name}: {issues[0]}")
-        counts = P.counts(decoded)
+        counts = part_io.counts(decoded)
         for key in ("samples", "tokens", "distilled_positions"):
             if counts[key] != m["parts"][name]["counts"][key]:
                 raise VerifyError(f"{name}: holds {counts[key]} {key}, manifest says {m['parts'][name]['counts'][key]}")
@@ -41,7 +41,7 @@ def verify(path) -> dict:
 
 
 def disk_bytes(path) -> int:
-    return sum(f.stat().st_size for f in (Path(path) / M.PARTS).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in (Path(path) / manifest_io.PARTS).rglob("*") if f.is_file())
 
 
 def statistics(path, temperature=None, max_positions: int = 1_000_000) -> dict:
@@ -179,13 +179,13 @@ def convert(
     )
     writer = CacheWriter(dst, plan, overwrite=overwrite)
     temps = list(range(len(m["temperatures"])))
-    copy = cache.version == M.FORMAT_VERSION and plan["encoding"] == old
+    copy = cache.version == manifest_io.FORMAT_VERSION and plan["encoding"] == old
     for p in writer.missing_parts():
-        source_counts = m["parts"][M.part_name(p)]["counts"]
+        source_counts = m["parts"][manifest_io.part_name(p)]["counts"]
         if copy:
             writer.write_arrays(p, cache.read_encoded(p), source_counts)
         else:
-            samples = P.samples_for_encoding(cache.decode(p, temps), temps, m["k"], cache.draws)
+            samples = part_io.samples_for_encoding(cache.decode(p, temps), temps, m["k"], cache.draws)
             extra = {k: v for k, v in source_counts.items() if k in ("truncated_samples", "skipped_samples")}
             writer.write_part(p, samples, extra)
     return writer.finalize()

@@ -24,8 +24,8 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from . import backends, codecs, part_folder
-from . import manifest as M
-from . import part as P
+from . import manifest as manifest_io
+from . import part as part_io
 from .errors import CacheMismatch, CorruptCache
 
 
@@ -50,7 +50,7 @@ def make_plan(
     """What the writers fill: the cache's identity, encoding (see part.make_encoding) and part layout."""
     if part_size < 1:
         raise CacheMismatch(f"part size {part_size} must be at least 1 sample")
-    encoding = P.make_encoding(
+    encoding = part_io.make_encoding(
         k=k,
         vocab_size=vocab_size,
         top_p=top_p,
@@ -62,8 +62,8 @@ def make_plan(
         behavior_logprob=behavior_logprob,
     )
     plan = {
-        "format": M.FORMAT_NAME,
-        "format_version": M.FORMAT_VERSION,
+        "format": manifest_io.FORMAT_NAME,
+        "format_version": manifest_io.FORMAT_VERSION,
         "backend": backends.get(backend).name,
         "k": int(k),
         "temperatures": [float(t) for t in temperatures],
@@ -71,9 +71,9 @@ def make_plan(
         "dtypes": {
             "token_ids": str(codecs.uint_dtype(vocab_size - 1)),
             "loss_mask": "uint8",
-            "topk_width": str(P.width_dtype(encoding)),
+            "topk_width": str(part_io.width_dtype(encoding)),
             "tail_logmass": "float32",
-            "target_logprob": P.target_dtype(encoding),
+            "target_logprob": part_io.target_dtype(encoding),
             "offsets": "int64",
         },
         "encoding": encoding,
@@ -84,7 +84,7 @@ def make_plan(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "package_version": package_version,
     }
-    plan["cache_key"] = M.cache_key(plan)
+    plan["cache_key"] = manifest_io.cache_key(plan)
     return plan
 
 
@@ -112,7 +112,7 @@ def _lock(path: Path) -> FileLock:
 
 def cache_lock(folder: Path) -> FileLock:
     """The lock of a cache folder's own steps: writing its plan, its manifest, swapping it in."""
-    return _lock(folder / M.LOCKS / "cache.lock")
+    return _lock(folder / manifest_io.LOCKS / "cache.lock")
 
 
 class Claim:
@@ -131,28 +131,30 @@ class CacheWriter:
         self._folder(plan, overwrite)  # refuse before creating anything
         with cache_lock(self.target):
             self.path = self._folder(plan, overwrite)
-            self.parts_dir = self.path / M.PARTS
-            existing = self.path / M.PLAN
-            if existing.exists() and not same_cache(M.read_json(existing), plan):  # a staging folder of another
+            self.parts_dir = self.path / manifest_io.PARTS
+            existing = self.path / manifest_io.PLAN
+            if existing.exists() and not same_cache(
+                manifest_io.read_json(existing), plan
+            ):  # a staging folder of another
                 shutil.rmtree(self.path)  # layout, never finished
             self.path.mkdir(parents=True, exist_ok=True)
-            M.remove_temporaries(self.path, M.PLAN)
+            manifest_io.remove_temporaries(self.path, manifest_io.PLAN)
             if not existing.exists():
-                M.write_json_atomic(existing, plan)
+                manifest_io.write_json_atomic(existing, plan)
             self.parts_dir.mkdir(exist_ok=True)
-            self.plan = M.read_json(existing)
+            self.plan = manifest_io.read_json(existing)
         self.backend = backends.get(self.plan["backend"])
 
     def _folder(self, plan: dict, overwrite: bool) -> Path:
         """Where this plan's parts go: the target itself, or beside it when it holds another cache to replace."""
         target = self.target
-        if (target / M.PLAN).exists():
-            old = M.read_json(target / M.PLAN)
+        if (target / manifest_io.PLAN).exists():
+            old = manifest_io.read_json(target / manifest_io.PLAN)
             if same_cache(old, plan):
                 return target
             if not overwrite:
-                fields = M.KEY_FIELDS + LAYOUT_FIELDS[1:]
-                diff = M.identity_diff({f: old.get(f) for f in fields}, {f: plan.get(f) for f in fields})
+                fields = manifest_io.KEY_FIELDS + LAYOUT_FIELDS[1:]
+                diff = manifest_io.identity_diff({f: old.get(f) for f in fields}, {f: plan.get(f) for f in fields})
                 raise CacheMismatch(
                     f"{target} holds a different cache (differs in {', '.join(diff[:4])}); "
                     "pass --overwrite to replace it or choose another --out"
@@ -164,7 +166,10 @@ class CacheWriter:
             return target
         if target.exists() and not target.is_dir():
             raise CacheMismatch(f"{target} is a file, not a cache folder; choose another --out")
-        if target.exists() and any(p.name != M.LOCKS and not M.is_temporary(p.name, M.PLAN) for p in target.iterdir()):
+        if target.exists() and any(
+            p.name != manifest_io.LOCKS and not manifest_io.is_temporary(p.name, manifest_io.PLAN)
+            for p in target.iterdir()
+        ):
             raise CacheMismatch(
                 f"{target} exists and is not a teacher cache; choose another --out (--overwrite "
                 "replaces a cache, never other files)"
@@ -189,15 +194,15 @@ class CacheWriter:
     def claim(self, p: int, wait: bool = False) -> Claim | None:
         """Part p for this process alone, its leftovers cleared; None if it is written already, or (without wait)
         while another live writer holds it."""
-        lock = _lock(self.path / M.LOCKS / f"{M.part_name(p)}.lock")
+        lock = _lock(self.path / manifest_io.LOCKS / f"{manifest_io.part_name(p)}.lock")
         try:
             lock.acquire(blocking=wait)
         except Timeout:
             return None
-        if (self.parts_dir / M.part_name(p)).is_dir():
+        if (self.parts_dir / manifest_io.part_name(p)).is_dir():
             lock.release()
             return None
-        for tmp in self.parts_dir.glob(f".tmp-{M.part_name(p)}-*"):  # a killed writer's: nobody else's
+        for tmp in self.parts_dir.glob(f".tmp-{manifest_io.part_name(p)}-*"):  # a killed writer's: nobody else's
             shutil.rmtree(tmp, ignore_errors=True)
         return Claim(p, lock)
 
@@ -209,7 +214,7 @@ class CacheWriter:
             c = self.claim(p)
             if c is not None:
                 yield c
-            elif not (self.parts_dir / M.part_name(p)).is_dir():
+            elif not (self.parts_dir / manifest_io.part_name(p)).is_dir():
                 busy.append(p)
         for p in busy:
             c = self.claim(p, wait=True)
@@ -221,7 +226,7 @@ class CacheWriter:
     ) -> dict:
         """Encode part p from its samples (see part.encode) and write it atomically; returns its record."""
         plan = self.plan
-        arrays, stats = P.encode(
+        arrays, stats = part_io.encode(
             samples, plan["encoding"], len(plan["temperatures"]), np.dtype(plan["dtypes"]["token_ids"])
         )
         counts = {
@@ -238,15 +243,15 @@ class CacheWriter:
         unless the caller holds its claim); the claim is released either way."""
         claim = claim or self.claim(p, wait=True)
         if claim is None:
-            return part_folder.read_record(self.parts_dir / M.part_name(p))[1]  # written meanwhile
+            return part_folder.read_record(self.parts_dir / manifest_io.part_name(p))[1]  # written meanwhile
         try:
             files = self.backend.encode(arrays)
-            tmp = self.parts_dir / f".tmp-{M.part_name(p)}-{uuid.uuid4().hex[:8]}"
+            tmp = self.parts_dir / f".tmp-{manifest_io.part_name(p)}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
             try:
                 rows = self.part_rows(p)
                 record = part_folder.write(tmp, files, {"part": p, "rows": [rows.start, rows.stop], "counts": counts})
-                os.rename(tmp, self.parts_dir / M.part_name(p))
+                os.rename(tmp, self.parts_dir / manifest_io.part_name(p))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -283,7 +288,7 @@ def write_manifest(path: Path, plan: dict) -> dict:
     were written, after checking the files still match them (a damaged part is moved aside, never sealed)."""
     parts, totals = {}, {}
     for p in range(plan["num_parts"]):
-        folder = path / M.PARTS / M.part_name(p)
+        folder = path / manifest_io.PARTS / manifest_io.part_name(p)
         try:
             record, _ = part_folder.read(folder, None)
         except CorruptCache as e:
@@ -294,25 +299,25 @@ def write_manifest(path: Path, plan: dict) -> dict:
                 "cache-teacher to write it again"
             ) from None
         raw, record = part_folder.read_record(folder)
-        parts[M.part_name(p)] = {"sha256": part_folder.record_sha256(raw, record), "counts": record["counts"]}
+        parts[manifest_io.part_name(p)] = {"sha256": part_folder.record_sha256(raw, record), "counts": record["counts"]}
         for key, v in record["counts"].items():
             totals[key] = (
                 max(totals.get(key, v), v) if "_max" in key or key.startswith("max_") else totals.get(key, 0) + v
             )
     manifest = {**plan, "counts": totals, "parts": parts, "complete": True}
-    M.write_json_atomic(path / M.MANIFEST, manifest)
-    M.remove_temporaries(path, M.MANIFEST)
-    for lock in (path / M.LOCKS).glob("part-*.lock"):  # no part is being written any more
+    manifest_io.write_json_atomic(path / manifest_io.MANIFEST, manifest)
+    manifest_io.remove_temporaries(path, manifest_io.MANIFEST)
+    for lock in (path / manifest_io.LOCKS).glob("part-*.lock"):  # no part is being written any more
         lock.unlink(missing_ok=True)
     return manifest
 
 
 def complete_manifest(path, cache_key: str | None = None) -> dict | None:
     """The manifest of a finished cache at path (matching cache_key when given), else None."""
-    f = Path(path) / M.MANIFEST
+    f = Path(path) / manifest_io.MANIFEST
     if not f.exists():
         return None
-    manifest = M.read_json(f)
+    manifest = manifest_io.read_json(f)
     if cache_key is not None and manifest.get("cache_key") != cache_key:
         return None
     return manifest

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from synthetic import log_softmax
 
-from storage import codecs as C
-from storage import part as P
+from storage import codecs
+from storage import part as part_io
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 
@@ -39,7 +39,7 @@ def ragged_rows(draw, max_k=12):
     widths = np.array([draw(st.integers(0, k)) for _ in range(n)], np.int64)
     keep = np.arange(vocab)[None, :] < widths[:, None]
     tail = np.log(np.where(keep, 0.0, np.exp(lp)).sum(1)).astype(np.float32)
-    return lp[keep].astype(np.float32), C.offsets_of(widths), tail
+    return lp[keep].astype(np.float32), codecs.offsets_of(widths), tail
 
 
 # -- bit packing
@@ -49,20 +49,20 @@ def ragged_rows(draw, max_k=12):
 @given(packable())
 def test_bitpack_round_trips_and_follows_the_spec(case):
     bits, values = case
-    data = C.pack_bits(values, bits)
+    data = codecs.pack_bits(values, bits)
     assert data.dtype == np.uint8 and data.size == -(-values.size * bits // 8)
-    np.testing.assert_array_equal(C.unpack_bits(data, bits, values.size), values)
+    np.testing.assert_array_equal(codecs.unpack_bits(data, bits, values.size), values)
     np.testing.assert_array_equal(naive_unpack(data, bits, values.size), values)
 
 
 @pytest.mark.parametrize("vocab", [2, 151936])
 @pytest.mark.parametrize("codec", ["plain", "bitpack"])
 def test_id_codecs_round_trip_at_the_extreme_vocabularies(vocab, codec):
-    enc = P.make_encoding(k=1, vocab_size=vocab, ids=codec)["ids"]
+    enc = part_io.make_encoding(k=1, vocab_size=vocab, ids=codec)["ids"]
     ids = np.random.default_rng(0).integers(0, vocab, 1001)
     ids[:2] = [0, vocab - 1]
-    data = C.encode_ids(ids, enc)
-    np.testing.assert_array_equal(C.decode_ids(data, enc, ids.size), ids)
+    data = codecs.encode_ids(ids, enc)
+    np.testing.assert_array_equal(codecs.decode_ids(data, enc, ids.size), ids)
     assert (enc["bits"] if codec == "bitpack" else np.dtype(enc["dtype"]).itemsize * 8) == {
         (2, "bitpack"): 1,
         (151936, "bitpack"): 18,
@@ -73,7 +73,7 @@ def test_id_codecs_round_trip_at_the_extreme_vocabularies(vocab, codec):
 
 def test_a_truncated_bit_stream_is_refused():
     with pytest.raises(ValueError, match="cannot hold exactly"):
-        C.unpack_bits(C.pack_bits(np.arange(10), 5)[:-1], 5, 10)
+        codecs.unpack_bits(codecs.pack_bits(np.arange(10), 5)[:-1], 5, 10)
 
 
 # -- widths and truncation
@@ -84,7 +84,7 @@ def test_a_truncated_bit_stream_is_refused():
 def test_top_p_width_is_the_smallest_prefix_reaching_the_mass(seed, top_p, min_k):
     rng = np.random.default_rng(seed)
     lp = -np.sort(-log_softmax(rng.standard_normal((30, 40)) * 3), axis=1)[:, :8]
-    w = C.top_p_widths(lp, top_p, min_k)
+    w = codecs.top_p_widths(lp, top_p, min_k)
     mass = np.cumsum(np.exp(lp.astype(np.float64)), 1)
     for r in range(30):
         assert min(min_k, 8) <= w[r] <= 8
@@ -105,7 +105,7 @@ def test_truncation_moves_the_dropped_mass_into_the_tail(seed):
     lp = -np.sort(-full, axis=1)
     tail = np.log(np.exp(lp[:, 8:]).sum(1)).astype(np.float32)
     widths = rng.integers(0, 9, 12)
-    flat, new_tail = C.truncate(lp[:, :8].astype(np.float32), tail, widths)
+    flat, new_tail = codecs.truncate(lp[:, :8].astype(np.float32), tail, widths)
     total = np.bincount(np.repeat(np.arange(12), widths), np.exp(flat.astype(np.float64)), minlength=12)
     np.testing.assert_allclose(total + np.exp(new_tail.astype(np.float64)), 1, atol=1e-6)
     assert (new_tail >= tail - 1e-7).all()
@@ -118,9 +118,9 @@ def test_truncation_moves_the_dropped_mass_into_the_tail(seed):
 @given(ragged_rows(), st.sampled_from(["float32", "float16", "q8", "q6", "q4", "q2"]))
 def test_logprob_codecs_keep_rows_sorted_and_summing_to_one(rows, name):
     flat, offsets, tail = rows
-    codec = P.LOGPROB_CODECS[name]
-    data = C.encode_logprobs(flat, offsets, codec)
-    got = C.decode_logprobs(data, offsets, tail, codec)
+    codec = part_io.LOGPROB_CODECS[name]
+    data = codecs.encode_logprobs(flat, offsets, codec)
+    got = codecs.decode_logprobs(data, offsets, tail, codec)
     assert got.shape == flat.shape and got.dtype == np.float32
     rows_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     assert (np.diff(got)[rows_of[1:] == rows_of[:-1]] <= 0).all(), "sorted within each row"
@@ -128,7 +128,7 @@ def test_logprob_codecs_keep_rows_sorted_and_summing_to_one(rows, name):
     nonempty = np.diff(offsets) > 0
     np.testing.assert_allclose(total[nonempty], 1, atol={"float16": 5e-3}.get(name, 1e-5))
     if name == "q8" and flat.size:
-        assert C.bins_kl(flat, tail, got, tail, offsets).max() < 2e-3
+        assert codecs.bins_kl(flat, tail, got, tail, offsets).max() < 2e-3
 
 
 def test_eight_bit_decode_error_is_small_on_lm_like_rows():
@@ -137,20 +137,20 @@ def test_eight_bit_decode_error_is_small_on_lm_like_rows():
     z = -1.1 * np.log(np.arange(1, 5001)) + rng.gumbel(size=(500, 5000)) * 1.5
     lp = -np.sort(-log_softmax(z), axis=1)
     tail = np.log(np.exp(lp[:, 64:]).sum(1)).astype(np.float32)
-    flat, offsets = lp[:, :64].ravel().astype(np.float32), C.offsets_of(np.full(500, 64))
-    got = C.decode_logprobs(
-        C.encode_logprobs(flat, offsets, P.LOGPROB_CODECS["q8"]), offsets, tail, P.LOGPROB_CODECS["q8"]
+    flat, offsets = lp[:, :64].ravel().astype(np.float32), codecs.offsets_of(np.full(500, 64))
+    got = codecs.decode_logprobs(
+        codecs.encode_logprobs(flat, offsets, part_io.LOGPROB_CODECS["q8"]), offsets, tail, part_io.LOGPROB_CODECS["q8"]
     )
-    kl = C.bins_kl(flat, tail, got, tail, offsets)
+    kl = codecs.bins_kl(flat, tail, got, tail, offsets)
     assert kl.mean() < 5e-5 and kl.max() < 2e-4
 
 
 def test_quantized_top1_is_exact_up_to_the_head_mass():
     flat = np.log(np.array([0.5, 0.2, 0.1], np.float32))
     tail = np.log(np.array([0.2], np.float32))
-    offsets = C.offsets_of([3])
-    got = C.decode_logprobs(
-        C.encode_logprobs(flat, offsets, P.LOGPROB_CODECS["q8"]), offsets, tail, P.LOGPROB_CODECS["q8"]
+    offsets = codecs.offsets_of([3])
+    got = codecs.decode_logprobs(
+        codecs.encode_logprobs(flat, offsets, part_io.LOGPROB_CODECS["q8"]), offsets, tail, part_io.LOGPROB_CODECS["q8"]
     )
     np.testing.assert_allclose(np.exp(got), [0.5, 0.2, 0.1], rtol=0.02)
 
@@ -162,8 +162,8 @@ def test_quantized_top1_is_exact_up_to_the_head_mass():
 @given(hnp.arrays(np.int64, st.tuples(st.integers(0, 8), st.integers(1, 30)), elements=st.integers(-1, 9)))
 def test_draw_counts_round_trip(draws):
     draws = np.where((draws < 0).any(1, keepdims=True), -1, draws)  # a row draws everything or nothing
-    widths, ids, counts = C.count_draws(draws)
-    off = C.offsets_of(widths)
+    widths, ids, counts = codecs.count_draws(draws)
+    off = codecs.offsets_of(widths)
     for r in range(len(draws)):
         got = np.repeat(ids[off[r] : off[r + 1]], counts[off[r] : off[r + 1]])
         want = np.sort(draws[r][draws[r] >= 0])
@@ -176,8 +176,8 @@ def test_drawn_estimate_is_unbiased():
     rng = np.random.default_rng(0)
     p_tail = np.array([0.05, 0.03, 0.015, 0.005])  # the teacher's tail tokens; P_R = 0.1
     draws = rng.choice(4, size=(20000, 10), p=p_tail / p_tail.sum())
-    widths, ids, counts = C.count_draws(draws)
-    est = np.exp(C.drawn_logprobs(counts, C.offsets_of(widths), np.full(20000, np.log(0.1)), 10))
+    widths, ids, counts = codecs.count_draws(draws)
+    est = np.exp(codecs.drawn_logprobs(counts, codecs.offsets_of(widths), np.full(20000, np.log(0.1)), 10))
     mean = np.bincount(ids, est.astype(np.float64), minlength=4) / 20000
     np.testing.assert_allclose(mean, p_tail, rtol=0.03)
 
@@ -189,11 +189,11 @@ def test_drawn_estimate_is_unbiased():
 @given(st.lists(st.integers(0, 5), max_size=10), st.data())
 def test_padded_rows_hold_each_row_then_the_pad(widths, data):
     widths = np.array(widths, np.int64)
-    off = C.offsets_of(widths)
+    off = codecs.offsets_of(widths)
     flat = np.arange(off[-1], dtype=np.int32)
     start = data.draw(st.integers(0, len(widths)))
     stop = data.draw(st.integers(start, len(widths)))
-    got = C.padded(flat, off, start, stop, -1)
+    got = codecs.padded(flat, off, start, stop, -1)
     assert got.shape == (stop - start, int(widths[start:stop].max()) if stop > start else 0)
     for r in range(start, stop):
         np.testing.assert_array_equal(got[r - start, : widths[r]], flat[off[r] : off[r + 1]])

@@ -57,12 +57,12 @@ def test_sampler_log_probs_are_the_models_own(tiny, tmp_path):
     """Plain sampling at temperature 1: the behavior log-prob of each token is the student's log q(y_t)."""
     generate(tiny, tmp_path / "g.jsonl", samples_per_prompt=1, limit=4)
     model = AutoModelForCausalLM.from_pretrained(tiny["llama"]).eval()
-    from pipeline import data as D
+    from pipeline import data as data_module
     from pipeline import models
 
     tok = models.load_tokenizer(tiny["llama"])
     for r in rows(tmp_path / "g.jsonl"):
-        p = D.encode_instructions(tok, [r["prompt"]], [""])[0][0]
+        p = data_module.encode_instructions(tok, [r["prompt"]], [""])[0][0]
         ids = torch.tensor([p + r["response_token_ids"]])
         with torch.no_grad():
             lp = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1, : len(tok)], -1)
