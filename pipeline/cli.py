@@ -81,11 +81,16 @@ DATA_KEYS = (
 )
 
 
-def pop_data_config(kw: dict, **changes):
-    """The DataConfig of the data options in kw (removed from it), with `changes`; None without a source."""
+def pop_data_options(kw: dict) -> dict:
+    """The data options' values, removed from a command's options."""
+    return {k: kw.pop(k, None) for k in DATA_KEYS}
+
+
+def data_config(values: dict, **changes):
+    """The DataConfig of data option values, with `changes`; None without a source."""
     from pipeline.data import DataConfig
 
-    values = {**{k: kw.pop(k, None) for k in DATA_KEYS}, **changes}
+    values = {**values, **changes}
     return DataConfig(**{k: v for k, v in values.items() if v is not None}) if values["source"] else None
 
 
@@ -172,7 +177,7 @@ def cache_teacher(temperatures, shard, **kw):
     """Run a teacher over a dataset and store its top-k log-probs, exact tail mass and target log-probs."""
     from stages import cache_teacher as stage
 
-    data = pop_data_config(kw)
+    data = data_config(pop_data_options(kw))
     cfg = stage.CacheTeacherConfig(
         data=data, temperatures=tuple(temperatures) or (1.0,), shard=parse_shard(shard), **kw
     )
@@ -291,10 +296,10 @@ def train(eval_data, eval_split, **kw):
     """Distill a student from a teacher cache (or the teacher online), or fine-tune it on a dataset (--loss ce)."""
     from stages import train as stage
 
-    fields = {k: kw.pop(k, None) for k in DATA_KEYS}
-    data = pop_data_config(dict(fields))
+    fields = pop_data_options(kw)
+    data = data_config(fields)
     held_out = dict(source=eval_data, split=eval_split, limit=None, response_ids_field=None, behavior_field=None)
-    eval_cfg = pop_data_config(dict(fields), **held_out) if eval_data else None
+    eval_cfg = data_config(fields, **held_out) if eval_data else None
     summary = stage.run(stage.TrainConfig(data=data, eval_data=eval_cfg, **kw))
     click.echo(
         f"trained {summary['steps']} steps ({summary['tokens']} tokens, {summary['nonfinite']} skipped) "
@@ -322,7 +327,7 @@ def evaluate(no_generate, **kw):
     """Held-out NLL/perplexity, ROUGE-L and exact match of greedy generations, KL to the teacher."""
     from stages import evaluate as stage
 
-    cfg = stage.EvalConfig(data=pop_data_config(kw), generate=not no_generate, **kw)
+    cfg = stage.EvalConfig(data=data_config(pop_data_options(kw)), generate=not no_generate, **kw)
     metrics = stage.run(cfg)
     click.echo(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 

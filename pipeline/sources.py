@@ -124,15 +124,17 @@ class MixtureSource(Source):
 
     def plan(self, seed, epoch, batch_size, batch_tokens, window, world_size, packed=False) -> list[list[int]]:
         args = (batch_size, batch_tokens, window, world_size, packed)
-        streams = [_cycling(src, seed, epoch, args) for src in self.sources]
-        n = sum(len(src.plan(seed, epoch, *args)) for src in self.sources)
+        plans = [src.plan(seed, epoch, *args) for src in self.sources]
+        streams = [_cycling(src, first, seed, epoch, args) for src, first in zip(self.sources, plans)]
+        n = sum(map(len, plans))
         choice = np.random.default_rng([seed, epoch, 0x6D6978]).choice(len(self.sources), size=n, p=self.shares)
         return [[int(self.starts[k]) + i for i in next(streams[k])] for k in choice.tolist()]
 
 
-def _cycling(source: Source, seed: int, epoch: int, args: tuple):
-    """Micro-batches of a source's epoch `epoch`, then of further shuffles of it (seeds apart from every epoch's)."""
-    yield from source.plan(seed, epoch, *args)
+def _cycling(source: Source, first: list, seed: int, epoch: int, args: tuple):
+    """Micro-batches `first` (the source's epoch `epoch`), then of further shuffles of it (seeds apart from every
+    epoch's)."""
+    yield from first
     m = 1
     while True:
         more = source.plan(seed, 10**6 + 1000 * epoch + m, *args)

@@ -101,7 +101,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
     vocab = len(tok)
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
-    plan = make_plan(cfg, teacher_cfg, tok, ds, dtype)
+    plan = cache_plan(cfg, teacher_cfg, tok, ds, dtype)
     out = Path(cfg.out) if cfg.out else Path(cfg.cache_root) / plan["cache_key"][:16]
     done = storage.complete_manifest(out, plan["cache_key"])
     if done is not None and not cfg.overwrite:
@@ -132,7 +132,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
     }
 
 
-def make_plan(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
+def cache_plan(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
     """The cache's plan: its encoding and the identity (teacher, tokenizer, dataset) that its key hashes."""
     identity = {
         "teacher": {

@@ -167,29 +167,15 @@ def test_another_teacher_at_the_same_path_is_refused(tiny, tmp_path):
     assert run(tiny, tmp_path / "c", "llama", overwrite=True)["status"] == "complete"
 
 
+def one_sample_parts_command(tiny, out):
+    """cache-teacher as a process: the Llama teacher, top-5, parts of 2 samples computed one sample at a time."""
+    return [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--teacher", tiny["llama"], "--data", tiny["train"],
+            "--prompt-field", "prompt", "--response-field", "response", "--top-k", "5", "--part-size", "2",
+            "--batch-size", "1", "--out", str(out)]  # fmt: skip
+
+
 def test_sigkill_then_resume_computes_only_missing_parts(tiny, tmp_path):
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "cache-teacher",
-        "--teacher",
-        tiny["llama"],
-        "--data",
-        tiny["train"],
-        "--prompt-field",
-        "prompt",
-        "--response-field",
-        "response",
-        "--top-k",
-        "5",
-        "--part-size",
-        "2",
-        "--batch-size",
-        "1",
-        "--out",
-        str(tmp_path / "c"),
-    ]
+    args = one_sample_parts_command(tiny, tmp_path / "c")
     ref = run(tiny, tmp_path / "ref", "llama", part_size=2, batch_size=1)["manifest"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "c/parts"
@@ -527,28 +513,7 @@ def test_two_cache_teacher_runs_on_one_out_split_the_parts_and_both_complete(tin
     """Like two workflows sharing a --cache-root, or a requeued job whose old copy still runs: each part is written
     by one of them, neither clears the other's work, and both end with the whole cache."""
     ref = run(tiny, tmp_path / "ref", "llama", part_size=2, batch_size=1)["manifest"]
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "cache-teacher",
-        "--teacher",
-        tiny["llama"],
-        "--data",
-        tiny["train"],
-        "--prompt-field",
-        "prompt",
-        "--response-field",
-        "response",
-        "--top-k",
-        "5",
-        "--part-size",
-        "2",
-        "--batch-size",
-        "1",
-        "--out",
-        str(tmp_path / "c"),
-    ]
+    args = one_sample_parts_command(tiny, tmp_path / "c")
     procs = [
         subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
