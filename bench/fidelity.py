@@ -35,13 +35,14 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
-import storage  # noqa: E402
-from pipeline import batches, losses, models, scoring, sources, teachers  # noqa: E402
-from pipeline.data import DataConfig, tokenized  # noqa: E402
-from stages import cache_teacher as ct  # noqa: E402
+from command import pipeline
+
+import storage
+from pipeline import batches, losses, models, scoring, sources, teachers
+from pipeline.config import DataConfig, ModelConfig
+from pipeline.data import tokenized
 from stages import prepare_demo
-from stages import train as tr
-from storage.codecs import id_bits  # noqa: E402
+from storage.codecs import id_bits
 
 OUT = ROOT / "bench/out/fidelity"
 BIG_VOCAB = 151936
@@ -111,22 +112,21 @@ def _teacher(root, fields, where, teacher, student, steps, lm, lr, batch) -> dic
     """Train the teacher (once) and initialize the student config; the paths and data configs of a setting."""
     for name, (layers, width, heads) in (("teacher-init", teacher), ("student-init", student)):
         if not (root / name).exists():
-            prepare_demo.save_model(root / name, root / "tokenizer", "llama", layers, width, heads)
+            prepare_demo.save_model(ModelConfig(root / name, root / "tokenizer", "llama", layers, width, heads))
     if not (root / "teacher/final").exists():
         t0 = time.perf_counter()
-        tr.run(
-            tr.TrainConfig(
-                student=str(root / "teacher-init"),
-                out=str(root / "teacher"),
-                loss="ce",
-                data=DataConfig(str(root / lm), **fields),
-                max_steps=steps,
-                lr=lr,
-                batch_size=batch,
-                warmup_steps=30,
-                log_every=50,
-                progress=False,
-            )
+        pipeline(
+            "train",
+            student=str(root / "teacher-init"),
+            out=str(root / "teacher"),
+            loss="ce",
+            data=str(root / lm),
+            **fields,
+            max_steps=steps,
+            lr=lr,
+            batch_size=batch,
+            warmup_steps=30,
+            log_every=50,
         )
         print(f"  trained teacher {root.name} in {time.perf_counter() - t0:.0f} s", flush=True)
     return {
@@ -143,32 +143,36 @@ def _teacher(root, fields, where, teacher, student, steps, lm, lr, batch) -> dic
 # ---------------------------------------------------------------- arms
 
 
-def data(setting, split):
+def data(setting, split) -> DataConfig:
     return DataConfig(str(setting["root"] / f"{split}.jsonl"), **setting["fields"])
+
+
+def data_flags(setting, split) -> dict:
+    """The data options of a split, as the command's flags."""
+    return {"data": str(setting["root"] / f"{split}.jsonl"), **setting["fields"]}
 
 
 def build_caches(setting) -> dict:
     """Arm → cache path: one top-64 float32 cache converted per arm, draw caches written directly."""
     root = setting["root"] / "caches"
     source = root / "top64-f32"
-    base = dict(teacher=setting["teacher"], data=data(setting, "train"), part_size=128, progress=False)
-    ct.run(ct.CacheTeacherConfig(out=str(source), top_k=64, logprob_dtype="float32", **base))
+    base = dict(teacher=setting["teacher"], **data_flags(setting, "train"), part_size=128)
+    pipeline("cache-teacher", out=str(source), top_k=64, logprob_dtype="float32", **base)
     out = {}
     for name, enc, _ in ARMS:
         path = root / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "").replace(",", "")
         if not (path / "manifest.json").exists():
             if enc.get("draws"):
-                ct.run(
-                    ct.CacheTeacherConfig(
-                        out=str(path),
-                        top_k=enc["top_k"],
-                        top_p=enc.get("top_p"),
-                        min_k=enc.get("min_k", 1),
-                        ids=enc["ids"],
-                        logprob_dtype=enc["logprobs"],
-                        tail_draws=enc["draws"],
-                        **base,
-                    )
+                pipeline(
+                    "cache-teacher",
+                    out=str(path),
+                    top_k=enc["top_k"],
+                    top_p=enc.get("top_p"),
+                    min_k=enc.get("min_k", 1),
+                    ids=enc["ids"],
+                    logprob_dtype=enc["logprobs"],
+                    tail_draws=enc["draws"],
+                    **base,
                 )
             else:
                 storage.convert(
@@ -214,7 +218,6 @@ def train_student(setting, out, seed, steps, cache=None, online=False, sft=False
         warmup_steps=20,
         part_size=128,
         log_every=50,
-        progress=False,
         init_from_config=True,
         tokenizer=setting["student"],
         **extra,
@@ -222,11 +225,11 @@ def train_student(setting, out, seed, steps, cache=None, online=False, sft=False
     if cache:
         cfg["cache"] = str(cache)
     else:
-        cfg["data"] = data(setting, "train")
+        cfg |= data_flags(setting, "train")
         if online:
             cfg["teacher"] = setting["teacher"]
     if not (Path(out) / "final").exists():
-        tr.run(tr.TrainConfig(**cfg))
+        pipeline("train", **cfg)
     return time.perf_counter() - t0
 
 
@@ -317,8 +320,8 @@ def gradient_angles(setting, caches, checkpoint, teacher_model, n=128, batch=32)
         student.zero_grad()
         for a in range(0, n, batch):
             b = batches.collate([teacher.source[i] for i in range(a, a + batch)], tok.pad_token_id)
-            parts = losses.batch_losses(scoring.forward(head, b, False), b, teacher.rows(b), "fkl", tail=tail)
-            (parts["kd"] / n).backward()
+            terms = losses.batch_losses(scoring.forward(head, b, False), b, teacher.fields(b), "fkl", tail=tail)
+            (terms["kd"] / n).backward()
         return torch.cat([p.grad.flatten() for p in student.parameters()]).clone()
 
     ref = grad(teachers.OnlineTeacher(source, teacher_model, len(tok)))

@@ -20,11 +20,11 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
+from command import pipeline
+
 from pipeline import data, models
-from stages import cache_teacher as ct  # noqa: E402
-from stages import generate as gen
+from pipeline.config import ModelConfig
 from stages import prepare_demo
-from stages import train as tr
 
 
 def plain_generate(model, tok, prompts, batch_size, max_new_tokens, seed):
@@ -56,31 +56,30 @@ def main(prompts=256, batch_size=32, max_new_tokens=48, repeats=3):
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         paths = prepare_demo.run(prepare_demo.DemoDataConfig(str(root / "data"), prompts, 16, 4096))
-        teacher = prepare_demo.save_model(root / "teacher", paths["tokenizer"], "llama", 4, 256, 4)
-        student = prepare_demo.save_model(root / "student", paths["tokenizer"], "llama", 2, 128, 2)
+        teacher = prepare_demo.save_model(ModelConfig(root / "teacher", paths["tokenizer"], "llama", 4, 256, 4))
+        student = prepare_demo.save_model(ModelConfig(root / "student", paths["tokenizer"], "llama", 2, 128, 2))
         tok = models.load_tokenizer(student)
         model = models.load_model(student, torch.float32, torch.device("cpu")).eval()
         texts = [json.loads(l)["prompt"] for l in open(paths["train"])]
         base = dict(
             model=student,
-            source=paths["train"],
+            data=paths["train"],
             prompt_field="prompt",
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
-            progress=False,
         )
         results = {"prompts": prompts, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "repeats": repeats}
         for name, fn in (
             ("plain_model_generate", lambda s: plain_generate(model, tok, texts, batch_size, max_new_tokens, s)),
             (
                 "pipeline_generate",
-                lambda s: gen.run(gen.GenerateConfig(out=str(root / "g.jsonl"), seed=s, **base))["tokens"],
+                lambda s: pipeline("generate", out=str(root / "g.jsonl"), seed=s, **base)["tokens"],
             ),
             (
                 "pipeline_generate_teacher_mixed",
-                lambda s: gen.run(
-                    gen.GenerateConfig(out=str(root / "m.jsonl"), seed=s, teacher=teacher, alpha=0.2, **base)
-                )["tokens"],
+                lambda s: pipeline("generate", out=str(root / "m.jsonl"), seed=s, teacher=teacher, alpha=0.2, **base)[
+                    "tokens"
+                ],
             ),
         ):
             rates = []
@@ -96,32 +95,27 @@ def main(prompts=256, batch_size=32, max_new_tokens=48, repeats=3):
 
         stages = {}
         t = time.perf_counter()
-        gen.run(gen.GenerateConfig(out=str(root / "round.jsonl"), seed=0, **base))
+        pipeline("generate", out=str(root / "round.jsonl"), seed=0, **base)
         stages["generate"] = time.perf_counter() - t
-        generated = data.DataConfig(
-            str(root / "round.jsonl"),
+        generated = dict(
+            data=str(root / "round.jsonl"),
             prompt_field="prompt",
             response_field="response",
             response_ids_field="response_token_ids",
             behavior_field="behavior_logprobs",
         )
         t = time.perf_counter()
-        cache_cfg = ct.CacheTeacherConfig(
-            teacher=teacher, data=generated, out=str(root / "cache"), top_k=16, progress=False
-        )
-        ct.run(cache_cfg)
+        pipeline("cache-teacher", teacher=teacher, **generated, out=str(root / "cache"), top_k=16)
         stages["cache_teacher"] = time.perf_counter() - t
         t = time.perf_counter()
-        tr.run(
-            tr.TrainConfig(
-                student=student,
-                out=str(root / "run"),
-                loss="akl",
-                cache=str(root / "cache"),
-                max_steps=prompts // batch_size,
-                batch_size=batch_size,
-                progress=False,
-            )
+        pipeline(
+            "train",
+            student=student,
+            out=str(root / "run"),
+            loss="akl",
+            cache=str(root / "cache"),
+            max_steps=prompts // batch_size,
+            batch_size=batch_size,
         )
         stages["train"] = time.perf_counter() - t
         results["round_seconds"] = stages

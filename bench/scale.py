@@ -26,11 +26,12 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from pipeline import batches, models  # noqa: E402
-from pipeline.data import DataConfig, tokenized  # noqa: E402
-from pipeline.losses import batch_losses  # noqa: E402
-from pipeline.scoring import forward  # noqa: E402
-from stages import prepare_demo  # noqa: E402
+from pipeline import batches, models
+from pipeline.config import DataConfig, ModelConfig
+from pipeline.data import tokenized
+from pipeline.losses import batch_losses
+from pipeline.scoring import forward
+from stages import prepare_demo
 
 
 def write_data(path, n, seed=0):
@@ -73,7 +74,7 @@ def peak_rss(cmd, env) -> dict:
 def memory(root: Path, small=2000) -> dict:
     tok_dir = root / "tok"
     prepare_demo.save_tokenizer(tok_dir, ["alpha beta gamma delta sum sort count the of and list value max"] * 50, 300)
-    teacher = prepare_demo.save_model(root / "teacher", tok_dir, "llama", 4, 256, 4)
+    teacher = prepare_demo.save_model(ModelConfig(root / "teacher", tok_dir, "llama", 4, 256, 4))
     out = {}
     for name, n in (("base", 1), ("small", small), ("large", 10 * small)):
         data = root / f"{name}.jsonl"
@@ -176,7 +177,7 @@ def packing_speed(n_batches=12, budget=8192, pack_length=1024, vocab=8000) -> di
         rows = lambda b: {k: b[k] for k in ("topk_ids", "topk_logprobs", "tail_logmass")}
 
         def step(b):
-            kd = batch_losses(forward(head, b, False), b, rows(b), "fkl")["kd"] / len(b["rows"])
+            kd = batch_losses(forward(head, b, False), b, rows(b), "fkl")["kd"] / len(b["row_index"])
             kd.backward()
             opt.step()
             opt.zero_grad()

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-import storage  # noqa: E402
-from storage.codecs import top_p_widths  # noqa: E402
+import storage
+from storage.codecs import top_p_widths
 
 ANCHORS = {
     "DistillKit k=128, V=151936 (REFERENCE.md)": 344,

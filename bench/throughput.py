@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-import storage  # noqa: E402
-from pipeline import batches, losses, models, teachers  # noqa: E402
-from pipeline.losses import batch_losses  # noqa: E402
-from pipeline.scoring import forward  # noqa: E402
-from stages import cache_teacher as ct  # noqa: E402
+import storage
+from pipeline import batches, losses, models, teachers
+from pipeline.losses import batch_losses
+from pipeline.scoring import forward
+from stages import cache_teacher as ct
 
 V = 32000
 
@@ -117,7 +117,9 @@ def teacher_rows(teacher, samples):
     head = models.PositionLogits(teacher, V)
     with torch.inference_mode():
         c = batches.collate(samples, 0)
-        r = teachers.topk_rows(head(c["input_ids"], c["attention_mask"], c["rows"], c["cols"]).float(), 64, (1.0,))
+        r = teachers.topk_rows(
+            head(c["input_ids"], c["attention_mask"], c["row_index"], c["col_index"]).float(), 64, (1.0,)
+        )
         i, lp, tail = r["ids"], r["logprobs"], r["tail"]
     out, start = [], 0
     for s in samples:
@@ -152,13 +154,13 @@ def train_ratios(student, teacher, sample_batches, repeats):
         return run
 
     rows = lambda b: {k: b[k] for k in ("topk_ids", "topk_logprobs", "tail_logmass") if k in b}
-    sft = lambda b: batch_losses(forward(head, b, False), b, {}, "ce")["ce"] / len(b["rows"])
-    kd = lambda b: batch_losses(forward(head, b, False), b, rows(b), "akl")["kd"] / len(b["rows"])
+    sft = lambda b: batch_losses(forward(head, b, False), b, {}, "ce")["ce"] / len(b["row_index"])
+    kd = lambda b: batch_losses(forward(head, b, False), b, rows(b), "akl")["kd"] / len(b["row_index"])
 
     def online(b):
         with torch.no_grad():
-            t_logits = theads(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
-        s_logits = head(b["input_ids"], b["attention_mask"], b["rows"], b["cols"])
+            t_logits = theads(b["input_ids"], b["attention_mask"], b["row_index"], b["col_index"])
+        s_logits = head(b["input_ids"], b["attention_mask"], b["row_index"], b["col_index"])
         return losses.dense_kd_loss(s_logits, t_logits, "fkl").mean()
 
     return (

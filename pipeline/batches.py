@@ -79,7 +79,13 @@ def collate(samples: list[dict], pad_id: int, pack_length: int | None = None) ->
             used = int(attn[r].sum())
             pos[r, used:] = torch.arange(width - used)
     rows, cols = torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))
-    batch = {"input_ids": ids, "rows": rows, "cols": cols, "targets": ids[rows, cols + 1], "tokens": attn.sum()}
+    batch = {
+        "input_ids": ids,
+        "row_index": rows,
+        "col_index": cols,
+        "targets": ids[rows, cols + 1],
+        "tokens": attn.sum(),
+    }
     if pack_length:
         batch["position_ids"] = pos
     else:

@@ -169,7 +169,7 @@ def remove_stale(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def save_final(path: Path, model, tokenizer, state_dict: dict) -> None:
+def save_final(path: Path, model, tokenizer, state_dict: dict | None = None) -> None:
     """The trained model in transformers' layout, written beside and renamed into place."""
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
     try:

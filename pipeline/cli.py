@@ -7,10 +7,14 @@ import functools
 import json
 import os
 import sys
+from dataclasses import MISSING
 
 import click
 
-LOGPROB_CHOICES = ("float16", "float32", "q8", "q6", "q5", "q4", "q3", "q2")
+from pipeline import config
+from storage.backends import BACKENDS
+from storage.part import ID_CODECS, LOGPROB_CODECS
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -45,63 +49,52 @@ def fail(error: BaseException, message: str):
     sys.exit(1)
 
 
-def data_options(fn, required=True):
-    for opt in reversed(
-        [
-            click.option(
-                "--data",
-                "source",
-                required=required,
-                help="jsonl/json/parquet/csv/arrow file, saved dataset folder, or hub name",
-            ),
-            click.option("--split", default="train", show_default=True),
-            click.option("--prompt-field"),
-            click.option("--response-field"),
-            click.option("--text-field"),
-            click.option("--max-length", default=1024, show_default=True, type=int),
-            click.option("--limit", type=int, help="use only the first N samples"),
-            click.option("--response-ids-field", help="generated rows: the response's token ids, used as they are"),
-            click.option("--behavior-field", help="generated rows: the sampler's log-prob of each response token"),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+def options(cls, optional=()):
+    """The click options of a config dataclass's fields (pipeline.config): flag, help, choices, repeatable, required.
+    Defaults stay in the dataclass: an option not given is not passed, and its default is only shown here."""
+
+    def decorate(fn):
+        for f in reversed(config.option_fields(cls)):
+            fn = click.option(*declarations(f), **settings(f, required=f.name not in optional))(fn)
+        return fn
+
+    return decorate
 
 
-DATA_KEYS = (
-    "source",
-    "split",
-    "prompt_field",
-    "response_field",
-    "text_field",
-    "max_length",
-    "limit",
-    "response_ids_field",
-    "behavior_field",
-)
+def declarations(f) -> tuple[str, ...]:
+    flag = config.flag_of(f)
+    on_by_default = config.value_type(f)[0] is bool and f.default is True
+    return (f"{flag}/--no-{flag[2:]}" if on_by_default else flag, config.key_of(f))
 
 
-def pop_data_options(kw: dict) -> dict:
-    """The data options' values, removed from a command's options."""
-    return {k: kw.pop(k, None) for k in DATA_KEYS}
+def settings(f, required: bool) -> dict:
+    kind, repeatable = config.value_type(f)
+    meta = f.metadata
+    kw = {"help": meta["help"]}
+    if f.default is MISSING and f.default_factory is MISSING:
+        kw["required"] = required
+    if kind is bool:
+        return kw | {"is_flag": True, "default": f.default}
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    if default not in (None, (), MISSING):
+        kw["help"] += f"  [default: {', '.join(map(str, default)) if repeatable else default}]"
+    if meta.get("parse"):  # written as one string (I/N, 0,6,12) and parsed by the config
+        return kw | {"type": str}
+    if meta.get("choices"):
+        kind = click.Choice(list(meta["choices"]))
+    return kw | {"type": kind, "multiple": repeatable}
 
 
-def data_config(values: dict, **changes):
-    """The DataConfig of data option values, with `changes`; None without a source."""
-    from pipeline.data import DataConfig
-
-    values = {**values, **changes}
-    return DataConfig(**{k: v for k, v in values.items() if v is not None}) if values["source"] else None
+def given(kw: dict) -> dict:
+    """The options the user gave (the others take the config's defaults)."""
+    return {k: v for k, v in kw.items() if v is not None and v != ()}
 
 
-def parse_shard(value):
-    if value is None:
-        return None
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not of the form I/N, e.g. 0/4")
-    return (i, n)
+def pop_data(kw: dict, **changes):
+    """The DataConfig of a command's data options (removed from `kw`), with `changes`; None without --data."""
+    values = {config.key_of(f): kw.pop(config.key_of(f), None) for f in config.option_fields(config.DataConfig)}
+    values = given({**values, **changes})
+    return config.build(config.DataConfig, values) if values.get("data") else None
 
 
 @click.group()
@@ -114,74 +107,20 @@ def main(debug):
 
 
 @main.command("cache-teacher")
-@click.option("--teacher", required=True, help="Hugging Face causal LM: local path or hub name")
-@data_options
-@click.option("--top-k", default=64, show_default=True, type=int, help="largest row width")
-@click.option(
-    "--top-p", type=float, help="keep per row the smallest teacher-sorted prefix with this mass (ragged rows)"
-)
-@click.option("--min-k", default=1, show_default=True, type=int, help="narrowest row with --top-p")
-@click.option(
-    "--ids",
-    type=click.Choice(["plain", "bitpack"]),
-    default="plain",
-    show_default=True,
-    help="token id encoding: narrowest integer, or ceil(log2 V) bits",
-)
-@click.option(
-    "--logprob-dtype",
-    type=click.Choice(list(LOGPROB_CHOICES)),
-    default="float16",
-    show_default=True,
-    help="float16/float32, or qB: B-bit power quantization (rows still sum to 1 with the exact tail)",
-)
-@click.option(
-    "--tail-draws",
-    default=0,
-    show_default=True,
-    type=int,
-    help="tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none",
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the tail draws")
-@click.option("--temperature", "temperatures", multiple=True, type=float, help="repeatable; default 1.0")
-@click.option("--format", type=click.Choice(["zarr", "arrow"]), default="zarr", show_default=True)
-@click.option("--out", help="cache folder")
-@click.option("--cache-root", help="folder of caches named by cache key (instead of --out)")
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--batch-tokens", type=int, help="padded-token budget per batch (instead of --batch-size)")
-@click.option(
-    "--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16"
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
-@click.option(
-    "--tp",
-    default=1,
-    show_default=True,
-    type=int,
-    help="tensor-parallel size under torchrun: WORLD_SIZE / TP groups each fill their own shard",
-)
-@click.option("--device-map", help="spread the teacher over this process's devices: auto, balanced, sequential")
-@click.option("--max-memory", help="with --device-map: per-device limits, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
-@click.option("--shard", help="I/N: fill only parts p with p mod N = I (torchrun groups split it further)")
-@click.option("--part-size", default=256, show_default=True, type=int, help="samples per part")
-@click.option("--num-proc", default=1, show_default=True, type=int, help="tokenizer processes")
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="replace a different cache at --out (the old one stays until the new one is whole)",
-)
-@click.option("--strict", is_flag=True, help="abort on non-finite teacher logits instead of skipping the sample")
-@click.option("--trust-remote-code", is_flag=True)
+@options(config.CacheTeacherConfig)
+@options(config.DataConfig)
 @one_line_errors
-def cache_teacher(temperatures, shard, **kw):
+def cache_teacher(**kw):
     """Run a teacher over a dataset and store its top-k log-probs, exact tail mass and target log-probs."""
     from stages import cache_teacher as stage
 
-    data = data_config(pop_data_options(kw))
-    cfg = stage.CacheTeacherConfig(
-        data=data, temperatures=tuple(temperatures) or (1.0,), shard=parse_shard(shard), **kw
-    )
-    result = stage.run(cfg)
+    data = pop_data(kw)
+    result = stage.run(config.build(config.CacheTeacherConfig, given(kw) | {"data": data}))
+    report_cache(result, data)
+    return result
+
+
+def report_cache(result: dict, data) -> None:
     if result["status"] == "hit":
         click.echo(f"cache hit: {result['path']} (key {result['manifest']['cache_key'][:16]})")
         return
@@ -202,291 +141,118 @@ def cache_teacher(temperatures, shard, **kw):
 
 
 @main.command()
-@click.option(
-    "--student", required=True, help="Hugging Face model (path or hub name), or a config with --init-from-config"
-)
-@click.option("--out", required=True, help="run folder")
-@click.option(
-    "--loss",
-    default="fkl",
-    show_default=True,
-    help="ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl, or pg (reverse-KL policy gradient on generated tokens)",
-)
-@click.option("--cache", multiple=True, help="teacher cache to distill from; repeat to mix several (with --mix)")
-@click.option(
-    "--mix",
-    multiple=True,
-    type=float,
-    help="share of each --cache per micro-batch; with two caches one value: the second's share λ (GKD)",
-)
-@click.option("--teacher", help="run this teacher online over --data instead of a cache (the fidelity reference)")
-@click.option("--online-topk", type=int, help="with --teacher: top-k + exact tail computed on the fly (default: dense)")
-@click.option("--teacher-device-map", help="with --teacher: spread it over devices (auto), e.g. beside the student")
-@lambda fn: data_options(fn, required=False)
-@click.option(
-    "--init-from-config", is_flag=True, help="initialize the student from --student's config, not its weights"
-)
-@click.option("--tokenizer", help="tokenizer for --init-from-config")
-@click.option("--kd-ratio", type=float, help="weight of KD in (1 - r)·CE + r·KD; default 1 (0 for ce)")
-@click.option("--mu", default=0.5, show_default=True, type=float, help="AKL head mass")
-@click.option("--beta", default=0.5, show_default=True, type=float, help="JSD mixture weight")
-@click.option("--alpha", default=0.1, show_default=True, type=float, help="skew KL weight")
-@click.option("--temperature", default=1.0, show_default=True, type=float, help="must be one the cache holds")
-@click.option(
-    "--tail",
-    type=click.Choice(["bucket", "renormalize"]),
-    default="bucket",
-    show_default=True,
-    help="the teacher's tail as one exact bin, or dropped with the head renormalized (the peers' default)",
-)
-@click.option(
-    "--lr",
-    default=2e-5,
-    show_default=True,
-    type=float,
-    help="peak learning rate (a pretrained student's; the demo sets its own)",
-)
-@click.option("--min-lr-ratio", default=0.1, show_default=True, type=float, help="cosine floor as a fraction of --lr")
-@click.option("--warmup-steps", default=10, show_default=True, type=int)
-@click.option("--weight-decay", default=0.01, show_default=True, type=float)
-@click.option("--grad-clip", default=1.0, show_default=True, type=float)
-@click.option(
-    "--batch-size", default=8, show_default=True, type=int, help="samples per micro-batch, all ranks together"
-)
-@click.option("--batch-tokens", type=int, help="padded-token budget per micro-batch (instead of --batch-size)")
-@click.option("--grad-accum", default=1, show_default=True, type=int)
-@click.option("--epochs", default=1, show_default=True, type=int)
-@click.option("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--packing", is_flag=True, help="pack samples into rows of --pack-length tokens, no padding")
-@click.option("--pack-length", default=2048, show_default=True, type=int)
-@click.option(
-    "--part-size",
-    default=256,
-    show_default=True,
-    type=int,
-    help="with --data: the cache-teacher part size whose epoch plan to follow",
-)
-@click.option("--fsdp", is_flag=True, help="shard the student with FSDP2 (under torchrun)")
-@click.option("--gradient-checkpointing", is_flag=True)
-@click.option("--attn-implementation", help="transformers attention: sdpa, eager, flash_attention_2, …")
-@click.option("--eval-cache", help="held-out teacher cache for eval loss")
-@click.option("--eval-data", help="held-out dataset for eval CE (same fields as --data)")
-@click.option("--eval-split", default="train", show_default=True)
-@click.option("--eval-every", default=0, show_default=True, type=int)
-@click.option("--eval-samples", default=256, show_default=True, type=int)
-@click.option("--save-every", default=0, show_default=True, type=int, help="checkpoint interval in steps")
-@click.option("--log-every", default=10, show_default=True, type=int)
-@click.option("--max-nonfinite", default=10, show_default=True, type=int, help="abort after this many skipped steps")
-@click.option("--num-workers", default=0, show_default=True, type=int)
-@click.option("--num-proc", default=1, show_default=True, type=int, help="tokenizer processes for --data")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True, help="auto: bf16 on GPU, float32 on CPU")
-@click.option("--resume", is_flag=True, help="continue from the run's latest checkpoint")
-@click.option("--overwrite", is_flag=True, help="replace another run in --out (its checkpoints, model and metrics)")
-@click.option("--allow-tokenizer-mismatch", is_flag=True)
-@click.option(
-    "--allow-offpolicy-pg",
-    is_flag=True,
-    help="--loss pg on a cache of data the student did not generate (its gradient is then biased)",
-)
-@click.option("--trust-remote-code", is_flag=True)
+@options(config.TrainConfig)
+@options(config.DataConfig, optional=("source",))
+@click.option("--eval-data", help="held-out dataset for eval CE (the fields of --data)")
+@click.option("--eval-split", help="its split (default: the --split default)")
 @one_line_errors
 def train(eval_data, eval_split, **kw):
     """Distill a student from a teacher cache (or the teacher online), or fine-tune it on a dataset (--loss ce)."""
     from stages import train as stage
 
-    fields = pop_data_options(kw)
-    data = data_config(fields)
-    held_out = dict(source=eval_data, split=eval_split, limit=None, response_ids_field=None, behavior_field=None)
-    eval_cfg = data_config(fields, **held_out) if eval_data else None
-    summary = stage.run(stage.TrainConfig(data=data, eval_data=eval_cfg, **kw))
+    fields = {k: kw.get(k) for k in ("prompt_field", "response_field", "text_field", "text_end", "max_length")}
+    data = pop_data(kw)
+    held_out = pop_data(dict(fields, data=eval_data, split=eval_split)) if eval_data else None
+    summary = stage.run(config.build(config.TrainConfig, given(kw) | {"data": data, "eval_data": held_out}))
     click.echo(
         f"trained {summary['steps']} steps ({summary['tokens']} tokens, {summary['nonfinite']} skipped) "
         f"in {summary['seconds']:.1f}s; model in {kw['out']}/final"
     )
+    return summary
 
 
 @main.command()
-@click.option("--model", required=True, help="model folder (e.g. RUN/final) or hub name")
-@data_options
-@click.option("--out", required=True, help="metrics JSON")
-@click.option("--teacher-cache", help="cache of this split, for KL to the teacher (top-k + tail bucket)")
-@click.option("--teacher", help="the teacher model, for the exact full-vocabulary KL on this split")
-@click.option("--answer-field", default="answer", show_default=True, help="column with a checkable answer, if any")
-@click.option("--max-new-tokens", default=48, show_default=True, type=int)
-@click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--no-generate", is_flag=True, help="skip generation (NLL and KL only)")
-@click.option("--label", help="row name in the report (default: the run folder's name)")
-@click.option("--run", help="training run folder, for learning curves in the report")
-@click.option("--round", type=int, help="on-policy round of this model, for the per-round plot")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
+@options(config.EvalConfig)
+@options(config.DataConfig)
 @one_line_errors
-def evaluate(no_generate, **kw):
+def evaluate(**kw):
     """Held-out NLL/perplexity, ROUGE-L and exact match of greedy generations, KL to the teacher."""
     from stages import evaluate as stage
 
-    cfg = stage.EvalConfig(data=data_config(pop_data_options(kw)), generate=not no_generate, **kw)
-    metrics = stage.run(cfg)
+    data = pop_data(kw)
+    metrics = stage.run(config.build(config.EvalConfig, given(kw) | {"data": data}))
     click.echo(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
 
 
 @main.command()
-@click.option("--model", required=True, help="the student that samples (a folder, e.g. RUN/final)")
-@click.option("--data", "source", required=True, help="prompts: any dataset --data accepts")
-@click.option("--prompt-field", required=True)
-@click.option("--split", default="train", show_default=True)
-@click.option("--limit", type=int)
-@click.option("--out", required=True, help="JSONL of rows: the prompt row + response, token ids, log-probs")
-@click.option("--samples-per-prompt", default=1, show_default=True, type=int)
-@click.option("--temperature", default=1.0, show_default=True, type=float, help="0: greedy")
-@click.option("--top-p", default=1.0, show_default=True, type=float)
-@click.option("--top-k", default=0, show_default=True, type=int)
-@click.option("--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--max-prompt-length", default=1024, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--round", "round_", default=0, show_default=True, type=int, help="recorded in every row")
-@click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--teacher", help="with --alpha: sample each token from α·p_T + (1−α)·q_S (MiniLLM)")
-@click.option("--alpha", default=0.0, show_default=True, type=float)
-@click.option("--response-field", default="response", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--trust-remote-code", is_flag=True)
+@options(config.GenerateConfig)
 @one_line_errors
-def generate(
-    model,
-    source,
-    prompt_field,
-    split,
-    limit,
-    out,
-    samples_per_prompt,
-    temperature,
-    top_p,
-    top_k,
-    max_new_tokens,
-    max_prompt_length,
-    seed,
-    round_,
-    batch_size,
-    teacher,
-    alpha,
-    response_field,
-    device,
-    dtype,
-    trust_remote_code,
-):
+def generate(**kw):
     """The student samples responses to prompts (on-policy data for cache-teacher)."""
     from stages import generate as stage
 
-    r = stage.run(
-        stage.GenerateConfig(
-            model=model,
-            source=source,
-            prompt_field=prompt_field,
-            out=out,
-            split=split,
-            limit=limit,
-            max_prompt_length=max_prompt_length,
-            samples_per_prompt=samples_per_prompt,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            round=round_,
-            batch_size=batch_size,
-            teacher=teacher,
-            alpha=alpha,
-            response_field=response_field,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-    )
+    r = stage.run(config.build(config.GenerateConfig, given(kw)))
     click.echo(f"wrote {r['samples']} samples, {r['tokens']} tokens ({r['tokens_per_s']:.0f} tok/s) to {r['path']}")
+    return r
 
 
 @main.command()
 @click.argument("evals", nargs=-1, required=True)
-@click.option("--out", default="results/report.md", show_default=True)
-@click.option("--title", default="Distillation report", show_default=True)
+@options(config.ReportConfig)
 @one_line_errors
-def report(evals, out, title):
+def report(evals, **kw):
     """Gather evaluation JSONs into a Markdown table with PNG plots."""
     from stages import report as stage
 
-    click.echo(f"wrote {stage.run(stage.ReportConfig(list(evals), out, title))}")
+    click.echo(f"wrote {stage.run(config.build(config.ReportConfig, given(kw) | {'evals': list(evals)}))}")
 
 
 @main.command("prepare-demo")
-@click.option("--out", required=True)
-@click.option("--train-size", default=2000, show_default=True, type=int)
-@click.option("--test-size", default=200, show_default=True, type=int)
-@click.option("--vocab-size", default=600, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
-    "--pretrain-size",
-    default=0,
-    show_default=True,
-    type=int,
-    help="also write pretrain.jsonl: this many chunks of the Python standard library's sources",
-)
-@click.option("--pretrain-chars", default=600, show_default=True, type=int)
+@options(config.DemoDataConfig)
 @one_line_errors
-def prepare_demo(out, train_size, test_size, vocab_size, seed, pretrain_size, pretrain_chars):
+def prepare_demo(**kw):
     """Generate the embedded default: instruction tasks with checkable answers, optional pretraining text (the
     standard library's sources) and a tokenizer trained on both."""
     from stages import prepare_demo as stage
 
-    click.echo(
-        json.dumps(
-            stage.run(stage.DemoDataConfig(out, train_size, test_size, vocab_size, seed, pretrain_size, pretrain_chars))
-        )
-    )
+    click.echo(json.dumps(stage.run(config.build(config.DemoDataConfig, given(kw)))))
 
 
 @main.command("prepare-data")
-@click.option("--data", "source", required=True)
-@click.option("--out", required=True)
-@click.option("--prompt-field", default="instruction", show_default=True)
-@click.option("--response-field", default="response", show_default=True)
-@click.option("--context-field", help="appended to the prompt when present (dolly's `context`)")
-@click.option("--split", default="train", show_default=True)
-@click.option("--test-size", default=500, show_default=True, type=int)
-@click.option("--limit", type=int)
+@options(config.PrepareDataConfig)
 @one_line_errors
-def prepare_data(source, out, prompt_field, response_field, context_field, split, test_size, limit):
+def prepare_data(**kw):
     """Write train/test JSONL (prompt, response) from any datasets source."""
     from stages import prepare_data as stage
 
-    click.echo(
-        json.dumps(
-            stage.run(
-                stage.PrepareDataConfig(
-                    source, out, prompt_field, response_field, context_field, split, test_size, limit
-                )
-            )
-        )
-    )
+    click.echo(json.dumps(stage.run(config.build(config.PrepareDataConfig, given(kw)))))
 
 
 @main.command("init-model")
-@click.option("--tokenizer", required=True)
-@click.option("--out", required=True)
-@click.option("--arch", type=click.Choice(["gpt2", "llama"]), default="llama", show_default=True)
-@click.option("--layers", default=2, show_default=True, type=int)
-@click.option("--width", default=64, show_default=True, type=int)
-@click.option("--heads", default=2, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@options(config.ModelConfig)
 @one_line_errors
-def init_model(tokenizer, out, arch, layers, width, heads, seed):
+def init_model(**kw):
     """Save a freshly initialized small causal LM with a tokenizer (for the offline demo)."""
     from stages import prepare_demo as stage
 
-    click.echo(stage.save_model(out, tokenizer, arch, layers, width, heads, seed))
+    click.echo(stage.save_model(config.build(config.ModelConfig, given(kw))))
+
+
+@main.command("init-student")
+@options(config.InitStudentConfig)
+@one_line_errors
+def init_student(**kw):
+    """Write a depth-pruned copy of a model (the kept layers, embeddings, final norm and head) to start a student."""
+    from stages import prepare_model as stage
+
+    r = stage.prune(config.build(config.InitStudentConfig, given(kw)))
+    click.echo(f"wrote {r['path']}: {r['layers']} of {r['of']} layers, {r['parameters'] / 1e6:.1f}M parameters")
+    return r
+
+
+@main.command("export-model")
+@click.argument("model")
+@click.argument("out")
+@options(config.ExportModelConfig)
+@one_line_errors
+def export_model(model, out, **kw):
+    """Save a model (e.g. a .gguf file, dequantized) once as safetensors with its tokenizer, for fast loading."""
+    from stages import prepare_model as stage
+
+    r = stage.export(config.build(config.ExportModelConfig, given(kw) | {"model": model, "out": out}))
+    click.echo(f"wrote {r['path']}: {r['parameters'] / 1e6:.1f}M parameters")
+    return r
 
 
 @main.command()
@@ -517,12 +283,12 @@ def inspect(cache, as_json):
 @main.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "arrow"]), help="default: the source's")
+@click.option("--format", "fmt", type=click.Choice(list(BACKENDS)), help="default: the source's")
 @click.option("--top-k", type=int, help="narrow the rows to at most this many entries")
 @click.option("--top-p", type=float, help="narrow the rows to this mass")
 @click.option("--min-k", type=int)
-@click.option("--ids", "id_codec", type=click.Choice(["plain", "bitpack"]))
-@click.option("--logprob-dtype", type=click.Choice(list(LOGPROB_CHOICES)))
+@click.option("--ids", "id_codec", type=click.Choice(list(ID_CODECS)))
+@click.option("--logprob-dtype", type=click.Choice(list(LOGPROB_CODECS)))
 @click.option("--overwrite", is_flag=True)
 @one_line_errors
 def convert(src, dst, fmt, top_k, top_p, min_k, id_codec, logprob_dtype, overwrite):

@@ -1,5 +1,5 @@
 """Datasets to token sequences with a loss mask: instruction pairs (response tokens distilled, EOS included)
-or plain text (every token after the first).
+or plain text (every token after the first; each text ends in --text-end: EOS by default).
 
 Tokenization runs through `datasets.map` (batched, `num_proc` workers, fast tokenizers) into an Arrow file in the
 datasets cache, memory-mapped: token ids never sit in memory as a Python list of the whole dataset. The file is
@@ -12,44 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import DataConfig
 from pipeline.errors import DataError
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 TOKENIZE_VERSION = "3"  # bump when the tokenization below changes what it produces
-
-
-@dataclass
-class DataConfig:
-    source: str
-    split: str = "train"
-    prompt_field: str | None = None
-    response_field: str | None = None
-    text_field: str | None = None
-    max_length: int = 1024
-    limit: int | None = None
-    response_ids_field: str | None = None  # generated data: the response's exact token ids (no EOS added)
-    behavior_field: str | None = None  # generated data: the sampler's log-prob of each response token
-
-    def __post_init__(self):
-        instruction = self.prompt_field is not None or self.response_field is not None
-        if instruction == (self.text_field is not None):
-            raise DataError(
-                "give either --prompt-field and --response-field (instruction data) or --text-field (plain text)"
-            )
-        if instruction and (self.prompt_field is None or self.response_field is None):
-            raise DataError("instruction data needs both --prompt-field and --response-field")
-        if self.max_length < 2:
-            raise DataError(f"--max-length {self.max_length} is too short; it must be at least 2")
-        if (self.response_ids_field or self.behavior_field) and not instruction:
-            raise DataError("--response-ids-field and --behavior-field belong to instruction data (generated rows)")
-        if self.behavior_field and not self.response_ids_field:
-            raise DataError("--behavior-field needs --response-ids-field: its log-probs are those of the stored tokens")
 
 
 def load_rows(cfg: DataConfig):
@@ -146,6 +119,18 @@ def encode_instructions(tokenizer, prompts: list[str], responses: list[str]) -> 
     return p_ids, r_ids
 
 
+def text_end_id(tokenizer, text_end: str) -> int | None:
+    """The token appended to each plain text: the tokenizer's EOS, none, or a token of its vocabulary by name."""
+    if text_end == "none":
+        return None
+    if text_end == "eos":
+        return tokenizer.eos_token_id
+    token_id = tokenizer.convert_tokens_to_ids(text_end)
+    if token_id is None or (token_id == tokenizer.unk_token_id and text_end != tokenizer.unk_token):
+        raise DataError(f"--text-end {text_end!r} is not a token of the tokenizer; give eos, none or one of its tokens")
+    return token_id
+
+
 def as_texts(values, field: str, indices: list[int]) -> list[str]:
     """A column's values, each checked to be text (a null or a number is refused, never turned into "None")."""
     for v, i in zip(values, indices):
@@ -177,6 +162,7 @@ def _tokenize_batch(
     indices,
     tokenizer,
     text_field,
+    text_end,
     prompt_field,
     response_field,
     max_length,
@@ -188,8 +174,8 @@ def _tokenize_batch(
     behavior = None
     if text_field:
         ids = tokenizer(as_texts(batch[text_field], text_field, indices))["input_ids"]
-        eos = tokenizer.eos_token_id
-        ids = [x + [eos] if eos is not None else x for x in ids]
+        end = text_end_id(tokenizer, text_end)
+        ids = [x + [end] if end is not None else x for x in ids]
         masks = [[0] + [1] * (len(x) - 1) for x in ids]
     else:
         prompts = as_texts(batch[prompt_field], prompt_field, indices)
@@ -256,6 +242,7 @@ def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = Tr
         fn_kwargs={
             "tokenizer": tokenizer,
             "text_field": cfg.text_field,
+            "text_end": cfg.text_end,
             "prompt_field": cfg.prompt_field,
             "response_field": cfg.response_field,
             "max_length": cfg.max_length,

@@ -106,17 +106,17 @@ class DistillCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         b = batches.collate(features, self.pad_id, self.pack_length)
-        keep, column = torch.unique(b["cols"], return_inverse=True)
+        keep, column = torch.unique(b["col_index"], return_inverse=True)
         causal = torch.full_like(b["input_ids"], -100)
-        causal[b["rows"], b["cols"] + 1] = b["targets"]
+        causal[b["row_index"], b["col_index"] + 1] = b["targets"]
         out = {"input_ids": b["input_ids"], "logits_to_keep": keep}
         for key in ("attention_mask", "position_ids"):
             if key in b:
                 out[key] = b[key]
         out["labels"] = DistillLabels(
             labels=causal,
-            rows=b["rows"],
-            columns=column,
+            row_index=b["row_index"],
+            col_index=column,
             targets=b["targets"],
             vocab_size=self.vocab_size,
             **{k: b[k] for k in batches.TEACHER_KEYS if k in b},
@@ -137,17 +137,15 @@ def distill_loss(
     """A Trainer `compute_loss_func(outputs, labels, num_items_in_batch)` for DistillCollator batches:
     (1 − kd_ratio)·CE + kd_ratio·KD of `kind` (fkl, rkl, akl, jsd, tvd, sfkl, srkl; pg on generated data; ce alone),
     summed over the distilled positions and divided by Trainer's item count (the whole accumulated batch)."""
-    if kind not in ("ce", "pg"):
-        losses.check_params(kind, mu, beta, alpha)
-    losses.mix(torch.zeros(()), torch.zeros(()), kd_ratio)  # range check, one message for all
+    losses.check_params(kind if kind in losses.KINDS else "fkl", mu, beta, alpha, kd_ratio, tail)
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
-        logits = outputs.logits[labels["rows"], labels["columns"], : labels["vocab_size"]]
-        rows = {k: labels[k] for k in batches.TEACHER_KEYS if k in labels}
-        parts = losses.batch_losses(
+        logits = outputs.logits[labels["row_index"], labels["col_index"], : labels["vocab_size"]]
+        fields = {k: labels[k] for k in batches.TEACHER_KEYS if k in labels}
+        terms = losses.batch_losses(
             logits,
             {"targets": labels["targets"]},
-            rows,
+            fields,
             kind,
             tail=tail,
             mu=mu,
@@ -155,9 +153,9 @@ def distill_loss(
             alpha=alpha,
             temperature=temperature,
         )
-        kd = parts.get("kd", torch.zeros((), device=logits.device))
+        kd = terms.get("kd", torch.zeros((), device=logits.device))
         n = num_items_in_batch if num_items_in_batch is not None else max(1, len(labels["targets"]))
-        return losses.mix(parts["ce"], kd, kd_ratio if kind != "ce" else 0.0) / n
+        return losses.mix(terms["ce"], kd, kd_ratio if kind != "ce" else 0.0) / n
 
     return compute_loss
 

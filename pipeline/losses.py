@@ -42,9 +42,9 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.config import KINDS, LossConfig
 from pipeline.errors import OptionError
 
-KINDS = ("fkl", "rkl", "akl", "jsd", "tvd", "sfkl", "srkl")
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 AKL_EPS = 1e-8
 ROW_CHUNK = 1024
@@ -213,15 +213,11 @@ def token_logprob(logits, targets):
 # ---------------------------------------------------------------- public API
 
 
-def check_params(kind, mu=0.5, beta=0.5, alpha=0.1):
+def check_params(kind, mu=0.5, beta=0.5, alpha=0.1, kd_ratio=1.0, tail="bucket"):
+    """The library's checks of a divergence and its parameters: the command line's (pipeline.config.LossConfig)."""
     if kind not in KINDS:
         raise OptionError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
-    for name, v in (("mu", mu), ("beta", beta), ("alpha", alpha)):
-        if not 0.0 <= v <= 1.0:
-            raise OptionError(f"{name}={v} is out of range; it must lie in [0, 1]")
-
-
-TAIL_MODES = ("bucket", "renormalize")
+    LossConfig(kind=kind, mu=mu, beta=beta, alpha=alpha, kd_ratio=kd_ratio, tail=tail)  # raises on a bad value
 
 
 def has_teacher_weighted_terms(kind, beta=0.5) -> bool:
@@ -312,9 +308,7 @@ def sparse_kd_loss_with_ce(
 ):
     """(KD loss [N], cross-entropy at temperature 1 [N] or None without targets, AKLStats or None); the CE
     shares the KD's pass over the logits when the temperature is 1."""
-    check_params(kind, mu, beta, alpha)
-    if tail not in TAIL_MODES:
-        raise OptionError(f"unknown tail handling {tail!r}; choose {' or '.join(TAIL_MODES)}")
+    check_params(kind, mu, beta, alpha, tail=tail)
     if validate:
         _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass, drawn_ids, drawn_logprobs)
     head = topk_ids.long()
@@ -437,24 +431,28 @@ def onpolicy_pg_loss(student_logits, targets, teacher_logprob, behavior_logprob=
     return -(weight * advantage * log_q), (log_q - log_p).detach()
 
 
-def batch_losses(logits, b, rows, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
+def batch_losses(logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
     """Sums over a batch's distilled positions, from the student's logits there [N, V], the batch (its "targets"
-    [N]) and the teacher's rows for them: CE, and with rows the loss of `kind` as "kd" — sparse (topk_ids,
+    [N]) and the teacher's fields for them: CE, and with teacher fields the loss of `kind` as "kd" — sparse (topk_ids,
     topk_logprobs, tail_logmass, optional drawn_ids/drawn_logprobs), dense (teacher_logits), or "pg" on sampled
     tokens (target_logprob, optional behavior_logprob) — and AKL's gap statistics."""
-    if kind == "ce" or not rows:
+    if kind == "ce" or not teacher_fields:
         return {"ce": -token_logprob(logits, b["targets"]).sum()}
     if kind == "pg":
-        if "target_logprob" not in rows:
+        if "target_logprob" not in teacher_fields:
             raise ValueError("the pg loss needs the teacher's log-prob of each sampled token (target_logprob)")
         pg, estimate = onpolicy_pg_loss(
-            logits, b["targets"], rows["target_logprob"], rows.get("behavior_logprob"), temperature=temperature
+            logits,
+            b["targets"],
+            teacher_fields["target_logprob"],
+            teacher_fields.get("behavior_logprob"),
+            temperature=temperature,
         )
         return {"ce": -token_logprob(logits, b["targets"]).sum(), "kd": pg.sum(), "rkl_estimate": estimate.sum()}
-    if "teacher_logits" in rows:
+    if "teacher_logits" in teacher_fields:
         kd, stats = dense_kd_loss(
             logits,
-            rows["teacher_logits"],
+            teacher_fields["teacher_logits"],
             kind,
             mu=mu,
             beta=beta,
@@ -467,9 +465,9 @@ def batch_losses(logits, b, rows, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0
         kd, ce, stats = sparse_kd_loss_with_ce(
             logits,
             b["targets"],
-            rows["topk_ids"],
-            rows["topk_logprobs"],
-            rows["tail_logmass"],
+            teacher_fields["topk_ids"],
+            teacher_fields["topk_logprobs"],
+            teacher_fields["tail_logmass"],
             kind,
             mu=mu,
             beta=beta,
@@ -477,8 +475,8 @@ def batch_losses(logits, b, rows, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0
             temperature=temperature,
             validate=False,
             tail=tail,
-            drawn_ids=rows.get("drawn_ids"),
-            drawn_logprobs=rows.get("drawn_logprobs"),
+            drawn_ids=teacher_fields.get("drawn_ids"),
+            drawn_logprobs=teacher_fields.get("drawn_logprobs"),
         )
     out = {"ce": ce.sum(), "kd": kd.sum()}
     if stats is not None:
@@ -503,6 +501,5 @@ def reduce_loss(per_position, mask=None, num_items=None):
 
 def mix(ce, kd, kd_ratio):
     """(1 − kd_ratio)·CE + kd_ratio·KD."""
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise OptionError(f"kd_ratio={kd_ratio} is out of range; it must lie in [0, 1]")
+    check_params("fkl", kd_ratio=kd_ratio)
     return (1 - kd_ratio) * ce + kd_ratio * kd

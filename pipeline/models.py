@@ -4,6 +4,7 @@ tensor-parallel group) and tokenizers, their fingerprints, and logits at chosen 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import warnings
@@ -50,12 +51,34 @@ def check_exists(name) -> None:
         raise ModelError(f"model path {name} does not exist")
 
 
+def located(name) -> tuple[str, dict]:
+    """(what from_pretrained loads, its extra arguments) for a model name: a hub name, a folder, or a `.gguf` file,
+    which transformers' GGUF reader loads from its folder, dequantized to float (package gguf)."""
+    name = str(name)
+    check_exists(name)
+    if not name.endswith(".gguf"):
+        return name, {}
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{name} is not a GGUF file")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"loading {path.name} needs the gguf package: pip install 'distill-cache[gguf]'")
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def load_config(name, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    where, extra = located(name)
+    return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    check_exists(name)
+    where, extra = located(name)
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     except Exception as e:
         raise ModelError(
             f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -68,9 +91,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    check_exists(name)
+    where, extra = located(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs
+        )
     except Exception as e:
         raise ModelError(
             f"cannot load a causal LM from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -89,14 +114,14 @@ def load_student(
     trust_remote_code: bool = False,
 ):
     """(model, tokenizer) of a student in float32: its weights, or freshly initialized from its config (seeded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(tokenizer or name, trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if not init_from_config:
         return load_model(name, torch.float32, device, trust_remote_code, **extra), tok
     torch.manual_seed(seed)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    config = load_config(name, trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra)
     return model.to(device), tok
 
@@ -112,27 +137,72 @@ def load_teacher(
     trust_remote_code: bool = False,
 ):
     """A teacher in eval mode: sharded over its TP group, spread by a device map, or on one device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if tp > 1 and device_map:
         raise OptionError("--tp and --device-map are exclusive: shard across processes or spread one process, not both")
     if tp == 1 and not device_map:
         return load_model(name, dtype, device, trust_remote_code).eval()
-    check_exists(name)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    config = load_config(name, trust_remote_code)
+    where, extra = located(name)
     if tp > 1:
         check_tensor_parallel(config, tp, name)
         kwargs = compat.tensor_parallel_kwargs(tp)
     else:
         kwargs = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs
+        )
     except (ValueError, RuntimeError, OSError) as e:
         raise ModelError(
             f"cannot load {name!r} with {'--tp ' + str(tp) if tp > 1 else '--device-map'}: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
     return model.eval()
+
+
+def decoder_layers(model) -> tuple[torch.nn.Module, str]:
+    """(parent, attribute name) of the model's stack of decoder layers: the ModuleList as long as its config says."""
+    n = compat.text_config(model.config).num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            parent, _, attribute = name.rpartition(".")
+            return model.get_submodule(parent), attribute
+    raise ModelError(f"cannot find the {n} decoder layers of {type(model).__name__} to prune")
+
+
+def depth_pruned(model, keep: tuple[int, ...]):
+    """The model with only its decoder layers `keep`, in order and renumbered; embeddings, final norm and head as they
+    were (Minitron's depth pruning). In place; returns the model."""
+    text = compat.text_config(model.config)
+    check_layers(keep, text.num_hidden_layers)
+    parent, attribute = decoder_layers(model)
+    kept = torch.nn.ModuleList(getattr(parent, attribute)[i] for i in keep)
+    for new, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):  # the KV cache's slot
+                module.layer_idx = new
+    setattr(parent, attribute, kept)
+    text.num_hidden_layers = len(keep)
+    if getattr(text, "layer_types", None):
+        text.layer_types = [text.layer_types[i] for i in keep]
+    return model
+
+
+def check_layers(keep: tuple[int, ...], n: int) -> None:
+    outside = [i for i in keep if not 0 <= i < n]
+    if outside:
+        raise OptionError(f"--layers: layer {outside[0]} is outside the model's {n} layers, 0 to {n - 1}")
+
+
+def without_gguf(model):
+    """A model loaded from a .gguf file (dequantized) that saves as a plain float checkpoint."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None and dict(quantization).get("quant_method") == "gguf":
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    return model
 
 
 def check_tensor_parallel(config, tp: int, name: str) -> None:
@@ -181,12 +251,14 @@ def model_folder(name: str) -> Path | None:
 
 def weights_fingerprint(name: str) -> str:
     """sha256 over each weight file's name, size and first and last MiB: cheap enough for a 140 GB checkpoint,
-    and any re-save, fine-tune or conversion changes it."""
-    folder = model_folder(name)
-    if folder is None:
+    and any re-save, fine-tune or conversion changes it. A .gguf model is that one file."""
+    if str(name).endswith(".gguf") and Path(name).is_file():
+        files = [Path(name)]
+    elif (folder := model_folder(name)) is not None:
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    else:
         return "unknown"
     h = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
     for p in files:
         size = p.stat().st_size
         h.update(f"{p.name}:{size}".encode())

@@ -65,8 +65,6 @@ class TeacherGroup:
 def teacher_group(tp: int) -> TeacherGroup:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if tp < 1:
-        raise OptionError(f"--tp {tp} must be at least 1")
     if tp > 1 and "RANK" not in os.environ:
         raise OptionError(
             f"--tp {tp} runs under torchrun: torchrun --nproc-per-node {tp} -m pipeline.cli cache-teacher …"

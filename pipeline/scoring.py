@@ -1,4 +1,4 @@
-"""Scoring a student against teacher rows: its logits at a batch's distilled positions, and mean CE and divergences
+"""Scoring a student against teacher fields: its logits at a batch's distilled positions, and mean CE and divergences
 over a source in eval mode. Used by training (held-out loss), evaluation and the benchmarks."""
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ def forward(student, batch: dict, autocast: bool = False):
     device_type = batch["input_ids"].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
         return student(
-            batch["input_ids"], batch.get("attention_mask"), batch["rows"], batch["cols"], batch.get("position_ids")
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch["row_index"],
+            batch["col_index"],
+            batch.get("position_ids"),
         )
 
 
@@ -34,13 +38,13 @@ def score(
     totals, items = {}, 0
     for a in range(0, n, batch_size):
         b = to_device(batches.collate([source[i] for i in range(a, min(n, a + batch_size))], pad_id), device)
-        logits, rows = forward(student, b, autocast), teacher.rows(b)
-        items += len(b["rows"])
+        logits, fields = forward(student, b, autocast), teacher.fields(b)
+        items += len(b["row_index"])
         for j, kind in enumerate(kinds or ("ce",)):
-            parts = losses.batch_losses(logits, b, rows, kind, **params)
+            terms = losses.batch_losses(logits, b, fields, kind, **params)
             if j == 0:
-                totals["ce"] = totals.get("ce", 0.0) + float(parts["ce"])
-            if "kd" in parts:
-                totals[kind] = totals.get(kind, 0.0) + float(parts["kd"])
+                totals["ce"] = totals.get("ce", 0.0) + float(terms["ce"])
+            if "kd" in terms:
+                totals[kind] = totals.get(kind, 0.0) + float(terms["kd"])
     model.train(was_training)
     return {k: v / max(1, items) for k, v in totals.items()} | {"positions": items}

@@ -11,9 +11,8 @@ import numpy as np
 
 import storage
 from pipeline.batches import micro_batches
+from pipeline.config import DEFAULT_PART_SIZE
 from pipeline.errors import OptionError
-
-DEFAULT_PART_SIZE = 256  # cache-teacher's default: a dataset split like it gets the same epoch plans
 
 
 class Source:

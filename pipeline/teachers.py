@@ -1,9 +1,9 @@
-"""Where a training batch's teacher rows come from: one interface, several implementations.
+"""Where a training batch's teacher fields come from: one interface, several implementations.
 
 A teacher gives the training loop its samples (`source`: map-style, with `lengths` and `part_sizes` for the epoch
-plan) and, for each collated batch on the device, its rows (`rows(batch)`): the sparse fields of
+plan) and, for each collated batch on the device, its teacher fields (`fields(batch)`): the sparse fields of
 pipeline.losses (topk_ids, topk_logprobs, tail_logmass, and drawn_ids/drawn_logprobs, target_logprob when
-known) or dense `teacher_logits`. Cached rows travel with the samples through the DataLoader; an online teacher
+known) or dense `teacher_logits`. Cached fields travel with the samples through the DataLoader; an online teacher
 computes them from the batch; SFT has none. Here too: the policy checks of what a cache can serve (which losses a
 head-less cache feeds, what `pg` needs, whose token ids a student can read), and the rows themselves computed
 from a teacher's logits (`topk_rows`, `draw_tail`), shared by cache-teacher and the online teacher.
@@ -29,7 +29,7 @@ class Teacher:
     def __init__(self, source: Source):
         self.source = source
 
-    def rows(self, batch: dict) -> dict:
+    def fields(self, batch: dict) -> dict:
         return {}
 
 
@@ -38,7 +38,7 @@ class CachedTeacher(Teacher):
 
     kind = "cache"
 
-    def rows(self, batch: dict) -> dict:
+    def fields(self, batch: dict) -> dict:
         return {k: batch[k] for k in TEACHER_KEYS if k in batch}
 
 
@@ -62,11 +62,15 @@ class OnlineTeacher(Teacher):
         self.topk, self.temperature = topk, temperature
 
     @torch.no_grad()
-    def rows(self, batch: dict) -> dict:
+    def fields(self, batch: dict) -> dict:
         was_training = self.head.model.training
         self.head.model.eval()
         logits = self.head(
-            batch["input_ids"], batch.get("attention_mask"), batch["rows"], batch["cols"], batch.get("position_ids")
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch["row_index"],
+            batch["col_index"],
+            batch.get("position_ids"),
         ).float()
         self.head.model.train(was_training)
         if not self.topk:

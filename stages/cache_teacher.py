@@ -3,11 +3,10 @@ the log-prob of the actual next token and, optionally, tokens drawn from its tai
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,67 +15,13 @@ from tqdm import tqdm
 
 import storage
 from pipeline import __version__, batches, data, models, parallel, teachers
-from pipeline.data import DataConfig
-from pipeline.errors import InputError, OptionError
+from pipeline.config import CacheTeacherConfig
+from pipeline.errors import InputError
 from storage.codecs import top_p_widths
 
 
 class NonFiniteLogits(InputError):
     pass
-
-
-@dataclass
-class CacheTeacherConfig:
-    teacher: str
-    data: DataConfig
-    out: str | None = None
-    cache_root: str | None = None
-    top_k: int = 64
-    top_p: float | None = None
-    min_k: int = 1
-    ids: str = "plain"
-    logprob_dtype: str = "float16"
-    tail_draws: int = 0
-    seed: int = 0
-    temperatures: tuple[float, ...] = (1.0,)
-    format: str = "zarr"
-    batch_size: int = 8
-    batch_tokens: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    tp: int = 1
-    device_map: str | None = None
-    max_memory: str | None = None
-    shard: tuple[int, int] | None = None
-    part_size: int = 256
-    num_proc: int = 1
-    overwrite: bool = False
-    strict: bool = False
-    trust_remote_code: bool = False
-    chunk_bytes: int = 1 << 29
-    progress: bool = True
-
-    def __post_init__(self):
-        if not self.temperatures or any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
-            raise OptionError(
-                f"--temperature must be finite and positive, got {', '.join(map(str, self.temperatures))}"
-            )
-        if len(set(self.temperatures)) != len(self.temperatures):
-            raise OptionError(f"temperatures repeat: {self.temperatures}")
-        if self.out is None and self.cache_root is None:
-            raise OptionError("give --out or --cache-root")
-        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
-            raise OptionError(f"--shard {self.shard[0]}/{self.shard[1]} is not of the form I/N with 0 <= I < N")
-        if self.batch_size < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
-            raise OptionError("--batch-size and --batch-tokens must be at least 1")
-        storage.check_encoding_options(
-            k=self.top_k,
-            top_p=self.top_p,
-            min_k=self.min_k,
-            ids=self.ids,
-            logprobs=self.logprob_dtype,
-            draws=self.tail_draws,
-        )
 
 
 def shard_of(cfg: CacheTeacherConfig, group: parallel.TeacherGroup) -> tuple[int, int]:
@@ -87,11 +32,8 @@ def shard_of(cfg: CacheTeacherConfig, group: parallel.TeacherGroup) -> tuple[int
 
 def run(cfg: CacheTeacherConfig) -> dict:
     """Returns {status: hit|complete|partial, path, manifest?, samples, tokens, seconds, parts_written}."""
-    from transformers import AutoConfig
-
     group = parallel.teacher_group(cfg.tp)
-    models.check_exists(cfg.teacher)
-    teacher_cfg = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    teacher_cfg = models.load_config(cfg.teacher, cfg.trust_remote_code)
     if cfg.tp > 1:
         models.check_tensor_parallel(teacher_cfg, cfg.tp, cfg.teacher)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -99,6 +41,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
     tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     ds = data.tokenized(cfg.data, tok, cfg.num_proc, progress=cfg.progress)
     vocab = len(tok)
+    cfg = dataclasses.replace(cfg, top_k=cfg.width(vocab))
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     plan = cache_plan(cfg, teacher_cfg, tok, ds, dtype)
@@ -238,7 +181,7 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
     """Each sample's cached fields (top-k ids and log-probs, tail mass, target log-prob, row widths, tail draws), or
     None for a sample with non-finite teacher logits. The lm_head runs over `chunk` positions at a time."""
     c = batches.collate(samples, pad_id)
-    hidden = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "rows", "cols")))
+    hidden = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "row_index", "col_index")))
     uniforms = (
         torch.from_numpy(draw_uniforms(cfg.seed, samples, len(cfg.temperatures), cfg.tail_draws))
         if cfg.tail_draws

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +13,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import data, models, sources, teachers
-from pipeline.data import DataConfig
+from pipeline.config import EvalConfig
 from pipeline.errors import extra
 from pipeline.scoring import score
-
-
-@dataclass
-class EvalConfig:
-    model: str
-    data: DataConfig
-    out: str
-    teacher_cache: str | None = None
-    teacher: str | None = None
-    answer_field: str | None = "answer"
-    max_new_tokens: int = 48
-    batch_size: int = 16
-    generate: bool = True
-    device: str = "auto"
-    dtype: str = "auto"
-    label: str | None = None
-    run: str | None = None
-    round: int | None = None
-    trust_remote_code: bool = False
-    progress: bool = True
 
 
 def normalize(text: str) -> str:

@@ -19,49 +19,14 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from pipeline import data, models
-from pipeline.data import DataConfig
+from pipeline.config import DataConfig, GenerateConfig
 from pipeline.errors import OptionError
-
-
-@dataclass
-class GenerateConfig:
-    model: str
-    source: str
-    prompt_field: str
-    out: str
-    split: str = "train"
-    limit: int | None = None
-    max_prompt_length: int = 1024
-    samples_per_prompt: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 128
-    seed: int = 0
-    round: int = 0
-    batch_size: int = 16
-    teacher: str | None = None
-    alpha: float = 0.0
-    response_field: str = "response"
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.samples_per_prompt < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise OptionError("--samples-per-prompt, --batch-size and --max-new-tokens must be at least 1")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise OptionError("--temperature must be ≥ 0, --top-p in (0, 1], --top-k ≥ 0")
-        if not 0 <= self.alpha <= 1 or (self.alpha > 0) != (self.teacher is not None):
-            raise OptionError("teacher-mixed sampling takes --teacher with --alpha in (0, 1]; plain sampling neither")
 
 
 def sampling_settings(cfg: GenerateConfig) -> dict:

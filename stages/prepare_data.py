@@ -4,23 +4,10 @@ for user data (the embedded default generates its own, see prepare_demo)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data import DataConfig, load_rows
-
-
-@dataclass
-class PrepareDataConfig:
-    source: str
-    out: str
-    prompt_field: str = "instruction"
-    response_field: str = "response"
-    context_field: str | None = None
-    split: str = "train"
-    test_size: int = 500
-    limit: int | None = None
-    seed: int = 0
+from pipeline.config import DataConfig, PrepareDataConfig
+from pipeline.data import load_rows
 
 
 def run(cfg: PrepareDataConfig) -> dict:

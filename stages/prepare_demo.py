@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import random
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import OptionError
+from pipeline.config import DemoDataConfig, ModelConfig
 
 TASKS = ("add", "reverse", "sort", "count", "max")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -77,17 +76,6 @@ def stdlib_chunks(chars: int = 1000) -> tuple[list[str], list[str], str]:
     return train, test, f"{lib} ({len(files)} files)"
 
 
-@dataclass
-class DemoDataConfig:
-    out: str
-    train_size: int = 2000
-    test_size: int = 200
-    vocab_size: int = 600
-    seed: int = 0
-    pretrain_size: int = 0  # chunks of standard-library source for language-model pretraining
-    pretrain_chars: int = 600
-
-
 def run(cfg: DemoDataConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,26 +117,19 @@ def save_tokenizer(folder, texts, vocab_size: int = 600):
     return fast
 
 
-def save_model(
-    folder,
-    tokenizer_folder,
-    arch: str = "llama",
-    layers: int = 2,
-    width: int = 64,
-    heads: int = 2,
-    seed: int = 0,
-    vocab_size: int | None = None,
-):
-    """A freshly initialized tiny causal LM (GPT-2 or Llama style) with its tokenizer, via save_pretrained."""
+def save_model(cfg: ModelConfig, vocab_size: int | None = None) -> str:
+    """A freshly initialized tiny causal LM (GPT-2 or Llama style) with its tokenizer, via save_pretrained; its
+    tables sized to the tokenizer (or `vocab_size` rows)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    arch, layers, width, heads = cfg.arch, cfg.layers, cfg.width, cfg.heads
+    tok = AutoTokenizer.from_pretrained(str(cfg.tokenizer))
     v = vocab_size or len(tok)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "gpt2":
         config = GPT2Config(vocab_size=v, n_positions=256, n_embd=width, n_layer=layers, n_head=heads, **ids)
-    elif arch == "llama":
+    else:  # llama, ModelConfig's other choice
         config = LlamaConfig(
             vocab_size=v,
             hidden_size=width,
@@ -160,10 +141,8 @@ def save_model(
             tie_word_embeddings=False,
             **ids,
         )
-    else:
-        raise OptionError(f"unknown arch {arch!r}; choose gpt2 or llama")
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return str(folder)
+    model.save_pretrained(str(cfg.out))
+    tok.save_pretrained(str(cfg.out))
+    return str(cfg.out)

@@ -8,6 +8,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import ReportConfig
 from pipeline.errors import extra
 
 ORDER = [
@@ -37,13 +38,6 @@ METRICS = [
     ("rkl_to_teacher", "KL(S‖T)", "{:.4f}"),
     ("own_fkl_to_teacher", "KL(T‖S) own gen.", "{:.4f}"),
 ]
-
-
-@dataclass
-class ReportConfig:
-    evals: list[str]
-    out: str
-    title: str = "Distillation report"
 
 
 def _label(e: dict) -> str:

@@ -1,4 +1,4 @@
-"""Stage 2: train a student from a teacher's rows (a cache, or the teacher run online) with sparse KD + CE, or
+"""Stage 2: train a student from a teacher's fields (a cache, or the teacher run online) with sparse KD + CE, or
 plain SFT from a dataset. Single process, DDP or FSDP2; padded or packed batches."""
 
 from __future__ import annotations
@@ -7,119 +7,16 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pipeline import batches, checkpoint, losses, models, parallel, run_folder, scoring, sources, teachers
-from pipeline.data import DataConfig, tokenized
+from pipeline import batches, checkpoint, config, losses, models, parallel, run_folder, scoring, sources, teachers
+from pipeline.config import DataConfig, TrainConfig
+from pipeline.data import tokenized
 from pipeline.errors import Diverged, OptionError
-
-LOSSES = ("ce",) + losses.KINDS + ("pg",)
-
-
-@dataclass
-class TrainConfig:
-    student: str
-    out: str
-    loss: str = "fkl"
-    cache: str | tuple[str, ...] | None = None
-    mix: tuple[float, ...] = ()
-    data: DataConfig | None = None
-    teacher: str | None = None
-    online_topk: int | None = None
-    teacher_device_map: str | None = None
-    init_from_config: bool = False
-    tokenizer: str | None = None
-    kd_ratio: float | None = None
-    mu: float = 0.5
-    beta: float = 0.5
-    alpha: float = 0.1
-    temperature: float = 1.0
-    tail: str = "bucket"
-    lr: float = 2e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    batch_size: int = 8
-    batch_tokens: int | None = None
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    seed: int = 0
-    packing: bool = False
-    pack_length: int = 2048
-    part_size: int = sources.DEFAULT_PART_SIZE
-    fsdp: bool = False
-    gradient_checkpointing: bool = False
-    attn_implementation: str | None = None
-    eval_cache: str | None = None
-    eval_data: DataConfig | None = None
-    eval_every: int = 0
-    eval_samples: int = 256
-    save_every: int = 0
-    log_every: int = 10
-    max_nonfinite: int = 10
-    num_workers: int = 0
-    num_proc: int = 1
-    shuffle_window: int = 4
-    device: str = "auto"
-    dtype: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    allow_offpolicy_pg: bool = False
-    allow_tokenizer_mismatch: bool = False
-    trust_remote_code: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise OptionError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        self.cache = (
-            (self.cache,) if isinstance(self.cache, str) else (tuple(self.cache) or None if self.cache else None)
-        )
-        self.mix = tuple(self.mix or ())
-        n = len(self.cache or ())
-        if self.mix and not (len(self.mix) == n or (n == 2 and len(self.mix) == 1)):
-            raise OptionError(
-                f"--mix takes one share per --cache (or, with two caches, the second's share λ); "
-                f"got {len(self.mix)} for {n}"
-            )
-        if self.mix and n < 2:
-            raise OptionError(
-                "--mix shares out micro-batches among two or more --cache; with one cache it would be "
-                "ignored: drop --mix or add the other --cache"
-            )
-        if n > 1 and not self.mix:
-            raise OptionError(f"{n} caches need --mix: the share of each (GKD's λ for the second of two)")
-        if self.cache and self.teacher:
-            raise OptionError("give --cache (a cached teacher) or --teacher (run online), not both")
-        if self.teacher and self.data is None:
-            raise OptionError("--teacher runs the teacher online over --data; pass --data and its fields")
-        if self.loss == "ce" and self.data is None and self.cache is None:
-            raise OptionError("--loss ce needs --data (or --cache)")
-        if self.loss != "ce" and self.cache is None and self.teacher is None:
-            raise OptionError(f"--loss {self.loss} distills from a teacher: pass --cache, or --teacher with --data")
-        if self.kd_ratio is None:
-            self.kd_ratio = 0.0 if self.loss == "ce" else 1.0
-        losses.check_params(self.loss if self.loss in losses.KINDS else "fkl", self.mu, self.beta, self.alpha)
-        if self.tail not in losses.TAIL_MODES:
-            raise OptionError(f"unknown --tail {self.tail!r}; choose {' or '.join(losses.TAIL_MODES)}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise OptionError(f"--temperature {self.temperature} must be finite and positive")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise OptionError(f"--lr {self.lr} must be finite and positive")
-        if not 0 <= self.kd_ratio <= 1:
-            raise OptionError(f"--kd-ratio {self.kd_ratio} must lie in [0, 1]")
-        if self.init_from_config and not self.tokenizer:
-            raise OptionError("--init-from-config needs --tokenizer")
-        if self.batch_size < 1 or self.grad_accum < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
-            raise OptionError("--batch-size, --grad-accum and --batch-tokens must be at least 1")
-        if self.packing and self.pack_length < 2:
-            raise OptionError(f"--pack-length {self.pack_length} must be at least 2")
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -145,36 +42,38 @@ def make_teacher(
     """The teacher for a split (its cache, the online teacher over its data, or none: SFT), checked to serve the loss
     `kind` (default: the run's)."""
     if cache:
-        t = teachers.cached((cache,) if isinstance(cache, str) else tuple(cache), cfg.mix, cfg.temperature)
-        teachers.check_caches_readable(t.source, tok, model, cfg.allow_tokenizer_mismatch)
+        t = teachers.cached((cache,) if isinstance(cache, str) else tuple(cache), cfg.teacher.mix, cfg.loss.temperature)
+        teachers.check_caches_readable(t.source, tok, model, cfg.teacher.allow_tokenizer_mismatch)
         teachers.check_serves(
-            t.source, kind or cfg.loss, beta=cfg.beta, tail=cfg.tail, allow_offpolicy_pg=cfg.allow_offpolicy_pg
+            t.source,
+            kind or cfg.loss.kind,
+            beta=cfg.loss.beta,
+            tail=cfg.loss.tail,
+            allow_offpolicy_pg=cfg.loss.allow_offpolicy_pg,
         )
         return t
-    source = sources.TokenizedSource(tokenized(data, tok, cfg.num_proc, cfg.progress), cfg.part_size)
+    source = sources.TokenizedSource(tokenized(data, tok, cfg.scale.num_proc, cfg.progress), cfg.batches.part_size)
     if online_model is None:
         return teachers.Teacher(source)
-    return teachers.OnlineTeacher(source, online_model, len(tok), cfg.online_topk, cfg.temperature)
+    return teachers.OnlineTeacher(source, online_model, len(tok), cfg.teacher.online_topk, cfg.loss.temperature)
 
 
 def load_online_teacher(cfg: TrainConfig, tok, model, device):
-    t_tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    t_tok = models.load_tokenizer(cfg.teacher.model, cfg.trust_remote_code)
     teacher = models.load_teacher(
-        cfg.teacher,
-        models.resolve_dtype(cfg.dtype, device),
+        cfg.teacher.model,
+        models.resolve_dtype(cfg.scale.dtype, device),
         device,
-        device_map=cfg.teacher_device_map,
+        device_map=cfg.teacher.device_map,
         trust_remote_code=cfg.trust_remote_code,
     )
     models.check_vocab(teacher, t_tok, "teacher")
-    teachers.check_compatible(teachers.model_vocabulary(t_tok), tok, model, cfg.allow_tokenizer_mismatch, "teacher")
+    teachers.check_compatible(
+        teachers.model_vocabulary(t_tok), tok, model, cfg.teacher.allow_tokenizer_mismatch, "teacher"
+    )
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def loss_params(cfg: TrainConfig) -> dict:
-    return {"mu": cfg.mu, "beta": cfg.beta, "alpha": cfg.alpha, "temperature": cfg.temperature, "tail": cfg.tail}
 
 
 @dataclass
@@ -204,7 +103,13 @@ class Run:
     def plan(self, epoch: int) -> list[list[int]]:
         c = self.cfg
         return self.teacher.source.plan(
-            c.seed, epoch, c.batch_size, c.batch_tokens, c.shuffle_window, self.world, packed=c.packing
+            c.seed,
+            epoch,
+            c.batches.batch_size,
+            c.batches.batch_tokens,
+            c.batches.shuffle_window,
+            self.world,
+            packed=c.batches.packing,
         )
 
 
@@ -229,8 +134,8 @@ def setup(cfg: TrainConfig) -> Run:
     """Process group, student, teachers (checked to serve the loss), optimizer and schedule, run folder."""
     rank, world = parallel.init()
     run_folder.check_apart(cfg.out, input_paths(cfg))
-    device = models.resolve_device(cfg.device)
-    bf16 = device.type == "cuda" and models.resolve_dtype(cfg.dtype, device) == torch.bfloat16
+    device = models.resolve_device(cfg.scale.device)
+    bf16 = device.type == "cuda" and models.resolve_dtype(cfg.scale.dtype, device) == torch.bfloat16
     torch.manual_seed(cfg.seed)
     model, tok = models.load_student(
         cfg.student,
@@ -238,37 +143,45 @@ def setup(cfg: TrainConfig) -> Run:
         tokenizer=cfg.tokenizer,
         init_from_config=cfg.init_from_config,
         seed=cfg.seed,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=cfg.scale.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
     )
-    online = load_online_teacher(cfg, tok, model, device) if cfg.teacher else None
-    teacher = make_teacher(cfg, cfg.data, cfg.cache, tok, model, device, online)
+    online = load_online_teacher(cfg, tok, model, device) if cfg.teacher.model else None
+    teacher = make_teacher(cfg, cfg.data, cfg.teacher.cache, tok, model, device, online)
     eval_teacher = None
-    if cfg.eval_cache or cfg.eval_data:
-        eval_teacher = make_teacher(cfg, cfg.eval_data, cfg.eval_cache, tok, model, device, online, eval_kind(cfg))
+    if cfg.evaluation.eval_cache or cfg.evaluation.eval_data:
+        eval_teacher = make_teacher(
+            cfg, cfg.evaluation.eval_data, cfg.evaluation.eval_cache, tok, model, device, online, eval_kind(cfg)
+        )
     folder = run_folder.RunFolder(cfg.out, _config_json(cfg), input_fingerprints(cfg, teacher, eval_teacher))
     vocab = models.check_vocab(model, tok, "student")
     student = parallel.Student(
         models.PositionLogits(model, vocab),
         model,
         world=world,
-        fsdp=cfg.fsdp,
-        bf16=bf16 and cfg.fsdp,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        fsdp=cfg.scale.fsdp,
+        bf16=bf16 and cfg.scale.fsdp,
+        gradient_checkpointing=cfg.scale.gradient_checkpointing,
     )
     n_batches = len(
         teacher.source.plan(
-            cfg.seed, 0, cfg.batch_size, cfg.batch_tokens, cfg.shuffle_window, world, packed=cfg.packing
+            cfg.seed,
+            0,
+            cfg.batches.batch_size,
+            cfg.batches.batch_tokens,
+            cfg.batches.shuffle_window,
+            world,
+            packed=cfg.batches.packing,
         )
     )
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    steps_per_epoch = math.ceil(n_batches / cfg.batches.grad_accum)
     if steps_per_epoch == 0:
         raise OptionError(
-            f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batch_size} on {world} ranks"
+            f"no batch fits: {len(teacher.source)} samples for batch size {cfg.batches.batch_size} on {world} ranks"
         )
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     opt, sched = optimizer(cfg, model, total)
-    autocast = bf16 and not cfg.fsdp
+    autocast = bf16 and not cfg.scale.fsdp
     return Run(cfg, rank, world, device, model, tok, student, teacher, eval_teacher, autocast, opt, sched,
                steps_per_epoch, total, folder)  # fmt: skip
 
@@ -277,9 +190,11 @@ def optimizer(cfg: TrainConfig, model, total: int):
     """AdamW (no weight decay on biases and norms) and the warmup-cosine schedule over `total` steps."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
+    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(cfg.optimizer.warmup_steps, total, cfg.optimizer.min_lr_ratio)
+    )
 
 
 def restore(r: Run) -> dict:
@@ -301,14 +216,14 @@ def loop(r: Run, state: dict) -> dict:
     with tqdm(
         total=r.total,
         initial=state["step"],
-        desc=f"train {cfg.loss}",
+        desc=f"train {cfg.loss.kind}",
         unit="step",
         disable=not cfg.progress or r.rank > 0,
     ) as bar:
         while state["step"] < r.total:
             it = iter(loader(r, state))
             while state["step"] < r.total and state["step_in_epoch"] < r.steps_per_epoch:
-                group = [b for _, b in zip(range(cfg.grad_accum), it)]
+                group = [b for _, b in zip(range(cfg.batches.grad_accum), it)]
                 sums = _train_step(cfg, r.student, r.teacher, group, r.device, r.autocast, r.world)
                 optimizer_step(r, state, sums)
                 bar.update(1)
@@ -327,18 +242,18 @@ def loop(r: Run, state: dict) -> dict:
 
 def loader(r: Run, state: dict) -> torch.utils.data.DataLoader:
     """This rank's share of the rest of the epoch's micro-batches, collated (padded or packed)."""
-    cfg, pack = r.cfg, r.cfg.pack_length if r.cfg.packing else None
-    first = state["step_in_epoch"] * cfg.grad_accum
+    cfg, pack = r.cfg, r.cfg.batches.pack_length if r.cfg.batches.packing else None
+    first = state["step_in_epoch"] * cfg.batches.grad_accum
     mine = [b[r.rank :: r.world] for b in r.plan(state["epoch"])[first:]]
     return torch.utils.data.DataLoader(
         r.teacher.source,
         batch_sampler=mine,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.batches.num_workers,
         collate_fn=lambda s: batches.collate(s, r.tok.pad_token_id, pack),
         pin_memory=r.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]),  # not the global RNG: resume
         persistent_workers=False,
-        prefetch_factor=4 if cfg.num_workers else None,
+        prefetch_factor=4 if cfg.batches.num_workers else None,
     )
 
 
@@ -348,15 +263,15 @@ def optimizer_step(r: Run, state: dict, sums: dict) -> None:
     cfg = r.cfg
     state["step_in_epoch"] += 1
     if math.isfinite(sums["loss"]):
-        if cfg.grad_clip:
-            sums["grad_norm"] = r.student.clip_grad_norm(cfg.grad_clip)
+        if cfg.optimizer.grad_clip:
+            sums["grad_norm"] = r.student.clip_grad_norm(cfg.optimizer.grad_clip)
         r.opt.step()
     else:
         state["nonfinite"] += 1
         warnings.warn(f"non-finite loss at step {state['step'] + 1}; step skipped ({state['nonfinite']} so far)")
-        if state["nonfinite"] > cfg.max_nonfinite:
+        if state["nonfinite"] > cfg.optimizer.max_nonfinite:
             raise Diverged(
-                f"{state['nonfinite']} non-finite losses (more than --max-nonfinite {cfg.max_nonfinite}); "
+                f"{state['nonfinite']} non-finite losses (more than --max-nonfinite {cfg.optimizer.max_nonfinite}); "
                 "lower --lr or check the data"
             )
     r.opt.zero_grad(set_to_none=True)
@@ -401,7 +316,11 @@ def after_step(r: Run, state: dict, sums: dict, log: Log, bar) -> None:
         }
         _append(r.out / "metrics.jsonl", row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-    if r.eval_teacher is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == r.total):
+    if (
+        r.eval_teacher is not None
+        and cfg.evaluation.eval_every
+        and (step % cfg.evaluation.eval_every == 0 or step == r.total)
+    ):
         row = evaluate_teacher(cfg, r.student, r.model, r.eval_teacher, r.tok, r.device, r.autocast)
         if r.rank == 0:
             _append(r.out / "metrics.jsonl", {"step": step, **row})
@@ -414,32 +333,32 @@ def after_step(r: Run, state: dict, sums: dict, log: Log, bar) -> None:
 def _train_step(cfg, student, teacher, group, device, autocast, world) -> dict:
     """Forward/backward every micro-batch of one optimizer step, normalized by the step's global item count."""
     n_items, n_tokens = parallel.all_sum(
-        [sum(int(len(b["rows"])) for b in group), sum(int(b["tokens"]) for b in group)]
+        [sum(int(len(b["row_index"])) for b in group), sum(int(b["tokens"]) for b in group)]
     )
     n_items, n_tokens = max(1.0, n_items), int(n_tokens)
     sums: dict[str, float] = {}
     for i, batch in enumerate(group):
         with student.sync(i == len(group) - 1):
             b = scoring.to_device(batch, device)
-            parts = losses.batch_losses(
-                scoring.forward(student, b, autocast), b, teacher.rows(b), cfg.loss, **loss_params(cfg)
+            terms = losses.batch_losses(
+                scoring.forward(student, b, autocast), b, teacher.fields(b), cfg.loss.kind, **cfg.loss.params
             )
-            kd = parts.get("kd", torch.zeros((), device=device))
-            loss = losses.mix(parts["ce"], kd, cfg.kd_ratio) / n_items
+            kd = terms.get("kd", torch.zeros((), device=device))
+            loss = losses.mix(terms["ce"], kd, cfg.loss.kd_ratio) / n_items
             (loss * world).backward()
-        for k, v in parts.items():
+        for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
     names = sorted(sums)
     sums = dict(zip(names, parallel.all_sum([sums[k] for k in names])))
     out = {k: v / n_items for k, v in sums.items()}
-    out["loss"] = (1 - cfg.kd_ratio) * out["ce"] + cfg.kd_ratio * out.get("kd", 0.0)
+    out["loss"] = (1 - cfg.loss.kd_ratio) * out["ce"] + cfg.loss.kd_ratio * out.get("kd", 0.0)
     out["tokens"] = n_tokens
     return out
 
 
 def eval_kind(cfg) -> str:
     """The divergence held-out rows are scored with: the run's, or fkl for CE and the policy gradient."""
-    return "fkl" if cfg.loss in ("ce", "pg") else cfg.loss
+    return "fkl" if cfg.loss.kind in ("ce", "pg") else cfg.loss.kind
 
 
 def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dict:
@@ -452,10 +371,10 @@ def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dic
         tok.pad_token_id,
         device,
         tuple(dict.fromkeys([kind, "fkl"])),
-        cfg.eval_samples,
-        cfg.batch_size,
+        cfg.evaluation.eval_samples,
+        cfg.batches.batch_size,
         autocast,
-        **loss_params(cfg),
+        **cfg.loss.params,
     )
     out = {"eval_ce": row["ce"]}
     if kind in row:
@@ -465,7 +384,8 @@ def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dic
 
 
 def _config_json(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
+    """The run's settings as flat option values (what --resume compares), without how the run was invoked."""
+    d = config.flat(cfg)
     for key in run_folder.IGNORED:
         d.pop(key)
     return json.loads(json.dumps(d, default=str))
@@ -476,19 +396,19 @@ def input_paths(cfg: TrainConfig) -> dict:
     out = {
         "--student": cfg.student,
         "--tokenizer": cfg.tokenizer,
-        "--teacher": cfg.teacher,
-        "--eval-cache": cfg.eval_cache,
+        "--teacher": cfg.teacher.model,
+        "--eval-cache": cfg.evaluation.eval_cache,
         "--data": cfg.data and cfg.data.source,
-        "--eval-data": cfg.eval_data and cfg.eval_data.source,
+        "--eval-data": cfg.evaluation.eval_data and cfg.evaluation.eval_data.source,
     }
-    return out | {f"--cache {c}": c for c in cfg.cache or ()}
+    return out | {f"--cache {c}": c for c in cfg.teacher.cache or ()}
 
 
 def input_fingerprints(cfg: TrainConfig, teacher, eval_teacher) -> dict:
     """What the run depends on, pinned for --resume: its sources' content keys and the models' weights."""
     pins = {"train": teacher.source.fingerprint(), "student": models.weights_fingerprint(cfg.student)}
-    if cfg.teacher:
-        pins["teacher"] = models.weights_fingerprint(cfg.teacher)
+    if cfg.teacher.model:
+        pins["teacher"] = models.weights_fingerprint(cfg.teacher.model)
     if eval_teacher is not None:
         pins["eval"] = eval_teacher.source.fingerprint()
     return pins

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import storage
 from pipeline.cli import main
-from pipeline.data import DataConfig
+from pipeline.config import DataConfig, ModelConfig
 from stages import cache_teacher as ct
 
 ROOT = Path(__file__).parents[1]
@@ -212,6 +212,7 @@ def cli(tiny, out, *extra, teacher=None, data=None):
         ("malformed", "cannot read dataset"),
         ("k-too-large", "--top-k 100000 must lie between 1 and the vocabulary size"),
         ("tokenizer-too-big", "tokenizer has"),
+        ("unknown-text-end", "--text-end '<|nope|>' is not a token of the tokenizer"),
     ],
 )
 def test_bad_input_is_one_line(tiny, tmp_path, case, expect):
@@ -221,6 +222,8 @@ def test_bad_input_is_one_line(tiny, tmp_path, case, expect):
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response\n')
     if case == "missing-teacher":
         res = cli(tiny, out, teacher=str(tmp_path / "nope"))
+    elif case == "unknown-text-end":
+        res = cli(tiny, out, "--text-field", "text", "--text-end", "<|nope|>", data=tiny["plain"])
     elif case == "missing-field":
         res = CliRunner().invoke(
             main,
@@ -247,7 +250,9 @@ def test_bad_input_is_one_line(tiny, tmp_path, case, expect):
     else:
         from stages import prepare_demo
 
-        small = prepare_demo.save_model(tmp_path / "small", tiny["tokenizer"], "gpt2", 1, 16, 2, vocab_size=50)
+        small = prepare_demo.save_model(
+            ModelConfig(tmp_path / "small", tiny["tokenizer"], "gpt2", 1, 16, 2), vocab_size=50
+        )
         res = cli(tiny, out, teacher=small)
     assert res.exit_code != 0
     lines = [l for l in res.output.strip().splitlines() if l.startswith("error:")]
@@ -396,7 +401,7 @@ def test_tensor_parallel_teacher_equals_the_single_process_cache(tiny, tmp_path)
     """torchrun with 2 gloo ranks, --tp 2: one TP group (4 heads, 2 KV heads) writes the cache."""
     from stages import prepare_demo
 
-    teacher = prepare_demo.save_model(tmp_path / "llama4", tiny["tokenizer"], "llama", 2, 32, 4)
+    teacher = prepare_demo.save_model(ModelConfig(tmp_path / "llama4", tiny["tokenizer"], "llama", 2, 32, 4))
     paths = {**tiny, "llama4": teacher}
     run(paths, tmp_path / "one", "llama4", part_size=16, logprob_dtype="float32")
     subprocess.run(

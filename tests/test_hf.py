@@ -14,7 +14,7 @@ from tiny import build
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from pipeline import models
-from pipeline.data import DataConfig
+from pipeline.config import DataConfig, TrainConfig
 from pipeline.hf import CacheDataset, DistillCollator, distill_loss
 from stages import cache_teacher as ct
 from stages import train as tr
@@ -28,7 +28,7 @@ def world(tmp_path_factory):
     paths = build(root, train_size=96, test_size=8, archs=("gpt2", "llama"))
     data = DataConfig(paths["train"], prompt_field="prompt", response_field="response")
     tr.run(
-        tr.TrainConfig(
+        TrainConfig.of(
             student=paths["gpt2"],
             out=str(root / "teacher"),
             loss="ce",
@@ -99,7 +99,7 @@ def trainer_losses(world, out, kind="akl", steps=20, batch=8, accum=1, model=Non
 def test_trainer_with_these_pieces_follows_pipeline_train_step_for_step(world, tmp_path):
     got, _ = trainer_losses(world, tmp_path / "hf")
     tr.run(
-        tr.TrainConfig(
+        TrainConfig.of(
             student=world["llama"],
             out=str(tmp_path / "ours"),
             loss="akl",

@@ -130,8 +130,8 @@ def test_a_crafted_cache_is_a_one_line_error_in_bounded_time_and_memory(tmp_path
 @pytest.mark.parametrize(
     "extra,expect",
     [
-        (["--temperature", "nan"], "--temperature must be finite and positive"),
-        (["--temperature", "inf"], "--temperature must be finite and positive"),
+        (["--temperature", "nan"], "--temperature nan must be finite and positive"),
+        (["--temperature", "inf"], "--temperature inf must be finite and positive"),
         (["--top-k", "4", "--min-k", "8", "--top-p", "0.5"], "--min-k 8 must lie between 0 and --top-k 4"),
         (["--top-p", "0", "--min-k", "0"], "holds no teacher information"),
     ],

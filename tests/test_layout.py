@@ -12,6 +12,7 @@ OURS = ("pipeline", "stages", "storage")
 LAYERS = [  # lowest first; a module imports only from layers below its own
     ["storage"],
     ["pipeline.errors", "pipeline.compat"],
+    ["pipeline.config"],
     ["pipeline.losses", "pipeline.models", "pipeline.run_folder", "pipeline.batches", "pipeline.parallel"],
     ["pipeline.data", "pipeline.checkpoint", "pipeline.scoring"],
     ["pipeline.sources"],
@@ -113,3 +114,35 @@ def test_nothing_outside_a_module_uses_its_private_names():
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
+
+
+def test_options_are_stated_once_in_the_config_dataclasses():
+    """Each option's default, choice list and range check is written in pipeline/config.py: the command passes no
+    default or literal choice list of its own (an option it does not get from a config has none), and no stage
+    declares a config dataclass."""
+    cli = ast.parse((ROOT / "pipeline/cli.py").read_text())
+    for node in ast.walk(cli):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "click.option":
+            stated = {k.arg: k.value for k in node.keywords}
+            assert "default" not in stated, ast.unparse(node)
+            choice = stated.get("type")
+            assert not (isinstance(choice, ast.Call) and isinstance(choice.args[0], ast.List)), ast.unparse(node)
+    for module, path, tree in modules("stages", "pipeline"):
+        if module == "pipeline.config":
+            continue
+        names = [n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.endswith("Config")]
+        assert not names, f"{module} declares {names}: configs belong in pipeline/config.py"
+
+
+def test_every_config_field_is_an_option_or_says_why_not():
+    """The command line is derived from the configs: every field of a stage's config is on it (under its flag),
+    a sub-config, or marked cli=False (set by the command itself, such as data, or by the library only)."""
+    from dataclasses import fields, is_dataclass
+
+    from pipeline import config
+
+    for cls in [getattr(config, n) for n in dir(config) if n.endswith("Config")]:
+        if not is_dataclass(cls):
+            continue
+        for f in fields(cls):
+            assert f.metadata.get("group") or "cli" in f.metadata, f"{cls.__name__}.{f.name} is a plain field"

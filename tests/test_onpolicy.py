@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import storage
 from pipeline.cli import main
-from pipeline.data import DataConfig
+from pipeline.config import DataConfig, TrainConfig
 from stages import cache_teacher as ct
 from stages import generate as gen
 from stages import train as tr
@@ -142,12 +142,12 @@ def test_policy_gradient_and_mixed_caches_train(tiny, tmp_path):
         log_every=1,
         allow_tokenizer_mismatch=True,
     )
-    s = tr.run(tr.TrainConfig(out=str(tmp_path / "pg"), loss="pg", cache=str(tmp_path / "on"), **base))
+    s = tr.run(TrainConfig.of(out=str(tmp_path / "pg"), loss="pg", cache=str(tmp_path / "on"), **base))
     assert s["nonfinite"] == 0
     metrics = [json.loads(l) for l in open(tmp_path / "pg/metrics.jsonl")]
     assert all(np.isfinite(m["rkl_estimate"]) for m in metrics)
     s = tr.run(
-        tr.TrainConfig(
+        TrainConfig.of(
             out=str(tmp_path / "mix"),
             loss="akl",
             cache=(str(tmp_path / "off"), str(tmp_path / "on")),

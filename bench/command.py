@@ -1,0 +1,17 @@
+"""The benchmarks drive the stages as a user does: through the `pipeline` command (options named as its flags)."""
+
+from pipeline.cli import main
+
+
+def pipeline(command: str, **options):
+    """Run `pipeline COMMAND --flag value …` in this process and return the stage's result. True is a bare flag,
+    a tuple repeats its flag, None and False are left out."""
+    args = [command]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if v is True:
+                args.append(flag)
+            elif v is not None and v is not False:
+                args += [flag, str(v)]
+    return main(args, standalone_mode=False)
