@@ -3,10 +3,10 @@
 from pipeline.cli import main
 
 
-def pipeline(command: str, **options):
-    """Run `pipeline COMMAND --flag value …` in this process and return the stage's result. True is a bare flag,
-    a tuple repeats its flag, None and False are left out."""
-    args = [command]
+def pipeline(command: str, *arguments, **options):
+    """Run `pipeline COMMAND ARGUMENT… --flag value …` in this process and return the stage's result. True is a bare
+    flag, a tuple repeats its flag, None and False are left out."""
+    args = [command, *map(str, arguments)]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         for v in value if isinstance(value, (tuple, list)) else (value,):

