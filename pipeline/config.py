@@ -535,6 +535,20 @@ class PrepareDataConfig:
 
 
 @dataclass
+class DocstringDataConfig:
+    """prepare-docstrings: instruction pairs from the standard library's documentation."""
+
+    out: str = option(MISSING, "folder for train.jsonl and test.jsonl")
+    test_size: int = option(100, "held-out pairs (at most a fifth of all)", check=at_least(1))
+    limit: int | None = option(None, "use only this many pairs in all", check=at_least(2))
+    max_chars: int = option(400, "longest answer (a docstring's first paragraph), in characters", check=at_least(40))
+    seed: int = option(0, "shuffle before the split")
+
+    def __post_init__(self):
+        check(self)
+
+
+@dataclass
 class ModelConfig:
     """init-model: a freshly initialized small causal LM with a tokenizer (for the offline demo)."""
 

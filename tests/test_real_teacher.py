@@ -3,7 +3,6 @@ transformers: a real tokenizer with a chat template, tied embeddings, grouped-qu
 fast, the teacher here is its copy pruned to layers 0 and 29: the real tokenizer, embeddings, final norm and 49152-row
 head; the student is that copy's first layer. The data is the standard library's docstrings: text nobody here wrote."""
 
-import inspect
 import json
 
 import numpy as np
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import storage
 from pipeline import models
 from pipeline.cli import main
+from stages.prepare_docstrings import pairs
 
 GGUF = smollm2_gguf()
 pytestmark = [
@@ -38,38 +38,16 @@ def cli(*args):
     return res.output
 
 
-def docstrings(limit: int) -> list[dict]:
-    """(name, first paragraph of its docstring) of public functions in a few standard modules."""
-    import collections
-    import functools
-    import itertools
-    import json as json_module
-    import os.path
-    import shutil
-    import string
-    import textwrap
-
-    out = []
-    for module in (json_module, os.path, textwrap, string, collections, itertools, functools, shutil):
-        for name, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if callable(obj) and not name.startswith("_") else None
-            if doc and len(doc) > 40:
-                out.append({"name": f"{module.__name__}.{name}", "doc": doc.split("\n\n")[0]})
-    return out[:limit]
-
-
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     cli("export-model", GGUF, root / "smollm2")  # dequantized once
     cli("init-student", "--from", root / "smollm2", "--layers", "0,29", "--out", root / "teacher")
     cli("init-student", "--from", root / "teacher", "--layers", "0", "--out", root / "student")
-    rows = docstrings(72)
+    rows = pairs(400)[:72]
     for split, part in (("train", rows[:56]), ("test", rows[56:])):
         with open(root / f"{split}.jsonl", "w") as f:
-            for r in part:
-                f.write(json.dumps({"text": r["doc"], "prompt": f"What does {r['name']} do?", "response": r["doc"]}))
-                f.write("\n")
+            f.writelines(json.dumps({"text": r["response"], **r}) + "\n" for r in part)
     return root
 
 

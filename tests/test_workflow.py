@@ -25,7 +25,9 @@ def job_counts(out: str) -> dict:
     return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", block, re.M)}
 
 
-@pytest.mark.parametrize("config", ["config/demo.yaml", "config/gpu_dolly.yaml", "config/slurm_70b.yaml"])
+@pytest.mark.parametrize(
+    "config", ["config/demo.yaml", "config/gpu_dolly.yaml", "config/slurm_70b.yaml", "config/real.yaml"]
+)
 def test_dry_run_resolves_the_whole_dag(config, tmp_path):
     counts = job_counts(
         snakemake(
@@ -40,6 +42,11 @@ def test_dry_run_resolves_the_whole_dag(config, tmp_path):
     onpolicy = rounds * len(c.get("onpolicy", {}).get("losses", [])) * per_student
     assert counts.get("train_round", 0) == counts.get("generate_round", 0) == counts.get("cache_round", 0) == onpolicy
     assert counts["evaluate"] == runs + 1 + onpolicy + (len(c["students"]) if rounds else 0) and counts["report"] == 1
+    gguf = [
+        r for r in ["teacher", *c["students"]] if (c["teacher"] if r == "teacher" else c["students"][r]).get("gguf")
+    ]
+    assert counts.get("export_model", 0) == len(gguf)
+    assert counts.get("prune_student", 0) == sum(bool(s.get("prune")) for s in c["students"].values())
 
 
 def test_scale_knobs_reach_the_commands(tmp_path):
