@@ -40,6 +40,11 @@ METRICS = [
 ]
 
 
+def cell(text: str) -> str:
+    """Text as one Markdown table cell: its line breaks as <br>, its pipes escaped."""
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
 def _label(e: dict) -> str:
     return e.get("label") or Path(e["model"]).parent.name
 
@@ -131,7 +136,7 @@ def run(cfg: ReportConfig) -> str:
             "| prompt | reference | prediction |",
             "|---|---|---|",
         ]
-        lines += [f"| {x['prompt']} | {x['reference']} | {x['prediction']} |" for x in examples]
+        lines += [f"| {cell(x['prompt'])} | {cell(x['reference'])} | {cell(x['prediction'])} |" for x in examples]
     out.write_text("\n".join(lines) + "\n")
     return str(out)
 

@@ -27,3 +27,9 @@ def test_answers_at_the_end_and_answers_without_spaces():
     assert answer_correct("sorted : a e g g h", "sorted : a e g g h", "aeggh")
     assert not answer_correct("sorted : a c e g h", "sorted : a e g g h", "aeggh")
     assert answer_correct("88", "88", "88")  # the reference is the answer itself
+
+
+def test_a_generation_with_line_breaks_and_pipes_stays_one_table_cell():
+    from stages.report import cell
+
+    assert cell("The\nThe | x") == "The<br>The \\| x"
