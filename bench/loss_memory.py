@@ -7,7 +7,8 @@ through the lm_head (N positions, hidden H, vocabulary V), each case in a fresh 
   dense     logits = h @ W.T; dense_kd_loss vs teacher logits [N, V]   (online KD, teacher logits given)
 
 Peak = max RSS during the case minus RSS after inputs are allocated. CPU only here: the figures are ratios
-measured side by side in one run. Writes bench/out/loss_memory.json.
+measured side by side in one run. V = 49152 is the real teacher's (SmolLM2). Writes bench/out/loss_memory.json;
+`--vocab 49152` runs one vocabulary.
 """
 
 import json
@@ -59,12 +60,12 @@ def run_case(n, v, h, case, repeats):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main(n=8192, h=256, vocabs=(32000, 151936), repeats=3):
+def main(n=8192, h=256, vocabs=(32000, 49152, 151936), repeats=3):
     rows = []
     for v in vocabs:
         logits_mb = n * v * 4 / 2**20
         for case in ("ce", "sparse", "chunked", "dense"):
-            if case == "dense" and v > 64000:
+            if case == "dense" and 10 * logits_mb > 12 * 1024:  # half of this machine's 24 GB
                 print(
                     f"N={n} V={v:6d} dense    skipped: ~10 [N,V] float32 tensors (~{10 * logits_mb / 1024:.0f} GB) "
                     "exceed this 24 GB machine"
@@ -88,4 +89,5 @@ def main(n=8192, h=256, vocabs=(32000, 151936), repeats=3):
 if __name__ == "__main__":
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    (out / "loss_memory.json").write_text(json.dumps(main(), indent=1))
+    vocabs = [int(v) for v in sys.argv[sys.argv.index("--vocab") + 1].split(",")] if "--vocab" in sys.argv else None
+    (out / "loss_memory.json").write_text(json.dumps(main(**({"vocabs": vocabs} if vocabs else {})), indent=1))
