@@ -56,6 +56,24 @@ def group(cls):
     return field(default_factory=cls, metadata={"group": True})
 
 
+def options(cls):
+    """A stage's config: a dataclass whose fields are normalized (a field's `normalize` or `parse`: a list to a
+    tuple, "0/4" to (0, 4)) and checked (choices, range checks) on construction, then checked as a whole by its own
+    `validate`, if it has one."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            normalize = f.metadata.get("normalize") or f.metadata.get("parse")
+            if normalize:
+                setattr(self, f.name, normalize(getattr(self, f.name)))
+        check(self)
+        if hasattr(self, "validate"):
+            self.validate()
+
+    cls.__post_init__ = __post_init__
+    return dataclass(cls)
+
+
 def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -136,6 +154,13 @@ def flat(cfg) -> dict:
     return out
 
 
+def as_tuple(value) -> tuple:
+    """A repeatable option's values: a tuple, from a tuple, a list, one value or None."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def parse_shard(value) -> tuple[int, int] | None:
     if value is None or isinstance(value, tuple):
         return value
@@ -160,7 +185,7 @@ def parse_layers(value) -> tuple[int, ...] | None:
 # -- the data every stage reads
 
 
-@dataclass
+@options
 class DataConfig:
     source: str = option(MISSING, "jsonl/json/parquet/csv/arrow file, saved dataset folder, or hub name", flag="--data")
     split: str = option("train")
@@ -177,8 +202,7 @@ class DataConfig:
     response_ids_field: str | None = option(None, "generated rows: the response's token ids, used as they are")
     behavior_field: str | None = option(None, "generated rows: the sampler's log-prob of each response token")
 
-    def __post_init__(self):
-        check(self)
+    def validate(self):
         instruction = self.prompt_field is not None or self.response_field is not None
         if instruction == (self.text_field is not None):
             raise DataError(
@@ -195,7 +219,7 @@ class DataConfig:
 # -- cache-teacher
 
 
-@dataclass
+@options
 class CacheTeacherConfig:
     teacher: str = option(MISSING, "Hugging Face causal LM: local path or hub name")
     data: DataConfig | None = option(None, cli=False)
@@ -214,7 +238,9 @@ class CacheTeacherConfig:
     )
     tail_draws: int = option(0, "tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none")
     seed: int = option(0, "seed of the tail draws")
-    temperatures: tuple[float, ...] = option((1.0,), "repeatable", flag="--temperature", check=FINITE_POSITIVE)
+    temperatures: tuple[float, ...] = option(
+        (1.0,), "repeatable", flag="--temperature", check=FINITE_POSITIVE, normalize=as_tuple
+    )
     format: str = option("zarr", "storage backend: Zarr v3 or Arrow IPC", choices=tuple(BACKENDS))
     batch_size: int = option(8, check=at_least(1))
     batch_tokens: int | None = option(
@@ -236,9 +262,7 @@ class CacheTeacherConfig:
     chunk_bytes: int = option(1 << 29, cli=False)
     progress: bool = option(True, cli=False)
 
-    def __post_init__(self):
-        self.temperatures, self.shard = tuple(self.temperatures), parse_shard(self.shard)
-        check(self)
+    def validate(self):
         if len(set(self.temperatures)) != len(self.temperatures):
             raise OptionError(f"temperatures repeat: {self.temperatures}")
         if self.out is None and self.cache_root is None:
@@ -258,7 +282,7 @@ class CacheTeacherConfig:
 # -- train, in groups: what it optimizes, how, on which batches, from which teacher, what it evaluates, at what scale
 
 
-@dataclass
+@options
 class LossConfig:
     kind: str = option(
         "fkl",
@@ -280,8 +304,7 @@ class LossConfig:
         False, "--loss pg on a cache of data the student did not generate (its gradient is then biased)"
     )
 
-    def __post_init__(self):
-        check(self)
+    def validate(self):
         if self.kd_ratio is None:
             self.kd_ratio = 0.0 if self.kind == "ce" else 1.0
 
@@ -297,7 +320,7 @@ class LossConfig:
         }
 
 
-@dataclass
+@options
 class OptimizerConfig:
     lr: float = option(
         2e-5, "peak learning rate (a pretrained student's; the demo sets its own)", check=FINITE_POSITIVE
@@ -308,11 +331,8 @@ class OptimizerConfig:
     grad_clip: float = option(1.0, "gradient norm clip; 0: none", check=FINITE_NON_NEGATIVE)
     max_nonfinite: int = option(10, "abort after this many skipped steps", check=at_least(0))
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class BatchConfig:
     batch_size: int = option(8, "samples per micro-batch, all ranks together", check=at_least(1))
     batch_tokens: int | None = option(
@@ -327,16 +347,15 @@ class BatchConfig:
     shuffle_window: int = option(4, cli=False)
     num_workers: int = option(0, check=at_least(0))
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class TeacherConfig:
-    cache: tuple[str, ...] = option((), "teacher cache to distill from; repeat to mix several (with --mix)")
+    cache: tuple[str, ...] = option(
+        (), "teacher cache to distill from; repeat to mix several (with --mix)", normalize=as_tuple
+    )
     mix: tuple[float, ...] = option(
         (), "share of each --cache per micro-batch; with two caches one value: the second's share λ (GKD)",
-        check=FINITE_NON_NEGATIVE,
+        check=FINITE_NON_NEGATIVE, normalize=as_tuple,
     )  # fmt: skip
     model: str | None = option(
         None, "run this teacher online over --data instead of a cache (the fidelity reference)", flag="--teacher"
@@ -351,10 +370,7 @@ class TeacherConfig:
         False, "distill although the teacher's tokenizer differs from the student's"
     )
 
-    def __post_init__(self):
-        self.cache = (self.cache,) if isinstance(self.cache, str) else tuple(self.cache or ())
-        self.mix = tuple(self.mix or ())
-        check(self)
+    def validate(self):
         n = len(self.cache)
         if self.mix and not (len(self.mix) == n or (n == 2 and len(self.mix) == 1)):
             raise OptionError(
@@ -372,18 +388,15 @@ class TeacherConfig:
             raise OptionError("give --cache (a cached teacher) or --teacher (run online), not both")
 
 
-@dataclass
+@options
 class EvaluationConfig:
     eval_cache: str | None = option(None, "held-out teacher cache for eval loss")
     eval_data: DataConfig | None = option(None, cli=False)
     eval_every: int = option(0, "held-out scores every N steps; 0: none", check=at_least(0))
     eval_samples: int = option(256, check=at_least(1))
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class ScaleConfig:
     fsdp: bool = option(False, "shard the student with FSDP2 (under torchrun)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
@@ -392,11 +405,8 @@ class ScaleConfig:
     dtype: str = option("auto", "auto: bf16 on GPU, float32 on CPU", choices=DTYPES)
     num_proc: int = option(1, "tokenizer processes for --data", check=at_least(1))
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class TrainConfig:
     student: str = option(MISSING, "Hugging Face model (path or hub name), or a config with --init-from-config")
     out: str = option(MISSING, "run folder")
@@ -420,12 +430,11 @@ class TrainConfig:
     scale: ScaleConfig = group(ScaleConfig)
 
     @classmethod
-    def of(cls, **options) -> "TrainConfig":
+    def of(cls, **values) -> "TrainConfig":
         """A TrainConfig from flat option values named as on the command line: of(loss="akl", lr=3e-3, cache=…)."""
-        return build(cls, options)
+        return build(cls, values)
 
-    def __post_init__(self):
-        check(self)
+    def validate(self):
         if self.teacher.model and self.data is None:
             raise OptionError("--teacher runs the teacher online over --data; pass --data and its fields")
         if self.loss.kind == "ce" and self.data is None and not self.teacher.cache:
@@ -441,7 +450,7 @@ class TrainConfig:
 # -- evaluate, generate, report and the data preparation commands
 
 
-@dataclass
+@options
 class EvalConfig:
     model: str = option(MISSING, "model folder (e.g. RUN/final) or hub name")
     out: str = option(MISSING, "metrics JSON")
@@ -460,11 +469,8 @@ class EvalConfig:
     trust_remote_code: bool = option(False, "run the model's own code from its folder or hub repository")
     progress: bool = option(True, cli=False)
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class GenerateConfig:
     model: str = option(MISSING, "the student that samples (a folder, e.g. RUN/final)")
     source: str = option(MISSING, "prompts: any dataset --data accepts", flag="--data")
@@ -489,20 +495,19 @@ class GenerateConfig:
     trust_remote_code: bool = option(False, "run the model's own code from its folder or hub repository")
     progress: bool = option(True, cli=False)
 
-    def __post_init__(self):
-        check(self)
+    def validate(self):
         if (self.alpha > 0) != (self.teacher is not None):
             raise OptionError("teacher-mixed sampling takes --teacher with --alpha in (0, 1]; plain sampling neither")
 
 
-@dataclass
+@options
 class ReportConfig:
     evals: list[str] = option(MISSING, cli=False)
     out: str = option("results/report.md")
     title: str = option("Distillation report")
 
 
-@dataclass
+@options
 class DemoDataConfig:
     out: str = option(MISSING)
     train_size: int = option(2000, check=at_least(1))
@@ -514,11 +519,8 @@ class DemoDataConfig:
     )
     pretrain_chars: int = option(600, check=at_least(1))
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class PrepareDataConfig:
     source: str = option(MISSING, flag="--data")
     out: str = option(MISSING)
@@ -530,11 +532,8 @@ class PrepareDataConfig:
     limit: int | None = option(None, check=at_least(1))
     seed: int = option(0)
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class DocstringDataConfig:
     """prepare-docstrings: instruction pairs from the standard library's documentation."""
 
@@ -544,11 +543,8 @@ class DocstringDataConfig:
     max_chars: int = option(400, "longest answer (a docstring's first paragraph), in characters", check=at_least(40))
     seed: int = option(0, "shuffle before the split")
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class ModelConfig:
     """init-model: a freshly initialized small causal LM with a tokenizer (for the offline demo)."""
 
@@ -560,11 +556,8 @@ class ModelConfig:
     heads: int = option(2, check=at_least(1))
     seed: int = option(0)
 
-    def __post_init__(self):
-        check(self)
 
-
-@dataclass
+@options
 class ExportModelConfig:
     """export-model: a model that loads slowly (a .gguf file, dequantized on every load) saved once as safetensors."""
 
@@ -573,7 +566,7 @@ class ExportModelConfig:
     trust_remote_code: bool = option(False, "run the model's own code from its folder or hub repository")
 
 
-@dataclass
+@options
 class InitStudentConfig:
     """init-student: a depth-pruned copy of a model (Minitron's depth pruning): the kept layers, the embeddings, the
     final norm and the head."""
@@ -585,8 +578,6 @@ class InitStudentConfig:
     out: str = option(MISSING, "a new folder for the student")
     trust_remote_code: bool = option(False, "run the model's own code from its folder or hub repository")
 
-    def __post_init__(self):
-        self.layers = parse_layers(self.layers)
-        check(self)
+    def validate(self):
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise OptionError(f"--layers {','.join(map(str, self.layers))} must be distinct and ascending, e.g. 0,6,12")

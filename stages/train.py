@@ -383,11 +383,20 @@ def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dic
     return out
 
 
+SINCE = {"text_end": "eos"}  # data settings added after runs were first saved, at what earlier versions did
+
+
 def _config_json(cfg: TrainConfig) -> dict:
-    """The run's settings as flat option values (what --resume compares), without how the run was invoked."""
+    """The run's settings as flat option values (what --resume compares), without how the run was invoked; a setting
+    added since is left out where it is what earlier versions did, so that their runs still resume."""
     d = config.flat(cfg)
     for key in run_folder.IGNORED:
         d.pop(key)
+    d["cache"] = d["cache"] or None
+    for data in (d["data"], d["eval_data"]):
+        for key, value in SINCE.items():
+            if data is not None and data.get(key) == value:
+                data.pop(key)
     return json.loads(json.dumps(d, default=str))
 
 

@@ -189,6 +189,28 @@ def test_sigkill_and_resume_is_bit_identical(world, tmp_path):
     assert [r["step"] for r in rows] == list(range(5, 151, 5))
 
 
+PREVIOUS_SETTINGS = (  # the flat TrainConfig of the version before the grouped one, less resume/overwrite/progress
+    "student out loss cache mix data teacher online_topk teacher_device_map init_from_config tokenizer kd_ratio mu "
+    "beta alpha temperature tail lr min_lr_ratio warmup_steps weight_decay grad_clip batch_size batch_tokens "
+    "grad_accum epochs max_steps seed packing pack_length part_size fsdp gradient_checkpointing attn_implementation "
+    "eval_cache eval_data eval_every eval_samples save_every log_every max_nonfinite num_workers num_proc "
+    "shuffle_window device dtype allow_offpolicy_pg allow_tokenizer_mismatch trust_remote_code"
+)
+
+
+def test_a_run_saved_by_the_previous_version_resumes(world, tmp_path):
+    """Its run.json holds the settings as the flat config of that version wrote them (no --text-end, no cache: null
+    for SFT); a plain-text SFT run started by it resumes and finishes."""
+    data = DataConfig(world["train"], prompt_field="prompt", response_field="response")
+    sft = dict(student=world["llama"], loss="ce", data=data, max_steps=4, save_every=2, progress=False)
+    tr.run(TrainConfig.of(out=str(tmp_path / "r"), **sft))
+    run = json.loads((tmp_path / "r/run.json").read_text())
+    assert set(run["settings"]) == set(PREVIOUS_SETTINGS.split())
+    assert run["settings"]["cache"] is None and "text_end" not in run["settings"]["data"]
+    (tmp_path / "r/final").rename(tmp_path / "final")  # as if killed after the step-2 checkpoint
+    assert tr.run(TrainConfig.of(out=str(tmp_path / "r"), resume=True, **sft))["steps"] == 4
+
+
 def test_resume_with_other_settings_is_refused(world, tmp_path):
     distill(world, tmp_path / "r", max_steps=4, save_every=2)
     with pytest.raises(ValueError, match="different settings.*lr"):
