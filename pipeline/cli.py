@@ -90,10 +90,9 @@ def given(kw: dict) -> dict:
     return {k: v for k, v in kw.items() if v is not None and v != ()}
 
 
-def pop_data(kw: dict, **changes):
-    """The DataConfig of a command's data options (removed from `kw`), with `changes`; None without --data."""
-    values = {config.key_of(f): kw.pop(config.key_of(f), None) for f in config.option_fields(config.DataConfig)}
-    values = given({**values, **changes})
+def pop_data(kw: dict):
+    """The DataConfig of a command's data options (removed from `kw`); None without --data."""
+    values = given({config.key_of(f): kw.pop(config.key_of(f), None) for f in config.option_fields(config.DataConfig)})
     return config.build(config.DataConfig, values) if values.get("data") else None
 
 

@@ -137,7 +137,7 @@ def distill_loss(
     """A Trainer `compute_loss_func(outputs, labels, num_items_in_batch)` for DistillCollator batches:
     (1 − kd_ratio)·CE + kd_ratio·KD of `kind` (fkl, rkl, akl, jsd, tvd, sfkl, srkl; pg on generated data; ce alone),
     summed over the distilled positions and divided by Trainer's item count (the whole accumulated batch)."""
-    losses.check_params(kind if kind in losses.KINDS else "fkl", mu, beta, alpha, kd_ratio, tail)
+    losses.check_params("fkl" if kind in ("ce", "pg") else kind, mu, beta, alpha, kd_ratio, tail)
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits[labels["row_index"], labels["col_index"], : labels["vocab_size"]]

@@ -269,3 +269,13 @@ def test_trl_sft_trainer_runs_the_distillation_loss(world, tmp_path):
     t.train()
     got = [h["loss"] for h in t.state.log_history if "loss" in h]
     assert len(got) == 4 and all(0 < x < 10 for x in got)
+
+
+def test_distill_loss_refuses_an_unknown_kind_and_out_of_range_values():
+    from pipeline.hf import distill_loss
+
+    with pytest.raises(ValueError, match="unknown loss kind 'xyz'"):
+        distill_loss("xyz")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        distill_loss("ce", kd_ratio=2.0)
+    distill_loss("pg"), distill_loss("ce")  # no divergence, still accepted
