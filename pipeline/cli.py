@@ -80,8 +80,8 @@ def settings(f, required: bool) -> dict:
         kw["help"] += f"  [default: {', '.join(map(str, default)) if repeatable else default}]"
     if meta.get("parse"):  # written as one string (I/N, 0,6,12) and parsed by the config
         return kw | {"type": str}
-    if meta.get("choices"):
-        kind = click.Choice(list(meta["choices"]))
+    if meta.get("choices"):  # checked by the config, so that a wrong one is a one-line error like every other
+        kw["metavar"] = "[" + "|".join(meta["choices"]) + "]"
     return kw | {"type": kind, "multiple": repeatable}
 
 
