@@ -511,7 +511,7 @@ def test_a_cache_of_draws_alone_trains_teacher_weighted_kinds_and_refuses_the_ot
     [
         (["--fsdp"], "--fsdp runs under torchrun"),
         (["--teacher", "t"], "give --cache (a cached teacher) or --teacher (run online), not both"),
-        (["--tail", "drop"], "Invalid value for '--tail'"),
+        (["--tail", "drop"], "unknown --tail 'drop'; choose one of bucket, renormalize"),
     ],
 )
 def test_bad_scaling_options_are_one_line_errors(world, tmp_path, extra, expect):
