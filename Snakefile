@@ -1,7 +1,8 @@
 # One teacher cache, many students. The data flow:
 #   data → init, a .gguf teacher exported, or a student pruned from the teacher
 #   → pretrain (LM on text) → teacher SFT / student fine-tune (the start checkpoint)
-#   → cache-teacher (sharded) → one run per student × loss × seed from the start checkpoint (off-policy)
+#   → cache-teacher (sharded) → one run per student × loss × seed from the start checkpoint (off-policy), and
+#     per `online` loss the same run with the teacher itself on every batch (what the cache costs that loss)
 #   → on-policy rounds per student × loss × seed: generate → cache-teacher on the generations → train
 #   → evaluate (every run, every round) → report.
 # snakemake --cores N [--configfile config/gpu_dolly.yaml]
@@ -24,8 +25,9 @@ TRAIN_FLAGS = " ".join(f for f, on in (("--fsdp", config.get("fsdp")), ("--packi
 ONPOLICY = config.get("onpolicy") or {}   # {rounds, lambda, samples_per_prompt, prompts, sampling, losses}
 ROUNDS = ONPOLICY.get("rounds", 0)
 ONPOLICY_LOSSES = ONPOLICY.get("losses", [])
+ONLINE = config.get("online", [])         # losses also trained from the teacher run on every batch (dense)
 OFF = expand("{student}-{loss}-s{seed}", student=STUDENTS, loss=LOSSES + (["sft"] if config.get("sft") else []),
-             seed=SEEDS)
+             seed=SEEDS) + expand("{student}-online-{loss}-s{seed}", student=STUDENTS, loss=ONLINE, seed=SEEDS)
 ON = expand("{student}-onpolicy-{loss}-s{seed}-r{r}", student=STUDENTS, loss=ONPOLICY_LOSSES, seed=SEEDS,
             r=range(1, ROUNDS + 1))
 STARTS = [f"{s}-start" for s in STUDENTS] if ROUNDS else []
@@ -38,7 +40,7 @@ if ROUNDS >= 1000:
 
 wildcard_constraints:
     split="train|test", shard=r"\d+", seed=r"\d+", r=r"\d+", student="|".join(map(re.escape, STUDENTS)),
-    loss="|".join(map(re.escape, LOSSES + ONPOLICY_LOSSES + ["sft"])),
+    loss="|".join(map(re.escape, LOSSES + ONPOLICY_LOSSES + ONLINE + ["sft"])),
 
 
 def opts(d, skip=()):
@@ -301,6 +303,30 @@ rule distill:
     shell:
         "{LAUNCH} train --student {params.student:q} --cache {W:q}/cache/train --loss {wildcards.loss} "
         "--seed {wildcards.seed} --eval-cache {W:q}/cache/test --out {params.run:q} {TRAIN_FLAGS} {params.train}"
+
+
+rule distill_online:
+    input:
+        data=f"{W}/data/train.jsonl",
+        eval_cache=f"{W}/flags/cache-test.verified",
+        student=lambda wc: local(model_path(wc.student)),
+        teacher=local(model_path("teacher")),
+    output:
+        directory(f"{W}/runs/{{student}}-online-{{loss}}-s{{seed}}/final"),
+    wildcard_constraints:
+        loss="|".join(ONLINE) or "(?!)",
+    params:
+        student=lambda wc: model_path(wc.student),
+        teacher=model_path("teacher"),
+        run=lambda wc, output: Path(output[0]).parent,
+        train=opts(config["train"]),
+    resources:
+        gpu=GPUS,
+        nodes=NODES,
+    shell:
+        "{LAUNCH} train --student {params.student:q} --teacher {params.teacher:q} --data {input.data:q} {DATA_FIELDS} "
+        "--loss {wildcards.loss} --seed {wildcards.seed} --eval-cache {W:q}/cache/test --out {params.run:q} "
+        "{TRAIN_FLAGS} {params.train}"
 
 
 rule sft:

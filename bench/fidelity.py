@@ -259,10 +259,11 @@ def cache_figures(path) -> dict:
 
 def train_student(setting, out, seed, steps, cache=None, online=False, sft=False, **extra) -> float:
     t0 = time.perf_counter()
+    extra = dict(extra)
     cfg = dict(
         student=setting["student"],
         out=str(out),
-        loss="ce" if sft else "fkl",
+        loss=extra.pop("loss", "ce" if sft else "fkl"),
         seed=seed,
         max_steps=steps,
         batch_size=setting["batch"],

@@ -13,6 +13,8 @@ TEACHER_KEYS = (
     "target_logprob",
     "drawn_ids",
     "drawn_logprobs",
+    "drawn_logweights",
+    "sketch_coeffs",
     "behavior_logprob",
 )
 

@@ -238,6 +238,13 @@ class CacheTeacherConfig:
     )
     tail_draws: int = option(0, "tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none")
     seed: int = option(0, "seed of the tail draws")
+    sketch_rank: int = option(
+        0,
+        "store the teacher's final hidden state projected on this many principal directions (the tail's shape "
+        "for rkl, akl, jsd, tvd); 0: none",
+    )
+    sketch_bits: int = option(4, "bits per sketch coefficient (2 to 8)")
+    sketch_positions: int = option(4096, "positions the sketch's directions are fitted on", check=at_least(16))
     temperatures: tuple[float, ...] = option(
         (1.0,), "repeatable", flag="--temperature", check=FINITE_POSITIVE, normalize=as_tuple
     )
@@ -271,7 +278,7 @@ class CacheTeacherConfig:
 
         check_encoding_options(
             k=self.width(MAX_TOP_K), top_p=self.top_p, min_k=self.min_k, ids=self.ids, logprobs=self.logprob_dtype,
-            draws=self.tail_draws,
+            draws=self.tail_draws, sketch_rank=self.sketch_rank, sketch_bits=self.sketch_bits,
         )  # fmt: skip
 
     def width(self, vocab_size: int) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import batches, losses, sources
+from pipeline.errors import OptionError
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -41,6 +42,12 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.source[i]
+
+    @property
+    def sketch_basis(self) -> torch.Tensor | None:
+        """The teacher sketch's basis [r + 1, V] for distill_loss(sketch_basis=…), or None without a sketch."""
+        sketch = self.cache.sketch()
+        return None if sketch is None else torch.from_numpy(sketch["basis"])
 
     def plan_sampler(self, seed: int = 0, batch_size: int = 8, shuffle_window: int = 4, epochs: int = 1000):
         """A sampler yielding the samples in `pipeline train`'s order (per-epoch block shuffle, micro-batches of
@@ -133,15 +140,25 @@ def distill_loss(
     alpha: float = 0.1,
     temperature: float = 1.0,
     tail: str = "bucket",
+    sketch_basis: torch.Tensor | None = None,
 ):
     """A Trainer `compute_loss_func(outputs, labels, num_items_in_batch)` for DistillCollator batches:
     (1 − kd_ratio)·CE + kd_ratio·KD of `kind` (fkl, rkl, akl, jsd, tvd, sfkl, srkl; pg on generated data; ce alone),
-    summed over the distilled positions and divided by Trainer's item count (the whole accumulated batch)."""
+    summed over the distilled positions and divided by Trainer's item count (the whole accumulated batch). A cache
+    with a teacher sketch needs its basis: sketch_basis=CacheDataset(…).sketch_basis."""
     losses.check_params("fkl" if kind in ("ce", "pg") else kind, mu, beta, alpha, kd_ratio, tail)
+    basis = {"tensor": sketch_basis}
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits[labels["row_index"], labels["col_index"], : labels["vocab_size"]]
         fields = {k: labels[k] for k in batches.TEACHER_KEYS if k in labels}
+        if "sketch_coeffs" in fields:
+            if basis["tensor"] is None:
+                raise OptionError(
+                    "this cache holds a teacher sketch: pass distill_loss(..., sketch_basis=dataset.sketch_basis)"
+                )
+            basis["tensor"] = basis["tensor"].to(logits.device)
+            fields["sketch_basis"] = basis["tensor"]
         terms = losses.batch_losses(
             logits,
             {"targets": labels["targets"]},

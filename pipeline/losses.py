@@ -17,14 +17,29 @@ inf or NaN; 0·log 0 = 0.
 
 Rows may be ragged: id −1 marks padding (the teacher's log-prob there is −inf).
 
-Drawn tail tokens (Random-Sampling KD) refine the tail bucket: each drawn token j gets the teacher estimate
-p̂_j = P_R·c_j/N and the student its own q_j, and the rest of the tail gets teacher mass 0 (the estimate) and
-the student's exact remainder. Terms weighted by the teacher's probabilities (fkl, sfkl, jsd's β·KL(P‖M),
-akl's FKL part) are evaluated on these refined bins; their teacher-linear part is then an unbiased estimate
-of the full-vocabulary one, so the FKL gradient with respect to the student's logits is unbiased. Terms
-weighted by the student's probabilities (rkl, srkl, jsd's (1−β)·KL(Q‖M), akl's RKL part), tvd and AKL's
-gaps and weights keep the exact bucket: they need the teacher's mass wherever the student puts mass, which
-a sample cannot give.
+Drawn tail tokens (Random-Sampling KD) refine the tail bucket. Terms weighted by the teacher's probabilities (fkl,
+sfkl, jsd's β·KL(P‖M), akl's FKL part) are evaluated on refined bins where each drawn token j carries a weight w_j
+and the rest of the tail the teacher weight 0 (and the student's exact remainder); their teacher-linear part is then
+an unbiased estimate of the full-vocabulary one, so the FKL gradient with respect to the student's logits is
+unbiased. Two kinds of draws:
+  counted  the cache keeps each drawn token's count c_j of N draws: w_j = p̂_j = P_R·c_j/N, also the value in the
+           logs. Terms weighted by the student's probabilities (rkl, srkl, jsd's (1−β)·KL(Q‖M), akl's RKL part), tvd
+           and AKL's gaps and weights keep the exact bucket: they need the teacher's mass wherever the student puts
+           mass, which counts cannot give.
+  exact    the cache keeps each drawn token's exact log p_j (drawn_logweights given): w_j = p_j/π_j, the
+           Horvitz–Thompson weight with π_j = 1 − (1 − p_j/P_R)^N the chance that j is drawn at all, and the logs use
+           the exact p_j. The student-weighted terms, tvd and AKL's gaps run on exact bins: head, each drawn token,
+           and the undrawn rest P_R − Σ_j p_j (at least REST_FLOOR·P_R, which covers the stored values' rounding)
+           against the student's own remainder: a finer partition of the vocabulary than the bucket, so by the
+           data-processing inequality closer to the full-vocabulary divergence, and exact where the teacher's tail
+           is drawn.
+
+A teacher sketch (sketch_coeffs [N, r], sketch_basis [r + 1, V]: approximate teacher logits z̃ = [1, c] · basis)
+says how the undrawn rest is spread. The loss then runs over the full vocabulary against a teacher stand-in p̃:
+exact at the head and at exactly drawn tokens, P_rest · softmax(z̃/t) over the other tokens (P_rest the undrawn rest
+above, or P_R without draws). The student-weighted terms, tvd and AKL's head, gaps and weights use p̃; the
+teacher-weighted terms keep the Horvitz–Thompson weights (or use p̃ when there are no draws). With z̃ the teacher's
+own logits, p̃ is the teacher.
 
 tail="renormalize" is the peers' default (DistillKit's sparse KL): the head renormalized to sum to 1, the
 tail and any drawn tokens dropped, and the student's log-probs gathered from its full softmax, so every
@@ -47,6 +62,7 @@ from pipeline.errors import OptionError
 
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 AKL_EPS = 1e-8
+REST_FLOOR = 1e-3
 ROW_CHUNK = 1024
 
 
@@ -100,16 +116,16 @@ def akl_weights(p, q, mask):
 def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins=None, refined=None):
     """Per-position divergence between teacher bins logp and student bins logq, both [N, B] log-probs.
 
-    refined: optional (logp, logq) bins in which the teacher-weighted terms are evaluated instead (drawn tail
-    tokens, see the module docstring). Returns (loss [N], AKLStats or None). n_head_bins: bins eligible for the
-    AKL head (the tail bucket is not).
+    refined: optional (log weights, logp, logq) bins in which the teacher-weighted terms Σ w·f(p, q) are evaluated
+    instead (drawn tail tokens, see the module docstring). Returns (loss [N], AKLStats or None). n_head_bins: bins
+    eligible for the AKL head (the tail bins are not).
     """
     p, q = logp.exp(), logq.exp()
     lp, lq = _floor(logp), _floor(logq)
     if refined is None:
         pa, lpa, lqa = p, lp, lq
     else:
-        pa, lpa, lqa = refined[0].exp(), _floor(refined[0]), _floor(refined[1])
+        pa, lpa, lqa = refined[0].exp(), _floor(refined[1]), _floor(refined[2])
     if kind == "fkl" or (kind == "jsd" and beta == 0):
         return _kl(pa, lpa, lqa), None
     if kind == "rkl" or (kind == "jsd" and beta == 1):
@@ -304,16 +320,40 @@ def sparse_kd_loss_with_ce(
     validate=True,
     drawn_ids=None,
     drawn_logprobs=None,
+    drawn_logweights=None,
+    sketch_coeffs=None,
+    sketch_basis=None,
     tail="bucket",
 ):
     """(KD loss [N], cross-entropy at temperature 1 [N] or None without targets, AKLStats or None); the CE
-    shares the KD's pass over the logits when the temperature is 1."""
+    shares the KD's pass over the logits when the temperature is 1. drawn_logweights: given when drawn_logprobs
+    are the teacher's exact log-probs; sketch_coeffs [N, r] with sketch_basis [r + 1, V]: the teacher's logit
+    sketch (see the module docstring)."""
     check_params(kind, mu, beta, alpha, tail=tail)
     if validate:
         _check_sparse(student_logits, topk_ids, topk_logprobs, tail_logmass, drawn_ids, drawn_logprobs)
+        if drawn_logweights is not None and (drawn_ids is None or drawn_logweights.shape != drawn_ids.shape):
+            raise ValueError("drawn_logweights go with drawn_ids, both [N, m]")
     head = topk_ids.long()
     width = head.shape[1]
     drawn = drawn_ids is not None and tail == "bucket" and drawn_ids.shape[1] > 0
+    if sketch_coeffs is not None and tail == "bucket":
+        if drawn and drawn_logweights is None:
+            raise ValueError("a teacher sketch goes with exact drawn log-probs (drawn_logweights), not counted draws")
+        approx = sketch_logits(sketch_coeffs, sketch_basis, student_logits.shape[1])
+        drawn_fields = (drawn_ids, drawn_logprobs, drawn_logweights) if drawn else None
+        return _sketched(
+            student_logits,
+            targets,
+            head,
+            topk_logprobs,
+            tail_logmass,
+            drawn_fields,
+            approx,
+            kind,
+            dict(mu=mu, beta=beta, alpha=alpha),
+            float(temperature),
+        )
     ids, valid = _pad_with_first(torch.cat([head, drawn_ids.long()], 1) if drawn else head)
     t = float(temperature)
     fused = targets is not None and t == 1.0
@@ -321,25 +361,79 @@ def sparse_kd_loss_with_ce(
     if targets is not None and not fused:
         log_y = token_logprob(student_logits, targets)
     log_q = log_q.masked_fill(~valid, float("-inf"))
+    drawn_fields = (drawn_logprobs, drawn_logweights) if drawn else None
+    logp, logq, refined = _bins(topk_logprobs, tail_logmass, log_q, log_rest, valid, width, tail, drawn_fields)
+    loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha, n_head_bins=width, refined=refined)
+    return loss, (None if targets is None else -log_y), stats
+
+
+def _bins(topk_logprobs, tail_logmass, log_q, log_rest, valid, width, tail, drawn):
+    """(teacher log-bins, student log-bins, refined bins or None) for bin_divergence from the gathered student
+    log-probs log_q [N, width + m] (head, then drawn ids) and its log remainder; drawn: None or the drawn tokens'
+    (log-probs, log weights or None), see the module docstring."""
     lq_head = log_q[:, :width]
     lp_head = topk_logprobs.float().masked_fill(~valid[:, :width], float("-inf"))
-    none = torch.full_like(tail_logmass.float()[:, None], float("-inf"))
-    refined = None
+    tail_logmass = tail_logmass.float()[:, None]
+    none = torch.full_like(tail_logmass, float("-inf"))
     if tail == "renormalize":
         norm = logsumexp(lp_head)[:, None]
         lp_head = torch.where(torch.isfinite(norm), lp_head - norm, torch.full_like(lp_head, float("-inf")))
-        logp, logq = torch.cat([lp_head, none], -1), torch.cat([lq_head, none], -1)
-    elif drawn:
-        lq_drawn = log_q[:, width:]
-        lp_drawn = drawn_logprobs.float().masked_fill(~valid[:, width:], float("-inf"))
-        logp = torch.cat([lp_head, tail_logmass.float()[:, None]], -1)
+        return torch.cat([lp_head, none], -1), torch.cat([lq_head, none], -1), None
+    if drawn is None:
+        return torch.cat([lp_head, tail_logmass], -1), torch.cat([lq_head, log_rest[:, None]], -1), None
+    lq_drawn = log_q[:, width:]
+    lp_drawn = drawn[0].float().masked_fill(~valid[:, width:], float("-inf"))
+    fine_q = torch.cat([lq_head, lq_drawn, log_rest[:, None]], -1)
+    if drawn[1] is None:  # counted: estimates that sum to P_R; the student-weighted terms keep the bucket
         logq = torch.cat([lq_head, logsumexp(torch.cat([log_rest[:, None], lq_drawn], -1))[:, None]], -1)
-        refined = (torch.cat([lp_head, lp_drawn, none], -1), torch.cat([lq_head, lq_drawn, log_rest[:, None]], -1))
-    else:
-        logp = torch.cat([lp_head, tail_logmass.float()[:, None]], -1)
-        logq = torch.cat([lq_head, log_rest[:, None]], -1)
-    loss, stats = bin_divergence(kind, logp, logq, mu=mu, beta=beta, alpha=alpha, n_head_bins=width, refined=refined)
-    return loss, (None if targets is None else -log_y), stats
+        fine_p = torch.cat([lp_head, lp_drawn, none], -1)
+        return torch.cat([lp_head, tail_logmass], -1), logq, (fine_p, fine_p, fine_q)
+    logp = torch.cat([lp_head, lp_drawn, undrawn_logmass(tail_logmass, lp_drawn)], -1)
+    weights = torch.cat([lp_head, drawn[1].float().masked_fill(~valid[:, width:], float("-inf")), none], -1)
+    return logp, fine_q, (weights, logp, fine_q)
+
+
+def undrawn_logmass(tail_logmass, lp_drawn):
+    """log(P_R − Σ_j p_j) [N, 1] from log P_R [N, 1] and exact drawn log-probs [N, m] (−inf pads), at least
+    log(REST_FLOOR·P_R); −inf where the tail is empty."""
+    share = (logsumexp(lp_drawn)[:, None] - tail_logmass).nan_to_num(nan=float("-inf"))
+    rest = tail_logmass + torch.log(-torch.expm1(share.clamp_max(math.log1p(-REST_FLOOR))))
+    return torch.where(torch.isneginf(tail_logmass), tail_logmass, rest)
+
+
+def sketch_logits(coeffs: torch.Tensor, basis: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The teacher's approximate logits [N, V] from its sketch: [1, c] @ basis."""
+    c = torch.cat([torch.ones_like(coeffs[:, :1]), coeffs], 1).float()
+    return c @ basis[:, :vocab_size].float().to(c.device)
+
+
+def _sketched(logits, targets, head, topk_logprobs, tail_logmass, drawn, approx, kind, params, t):
+    """The sparse loss with the teacher's sketch, over the full vocabulary: the teacher stand-in p̃ is exact at the
+    head and at exactly drawn tokens, and spreads the undrawn rest's mass by softmax(approx / t) over the rest
+    (module docstring). drawn: None or (ids, exact log-probs, log weights)."""
+    logq = torch.log_softmax(logits.float() / t, -1)
+    ids = torch.cat([head, drawn[0].long()], 1) if drawn else head
+    vals = torch.cat([topk_logprobs.float(), drawn[1].float()], 1) if drawn else topk_logprobs.float()
+    vals = vals.masked_fill(ids < 0, float("-inf"))
+    ids = ids.clamp_min(0)
+    known = torch.full_like(logq, float("-inf")).scatter_reduce(-1, ids, vals, "amax", include_self=False)
+    is_known = torch.isfinite(known)
+    lp_drawn = drawn[1].float().masked_fill(drawn[0] < 0, float("-inf")) if drawn else None
+    rest = (
+        tail_logmass.float()[:, None] if lp_drawn is None else undrawn_logmass(tail_logmass.float()[:, None], lp_drawn)
+    )
+    shape = torch.log_softmax((approx / t).masked_fill(is_known, float("-inf")), -1)
+    logp = torch.where(is_known, known, shape + rest)
+    refined = None
+    if drawn:
+        w = torch.cat([topk_logprobs.float(), drawn[2].float()], 1).masked_fill(
+            torch.cat([head, drawn[0].long()], 1) < 0, float("-inf")
+        )
+        weights = torch.full_like(logq, float("-inf")).scatter_reduce(-1, ids, w, "amax", include_self=False)
+        refined = (weights, logp, logq)
+    loss, stats = bin_divergence(kind, logp, logq, refined=refined, **params)
+    ce = None if targets is None else -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+    return loss, ce, stats
 
 
 def dense_kd_loss(
@@ -357,6 +451,9 @@ def dense_kd_loss(
     return (loss, stats) if return_stats else loss
 
 
+PER_POSITION_FIELDS = ("drawn_ids", "drawn_logprobs", "drawn_logweights", "sketch_coeffs")
+
+
 def sparse_kd_loss_from_hidden(
     hidden,
     lm_head_weight,
@@ -368,36 +465,29 @@ def sparse_kd_loss_from_hidden(
     chunk_size=1024,
     vocab_size=None,
     return_stats=False,
-    drawn_ids=None,
-    drawn_logprobs=None,
     **kw,
 ):
-    """sparse_kd_loss on logits = hidden @ W.T, computed chunk by chunk of positions.
+    """sparse_kd_loss on logits = hidden @ W.T, computed chunk by chunk of positions (the per-position fields among
+    kw, PER_POSITION_FIELDS, chunked alike; the others, such as sketch_basis, passed whole).
 
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory holds one
     chunk × V of logits, never N × V. Same values and gradients as the unchunked path.
     """
     v = vocab_size or lm_head_weight.shape[0]
+    names = [n for n in PER_POSITION_FIELDS if kw.get(n) is not None]
+    per_position = [kw.pop(n) for n in names]
 
-    def chunk_loss(h, w, ids, lp, tail, d_ids, d_lp):
-        logits = h @ w[:v].T
+    def chunk_loss(h, w, ids, lp, tail, *fields):
         loss, stats = sparse_kd_loss(
-            logits, ids, lp, tail, kind, return_stats=True, drawn_ids=d_ids, drawn_logprobs=d_lp, **kw
+            h @ w[:v].T, ids, lp, tail, kind, return_stats=True, **dict(zip(names, fields)), **kw
         )
         return (loss,) + (tuple(stats) if stats is not None else ())
 
     outs = []
     for a in range(0, hidden.shape[0], chunk_size):
         sl = slice(a, a + chunk_size)
-        args = (
-            hidden[sl],
-            lm_head_weight,
-            topk_ids[sl],
-            topk_logprobs[sl],
-            tail_logmass[sl],
-            None if drawn_ids is None else drawn_ids[sl],
-            None if drawn_logprobs is None else drawn_logprobs[sl],
-        )
+        args = (hidden[sl], lm_head_weight, topk_ids[sl], topk_logprobs[sl], tail_logmass[sl])
+        args += tuple(f[sl] for f in per_position)
         outs.append(
             checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args)
         )
@@ -477,6 +567,9 @@ def batch_losses(logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.
             tail=tail,
             drawn_ids=teacher_fields.get("drawn_ids"),
             drawn_logprobs=teacher_fields.get("drawn_logprobs"),
+            drawn_logweights=teacher_fields.get("drawn_logweights"),
+            sketch_coeffs=teacher_fields.get("sketch_coeffs"),
+            sketch_basis=teacher_fields.get("sketch_basis"),
         )
     out = {"ce": ce.sum(), "kd": kd.sum()}
     if stats is not None:

@@ -293,6 +293,12 @@ def check_vocab(model, tok, who: str) -> int:
     return v
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value, gathered when it is sharded (a DTensor under tensor parallelism)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class PositionLogits(torch.nn.Module):
     """Logits only where they are needed: the base model's hidden states at chosen (row, column) positions,
     through the lm_head, restricted to the real vocabulary. On first use it is checked against the model's own

@@ -34,12 +34,28 @@ class Teacher:
 
 
 class CachedTeacher(Teacher):
-    """Rows read from teacher caches along with the samples: one cache, or several mixed (sources.MixtureSource)."""
+    """Rows read from teacher caches along with the samples: one cache, or several mixed (sources.MixtureSource).
+    Caches with a teacher sketch add its basis (the same for every batch) beside their rows."""
 
     kind = "cache"
 
+    def __init__(self, source: Source):
+        super().__init__(source)
+        sketches = [c.manifest.get("sketch", {}).get("sha256") for c in source.caches()]
+        if len(set(sketches)) > 1:
+            raise OptionError(
+                "the mixed caches differ in their teacher sketch (--sketch-rank, or the directions fitted); mix "
+                "caches written with one sketch, or all without"
+            )
+        sketch = source.caches()[0].sketch()
+        self.basis = None if sketch is None else torch.from_numpy(sketch["basis"])
+
     def fields(self, batch: dict) -> dict:
-        return {k: batch[k] for k in TEACHER_KEYS if k in batch}
+        out = {k: batch[k] for k in TEACHER_KEYS if k in batch}
+        if self.basis is not None and "sketch_coeffs" in out:
+            self.basis = self.basis.to(out["sketch_coeffs"].device)
+            out["sketch_basis"] = self.basis
+        return out
 
 
 def cached(paths, shares=(), temperature=None) -> CachedTeacher:
@@ -203,3 +219,38 @@ def draw_tail(
         draws = torch.searchsorted(cdf, uniforms[j].to(cdf) * total, right=True).clamp_max_(cdf.shape[-1] - 1)
         out.append(torch.where(total > 0, draws, torch.full_like(draws, -1)))
     return torch.stack(out) if out else torch.zeros((0, len(logits), uniforms.shape[-1]), dtype=torch.long)
+
+
+def fit_sketch(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> dict:
+    """The teacher sketch's arrays (storage.sketch) from final hidden states [M, d] and the output layer (weight
+    [V, d], bias [V] or None): the mean and top `rank` principal directions of the hidden states, and the basis
+    [rank + 1, V] with [1, c] · basis = W (mean + componentsᵀ c) + b, all float32 numpy."""
+    h = hidden.double()
+    mean = h.mean(0)
+    _, _, vt = torch.linalg.svd(h - mean, full_matrices=False)
+    components = torch.zeros(rank, h.shape[1], dtype=torch.float64)
+    components[: min(rank, len(vt))] = vt[:rank]
+    w = weight.double()
+    rows = torch.cat([(w @ mean)[None], components @ w.T])
+    if bias is not None:
+        rows[0] += bias.double()
+    as_np = lambda x: x.float().cpu().numpy().ravel()
+    return {"mean": as_np(mean), "components": as_np(components), "basis": as_np(rows)}
+
+
+def sketch_coeffs(hidden: torch.Tensor, sketch: dict) -> torch.Tensor:
+    """Each position's sketch coefficients [P, r]: its hidden state's offset from the mean on the directions."""
+    mean = torch.as_tensor(sketch["mean"], device=hidden.device)
+    comps = torch.as_tensor(sketch["components"], device=hidden.device)
+    return (hidden.float() - mean) @ comps.T
+
+
+def drawn_logprobs(logits: torch.Tensor, draws: torch.Tensor, temperatures, rows: dict) -> torch.Tensor:
+    """The exact log-probs [T, P, n] of draws [T, P, n] (−1: none, −inf there) from float32 logits [P, V] and their
+    topk_rows: log p_j = (z_j − z_top1) / t + log p_top1, with no further pass over the vocabulary."""
+    out = []
+    top_logit = logits.gather(-1, rows["ids"][:, :1])
+    for j, t in enumerate(temperatures):
+        lp = (logits.gather(-1, draws[j].clamp_min(0)) - top_logit) / t + rows["logprobs"][j][:, :1]
+        out.append(lp.masked_fill(draws[j] < 0, float("-inf")))
+    return torch.stack(out) if out else torch.zeros(draws.shape)

@@ -100,6 +100,8 @@ def cache_plan(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
         min_k=cfg.min_k,
         ids=cfg.ids,
         draws=cfg.tail_draws,
+        sketch_rank=cfg.sketch_rank,
+        sketch_bits=cfg.sketch_bits,
         behavior_logprob=bool(cfg.data.behavior_field),
         package_version=__version__,
     )
@@ -118,6 +120,7 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
     )
     models.check_vocab(model, tok, "teacher")
     head = models.PositionLogits(model, vocab)
+    sketch = _sketch(cfg, writer, ds, head, tok, device, group) if cfg.sketch_rank else None
     copies = 6 if cfg.tail_draws else 3
     chunk = max(1, cfg.chunk_bytes // (vocab * 4 * copies))
     lengths = ds.data.column("length").to_numpy()
@@ -134,7 +137,7 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
             if p < 0:
                 break
             r = rows_of(p)
-            kept, counts = _part_rows(cfg, head, data.rows_of(ds, r.start, r.stop), tok, device, chunk, bar)
+            kept, counts = _part_rows(cfg, head, data.rows_of(ds, r.start, r.stop), tok, device, chunk, bar, sketch)
             n_samples, n_parts = n_samples + len(kept), n_parts + 1
             bar.set_postfix(samples=n_samples)
             if out_writer is not None:
@@ -146,14 +149,51 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
     return {"samples": n_samples, "tokens": total, "parts_written": n_parts}
 
 
-def _part_rows(cfg, head, part, tok, device, chunk, bar) -> tuple[list[dict], dict]:
+def _sketch(cfg, writer, ds, head, tok, device, group) -> dict | None:
+    """The cache's teacher sketch (storage.sketch): the stored one, or fitted on the hidden states of the dataset's
+    first --sketch-positions distilled positions and stored (the group writer's; its TP peers take part in the
+    forward passes and get None)."""
+    stored = writer.sketch() if group.writer else None
+    if parallel.broadcast_in_group([stored is not None], group)[0]:
+        return stored
+    rows, positions = [], 0
+    for s in data.rows_of(ds, 0, len(ds)):
+        rows.append(s)
+        positions += int(s["loss_mask"].sum())
+        if positions >= cfg.sketch_positions:
+            break
+    hidden = [
+        _hidden(head, rows[a : a + cfg.batch_size], tok.pad_token_id, device)
+        for a in range(0, len(rows), cfg.batch_size)
+    ]
+    if not head.fast:
+        raise InputError(
+            "--sketch-rank needs a teacher whose logits are its output layer on the final hidden state, and this "
+            "one processes its logits further (soft-capping or scaling); use --sketch-rank 0"
+        )
+    if not group.writer:
+        return None
+    out = head.model.get_output_embeddings()
+    weight = models.full_tensor(out.weight)[: head.vocab_size]
+    bias = None if getattr(out, "bias", None) is None else models.full_tensor(out.bias)[: head.vocab_size]
+    return writer.store_sketch(teachers.fit_sketch(torch.cat(hidden), weight, bias, cfg.sketch_rank))
+
+
+@torch.inference_mode()
+def _hidden(head, samples, pad_id, device) -> torch.Tensor:
+    c = batches.collate(samples, pad_id)
+    return head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "row_index", "col_index")))
+
+
+def _part_rows(cfg, head, part, tok, device, chunk, bar, sketch=None) -> tuple[list[dict], dict]:
     """A part's samples with their teacher rows, and its extra counts; samples with non-finite logits are skipped
     (or abort the run with --strict)."""
     results = [None] * len(part)
     lengths = np.array([len(s["input_ids"]) for s in part])
     longest_first = np.argsort(-lengths, kind="stable")  # each batch pads little
     for batch in batches.micro_batches(longest_first, lengths, cfg.batch_size, cfg.batch_tokens):
-        for i, res in zip(batch, teacher_fields(cfg, head, [part[i] for i in batch], tok.pad_token_id, device, chunk)):
+        fields = teacher_fields(cfg, head, [part[i] for i in batch], tok.pad_token_id, device, chunk, sketch)
+        for i, res in zip(batch, fields):
             results[i] = res
         bar.update(sum(len(part[i]["input_ids"]) for i in batch))
     for s, res in zip(part, results):
@@ -177,9 +217,10 @@ def draw_uniforms(seed: int, batch: list[dict], n_temps: int, n: int) -> np.ndar
 
 
 @torch.inference_mode()
-def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: int, device, chunk: int) -> list:
-    """Each sample's cached fields (top-k ids and log-probs, tail mass, target log-prob, row widths, tail draws), or
-    None for a sample with non-finite teacher logits. The lm_head runs over `chunk` positions at a time."""
+def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: int, device, chunk: int, sketch=None):
+    """Each sample's cached fields (top-k ids and log-probs, tail mass, target log-prob, row widths, tail draws and
+    their log-probs, sketch coefficients), or None for a sample with non-finite teacher logits. The lm_head runs over
+    `chunk` positions at a time."""
     c = batches.collate(samples, pad_id)
     hidden = head.hidden_rows(*(c[k].to(device) for k in ("input_ids", "attention_mask", "row_index", "col_index")))
     uniforms = (
@@ -194,6 +235,7 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
             c["targets"][a : a + chunk],
             uniforms[:, a : a + chunk] if uniforms is not None else None,
         )
+        | ({"sketch": teachers.sketch_coeffs(hidden[a : a + chunk], sketch).cpu().numpy()} if sketch else {})
         for a in range(0, len(hidden), chunk)
     ]
     fields = {
@@ -201,6 +243,7 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
         if pieces
         else _no_positions(cfg)[key]
         for key in _no_positions(cfg)
+        if key != "sketch" or sketch is not None
     }
     out, start = [], 0
     for s in samples:
@@ -213,13 +256,13 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
             {
                 key: v[:, at] if key in POSITION_AXIS else v[at]
                 for key, v in fields.items()
-                if key != "finite" and (key != "draws" or cfg.tail_draws)
+                if key != "finite" and (key not in ("draws", "draw_logprobs") or cfg.tail_draws)
             }
         )
     return out
 
 
-POSITION_AXIS = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "draws": 1}  # the others: axis 0
+POSITION_AXIS = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "draws": 1, "draw_logprobs": 1}
 
 
 def _position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor, uniforms) -> dict:
@@ -236,19 +279,13 @@ def _position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: tor
         "widths": widths,
         "finite": r["finite"].cpu().numpy(),
         "draws": _no_positions(cfg)["draws"],
+        "draw_logprobs": _no_positions(cfg)["draw_logprobs"],
     }
     if cfg.tail_draws:
-        out["draws"] = (
-            teachers.draw_tail(
-                logits,
-                r["ids"],
-                torch.from_numpy(widths).to(logits.device),
-                cfg.temperatures,
-                uniforms.to(logits.device),
-            )
-            .cpu()
-            .numpy()
-        )
+        widths_t = torch.from_numpy(widths).to(logits.device)
+        draws = teachers.draw_tail(logits, r["ids"], widths_t, cfg.temperatures, uniforms.to(logits.device))
+        out["draw_logprobs"] = teachers.drawn_logprobs(logits, draws, cfg.temperatures, r).cpu().numpy()
+        out["draws"] = draws.cpu().numpy()
     return out
 
 
@@ -261,5 +298,7 @@ def _no_positions(cfg: CacheTeacherConfig) -> dict:
         "target_logprob": np.zeros((nt, 0), np.float32),
         "widths": np.zeros(0, np.int64),
         "draws": np.zeros((nt, 0, cfg.tail_draws), np.int64),
+        "draw_logprobs": np.zeros((nt, 0, cfg.tail_draws), np.float32),
+        "sketch": np.zeros((0, cfg.sketch_rank), np.float32),
         "finite": np.zeros(0, bool),
     }

@@ -8,8 +8,12 @@ Rows are ragged: row r of a part owns entries [offsets[r], offsets[r+1]) of ever
   log-probs   float16 / float32, or power-quantized: u = (p_i / p_top1)^(1/γ) on a uniform grid of 2^bits − 1
               steps; decoding rescales each row to the exact head mass 1 − P_R, so the (k+1) bins sum to 1
               and stay sorted
-  draws       N tokens drawn from the teacher's tail (Random-Sampling KD) as unique ids with counts; decoded
-              as the unbiased estimate P_R · count / N of each drawn token's probability
+  draws       N tokens drawn from the teacher's tail (Random-Sampling KD) as unique ids, each with its count
+              (decoded as the unbiased estimate P_R · count / N of its probability) or its exact log-prob (float, or
+              power-quantized relative to the tail mass: u = (p_j / P_R)^(1/γ)), with the Horvitz–Thompson weight
+              p_j / π_j, π_j = 1 − (1 − p_j / P_R)^N, of the teacher-linear terms
+  sketch      per position the teacher's final hidden state projected on r principal directions, symmetric
+              absmax-quantized per row (codes of b bits around 2^(b−1) − 1, one float16 scale)
 """
 
 from __future__ import annotations
@@ -195,20 +199,25 @@ def bins_kl(exact_lp, exact_tail, lp, tail, offsets) -> np.ndarray:
 # ---------------------------------------------------------------- drawn tail tokens
 
 
-def count_draws(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def count_draws(draws: np.ndarray, values: np.ndarray | None = None):
     """Draws [P, N] (−1 where the row has no tail to draw from) → (widths [P], unique ids, counts), ids ascending
-    within each row."""
-    s = np.sort(np.asarray(draws, np.int64), axis=1)
+    within each row; with values [P, N] (one per draw, equal for equal ids) also each unique id's value."""
+    order = np.argsort(np.asarray(draws, np.int64), axis=1, kind="stable")
+    s = np.take_along_axis(np.asarray(draws, np.int64), order, 1)
     if s.size == 0:
-        return np.zeros(len(s), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        empty = (np.zeros(len(s), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return empty if values is None else empty + (np.zeros(0, np.float32),)
     new = np.ones_like(s, bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]
     starts = np.flatnonzero(new.ravel())
     counts = np.diff(np.append(starts, s.size))
     ids = s.ravel()[starts]
     keep = ids >= 0
-    widths = (new & (s >= 0)).sum(1)
-    return widths.astype(np.int64), ids[keep], counts[keep]
+    widths = (new & (s >= 0)).sum(1).astype(np.int64)
+    if values is None:
+        return widths, ids[keep], counts[keep]
+    vals = np.take_along_axis(np.asarray(values, np.float32), order, 1).ravel()[starts]
+    return widths, ids[keep], counts[keep], vals[keep]
 
 
 def drawn_logprobs(counts: np.ndarray, offsets: np.ndarray, tail: np.ndarray, n_draws: int) -> np.ndarray:
@@ -216,6 +225,62 @@ def drawn_logprobs(counts: np.ndarray, offsets: np.ndarray, tail: np.ndarray, n_
     rows = _row_index(offsets)
     with np.errstate(divide="ignore"):
         return (tail.astype(np.float64)[rows] + np.log(counts / n_draws)).astype(np.float32)
+
+
+def encode_drawn_logprobs(flat: np.ndarray, offsets: np.ndarray, tail: np.ndarray, codec: dict) -> np.ndarray:
+    """Exact drawn log-probs (flat, rows by offsets) under the log-prob codec; power codes are relative to the row's
+    tail mass and at least 1 (a drawn token has mass)."""
+    if codec["codec"] in ("float16", "float32"):
+        return np.asarray(flat).astype(codec["codec"])
+    levels = (1 << codec["bits"]) - 1
+    ratio = np.minimum(flat.astype(np.float64) - tail.astype(np.float64)[_row_index(offsets)], 0.0)
+    codes = np.clip(np.rint(np.exp(ratio / codec["gamma"]) * levels), 1, levels).astype(np.uint32)
+    return codes.astype(np.uint8) if codec["bits"] == 8 else pack_bits(codes, codec["bits"])
+
+
+def decode_drawn_logprobs(data: np.ndarray, offsets: np.ndarray, tail: np.ndarray, codec: dict) -> np.ndarray:
+    n = int(offsets[-1])
+    if codec["codec"] in ("float16", "float32"):
+        if np.asarray(data).size != n:
+            raise ValueError(f"{np.asarray(data).size} drawn log-probs stored where the row widths say {n}")
+        return np.asarray(data).astype(np.float32)
+    codes = np.asarray(data if codec["bits"] == 8 else unpack_bits(data, codec["bits"], n))[:n]
+    if codes.size != n:
+        raise ValueError(f"{codes.size} drawn log-prob codes stored where the row widths say {n}")
+    levels = (1 << codec["bits"]) - 1
+    x = codec["gamma"] * np.log(np.maximum(codes, 0.5) / levels)
+    return (tail.astype(np.float64)[_row_index(offsets)] + x).astype(np.float32)
+
+
+def inclusion_logweights(flat: np.ndarray, offsets: np.ndarray, tail: np.ndarray, n_draws: int) -> np.ndarray:
+    """log(p_j / π_j), π_j = 1 − (1 − p_j / P_R)^N: the chance that N draws from the tail include j at all."""
+    ratio = np.minimum(np.exp(flat.astype(np.float64) - tail.astype(np.float64)[_row_index(offsets)]), 1.0)
+    with np.errstate(divide="ignore"):
+        log_pi = log1mexp(n_draws * np.log1p(-np.minimum(ratio, 1 - 1e-16)))
+    return (flat.astype(np.float64) - log_pi).astype(np.float32)
+
+
+# ---------------------------------------------------------------- teacher sketch
+
+
+def encode_sketch(coeffs: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients [P, r] → (codes, flat: uint8 at 8 bits, else bit-packed; scales [P] float16)."""
+    zero = (1 << (bits - 1)) - 1
+    c = np.asarray(coeffs, np.float32)
+    scale = (np.abs(c).max(1) if c.size else np.zeros(len(c), np.float32)) / zero
+    scale = scale.astype(np.float16)
+    safe = np.where(scale > 0, scale.astype(np.float32), 1.0)[:, None]
+    codes = (np.clip(np.rint(c / safe), -zero, zero) + zero).astype(np.uint32).ravel()
+    return (codes.astype(np.uint8) if bits == 8 else pack_bits(codes, bits)), scale
+
+
+def decode_sketch(codes: np.ndarray, scale: np.ndarray, rank: int, bits: int) -> np.ndarray:
+    n = len(scale) * rank
+    raw = np.asarray(codes if bits == 8 else unpack_bits(codes, bits, n))[:n]
+    if raw.size != n:
+        raise ValueError(f"{raw.size} sketch codes stored where {len(scale)} rows of rank {rank} need {n}")
+    zero = (1 << (bits - 1)) - 1
+    return (raw.astype(np.float32).reshape(len(scale), rank) - zero) * scale.astype(np.float32)[:, None]
 
 
 # ---------------------------------------------------------------- ragged → padded

@@ -20,6 +20,7 @@ READABLE_VERSIONS = (1, 2)
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
 PARTS = "parts"
+SKETCH = "sketch"
 LOCKS = ".locks"
 MAX_JSON_BYTES = 1 << 30
 MAX_VOCAB = 1 << 31
@@ -120,6 +121,8 @@ def check(m: dict, encoding: dict) -> None:
             bad(f"{f} {m.get(f)!r} is not a non-negative integer")
     if m["part_size"] < 1 or m["num_parts"] != max(1, -(-m["num_rows"] // m["part_size"])):
         bad(f"num_parts {m['num_parts']} does not cover num_rows {m['num_rows']} in parts of {m['part_size']}")
+    if encoding.get("sketch") and not isinstance((m.get("sketch") or {}).get("sha256"), str):
+        bad("the encoding declares a teacher sketch but no sketch.sha256 seals it")
     parts = m.get("parts")
     if not isinstance(parts, dict) or len(parts) != m["num_parts"]:
         bad(f"lists {len(parts) if isinstance(parts, dict) else 0} parts, num_parts says {m['num_parts']}")

@@ -2,7 +2,8 @@
 for reading. Samples are ragged (token_offsets, position_offsets) and so are teacher rows (topk_width).
 
 A decoded part holds flat arrays plus offsets: topk_offsets/topk_ids, and per temperature index t
-topk_logprobs_{t} (float32), tail_logmass_{t}, target_logprob_{t}, drawn_offsets_{t}/drawn_ids_{t}/drawn_logprobs_{t}.
+topk_logprobs_{t} (float32), tail_logmass_{t}, target_logprob_{t}, drawn_offsets_{t}/drawn_ids_{t}/drawn_logprobs_{t}
+(and drawn_logweights_{t} for exact draws), and sketch_coeffs [P, r] with a teacher sketch.
 `sample` turns one sample into padded [rows, width] arrays (ids −1 and log-probs −inf where a row is shorter).
 """
 
@@ -23,10 +24,20 @@ ID_CODECS = ("plain", "bitpack")
 
 MAX_TOP_K = 1 << 20
 MAX_DRAWS = 65535
+MAX_SKETCH_RANK = 1024
 
 
 def check_encoding_options(
-    *, k, top_p=None, min_k=1, ids="plain", logprobs="float16", draws=0, vocab_size=MAX_TOP_K
+    *,
+    k,
+    top_p=None,
+    min_k=1,
+    ids="plain",
+    logprobs="float16",
+    draws=0,
+    vocab_size=MAX_TOP_K,
+    sketch_rank=0,
+    sketch_bits=4,
 ) -> None:
     """The range checks of every encoding option (the command line's and make_encoding's), in one place."""
     if logprobs not in LOGPROB_CODECS:
@@ -41,6 +52,10 @@ def check_encoding_options(
         raise CacheError(f"--min-k {min_k} must lie between 0 and --top-k {k}")
     if draws < 0 or draws > MAX_DRAWS:
         raise CacheError(f"--tail-draws {draws} must lie between 0 and {MAX_DRAWS}")
+    if not 0 <= sketch_rank <= MAX_SKETCH_RANK:
+        raise CacheError(f"--sketch-rank {sketch_rank} must lie between 0 and {MAX_SKETCH_RANK}")
+    if not 2 <= sketch_bits <= 8:
+        raise CacheError(f"--sketch-bits {sketch_bits} must lie between 2 and 8")
     if top_p is not None and top_p == 0 and min_k == 0 and not draws:
         raise CacheError(
             "--top-p 0 --min-k 0 keeps no teacher token and there are no --tail-draws: such a cache "
@@ -59,9 +74,27 @@ def make_encoding(
     draws=0,
     target_logprob=True,
     behavior_logprob=False,
+    exact_draws=True,
+    sketch_rank=0,
+    sketch_bits=4,
 ) -> dict:
+    """The encoding block of a plan. Draws are exact (each drawn token's log-prob) unless exact_draws is False (the
+    counts of earlier caches)."""
     check_encoding_options(
-        k=k, top_p=top_p, min_k=min_k, ids=ids, logprobs=logprobs, draws=draws, vocab_size=vocab_size
+        k=k,
+        top_p=top_p,
+        min_k=min_k,
+        ids=ids,
+        logprobs=logprobs,
+        draws=draws,
+        vocab_size=vocab_size,
+        sketch_rank=sketch_rank,
+        sketch_bits=sketch_bits,
+    )
+    draw = (
+        {"n": int(draws), "values": "logprobs"}
+        if exact_draws
+        else {"n": int(draws), "counts_dtype": str(codecs.uint_dtype(draws))}
     )
     id_codec = (
         {"codec": "bitpack", "bits": codecs.id_bits(vocab_size)}
@@ -74,10 +107,15 @@ def make_encoding(
         "min_k": int(min_k),
         "ids": id_codec,
         "logprobs": dict(LOGPROB_CODECS[logprobs], name=logprobs),
-        "draws": {"n": int(draws), "counts_dtype": str(codecs.uint_dtype(draws))} if draws else None,
+        "draws": draw if draws else None,
         "target_logprob": bool(target_logprob),
         "behavior_logprob": bool(behavior_logprob),
+        "sketch": {"rank": int(sketch_rank), "bits": int(sketch_bits)} if sketch_rank else None,
     }
+
+
+def exact_draws(encoding: dict) -> bool:
+    return bool(encoding.get("draws")) and encoding["draws"].get("values") == "logprobs"
 
 
 def encoding_problem(encoding, vocab_size: int) -> str | None:
@@ -107,9 +145,16 @@ def encoding_problem(encoding, vocab_size: int) -> str | None:
         if draws is not None and (
             not isinstance(draws.get("n"), int)
             or not 1 <= draws["n"] <= MAX_DRAWS
-            or draws.get("counts_dtype") not in ("uint8", "uint16")
+            or (draws.get("counts_dtype") not in ("uint8", "uint16") and draws.get("values") != "logprobs")
         ):
-            return f"draws {draws!r} is not 1 to {MAX_DRAWS} draws"
+            return f"draws {draws!r} is not 1 to {MAX_DRAWS} draws with counts or log-probs"
+        sketch = encoding.get("sketch")
+        if sketch is not None and (
+            not isinstance(sketch.get("rank"), int)
+            or not 1 <= sketch["rank"] <= MAX_SKETCH_RANK
+            or sketch.get("bits") not in range(2, 9)
+        ):
+            return f"sketch {sketch!r} is not a rank of 1 to {MAX_SKETCH_RANK} with 2 to 8 bits"
     except (TypeError, KeyError, AttributeError) as e:
         return f"malformed ({type(e).__name__}: {e})"
     return None
@@ -136,6 +181,10 @@ def stored_shapes(counts: dict, encoding: dict, n_temps: int) -> dict:
         "topk_ids": coded(h, encoding["ids"]),
         "behavior_logprob": (p,),
     }
+    if encoding.get("sketch"):
+        r, b = encoding["sketch"]["rank"], encoding["sketch"]["bits"]
+        out["sketch_codes"] = (p * r,) if b == 8 else (-(-p * r * b // 8),)
+        out["sketch_scale"] = (p,)
     for t in range(n_temps):
         d = counts.get(f"drawn_entries_{t}")
         out.update(
@@ -146,6 +195,7 @@ def stored_shapes(counts: dict, encoding: dict, n_temps: int) -> dict:
                 f"drawn_width_{t}": (p,),
                 f"drawn_ids_{t}": coded(d, encoding["ids"]),
                 f"drawn_counts_{t}": None if d is None else (d,),
+                f"drawn_logprobs_{t}": coded(d, encoding["logprobs"]),
             }
         )
     return out
@@ -156,7 +206,8 @@ def decoded_bytes(counts: dict, encoding: dict, n_temps: int) -> int:
     p = counts["distilled_positions"]
     h = counts.get("topk_entries", p * encoding["top_k"])
     d = sum(counts.get(f"drawn_entries_{t}", p * (encoding["draws"] or {}).get("n", 0)) for t in range(n_temps))
-    return 16 * (counts["samples"] + counts["tokens"]) + 16 * p * (1 + 2 * n_temps) + 12 * (h + d) * (1 + n_temps)
+    r = (encoding.get("sketch") or {}).get("rank", 0)
+    return 16 * (counts["samples"] + counts["tokens"]) + 16 * p * (1 + 2 * n_temps + r) + 16 * (h + d) * (1 + n_temps)
 
 
 def width_dtype(encoding) -> np.dtype:
@@ -167,12 +218,18 @@ def array_names(encoding: dict, n_temps: int) -> list[str]:
     names = ["sample_index", "token_offsets", "input_ids", "loss_mask", "position_offsets", "topk_width", "topk_ids"]
     if encoding.get("behavior_logprob"):
         names.append("behavior_logprob")
+    if encoding.get("sketch"):
+        names += ["sketch_codes", "sketch_scale"]
     for t in range(n_temps):
         names += [f"topk_logprobs_{t}", f"tail_logmass_{t}"] + (
             [f"target_logprob_{t}"] if encoding["target_logprob"] else []
         )
         if encoding["draws"]:
-            names += [f"drawn_width_{t}", f"drawn_ids_{t}", f"drawn_counts_{t}"]
+            names += [
+                f"drawn_width_{t}",
+                f"drawn_ids_{t}",
+                f"drawn_logprobs_{t}" if exact_draws(encoding) else f"drawn_counts_{t}",
+            ]
     return names
 
 
@@ -189,7 +246,8 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
     A sample holds sample_index, input_ids, loss_mask, topk_ids [P, K ≥ k] (teacher-sorted; entries past each row's
     width join its tail), topk_logprobs [T, P, K] and tail_logmass [T, P] in float32, target_logprob [T, P], and
     optionally widths [P] (the encoding's top_p_widths at temperature index 0 decide; rows never grow past given
-    widths) and draws [T, P, N] (tail tokens drawn beyond each row's kept prefix; −1 for none)."""
+    widths), draws [T, P, N] (tail tokens drawn beyond each row's kept prefix; −1 for none) with, for exact draws,
+    draw_logprobs [T, P, N] (each draw's exact log-prob), and sketch [P, r] (the teacher sketch's coefficients)."""
     k = encoding["top_k"]
     for s in samples:
         if int(np.asarray(s["loss_mask"]).sum()) != len(s["topk_ids"]):
@@ -221,10 +279,17 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
     }
     if encoding.get("behavior_logprob"):
         arrays["behavior_logprob"] = _cat(samples, "behavior_logprob", (0,)).astype(np.float32)
+    if encoding.get("sketch"):
+        arrays.update(_encode_sketch(samples, encoding["sketch"]))
     stats = {"topk_entries": int(offsets[-1]), "max_token_id": int(ids[keep].max()) if offsets[-1] else -1}
     targets = _cat(samples, "target_logprob", (n_temps, 0), axis=1) if encoding["target_logprob"] else None
     n = encoding["draws"]["n"] if encoding["draws"] else 0
     draws = _cat(samples, "draws", (n_temps, 0, n), np.int64, axis=1).reshape(n_temps, -1, n) if n else None
+    values = (
+        _cat(samples, "draw_logprobs", (n_temps, 0, n), axis=1).reshape(n_temps, -1, n)
+        if exact_draws(encoding)
+        else None
+    )
     for t in range(n_temps):  # per temperature, in the order of FORMAT.md's table
         flat, tail = codecs.truncate(lps[t], tails[t], widths)
         _encode_temperature(arrays, stats, t, flat, tail, offsets, encoding)
@@ -233,8 +298,14 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
                 target_dtype(encoding)
             )
         if draws is not None:
-            _encode_draws(arrays, stats, t, draws[t], encoding)
+            _encode_draws(arrays, stats, t, draws[t], encoding, None if values is None else values[t], tail)
     return arrays, stats
+
+
+def _encode_sketch(samples: list[dict], sketch: dict) -> dict:
+    coeffs = _cat(samples, "sketch", (0, sketch["rank"])).reshape(-1, sketch["rank"])
+    codes, scale = codecs.encode_sketch(coeffs, sketch["bits"])
+    return {"sketch_codes": codes, "sketch_scale": scale}
 
 
 def _cat(samples: list[dict], key: str, empty_shape=(), dtype=np.float32, axis=0) -> np.ndarray:
@@ -252,12 +323,18 @@ def _encode_temperature(arrays: dict, stats: dict, t: int, flat, tail, offsets, 
     stats[f"decode_kl_max_{t}"] = float(kl.max()) if kl.size else 0.0
 
 
-def _encode_draws(arrays: dict, stats: dict, t: int, draws, encoding: dict) -> None:
-    """One temperature's tail draws [P, N] as distinct ids with counts per row."""
-    d_widths, d_ids, d_counts = codecs.count_draws(draws)
+def _encode_draws(arrays: dict, stats: dict, t: int, draws, encoding: dict, values, tail) -> None:
+    """One temperature's tail draws [P, N] as distinct ids per row, with their counts or (values given: the draws'
+    exact log-probs [P, N]) their log-probs."""
+    if values is None:
+        d_widths, d_ids, d_counts = codecs.count_draws(draws)
+        arrays[f"drawn_counts_{t}"] = d_counts.astype(encoding["draws"]["counts_dtype"])
+    else:
+        d_widths, d_ids, _, d_lps = codecs.count_draws(draws, np.minimum(values, 0))
+        d_off = codecs.offsets_of(d_widths)
+        arrays[f"drawn_logprobs_{t}"] = codecs.encode_drawn_logprobs(d_lps, d_off, tail, encoding["logprobs"])
     arrays[f"drawn_width_{t}"] = d_widths.astype(codecs.uint_dtype(encoding["draws"]["n"]))
     arrays[f"drawn_ids_{t}"] = codecs.encode_ids(d_ids, encoding["ids"])
-    arrays[f"drawn_counts_{t}"] = d_counts.astype(encoding["draws"]["counts_dtype"])
     stats[f"drawn_entries_{t}"] = int(d_widths.sum())
     if d_ids.size:
         stats["max_token_id"] = max(stats["max_token_id"], int(d_ids.max()))
@@ -277,6 +354,11 @@ def decode(arrays: dict, encoding: dict, temperatures: list[int]) -> dict:
     out["topk_ids"] = codecs.decode_ids(arrays["topk_ids"], encoding["ids"], int(offsets[-1]))
     if "behavior_logprob" in arrays:
         out["behavior_logprob"] = arrays["behavior_logprob"].astype(np.float32)
+    if encoding.get("sketch"):
+        sk = encoding["sketch"]
+        out["sketch_coeffs"] = codecs.decode_sketch(
+            arrays["sketch_codes"], arrays["sketch_scale"], sk["rank"], sk["bits"]
+        )
     for t in temperatures:
         tail = arrays[f"tail_logmass_{t}"].astype(np.float32)
         out[f"tail_logmass_{t}"] = tail
@@ -286,13 +368,24 @@ def decode(arrays: dict, encoding: dict, temperatures: list[int]) -> dict:
         if f"target_logprob_{t}" in arrays:
             out[f"target_logprob_{t}"] = arrays[f"target_logprob_{t}"].astype(np.float32)
         if encoding["draws"]:
-            d_off = codecs.offsets_of(arrays[f"drawn_width_{t}"].astype(np.int64))
-            out[f"drawn_offsets_{t}"] = d_off
-            out[f"drawn_ids_{t}"] = codecs.decode_ids(arrays[f"drawn_ids_{t}"], encoding["ids"], int(d_off[-1]))
-            out[f"drawn_counts_{t}"] = arrays[f"drawn_counts_{t}"].astype(np.int64)
-            out[f"drawn_logprobs_{t}"] = codecs.drawn_logprobs(
-                out[f"drawn_counts_{t}"], d_off, tail, encoding["draws"]["n"]
-            )
+            out.update(_decode_draws(arrays, encoding, t, tail))
+    return out
+
+
+def _decode_draws(arrays: dict, encoding: dict, t: int, tail) -> dict:
+    n = encoding["draws"]["n"]
+    d_off = codecs.offsets_of(arrays[f"drawn_width_{t}"].astype(np.int64))
+    out = {
+        f"drawn_offsets_{t}": d_off,
+        f"drawn_ids_{t}": codecs.decode_ids(arrays[f"drawn_ids_{t}"], encoding["ids"], int(d_off[-1])),
+    }
+    if exact_draws(encoding):
+        lps = codecs.decode_drawn_logprobs(arrays[f"drawn_logprobs_{t}"], d_off, tail, encoding["logprobs"])
+        out[f"drawn_logprobs_{t}"] = lps
+        out[f"drawn_logweights_{t}"] = codecs.inclusion_logweights(lps, d_off, tail, n)
+    else:
+        out[f"drawn_counts_{t}"] = arrays[f"drawn_counts_{t}"].astype(np.int64)
+        out[f"drawn_logprobs_{t}"] = codecs.drawn_logprobs(out[f"drawn_counts_{t}"], d_off, tail, n)
     return out
 
 
@@ -320,21 +413,30 @@ def samples_for_encoding(part: dict, temperatures: list[int], k: int, n_draws: i
             s["target_logprob"] = np.stack([v["target_logprob"] for v in views])
         if "behavior_logprob" in first:
             s["behavior_logprob"] = first["behavior_logprob"]
+        if "sketch_coeffs" in first:
+            s["sketch"] = first["sketch_coeffs"]
         if n_draws:
             p0, p1 = part["position_offsets"][i : i + 2]
-            s["draws"] = np.stack([_expand_draws(part, t, p0, p1, n_draws) for t in temperatures])
+            expanded = [_expand_draws(part, t, p0, p1, n_draws) for t in temperatures]
+            s["draws"] = np.stack([e[0] for e in expanded])
+            if f"drawn_counts_{temperatures[0]}" not in part:
+                s["draw_logprobs"] = np.stack([e[1] for e in expanded])
         out.append(s)
     return out
 
 
-def _expand_draws(part, t, p0, p1, n_draws) -> np.ndarray:
-    off = part[f"drawn_offsets_{t}"]
+def _expand_draws(part, t, p0, p1, n_draws) -> tuple[np.ndarray, np.ndarray]:
+    """Rows p0..p1's draws [P, N] again: counted ids repeated by their counts, exact ones once each (−1 after), and
+    beside them each draw's log-prob."""
+    off, counted = part[f"drawn_offsets_{t}"], f"drawn_counts_{t}" in part
     draws = np.full((p1 - p0, n_draws), -1, np.int64)
+    values = np.full((p1 - p0, n_draws), -np.inf, np.float32)
     for r in range(p0, p1):
         a, b = off[r], off[r + 1]
-        if b > a:
-            draws[r - p0] = np.repeat(part[f"drawn_ids_{t}"][a:b], part[f"drawn_counts_{t}"][a:b])
-    return draws
+        times = part[f"drawn_counts_{t}"][a:b] if counted else np.ones(b - a, np.int64)
+        draws[r - p0, : times.sum()] = np.repeat(part[f"drawn_ids_{t}"][a:b], times)
+        values[r - p0, : times.sum()] = np.repeat(part[f"drawn_logprobs_{t}"][a:b], times)
+    return draws, values
 
 
 def n_samples(part) -> int:
@@ -360,10 +462,15 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
         out["target_logprob"] = part[f"target_logprob_{t}"][p0:p1]
     if "behavior_logprob" in part:
         out["behavior_logprob"] = part["behavior_logprob"][p0:p1]
+    if "sketch_coeffs" in part:
+        out["sketch_coeffs"] = part["sketch_coeffs"][p0:p1]
     if f"drawn_ids_{t}" in part:
-        out["drawn_ids"], out["drawn_logprobs"] = codecs.padded_rows(
-            [(part[f"drawn_ids_{t}"], -1), (part[f"drawn_logprobs_{t}"], -np.inf)], part[f"drawn_offsets_{t}"], p0, p1
+        names = ["drawn_ids", "drawn_logprobs"] + (["drawn_logweights"] if f"drawn_logweights_{t}" in part else [])
+        pads = {"drawn_ids": -1}
+        rows = codecs.padded_rows(
+            [(part[f"{k}_{t}"], pads.get(k, -np.inf)) for k in names], part[f"drawn_offsets_{t}"], p0, p1
         )
+        out.update(zip(names, rows))
     return out
 
 
@@ -444,11 +551,16 @@ def _temperature_problems(part: dict, encoding: dict, t: int, rows, ids, n_pos: 
 
 def _draw_problems(part: dict, encoding: dict, t: int, head_keys, n_pos: int, vocab_size: int) -> list[str]:
     out = []
-    d_off, d_ids, d_counts = part[f"drawn_offsets_{t}"], part[f"drawn_ids_{t}"], part[f"drawn_counts_{t}"]
+    d_off, d_ids = part[f"drawn_offsets_{t}"], part[f"drawn_ids_{t}"]
     d_rows = np.repeat(np.arange(n_pos), np.diff(d_off))
-    sums = np.bincount(d_rows, d_counts, minlength=n_pos)
-    if ((sums != 0) & (sums != encoding["draws"]["n"])).any():
-        out.append(f"temperature {t}: drawn counts do not sum to {encoding['draws']['n']} per row")
+    if exact_draws(encoding):
+        lps, tail = part[f"drawn_logprobs_{t}"], part[f"tail_logmass_{t}"][d_rows]
+        if lps.shape != d_ids.shape or np.isnan(lps).any() or (lps > tail + 1e-3).any():
+            out.append(f"temperature {t}: drawn log-probabilities are NaN, above their tail mass or misshapen")
+    else:
+        sums = np.bincount(d_rows, part[f"drawn_counts_{t}"], minlength=n_pos)
+        if ((sums != 0) & (sums != encoding["draws"]["n"])).any():
+            out.append(f"temperature {t}: drawn counts do not sum to {encoding['draws']['n']} per row")
     if d_ids.size and (d_ids.min() < 0 or d_ids.max() >= vocab_size):
         out.append(f"temperature {t}: drawn token id outside the vocabulary")
     keys = np.concatenate([head_keys, d_rows.astype(np.int64) * vocab_size + d_ids])

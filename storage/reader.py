@@ -13,6 +13,7 @@ import numpy as np
 from . import backends, part_folder, v1
 from . import manifest as manifest_io
 from . import part as part_io
+from . import sketch as sketch_io
 from .errors import CacheError, CorruptCache, IncompleteCache
 
 # a part may claim to decode to at most this many bytes per byte stored (zstd on real rows gives 2–20), plus a slack
@@ -57,6 +58,7 @@ class Cache:
         self.part_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
         self._lru: OrderedDict[int, dict] = OrderedDict()
         self._max_parts = max_parts_in_memory
+        self._sketch = None
 
     # -- description
     @property
@@ -150,6 +152,23 @@ class Cache:
     @property
     def has_target_logprob(self) -> bool:
         return bool(self.encoding.get("target_logprob"))
+
+    def sketch(self) -> dict | None:
+        """The teacher sketch (storage.sketch.read: mean, components, basis), or None when the cache has none."""
+        if not self.encoding.get("sketch"):
+            return None
+        if self._sketch is None:
+            try:
+                self._sketch = sketch_io.read(
+                    self.path, self.manifest, self.manifest["sketch"]["sha256"], self.full_checks
+                )
+            except DECODE_ERRORS as e:
+                raise CorruptCache(
+                    f"{self.path}: the teacher sketch cannot be decoded ({type(e).__name__}: {e})"
+                ) from e
+            except CacheError as e:
+                raise CorruptCache(f"{self.path}: {e}") from e
+        return self._sketch
 
     @property
     def draws(self) -> int:

@@ -23,6 +23,7 @@ def verify(path) -> dict:
     temps = list(range(len(m["temperatures"])))
     tol = TOLERANCE[enc["logprobs"]["codec"]]
     totals = {}
+    cache.sketch()  # checksums, shapes, finite values; None without one
     for p in range(m["num_parts"]):
         name = manifest_io.part_name(p)
         decoded = cache.decode(p, temps)
@@ -175,9 +176,14 @@ def convert(
         draws=cache.draws,
         target_logprob=old["target_logprob"],
         behavior_logprob=old.get("behavior_logprob", False),
+        exact_draws=part_io.exact_draws(old),
+        **{f"sketch_{k}": v for k, v in (old.get("sketch") or {}).items()},
         package_version=m.get("package_version", "0"),
     )
     writer = CacheWriter(dst, plan, overwrite=overwrite)
+    sketch = cache.sketch()
+    if sketch is not None:
+        writer.store_sketch({k: v.ravel() for k, v in sketch.items()})
     temps = list(range(len(m["temperatures"])))
     copy = cache.version == manifest_io.FORMAT_VERSION and plan["encoding"] == old
     for p in writer.missing_parts():

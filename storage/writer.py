@@ -26,6 +26,7 @@ from filelock import FileLock, Timeout
 from . import backends, codecs, part_folder
 from . import manifest as manifest_io
 from . import part as part_io
+from . import sketch as sketch_io
 from .errors import CacheMismatch, CorruptCache
 
 
@@ -39,28 +40,14 @@ def make_plan(
     part_size,
     identity,
     logprob_dtype="float16",
-    top_p=None,
-    min_k=1,
-    ids="plain",
-    draws=0,
-    target_logprob=True,
-    behavior_logprob=False,
     package_version="0",
+    **encoding_options,
 ):
-    """What the writers fill: the cache's identity, encoding (see part.make_encoding) and part layout."""
+    """What the writers fill: the cache's identity, encoding (part.make_encoding's options: top_p, min_k, ids, draws,
+    target_logprob, behavior_logprob, exact_draws, sketch_rank, sketch_bits) and part layout."""
     if part_size < 1:
         raise CacheMismatch(f"part size {part_size} must be at least 1 sample")
-    encoding = part_io.make_encoding(
-        k=k,
-        vocab_size=vocab_size,
-        top_p=top_p,
-        min_k=min_k,
-        ids=ids,
-        logprobs=logprob_dtype,
-        draws=draws,
-        target_logprob=target_logprob,
-        behavior_logprob=behavior_logprob,
-    )
+    encoding = part_io.make_encoding(k=k, vocab_size=vocab_size, logprobs=logprob_dtype, **encoding_options)
     plan = {
         "format": manifest_io.FORMAT_NAME,
         "format_version": manifest_io.FORMAT_VERSION,
@@ -238,6 +225,29 @@ class CacheWriter:
         }
         return self.write_arrays(p, arrays, counts, claim)
 
+    def store_sketch(self, arrays: dict) -> dict:
+        """The cache's teacher sketch (sketch.SKETCH_ARRAYS): written from `arrays` unless a writer stored one first;
+        returns the stored one, which every writer then uses."""
+        folder = self.path / manifest_io.SKETCH
+        with cache_lock(self.path):
+            if not folder.is_dir():
+                sketch_io.check(arrays, self.plan)
+                tmp = self.path / f".tmp-{manifest_io.SKETCH}-{uuid.uuid4().hex[:8]}"
+                tmp.mkdir()
+                try:
+                    part_folder.write(tmp, self.backend.encode(arrays), {"sketch": self.plan["encoding"]["sketch"]})
+                    os.rename(tmp, folder)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+        return self.sketch()
+
+    def sketch(self) -> dict | None:
+        """The stored teacher sketch (checked against its checksums), or None while none is stored."""
+        if not (self.path / manifest_io.SKETCH).is_dir():
+            return None
+        return sketch_io.read(self.path, self.plan, None)
+
     def write_arrays(self, p: int, arrays: dict, counts: dict, claim: Claim | None = None) -> dict:
         """Write part p's encoded arrays under a temporary name, then rename it into place (claiming it first
         unless the caller holds its claim); the claim is released either way."""
@@ -305,6 +315,8 @@ def write_manifest(path: Path, plan: dict) -> dict:
                 max(totals.get(key, v), v) if "_max" in key or key.startswith("max_") else totals.get(key, 0) + v
             )
     manifest = {**plan, "counts": totals, "parts": parts, "complete": True}
+    if plan["encoding"].get("sketch"):
+        manifest["sketch"] = {"sha256": sketch_io.sealed_sha256(path)}
     manifest_io.write_json_atomic(path / manifest_io.MANIFEST, manifest)
     manifest_io.remove_temporaries(path, manifest_io.MANIFEST)
     for lock in (path / manifest_io.LOCKS).glob("part-*.lock"):  # no part is being written any more

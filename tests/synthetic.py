@@ -11,8 +11,8 @@ def log_softmax(z):
 
 def teacher_rows(rng, n, vocab, k, temperatures=(1.0,), sharpness=3.0, targets=None, draws=0, top_p=None, min_k=1):
     """Rows of a random teacher: ids [n, k], log-probs [T, n, k], exact tails [T, n], target log-probs [T, n] and,
-    with draws > 0, draws [T, n, draws] from each row's tail beyond its kept prefix (the top_p widths at the first
-    temperature; −1 where that tail is empty)."""
+    with draws > 0, draws [T, n, draws] and their log-probs draw_logprobs, from each row's tail beyond its kept prefix
+    (the top_p widths at the first temperature; −1 where that tail is empty)."""
     from storage.codecs import top_p_widths
 
     z = rng.standard_normal((n, vocab)).astype(np.float32) * sharpness
@@ -22,7 +22,7 @@ def teacher_rows(rng, n, vocab, k, temperatures=(1.0,), sharpness=3.0, targets=N
     targets = rng.integers(0, vocab, n) if targets is None else np.asarray(targets)
     out = {"topk_ids": ids, "topk_logprobs": [], "tail_logmass": [], "target_logprob": [], "full": []}
     if draws:
-        out["draws"] = []
+        out["draws"], out["draw_logprobs"] = [], []
     for t in temperatures:
         lp = log_softmax(z / t)
         rest = lp.copy()
@@ -43,6 +43,7 @@ def teacher_rows(rng, n, vocab, k, temperatures=(1.0,), sharpness=3.0, targets=N
                 if p[r].sum() > 0:
                     d[r] = rng.choice(vocab, size=draws, p=p[r] / p[r].sum())
             out["draws"].append(d)
+            out["draw_logprobs"].append(np.where(d >= 0, np.take_along_axis(lp, d.clip(0), 1), -np.inf))
     return {key: np.stack(v) if isinstance(v, list) else v for key, v in out.items()}
 
 
@@ -122,7 +123,20 @@ def write_cache(
         draws=encoding.get("draws", 0),
         top_p=encoding.get("top_p"),
         min_k=encoding.get("min_k", 1),
+        keep_full=True,
     )
+    rank = encoding.get("sketch_rank", 0)
+    if rank:  # a random sketch of hidden size 6, and random coefficients per row
+        rng = np.random.default_rng(seed + 1)
+        w.store_sketch(
+            {
+                "mean": rng.standard_normal(6).astype(np.float32),
+                "components": rng.standard_normal(rank * 6).astype(np.float32),
+                "basis": rng.standard_normal((rank + 1) * vocab).astype(np.float32),
+            }
+        )
+        for s in data:
+            s["sketch"] = rng.standard_normal((len(s["topk_ids"]), rank)).astype(np.float32)
     for p in w.missing_parts():
         w.write_part(p, [data[i] for i in w.part_rows(p)])
     return w.finalize(), data

@@ -489,6 +489,13 @@ README_ENCODINGS = {
     "top-p .5 + 24 draws q8": {"top_p": 0.5, "tail_draws": 24, "ids": "bitpack", "logprob_dtype": "q8"},
     "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "ids": "bitpack"},
     "top-k 16": {"top_k": 16},
+    "top-p .5 + 24 draws q8 + sketch 32": {
+        "top_p": 0.5,
+        "tail_draws": 24,
+        "ids": "bitpack",
+        "logprob_dtype": "q8",
+        "sketch_rank": 32,
+    },
 }
 
 
@@ -512,6 +519,46 @@ def test_tail_draws_do_not_depend_on_the_batch_that_computes_them(tiny, tmp_path
     for i in range(len(a)):
         np.testing.assert_array_equal(a[i]["drawn_ids"], b[i]["drawn_ids"])
         np.testing.assert_allclose(a[i]["drawn_logprobs"], b[i]["drawn_logprobs"], atol=1e-5)
+
+
+def hidden_and_logits(paths, arch, sample):
+    model = AutoModelForCausalLM.from_pretrained(paths[arch], dtype=torch.float32).eval()
+    ids = torch.as_tensor(sample["input_ids"].astype(np.int64))[None]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    j = np.nonzero(sample["loss_mask"])[0] - 1
+    vocab = len(AutoTokenizer.from_pretrained(paths[arch]))
+    return out.hidden_states[-1][0, j].float(), out.logits[0, j, :vocab].float()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_exact_draws_and_the_teacher_sketch_equal_recomputation(tiny, tmp_path, arch):
+    """Each drawn token's stored log-prob is the teacher's; the sketch's basis turns each position's stored
+    coefficients into the teacher's logits up to the rank's and the codes' rounding (exactly at full rank)."""
+    enc = dict(top_p=0.5, tail_draws=8, logprob_dtype="float32", sketch_rank=32, sketch_bits=8, sketch_positions=64)
+    run(tiny, tmp_path / "c", arch, **enc)
+    storage.verify(tmp_path / "c")
+    cache = storage.open_cache(tmp_path / "c")
+    basis = cache.sketch()["basis"]
+    for i in (0, len(cache) - 1):
+        s = cache[i]
+        logp = recompute(tiny, arch, s, 1.0)
+        d = s["drawn_ids"]
+        want = np.where(d >= 0, np.take_along_axis(logp.numpy(), np.maximum(d, 0), 1), -np.inf)
+        np.testing.assert_allclose(s["drawn_logprobs"], want, atol=1e-5)
+        _, logits = hidden_and_logits(tiny, arch, s)
+        approx = np.concatenate([np.ones((len(logits), 1)), s["sketch_coeffs"]], 1) @ basis
+        err = np.abs(approx - logits.numpy()).max(1) / logits.numpy().std(1)
+        assert err.max() < 0.05
+
+
+def test_a_sharded_run_fits_the_sketch_once_and_every_shard_uses_it(tiny, tmp_path):
+    enc = dict(top_p=0.5, tail_draws=4, sketch_rank=4, part_size=8, sketch_positions=32)
+    ref = run(tiny, tmp_path / "one", "llama", **enc)["manifest"]
+    run(tiny, tmp_path / "many", "llama", shard=(1, 2), **enc)
+    merged = run(tiny, tmp_path / "many", "llama", shard=(0, 2), **enc)["manifest"]
+    assert merged["parts"] == ref["parts"] and merged["sketch"] == ref["sketch"]
+    storage.verify(tmp_path / "many")
 
 
 def test_two_cache_teacher_runs_on_one_out_split_the_parts_and_both_complete(tiny, tmp_path):

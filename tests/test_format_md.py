@@ -65,6 +65,30 @@ def spec_logprobs(data, codec, widths, tail):
     return out
 
 
+def spec_drawn(data, enc, offsets, r, tail):
+    codec = enc["logprobs"]
+    if codec["codec"] in ("float16", "float32"):
+        return data[offsets[r] : offsets[r + 1]].astype(np.float64)
+    b = codec["bits"]
+    codes = data.astype(np.int64) if b == 8 else spec_unpack(data, b, int(offsets[-1]))
+    return float(tail[r]) + codec["gamma"] * np.log(codes[offsets[r] : offsets[r + 1]] / (2**b - 1))
+
+
+def spec_sketch_coeffs(arr, sketch):
+    rank, b = sketch["rank"], sketch["bits"]
+    n = len(arr["sketch_scale"]) * rank
+    codes = arr["sketch_codes"].astype(np.int64) if b == 8 else spec_unpack(arr["sketch_codes"], b, n)
+    return (codes.reshape(-1, rank) - (2 ** (b - 1) - 1)) * arr["sketch_scale"].astype(np.float64)[:, None]
+
+
+def spec_sketch(cache_dir, manifest):
+    folder = Path(cache_dir) / "sketch"
+    assert spec_part_checksum(folder) == spec_record_checksum(folder) == manifest["sketch"]["sha256"]
+    arrays = spec_read_arrays(folder, manifest["backend"])
+    r, v = manifest["encoding"]["sketch"]["rank"], manifest["vocab_size"]
+    return arrays["basis"].reshape(r + 1, v)
+
+
 def spec_samples_v2(manifest, arr, t):
     enc = manifest["encoding"]
     widths = arr["topk_width"].astype(np.int64)
@@ -85,15 +109,23 @@ def spec_samples_v2(manifest, arr, t):
         }
         if enc["target_logprob"]:
             s["target_logprob"] = arr[f"target_logprob_{t}"][r0:r1]
+        if enc.get("sketch"):
+            s["sketch"] = spec_sketch_coeffs(arr, enc["sketch"])[r0:r1]
         if enc["draws"]:
             dw = arr[f"drawn_width_{t}"].astype(np.int64)
             do = np.concatenate([[0], np.cumsum(dw)])
             d_ids = spec_ids(arr[f"drawn_ids_{t}"], enc["ids"], int(do[-1]))
-            counts = arr[f"drawn_counts_{t}"]
-            s["drawn"] = [
-                (d_ids[do[r] : do[r + 1]], np.exp(float(tail[r])) * counts[do[r] : do[r + 1]] / enc["draws"]["n"])
-                for r in range(r0, r1)
-            ]
+            if enc["draws"].get("values") == "logprobs":  # exact: log p_j, power codes relative to P_R
+                s["drawn"] = [
+                    (d_ids[do[r] : do[r + 1]], np.exp(spec_drawn(arr[f"drawn_logprobs_{t}"], enc, do, r, tail)))
+                    for r in range(r0, r1)
+                ]
+            else:
+                counts = arr[f"drawn_counts_{t}"]
+                s["drawn"] = [
+                    (d_ids[do[r] : do[r + 1]], np.exp(float(tail[r])) * counts[do[r] : do[r + 1]] / enc["draws"]["n"])
+                    for r in range(r0, r1)
+                ]
         yield s
 
 
@@ -112,13 +144,25 @@ ENCODINGS = [
     {"logprob_dtype": "float32"},
     {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.9},
     {"ids": "bitpack", "logprob_dtype": "q5", "top_p": 0.6, "min_k": 0, "draws": 12},
+    {"logprob_dtype": "float16", "top_p": 0.6, "draws": 12},
+    {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.6, "draws": 12, "exact_draws": False},
+    {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.5, "draws": 12, "sketch_rank": 5, "sketch_bits": 4},
 ]
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS, ids=["default", "float32", "bitpack-q8-topp", "q5-draws"])
+@pytest.mark.parametrize(
+    "encoding",
+    ENCODINGS,
+    ids=["default", "float32", "bitpack-q8-topp", "q5-draws", "f16-draws", "counted-draws", "draws-sketch"],
+)
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])
 def test_reader_from_format_md_matches_open_cache(tmp_path, backend, encoding):
     write_cache(tmp_path / "c", backend, num_rows=9, part_size=4, temperatures=(1.0, 3.0), **encoding)
+    if encoding.get("sketch_rank"):
+        manifest = json.loads((tmp_path / "c/manifest.json").read_text())
+        np.testing.assert_array_equal(
+            spec_sketch(tmp_path / "c", manifest), storage.open_cache(tmp_path / "c").sketch()["basis"]
+        )
     for t, temp in enumerate((1.0, 3.0)):
         ours = storage.open_cache(tmp_path / "c", temperature=temp)
         theirs = list(spec_samples(tmp_path / "c", t))
@@ -136,6 +180,8 @@ def test_reader_from_format_md_matches_open_cache(tmp_path, backend, encoding):
                 assert abs(mass - 1) < 5e-3
             if "target_logprob" in s:
                 np.testing.assert_array_equal(s["target_logprob"], o["target_logprob"])
+            if "sketch" in s:
+                np.testing.assert_allclose(s["sketch"], o["sketch_coeffs"], rtol=1e-6)
             for r, (ids, est) in enumerate(s.get("drawn", [])):
                 np.testing.assert_array_equal(ids, o["drawn_ids"][r][o["drawn_ids"][r] >= 0])
                 np.testing.assert_allclose(est, np.exp(o["drawn_logprobs"][r][: len(ids)]), rtol=1e-5)

@@ -79,31 +79,43 @@ def args(out, steps, batch, accum=1):
     )
 
 
-def trainer_losses(world, out, kind="akl", steps=20, batch=8, accum=1, model=None):
+def trainer_losses(world, out, kind="akl", steps=20, batch=8, accum=1, model=None, cache=None):
     from transformers import Trainer
 
     model = model or AutoModelForCausalLM.from_pretrained(world["llama"])
-    data = CacheDataset(world["cache"])
+    data = CacheDataset(cache or world["cache"])
     t = Trainer(
         model=model,
         args=args(out, steps, batch, accum),
         train_dataset=data.plan_order(0, batch),
         data_collator=DistillCollator(models.load_tokenizer(world["llama"])),
-        compute_loss_func=distill_loss(kind),
+        compute_loss_func=distill_loss(kind, sketch_basis=data.sketch_basis),
         optimizers=optimizer(model, 3e-3, steps),
     )
     t.train()
     return [h["loss"] for h in t.state.log_history if "loss" in h], model
 
 
-def test_trainer_with_these_pieces_follows_pipeline_train_step_for_step(world, tmp_path):
-    got, _ = trainer_losses(world, tmp_path / "hf")
+@pytest.mark.parametrize("sketched", [False, True])
+def test_trainer_with_these_pieces_follows_pipeline_train_step_for_step(world, tmp_path, sketched):
+    """With a teacher sketch too: its basis reaches distill_loss from CacheDataset.sketch_basis."""
+    cache = world["cache"]
+    if sketched:
+        cache = str(tmp_path / "sketched")
+        data = DataConfig(world["train"], prompt_field="prompt", response_field="response")
+        ct.run(
+            ct.CacheTeacherConfig(
+                teacher=str(world["root"] / "teacher/final"), data=data, out=cache, top_p=0.5, tail_draws=8,
+                sketch_rank=8, part_size=32, progress=False,
+            )
+        )  # fmt: skip
+    got, _ = trainer_losses(world, tmp_path / "hf", cache=cache)
     tr.run(
         TrainConfig.of(
             student=world["llama"],
             out=str(tmp_path / "ours"),
             loss="akl",
-            cache=world["cache"],
+            cache=cache,
             max_steps=20,
             batch_size=8,
             lr=3e-3,

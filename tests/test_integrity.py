@@ -152,6 +152,24 @@ def test_every_read_checks_the_bytes_it_reads(tmp_path, backend):
     assert storage.open_cache(tmp_path / "c")[5] is not None and storage.verify(tmp_path / "c")
 
 
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+def test_a_damaged_or_missing_teacher_sketch_is_corruption(tmp_path, backend):
+    """The sketch's basis turns every row's coefficients into logits: its files are checked like a part's, and
+    verify and every reader of the sketch refuse it damaged or gone."""
+    write_cache(tmp_path / "c", backend, top_p=0.5, draws=4, sketch_rank=3)
+    files = sorted(p for p in (tmp_path / "c/sketch").rglob("*") if p.is_file())
+    for f in files:
+        raw = f.read_bytes()
+        flip(f, len(raw) // 2)
+        for read in (lambda: storage.open_cache(tmp_path / "c").sketch(), lambda: storage.verify(tmp_path / "c")):
+            with pytest.raises(storage.CorruptCache, match="sketch"):
+                read()
+        f.write_bytes(raw)
+    (tmp_path / "c/sketch").rename(tmp_path / "gone")
+    with pytest.raises(storage.CorruptCache, match="sketch"):
+        storage.verify(tmp_path / "c")
+
+
 def test_a_stray_link_in_a_part_is_corruption(tmp_path):
     write_cache(tmp_path / "c")
     (tmp_path / "c/parts/part-000000/data.zarr/extra").symlink_to("/dev/zero")

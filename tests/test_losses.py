@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -384,3 +385,119 @@ def test_policy_gradient_estimates_the_reverse_kl_gradient():
     loss.mean().backward()
     kl = (q * (q.log() - log_p)).sum()
     torch.testing.assert_close(x.grad.sum(0), q * (q.log() - log_p - kl), atol=0.02, rtol=0)
+
+
+# -- exact draws and the teacher sketch: refinements of the tail bucket
+
+
+def exact_draws(logp, head, n_draws, reps, gen):
+    """reps independent sets of n_draws tail draws of one teacher row logp [V] beyond `head`, as the loss's exact-draw
+    fields [reps, m]: ids, exact log-probs, Horvitz–Thompson log weights (storage.codecs, as a cache decodes them)."""
+    from storage import codecs
+
+    tail_p = logp.exp().clone()
+    tail_p[head] = 0
+    log_pr = torch.log(tail_p.sum())
+    draws = torch.multinomial(tail_p.expand(reps, -1), n_draws, replacement=True, generator=gen)
+    uniq = [d.unique() for d in draws]
+    m = max(len(u) for u in uniq)
+    ids = torch.full((reps, m), -1, dtype=torch.long)
+    for r, u in enumerate(uniq):
+        ids[r, : len(u)] = u
+    lp = torch.where(ids >= 0, logp[ids.clamp_min(0)], torch.tensor(float("-inf")))
+    widths = (ids >= 0).sum(1).numpy()
+    flat = lp[ids >= 0].double().numpy()
+    lw = torch.full_like(lp, float("-inf"))
+    lw[ids >= 0] = torch.from_numpy(
+        codecs.inclusion_logweights(flat, codecs.offsets_of(widths), np.full(reps, float(log_pr)), n_draws)
+    ).float()
+    return ids, lp, lw, log_pr
+
+
+def identity_sketch(teacher_logits):
+    """A sketch whose approximate logits are the teacher's own: coefficients = logits, basis = [0; I]."""
+    v = teacher_logits.shape[-1]
+    return {"sketch_coeffs": teacher_logits.float(), "sketch_basis": torch.cat([torch.zeros(1, v), torch.eye(v)])}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", range(6))
+def test_a_sketch_of_the_exact_logits_makes_every_sparse_kind_its_dense_twin(kind, seed):
+    """The sketch spreads the exact tail mass by softmax(approx / t) over the tokens outside the head: with the
+    teacher's own logits as the approximation that is the teacher itself, whatever the head."""
+    s, t, temp, params = random_case(seed)
+    ids, lp, tail = teacher_topk(t, max(1, t.shape[1] // 3), temp)
+    sketch = identity_sketch(t)
+    sv, sg = grads(lambda x: sparse_kd_loss(x, ids, lp, tail, kind, temperature=temp, **sketch, **params), s)
+    dv, dg = grads(lambda x: dense_kd_loss(x, t, kind, temperature=temp, **params), s)
+    torch.testing.assert_close(sv, dv, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sg, dg, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_sketch", [False, True])
+def test_exact_draws_give_an_unbiased_fkl_gradient(with_sketch):
+    """E[∇ FKL] over draws = ∇ dense FKL with Horvitz–Thompson weights, with or without a sketch beside them."""
+    g = torch.Generator().manual_seed(5)
+    v, reps = 40, 6000
+    s, t = torch.randn(1, v, generator=g), torch.randn(1, v, generator=g) * 1.5
+    logp = torch.log_softmax(t[0], -1)
+    head = logp.argsort(descending=True)[:3]
+    d_ids, d_lp, d_lw, log_pr = exact_draws(logp, head, 16, reps, g)
+    sketch = {k: x.expand(reps, -1) if x.shape[0] == 1 else x for k, x in identity_sketch(t).items()}
+    _, gr = grads(
+        lambda x: sparse_kd_loss(
+            x, head.expand(reps, 3), logp[head].expand(reps, 3), log_pr.expand(reps), "fkl",
+            drawn_ids=d_ids, drawn_logprobs=d_lp, drawn_logweights=d_lw, **(sketch if with_sketch else {}),
+        ),
+        s.expand(reps, v).contiguous(),
+    )  # fmt: skip
+    torch.testing.assert_close(gr.mean(0), torch.softmax(s[0], -1) - logp.exp(), atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["rkl", "srkl", "tvd"])
+def test_exact_draws_bound_the_student_weighted_terms_between_bucket_and_dense(kind):
+    """Drawn tokens with exact log-probs split the bucket into finer bins (each drawn token, the undrawn rest), so the
+    divergence lies between the bucket's and the full vocabulary's (data processing); with the sketch it is exact."""
+    g = torch.Generator().manual_seed(3)
+    v, reps = 60, 8
+    s, t = torch.randn(reps, v, generator=g) * 2, (torch.randn(1, v, generator=g) * 2).expand(reps, v)
+    logp = torch.log_softmax(t[0], -1)
+    head = logp.argsort(descending=True)[:4]
+    d_ids, d_lp, d_lw, log_pr = exact_draws(logp, head, 12, reps, g)
+    rows = (head.expand(reps, 4), logp[head].expand(reps, 4), log_pr.expand(reps))
+    bucket = sparse_kd_loss(s, *rows, kind)
+    exact = sparse_kd_loss(s, *rows, kind, drawn_ids=d_ids, drawn_logprobs=d_lp, drawn_logweights=d_lw)
+    dense = dense_kd_loss(s, t, kind)
+    assert (bucket <= exact + 1e-5).all() and (exact <= dense + 1e-5).all() and (exact > bucket + 1e-4).any()
+    sketched = sparse_kd_loss(
+        s, *rows, kind, drawn_ids=d_ids, drawn_logprobs=d_lp, drawn_logweights=d_lw, **identity_sketch(t)
+    )
+    torch.testing.assert_close(sketched, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sketch_refuses_counted_draws_and_keeps_every_kind_finite():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(4, 25, generator=g), torch.randn(4, 25, generator=g)
+    ids, lp, tail = teacher_topk(t, 3)
+    d_ids = torch.tensor([[5, 9, -1], [7, -1, -1], [-1, -1, -1], [11, 12, 13]])
+    d_ids = torch.where(torch.isin(d_ids, ids), torch.full_like(d_ids, -1), d_ids)
+    d_lp = torch.where(d_ids >= 0, tail[:, None] - 2.0, torch.tensor(float("-inf")))
+    sketch = {"sketch_coeffs": torch.randn(4, 2, generator=g), "sketch_basis": torch.randn(3, 25, generator=g)}
+    with pytest.raises(ValueError, match="counted draws"):
+        sparse_kd_loss(s, ids, lp, tail, "akl", drawn_ids=d_ids, drawn_logprobs=d_lp, **sketch)
+    for kind in KINDS:
+        assert_finite(kind, s, ids, lp, tail, drawn_ids=d_ids, drawn_logprobs=d_lp, drawn_logweights=d_lp, **sketch)
+
+
+def test_hidden_chunked_path_with_draws_and_sketch_equals_logits_path():
+    g = torch.Generator().manual_seed(4)
+    hidden, w = torch.randn(10, 8, generator=g), torch.randn(30, 8, generator=g)
+    t = torch.randn(10, 30, generator=g)
+    ids, lp, tail = teacher_topk(t, 4)
+    d_ids = torch.full((10, 2), -1)
+    d_ids[:, 0] = torch.where(torch.isin(torch.tensor(20), ids), -1, 20).squeeze()
+    d_lp = torch.where(d_ids >= 0, torch.log_softmax(t, -1).gather(1, d_ids.clamp_min(0)), torch.tensor(float("-inf")))
+    kw = dict(drawn_ids=d_ids, drawn_logprobs=d_lp, drawn_logweights=d_lp, **identity_sketch(t))
+    want = sparse_kd_loss(hidden @ w.T, ids, lp, tail, "akl", **kw)
+    got = sparse_kd_loss_from_hidden(hidden, w, ids, lp, tail, "akl", chunk_size=3, **kw)
+    torch.testing.assert_close(got, want)

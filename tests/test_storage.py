@@ -68,8 +68,11 @@ def test_ragged_rows_are_padded_per_sample(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_drawn_tail_tokens_come_back_as_estimates(tmp_path, backend):
-    _, data = write_cache(tmp_path / "c", backend, num_rows=5, draws=24, top_p=0.7, min_k=0)
+@pytest.mark.parametrize("logprobs", ["float32", "q8"])
+def test_drawn_tail_tokens_come_back_with_exact_logprobs_and_inclusion_weights(tmp_path, backend, logprobs):
+    """Each distinct drawn token once, with its exact log-prob (to the codec's precision) and the Horvitz–Thompson
+    weight p / (1 − (1 − p / P_R)^N) of the teacher-linear terms."""
+    _, data = write_cache(tmp_path / "c", backend, num_rows=5, draws=24, top_p=0.7, min_k=0, logprob_dtype=logprobs)
     cache = storage.open_cache(tmp_path / "c")
     assert cache.draws == 24
     for i in range(5):
@@ -77,6 +80,25 @@ def test_drawn_tail_tokens_come_back_as_estimates(tmp_path, backend):
         for r in range(len(got["tail_logmass"])):
             ids = got["drawn_ids"][r][got["drawn_ids"][r] >= 0]
             assert not set(ids) & set(got["topk_ids"][r][got["topk_ids"][r] >= 0])
+            d = data[i]["draws"][0, r]
+            np.testing.assert_array_equal(ids, np.unique(d[d >= 0]))
+            p = np.exp(data[i]["full_logprobs"][0, r, ids].astype(np.float64))
+            lp = got["drawn_logprobs"][r][: len(ids)].astype(np.float64)
+            np.testing.assert_allclose(np.exp(lp), p, rtol=1e-5 if logprobs == "float32" else 0.1)  # half a q8 code
+            pi = 1 - (1 - np.exp(lp) / np.exp(got["tail_logmass"][r].astype(np.float64))) ** 24
+            np.testing.assert_allclose(np.exp(got["drawn_logweights"][r][: len(ids)]), np.exp(lp) / pi, rtol=1e-4)
+    storage.verify(tmp_path / "c")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counted_draws_of_earlier_caches_come_back_as_estimates(tmp_path, backend):
+    _, data = write_cache(tmp_path / "c", backend, num_rows=5, draws=24, top_p=0.7, min_k=0, exact_draws=False)
+    cache = storage.open_cache(tmp_path / "c")
+    for i in range(5):
+        got = cache[i]
+        assert "drawn_logweights" not in got
+        for r in range(len(got["tail_logmass"])):
+            ids = got["drawn_ids"][r][got["drawn_ids"][r] >= 0]
             d = data[i]["draws"][0, r]
             want_ids, want_counts = np.unique(d[d >= 0], return_counts=True)
             np.testing.assert_array_equal(ids, want_ids)
@@ -126,6 +148,20 @@ def test_convert_between_backends_copies_the_encoded_arrays(tmp_path, src, dst):
     for p in range(a.num_parts):
         ea, eb = a.read_encoded(p), b.read_encoded(p)
         assert all(np.array_equal(ea[n], eb[n]) for n in ea)
+    storage.verify(tmp_path / "b")
+
+
+@pytest.mark.parametrize("change", [{"backend": "arrow"}, {"ids": "bitpack", "logprobs": "q8"}])
+def test_convert_keeps_exact_draws_and_the_teacher_sketch(tmp_path, change):
+    """Copied or re-encoded, a cache keeps its drawn tokens, their log-probs, the sketch coefficients and its basis."""
+    write_cache(tmp_path / "a", top_p=0.5, draws=8, sketch_rank=3, logprob_dtype="float32")
+    storage.convert(tmp_path / "a", tmp_path / "b", **change)
+    a, b = storage.open_cache(tmp_path / "a"), storage.open_cache(tmp_path / "b")
+    np.testing.assert_array_equal(a.sketch()["basis"], b.sketch()["basis"])
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i]["drawn_ids"], b[i]["drawn_ids"])
+        np.testing.assert_allclose(a[i]["drawn_logprobs"], b[i]["drawn_logprobs"], rtol=0.1)
+        np.testing.assert_allclose(a[i]["sketch_coeffs"], b[i]["sketch_coeffs"], rtol=1e-6)
     storage.verify(tmp_path / "b")
 
 

@@ -481,6 +481,21 @@ def test_a_cache_with_drawn_tail_tokens_trains_every_kind(world, tmp_path):
         assert s["nonfinite"] == 0
 
 
+@pytest.mark.parametrize("loss", ["akl", "rkl"])
+def test_a_cache_with_exact_draws_and_a_sketch_lowers_heldout_kl(world, tmp_path, loss):
+    """The sketch (and its basis) reach the loss through the cached teacher: the student-weighted losses learn
+    from it."""
+    ct.run(
+        ct.CacheTeacherConfig(
+            teacher=world["teacher"], data=train_data(world), out=str(tmp_path / "c"), top_p=0.5, tail_draws=16,
+            ids="bitpack", logprob_dtype="q8", sketch_rank=16, part_size=32, progress=False,
+        )
+    )  # fmt: skip
+    before = heldout_kl(world["llama"], world["cache_test"])
+    distill(world, tmp_path / "run", loss, cache=str(tmp_path / "c"))
+    assert heldout_kl(str(tmp_path / "run/final"), world["cache_test"]) < 0.8 * before
+
+
 def test_a_cache_of_draws_alone_trains_teacher_weighted_kinds_and_refuses_the_others(world, tmp_path):
     """Random-Sampling KD (no head): fkl learns from the draws; rkl/akl would see one bucket holding all the mass."""
     ct.run(

@@ -36,8 +36,9 @@ def test_dry_run_resolves_the_whole_dag(config, tmp_path):
     )
     c = yaml.safe_load(open(ROOT / config))
     per_student = len(c["students"]) * len(c["seeds"])
-    runs = (len(c["losses"]) + bool(c.get("sft"))) * per_student
+    runs = (len(c["losses"]) + bool(c.get("sft")) + len(c.get("online", []))) * per_student
     assert counts["cache_shard"] == 2 * c["cache"]["shards"] and counts["distill"] == len(c["losses"]) * per_student
+    assert counts.get("distill_online", 0) == len(c.get("online", [])) * per_student
     rounds = c.get("onpolicy", {}).get("rounds", 0)
     onpolicy = rounds * len(c.get("onpolicy", {}).get("losses", [])) * per_student
     assert counts.get("train_round", 0) == counts.get("generate_round", 0) == counts.get("cache_round", 0) == onpolicy

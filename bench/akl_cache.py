@@ -1,0 +1,273 @@
+"""AKL from a cache against AKL online: what each cache encoding costs the project's main loss, and the losses
+weighted by the student's probabilities (rkl, jsd, tvd) with it.
+
+Two real-text teachers:
+  real   SmolLM2-135M-Instruct (its Q4_1 GGUF file, dequantized: a real pretrained distribution, not the original
+         bf16 model), V = 49152, on passages of the standard library's sources (≤ 128 tokens), its depth-pruned copy
+         (layers 0, 6, 12, 18, 24, 29) as the student, 60 steps (bench/fidelity.py --real's setting).
+  prose  a language model of real English prose: the docstrings of CPython's standard library (every docstring of
+         every module, class and function, as written by its authors; every 10th file held out), a byte-level BPE
+         of V = 8192 trained on them, a Llama 4×256 trained here as an LM on them (a flat distribution: a small model
+         of varied prose), a Llama 2×128 student from scratch, 150 steps.
+
+Arms, per teacher: the online teacher (dense full-vocabulary AKL every step: the reference), online FKL, SFT, and
+AKL from caches: the default top-k 64 fp16, top-p .5 + 24 draws q8 (counted, as written before, where such a cache
+exists; and exact), the same with a teacher sketch (rank 32 or 16, 4-bit), and FKL from the sketched cache. Same
+init, batches and schedule per seed; then the exact held-out KL(teacher ‖ student) and KL(student ‖ teacher) over
+the full vocabulary. Gradient error of each cached arm's loss (akl, rkl, jsd, tvd, fkl) against the online dense
+gradient of the same loss on the same 128 training samples, at the online-AKL-trained student and at init.
+
+`python bench/akl_cache.py [real|prose ...]` writes bench/out/akl_cache.json and bench/akl_cache.png.
+"""
+
+import ast
+import json
+import random
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import fidelity
+from command import pipeline
+
+import storage
+from pipeline import batches, losses, models, scoring, sources, teachers
+from pipeline.data import tokenized
+from stages import prepare_demo
+
+OUT = ROOT / "bench/out/akl_cache"
+HEAD = {"top_p": 0.5, "ids": "bitpack", "logprobs": "q8"}
+ARMS = [  # name, encoding (None: the setting's counted cache written before exact draws), train loss
+    ("top-k 64 fp16 (default)", {"top_k": 64}, "akl"),
+    ("top-p .5 + 24 draws q8, counted", None, "akl"),
+    ("top-p .5 + 24 draws q8, exact", {**HEAD, "draws": 24}, "akl"),
+    ("top-p .5 + 24 draws q8 + sketch 32 q4", {**HEAD, "draws": 24, "sketch": 32}, "akl"),
+    ("top-p .5 + 16 draws q8 + sketch 16 q4", {**HEAD, "draws": 16, "sketch": 16}, "akl"),
+    ("FKL: top-p .5 + 24 draws q8 + sketch 32 q4", {**HEAD, "draws": 24, "sketch": 32}, "fkl"),
+]
+KINDS = ("akl", "rkl", "jsd", "tvd", "fkl")
+
+
+def prose_chunks(chars: int = 600) -> tuple[list[str], list[str], str]:
+    """(train, held-out, where): every docstring of the standard library's modules, classes and functions, cut at
+    paragraph ends into chunks of about `chars` characters; every 10th file held out."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
+    files = sorted(p for p in lib.rglob("*.py") if not skip & set(p.relative_to(lib).parts))
+    train, test = [], []
+    for n, f in enumerate(files):
+        try:
+            tree = ast.parse(f.read_text(errors="replace"))
+        except SyntaxError:
+            continue
+        nodes = [tree] + [x for x in ast.walk(tree) if isinstance(x, (ast.FunctionDef, ast.ClassDef))]
+        paragraphs = [
+            " ".join(p.split()) for x in nodes for p in (ast.get_docstring(x) or "").split("\n\n") if len(p) > 40
+        ]
+        cur, chunks = "", []
+        for p in paragraphs:
+            if len(cur) + len(p) > chars and cur:
+                chunks.append(cur)
+                cur = ""
+            cur = f"{cur}\n\n{p}" if cur else p
+        if len(cur) > chars // 5:
+            chunks.append(cur)
+        (test if n % 10 == 9 else train).extend(chunks)
+    return train, test, f"docstrings of {lib} ({len(files)} files)"
+
+
+def build_prose(root: Path, train_n=2400, test_n=200, teacher_steps=800) -> dict:
+    train, test, where = prose_chunks()
+    random.Random(0).shuffle(train)
+    random.Random(1).shuffle(test)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train[:train_n]), ("test", test[:test_n]), ("lm", train[train_n:])):
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in rows)
+    if not (root / "tokenizer").exists():
+        prepare_demo.save_tokenizer(root / "tokenizer", train, 8192)
+    fields = {"text_field": "text", "max_length": 128}
+    s = fidelity._teacher(
+        root, fields, where, teacher=(4, 256, 4), student=(2, 128, 2), steps=teacher_steps, lm="lm.jsonl", lr=2e-3,
+        batch=16,
+    )  # fmt: skip
+    return {**s, "steps": 150, "counted": None, "sketch_positions": 4096}
+
+
+def build_real(root: Path) -> dict:
+    s = fidelity.build_real(fidelity.OUT / "real", 60 * 8, 64)
+    counted = fidelity.OUT / "real/caches/top-p_.50_q8_+_24_draws"  # written before exact draws existed
+    reuse = {"FKL online (dense)": "online_(dense)"}  # bench/fidelity.py --real trained these with the same settings
+    return {**s, "steps": 60, "counted": counted if (counted / "manifest.json").exists() else None, "reuse": reuse}
+
+
+def build_caches(setting) -> dict:
+    out = {}
+    for name, enc, _ in ARMS:
+        if enc is None:
+            if setting["counted"]:
+                out[name] = setting["counted"]
+            continue
+        path = setting["root"] / "caches" / "-".join(f"{k}{v}" for k, v in sorted(enc.items()))
+        if not (path / "manifest.json").exists():
+            pipeline(
+                "cache-teacher", teacher=setting["teacher"], **fidelity.data_flags(setting, "train"), out=str(path),
+                part_size=128, top_k=enc.get("top_k", 1024), top_p=enc.get("top_p"), ids=enc.get("ids", "plain"),
+                logprob_dtype=enc.get("logprobs", "float16"), tail_draws=enc.get("draws", 0),
+                sketch_rank=enc.get("sketch", 0), sketch_bits=4,
+            )  # fmt: skip
+        out[name] = path
+    return out
+
+
+def cache_figures(path) -> dict:
+    s = storage.statistics(path)
+    sketch = path / "sketch"
+    once = sum(f.stat().st_size for f in sketch.rglob("*") if f.is_file()) if sketch.exists() else 0
+    return {
+        "bytes_per_position": s["bytes_per_distilled_position"],
+        "sketch_basis_bytes": once,
+        "mean_width": s["mean_width"],
+        "mean_drawn": s.get("mean_drawn_width", 0.0),
+    }
+
+
+def arm_rows(setting, caches, seeds) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    teacher_model = AutoModelForCausalLM.from_pretrained(setting["teacher"]).eval()
+    arms = [
+        ("AKL online (dense)", None, {"online": True, "loss": "akl"}),
+        ("FKL online (dense)", None, {"online": True, "loss": "fkl"}),
+        ("SFT", None, {"sft": True}),
+    ] + [(name, caches[name], {"loss": loss}) for name, _, loss in ARMS if name in caches]
+    rows = []
+    for arm, cache, opts in arms:
+        row = {"arm": arm, **(cache_figures(cache) if cache else {}), "seeds": []}
+        for seed in seeds:
+            run_name = setting.get("reuse", {}).get(arm, arm.replace(" ", "_").replace("/", "").replace(":", ""))
+            out = setting["root"] / "runs" / f"{run_name}-s{seed}"
+            seconds = fidelity.train_student(setting, out, seed, setting["steps"], cache=cache, **opts)
+            row["seeds"].append(
+                {"seed": seed, "train_s": seconds, **fidelity.heldout(setting, out / "final", teacher_model)}
+            )
+        for key in ("kl", "rkl", "nll"):
+            vals = [s[key] for s in row["seeds"]]
+            row[key], row[f"{key}_std"] = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+        print(
+            f"  {arm:44s} " + (f"{row['bytes_per_position']:6.1f} B/pos " if cache else " " * 13)
+            + f"KL(T‖S) {row['kl']:.4f} ± {row['kl_std']:.4f}  KL(S‖T) {row['rkl']:.4f}  NLL {row['nll']:.3f}",
+            flush=True,
+        )  # fmt: skip
+    for row in rows:
+        row["kl_vs_akl_online"] = row["kl"] / rows[0]["kl"]
+        row["rkl_vs_akl_online"] = row["rkl"] / rows[0]["rkl"]
+    return rows
+
+
+def gradient_errors(setting, caches, checkpoint, n=128, batch=16) -> dict:
+    """{kind: {arm: relative error}} of each cached arm's loss gradient against the online dense one, at a fixed
+    student checkpoint, on the same n training samples."""
+    from transformers import AutoModelForCausalLM
+
+    tok = models.load_tokenizer(checkpoint)
+    student = AutoModelForCausalLM.from_pretrained(checkpoint)
+    teacher_model = AutoModelForCausalLM.from_pretrained(setting["teacher"]).eval()
+    head = models.PositionLogits(student, len(tok))
+    source = sources.TokenizedSource(tokenized(fidelity.data(setting, "train"), tok, progress=False), 128)
+
+    def grad(teacher, kind):
+        student.zero_grad()
+        for a in range(0, n, batch):
+            b = batches.collate([teacher.source[i] for i in range(a, a + batch)], tok.pad_token_id)
+            terms = losses.batch_losses(scoring.forward(head, b, False), b, teacher.fields(b), kind)
+            (terms["kd"] / n).backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters()]).clone()
+
+    out = {}
+    for kind in KINDS:
+        ref = grad(teachers.OnlineTeacher(source, teacher_model, len(tok)), kind)
+        out[kind] = {}
+        for name, _, loss in ARMS:
+            if name not in caches or loss != "akl":
+                continue
+            g = grad(teachers.cached([caches[name]]), kind)
+            out[kind][name] = float((g - ref).norm() / ref.norm())
+            print(f"  gradient {kind} {name:44s} relative error {out[kind][name]:.3f}", flush=True)
+    return out
+
+
+def run_setting(name, setting, seeds=(0, 1)) -> dict:
+    print(f"== {name}: {setting['where']}", flush=True)
+    t0 = time.perf_counter()
+    caches = build_caches(setting)
+    rows = arm_rows(setting, caches, list(seeds))
+    trained = setting["root"] / "runs" / "AKL_online_(dense)-s0" / "final"
+    grads = {
+        "at_akl_online_student": gradient_errors(setting, caches, trained),
+        "at_student_init": gradient_errors(setting, caches, setting["student"]),
+    }
+    return {
+        "where": setting["where"],
+        "vocab": len(models.load_tokenizer(setting["teacher"])),
+        "steps": setting["steps"],
+        "seeds": list(seeds),
+        "rows": rows,
+        "gradient_relative_error": grads,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        rows = res["rows"]
+        ref = rows[0]
+        ax.axhspan(ref["kl"] - ref["kl_std"], ref["kl"] + ref["kl_std"], color="#2ca02c", alpha=0.15)
+        ax.axhline(ref["kl"], color="#2ca02c", label="AKL online (reference)")
+        ax.axhline(ref["kl"] * 1.05, color="#2ca02c", ls=":", label="reference + 5 %")
+        for r in rows[1:3]:
+            ax.axhline(r["kl"], ls="--", color="#7f7f7f" if r["arm"] == "SFT" else "#1f77b4", label=r["arm"])
+        for r in rows[3:]:
+            marker = "s" if r["arm"].startswith("FKL") else ("*" if "sketch" in r["arm"] else "o")
+            ax.errorbar(r["bytes_per_position"], r["kl"], yerr=r["kl_std"], fmt=marker, capsize=3)
+            ax.annotate(
+                r["arm"], (r["bytes_per_position"], r["kl"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per distilled position on disk (zarr; a sketch's basis is stored once per cache)")
+        ax.set_ylabel("held-out KL(teacher ‖ student), nats/token")
+        ax.set_title(f"{name}: V = {res['vocab']}, {res['steps']} steps, {len(res['seeds'])} seeds")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(names):
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    path = ROOT / "bench/out/akl_cache.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    builders = {"real": lambda: build_real(OUT / "real"), "prose": lambda: build_prose(OUT / "prose")}
+    for name in names:
+        results[name] = run_setting(name, builders[name]())
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=str))
+    plot(results, ROOT / "bench/akl_cache.png")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["real", "prose"])
