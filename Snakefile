@@ -391,17 +391,20 @@ rule cache_round:
     input:
         data=f"{ARM}/gen-{{r}}.jsonl",
         teacher=local(model_path("teacher")),
+        sketch=f"{W}/flags/cache-train.verified" if config["cache"].get("sketch_rank") else [],
     output:
         touch(f"{ARM}/cache-{{r}}.verified"),
     params:
         teacher=model_path("teacher"),
         cache=opts(config["cache"], skip=("shards",)),
+        sketch=f"--sketch-from {W}/cache/train" if config["cache"].get("sketch_rank") else "",
         arm=arm,
     resources:
         gpu=GPUS,
     shell:
         "{CACHE_LAUNCH} --teacher {params.teacher:q} --data {input.data:q} {DATA_FIELDS} {GENERATED} "
-        "--out {params.arm:q}/cache-{wildcards.r} {params.cache} && pipeline verify {params.arm:q}/cache-{wildcards.r}"
+        "--out {params.arm:q}/cache-{wildcards.r} {params.cache} {params.sketch} "
+        "&& pipeline verify {params.arm:q}/cache-{wildcards.r}"
 
 
 rule train_round:

@@ -54,22 +54,19 @@ ARMS = [  # name, encoding (None: the setting's counted cache written before exa
 KINDS = ("akl", "rkl", "jsd", "tvd", "fkl")
 
 
-def prose_chunks(chars: int = 600) -> tuple[list[str], list[str], str]:
-    """(train, held-out, where): every docstring of the standard library's modules, classes and functions, cut at
-    paragraph ends into chunks of about `chars` characters; every 10th file held out."""
+def prose_chunks(chars: int = 500) -> tuple[list[str], list[str], str]:
+    """(train, held-out, where): the standard library's prose: every docstring of its modules, classes and functions
+    and the reference topics pydoc ships (pydoc_data.topics), cut at paragraph ends into chunks of about `chars`
+    characters; every 10th file (and topic) held out."""
+    from pydoc_data.topics import topics
+
     lib = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
     files = sorted(p for p in lib.rglob("*.py") if not skip & set(p.relative_to(lib).parts))
+    docs = [_docstrings(f) for f in files] + [topics[k].split("\n\n") for k in sorted(topics)]
     train, test = [], []
-    for n, f in enumerate(files):
-        try:
-            tree = ast.parse(f.read_text(errors="replace"))
-        except SyntaxError:
-            continue
-        nodes = [tree] + [x for x in ast.walk(tree) if isinstance(x, (ast.FunctionDef, ast.ClassDef))]
-        paragraphs = [
-            " ".join(p.split()) for x in nodes for p in (ast.get_docstring(x) or "").split("\n\n") if len(p) > 40
-        ]
+    for n, paragraphs in enumerate(docs):
+        paragraphs = [" ".join(p.split()) for p in paragraphs if len(p.strip()) > 40]
         cur, chunks = "", []
         for p in paragraphs:
             if len(cur) + len(p) > chars and cur:
@@ -79,15 +76,25 @@ def prose_chunks(chars: int = 600) -> tuple[list[str], list[str], str]:
         if len(cur) > chars // 5:
             chunks.append(cur)
         (test if n % 10 == 9 else train).extend(chunks)
-    return train, test, f"docstrings of {lib} ({len(files)} files)"
+    return train, test, f"docstrings of {lib} ({len(files)} files) and pydoc's {len(topics)} reference topics"
 
 
-def build_prose(root: Path, train_n=2400, test_n=200, teacher_steps=800) -> dict:
+def _docstrings(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(errors="replace"))
+    except SyntaxError:
+        return []
+    nodes = [tree] + [x for x in ast.walk(tree) if isinstance(x, (ast.FunctionDef, ast.ClassDef))]
+    return [p for x in nodes for p in (ast.get_docstring(x) or "").split("\n\n")]
+
+
+def build_prose(root: Path, train_n=2400, test_n=200, teacher_steps=600) -> dict:
+    """The teacher is trained on all training chunks (the students distill on 2400 of them), then held out."""
     train, test, where = prose_chunks()
     random.Random(0).shuffle(train)
     random.Random(1).shuffle(test)
     root.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train[:train_n]), ("test", test[:test_n]), ("lm", train[train_n:])):
+    for name, rows in (("train", train[:train_n]), ("test", test[:test_n]), ("lm", train)):
         with open(root / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in rows)
     if not (root / "tokenizer").exists():
@@ -97,7 +104,7 @@ def build_prose(root: Path, train_n=2400, test_n=200, teacher_steps=800) -> dict
         root, fields, where, teacher=(4, 256, 4), student=(2, 128, 2), steps=teacher_steps, lm="lm.jsonl", lr=2e-3,
         batch=16,
     )  # fmt: skip
-    return {**s, "steps": 150, "counted": None, "sketch_positions": 4096}
+    return {**s, "steps": 150, "counted": None, "other_kinds": ("rkl", "jsd", "tvd")}
 
 
 def build_real(root: Path) -> dict:
@@ -147,6 +154,13 @@ def arm_rows(setting, caches, seeds) -> list[dict]:
         ("FKL online (dense)", None, {"online": True, "loss": "fkl"}),
         ("SFT", None, {"sft": True}),
     ] + [(name, caches[name], {"loss": loss}) for name, _, loss in ARMS if name in caches]
+    exact, sketched = ARMS[2][0], ARMS[3][0]
+    for kind in setting.get("other_kinds", ()):  # the other student-weighted losses: online, exact draws, sketch
+        arms += [
+            (f"{kind.upper()} online (dense)", None, {"online": True, "loss": kind}),
+            (f"{kind.upper()}: {exact}", caches[exact], {"loss": kind}),
+            (f"{kind.upper()}: {sketched}", caches[sketched], {"loss": kind}),
+        ]
     rows = []
     for arm, cache, opts in arms:
         row = {"arm": arm, **(cache_figures(cache) if cache else {}), "seeds": []}
@@ -241,6 +255,8 @@ def plot(results, path):
         for r in rows[1:3]:
             ax.axhline(r["kl"], ls="--", color="#7f7f7f" if r["arm"] == "SFT" else "#1f77b4", label=r["arm"])
         for r in rows[3:]:
+            if "bytes_per_position" not in r or r["arm"][:4] in ("RKL:", "JSD:", "TVD:"):
+                continue  # the other losses: in the JSON and the README's table
             marker = "s" if r["arm"].startswith("FKL") else ("*" if "sketch" in r["arm"] else "o")
             ax.errorbar(r["bytes_per_position"], r["kl"], yerr=r["kl_std"], fmt=marker, capsize=3)
             ax.annotate(

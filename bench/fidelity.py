@@ -48,10 +48,8 @@ from pipeline import batches, losses, models, scoring, sources, teachers
 from pipeline.config import DataConfig, ModelConfig
 from pipeline.data import tokenized
 from stages import prepare_demo
-from storage.codecs import id_bits
 
 OUT = ROOT / "bench/out/fidelity"
-BIG_VOCAB = 151936
 
 # name, cache encoding (converted from the top-64 float32 source unless it draws), train options
 ARMS = [
@@ -242,14 +240,8 @@ def build_caches(setting) -> dict:
 
 def cache_figures(path) -> dict:
     s = storage.statistics(path)
-    enc = s["encoding"]
-    entries = s["mean_width"] + s.get("mean_drawn_width", 0.0)
-    big = s["bytes_per_distilled_position"]
-    if enc["ids"]["codec"] == "bitpack":  # the same rows with ids of 18 bits instead of ours
-        big += entries * (id_bits(BIG_VOCAB) - enc["ids"]["bits"]) / 8
     return {
         "bytes_per_position": s["bytes_per_distilled_position"],
-        "bytes_per_position_at_151936": big,
         "mean_width": s["mean_width"],
         "mean_drawn": s.get("mean_drawn_width", 0.0),
         "decode_kl_mean": s.get("decode_kl_mean"),

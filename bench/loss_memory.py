@@ -5,6 +5,8 @@ through the lm_head (N positions, hidden H, vocabulary V), each case in a fresh 
   sparse    logits = h @ W.T; sparse_kd_loss (top-k + tail, AKL)       (cache path, full logits)
   chunked   sparse_kd_loss_from_hidden, 1024 positions per chunk      (never all logits at once)
   dense     logits = h @ W.T; dense_kd_loss vs teacher logits [N, V]   (online KD, teacher logits given)
+  sketch    logits = h @ W.T; sparse_kd_loss with 24 exact draws and a rank-32 teacher sketch (AKL over the full
+            vocabulary in chunks of 1024 positions, each recomputed in backward)
 
 Peak = max RSS during the case minus RSS after inputs are allocated. CPU only here: the figures are ratios
 measured side by side in one run. V = 49152 is the real teacher's (SmolLM2). Writes bench/out/loss_memory.json;
@@ -32,6 +34,10 @@ lp = torch.log_softmax(torch.randn(n, k), -1) - 0.1
 lp = lp.sort(-1, descending=True).values
 tail = torch.full((n,), -2.3)
 teacher = torch.randn(n, v) if case == "dense" else None
+sketch = dict(
+    drawn_ids=torch.randint(0, v, (n, 24)), drawn_logprobs=torch.full((n, 24), -6.0),
+    drawn_logweights=torch.full((n, 24), -5.5), sketch_coeffs=torch.randn(n, 32), sketch_basis=torch.randn(33, v),
+) if case == "sketch" else None
 y = torch.randint(0, v, (n,))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 def step():
@@ -40,6 +46,8 @@ def step():
         loss = torch.nn.functional.cross_entropy(hh @ ww.T, y)
     elif case == "sparse":
         loss = losses.sparse_kd_loss(hh @ ww.T, ids, lp, tail, "akl").mean()
+    elif case == "sketch":
+        loss = losses.sparse_kd_loss(hh @ ww.T, ids, lp, tail, "akl", **sketch).mean()
     elif case == "chunked":
         loss = losses.sparse_kd_loss_from_hidden(hh, ww, ids, lp, tail, "akl", chunk_size=1024).mean()
     else:
@@ -64,7 +72,7 @@ def main(n=8192, h=256, vocabs=(32000, 49152, 151936), repeats=3):
     rows = []
     for v in vocabs:
         logits_mb = n * v * 4 / 2**20
-        for case in ("ce", "sparse", "chunked", "dense"):
+        for case in ("ce", "sparse", "chunked", "sketch", "dense"):
             if case == "dense" and 10 * logits_mb > 12 * 1024:  # half of this machine's 24 GB
                 print(
                     f"N={n} V={v:6d} dense    skipped: ~10 [N,V] float32 tensors (~{10 * logits_mb / 1024:.0f} GB) "

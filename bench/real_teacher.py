@@ -42,6 +42,20 @@ ENCODINGS = {  # the README's, as cache-teacher flags
     "top-p .95 q8 bitpack, k ≤ 64": {"top_k": 64, "top_p": 0.95, "ids": "bitpack", "logprob_dtype": "q8"},
     "top-p .5 + 24 draws q8": {"top_p": 0.5, "tail_draws": 24, "ids": "bitpack", "logprob_dtype": "q8"},
     "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "ids": "bitpack"},
+    "top-p .5 + 24 draws q8 + sketch 32 q4": {
+        "top_p": 0.5,
+        "tail_draws": 24,
+        "ids": "bitpack",
+        "logprob_dtype": "q8",
+        "sketch_rank": 32,
+    },
+    "top-p .5 + 16 draws q8 + sketch 16 q4": {
+        "top_p": 0.5,
+        "tail_draws": 16,
+        "ids": "bitpack",
+        "logprob_dtype": "q8",
+        "sketch_rank": 16,
+    },
 }
 
 
@@ -75,8 +89,10 @@ def encodings(teacher: str, data: Path, root: Path) -> dict:
         pipeline("cache-teacher", teacher=teacher, data=str(data), text_field="text", max_length=128, out=str(path),
                  batch_size=8, **flags)  # fmt: skip
         s = storage.statistics(path)
+        sketch = sum(f.stat().st_size for f in (path / "sketch").rglob("*") if f.is_file())
         out[name] = {
             "bytes_per_position": s["bytes_per_distilled_position"],
+            "sketch_basis_bytes": sketch,
             "mean_width": s["mean_width"],
             "mean_drawn": s.get("mean_drawn_width", 0.0),
         }

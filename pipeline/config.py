@@ -245,6 +245,11 @@ class CacheTeacherConfig:
     )
     sketch_bits: int = option(4, "bits per sketch coefficient (2 to 8)")
     sketch_positions: int = option(4096, "positions the sketch's directions are fitted on", check=at_least(16))
+    sketch_from: str | None = option(
+        None,
+        "take the sketch of this cache of the same teacher instead of fitting one (caches mixed in training "
+        "need one sketch: on-policy rounds take the fixed data's)",
+    )
     temperatures: tuple[float, ...] = option(
         (1.0,), "repeatable", flag="--temperature", check=FINITE_POSITIVE, normalize=as_tuple
     )

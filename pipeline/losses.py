@@ -340,19 +340,11 @@ def sparse_kd_loss_with_ce(
     if sketch_coeffs is not None and tail == "bucket":
         if drawn and drawn_logweights is None:
             raise ValueError("a teacher sketch goes with exact drawn log-probs (drawn_logweights), not counted draws")
-        approx = sketch_logits(sketch_coeffs, sketch_basis, student_logits.shape[1])
-        drawn_fields = (drawn_ids, drawn_logprobs, drawn_logweights) if drawn else None
-        return _sketched(
-            student_logits,
-            targets,
-            head,
-            topk_logprobs,
-            tail_logmass,
-            drawn_fields,
-            approx,
-            kind,
-            dict(mu=mu, beta=beta, alpha=alpha),
-            float(temperature),
+        rows = (head, topk_logprobs, tail_logmass, sketch_coeffs) + (
+            (drawn_ids, drawn_logprobs, drawn_logweights) if drawn else ()
+        )
+        return _sketched_in_chunks(
+            student_logits, targets, rows, sketch_basis, kind, dict(mu=mu, beta=beta, alpha=alpha), float(temperature)
         )
     ids, valid = _pad_with_first(torch.cat([head, drawn_ids.long()], 1) if drawn else head)
     t = float(temperature)
@@ -407,10 +399,34 @@ def sketch_logits(coeffs: torch.Tensor, basis: torch.Tensor, vocab_size: int) ->
     return c @ basis[:, :vocab_size].float().to(c.device)
 
 
-def _sketched(logits, targets, head, topk_logprobs, tail_logmass, drawn, approx, kind, params, t):
+def _sketched_in_chunks(logits, targets, rows, basis, kind, params, t):
+    """_sketched over chunks of ROW_CHUNK positions, each recomputed in backward (activation checkpointing), so its
+    [chunk, V] temporaries are never held for all positions at once. rows: per-position tensors (head ids, head
+    log-probs, tail log-masses, sketch coefficients, then optionally drawn ids, log-probs and log weights)."""
+    outs = []
+    for a in range(0, logits.shape[0], ROW_CHUNK):
+        sl = slice(a, a + ROW_CHUNK)
+        args = (logits[sl], None if targets is None else targets[sl], basis, *(r[sl] for r in rows))
+        fn = lambda x, y, b, *r: _sketched(x, y, b, r, kind, params, t)
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
+    if not outs:
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        return empty, None if targets is None else empty, AKLStats(empty, empty, empty) if kind == "akl" else None
+    loss = torch.cat([o[0] for o in outs])
+    ce = None if targets is None else torch.cat([o[1] for o in outs])
+    stats = None if outs[0][2] is None else AKLStats(*(torch.cat(c) for c in zip(*(o[2] for o in outs))))
+    return loss, ce, stats
+
+
+def _sketched(logits, targets, basis, rows, kind, params, t):
     """The sparse loss with the teacher's sketch, over the full vocabulary: the teacher stand-in p̃ is exact at the
     head and at exactly drawn tokens, and spreads the undrawn rest's mass by softmax(approx / t) over the rest
-    (module docstring). drawn: None or (ids, exact log-probs, log weights)."""
+    (module docstring). rows: (head ids, head log-probs, tail log-masses, coefficients[, drawn ids, exact log-probs,
+    log weights])."""
+    head, topk_logprobs, tail_logmass, coeffs = rows[:4]
+    drawn = rows[4:] or None
+    head = head.long()
+    approx = sketch_logits(coeffs, basis, logits.shape[1])
     logq = torch.log_softmax(logits.float() / t, -1)
     ids = torch.cat([head, drawn[0].long()], 1) if drawn else head
     vals = torch.cat([topk_logprobs.float(), drawn[1].float()], 1) if drawn else topk_logprobs.float()

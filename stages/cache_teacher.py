@@ -87,6 +87,9 @@ def cache_plan(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
         "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tok), "size": len(tok)},
         "dataset": data.fingerprint(ds, tok, cfg.data),
     }
+    if cfg.sketch_rank:  # what the sketch's directions were fitted on
+        source = cfg.sketch_from and storage.open_cache(cfg.sketch_from).manifest["cache_key"]
+        identity["sketch"] = {"from_cache": source} if source else {"positions": cfg.sketch_positions}
     return storage.make_plan(
         backend=cfg.format,
         k=cfg.top_k,
@@ -156,6 +159,8 @@ def _sketch(cfg, writer, ds, head, tok, device, group) -> dict | None:
     stored = writer.sketch() if group.writer else None
     if parallel.broadcast_in_group([stored is not None], group)[0]:
         return stored
+    if cfg.sketch_from:
+        return writer.store_sketch(_borrowed_sketch(cfg, writer.plan)) if group.writer else None
     rows, positions = [], 0
     for s in data.rows_of(ds, 0, len(ds)):
         rows.append(s)
@@ -177,6 +182,23 @@ def _sketch(cfg, writer, ds, head, tok, device, group) -> dict | None:
     weight = models.full_tensor(out.weight)[: head.vocab_size]
     bias = None if getattr(out, "bias", None) is None else models.full_tensor(out.bias)[: head.vocab_size]
     return writer.store_sketch(teachers.fit_sketch(torch.cat(hidden), weight, bias, cfg.sketch_rank))
+
+
+def _borrowed_sketch(cfg, plan) -> dict:
+    """--sketch-from's sketch, refused in one line unless it is one of this teacher at this rank."""
+    source = storage.open_cache(cfg.sketch_from)
+    sketch, theirs = source.sketch(), source.manifest["identity"]["teacher"]
+    ours = plan["identity"]["teacher"]
+    if sketch is None or source.encoding["sketch"]["rank"] != cfg.sketch_rank:
+        raise InputError(f"--sketch-from {cfg.sketch_from} holds no sketch of rank {cfg.sketch_rank}")
+    if (
+        theirs.get("weights_fingerprint") != ours.get("weights_fingerprint")
+        or source.manifest["vocab_size"] != plan["vocab_size"]
+    ):
+        raise InputError(
+            f"--sketch-from {cfg.sketch_from} was written by another teacher; its sketch fits that one only"
+        )
+    return {k: v.ravel() for k, v in sketch.items()}
 
 
 @torch.inference_mode()

@@ -22,6 +22,8 @@ ORDER = [
     "sfkl",
     "srkl",
     "akl",
+    "online-akl",
+    "online-fkl",
     "onpolicy-fkl",
     "onpolicy-akl",
     "onpolicy-jsd",

@@ -41,8 +41,8 @@ def verify(path) -> dict:
     return m
 
 
-def disk_bytes(path) -> int:
-    return sum(f.stat().st_size for f in (Path(path) / manifest_io.PARTS).rglob("*") if f.is_file())
+def disk_bytes(path, folder: str = manifest_io.PARTS) -> int:
+    return sum(f.stat().st_size for f in (Path(path) / folder).rglob("*") if f.is_file())
 
 
 def statistics(path, temperature=None, max_positions: int = 1_000_000) -> dict:
@@ -82,6 +82,7 @@ def statistics(path, temperature=None, max_positions: int = 1_000_000) -> dict:
         "temperature": m["temperatures"][j],
         "positions_sampled": int(tails.size),
         "encoding": cache.encoding,
+        "sketch_bytes": disk_bytes(path, manifest_io.SKETCH) if cache.encoding.get("sketch") else 0,
     }
     if f"decode_kl_sum_{j}" in c and n_pos:
         out["decode_kl_mean"] = c[f"decode_kl_sum_{j}"] / n_pos
@@ -98,8 +99,12 @@ def encoding_text(enc: dict) -> str:
     )
     lp = enc["logprobs"]
     lp_text = lp["codec"] if lp["codec"] != "power" else f"{lp['bits']}-bit power (γ={lp['gamma']:g})"
-    draws = f", {enc['draws']['n']} tail draws" if enc.get("draws") else ""
-    return f"{width}; ids {ids}; log-probs {lp_text}{draws}; target log-prob {'yes' if enc['target_logprob'] else 'no'}"
+    draws = ""
+    if enc.get("draws"):
+        draws = f", {enc['draws']['n']} tail draws ({'exact' if part_io.exact_draws(enc) else 'counted'})"
+    sketch = f", sketch rank {enc['sketch']['rank']} × {enc['sketch']['bits']} bits" if enc.get("sketch") else ""
+    target = "yes" if enc["target_logprob"] else "no"
+    return f"{width}; ids {ids}; log-probs {lp_text}{draws}{sketch}; target log-prob {target}"
 
 
 def describe(path) -> str:
@@ -119,7 +124,8 @@ def describe(path) -> str:
         f"{s['mean_width']:.1f}"
         + (f"   mean drawn tokens {s['mean_drawn_width']:.1f}" if "mean_drawn_width" in s else ""),
         f"on disk     {s['bytes_on_disk'] / 1e6:.2f} MB = "
-        f"{s['bytes_per_distilled_position']:.1f} B per distilled position",
+        f"{s['bytes_per_distilled_position']:.1f} B per distilled position"
+        + (f", and the sketch's basis {s['sketch_bytes'] / 1e6:.2f} MB once" if s["sketch_bytes"] else ""),
         f"tail mass   mean {s['mean_tail_mass']:.4f} at T={s['temperature']}",
     ]
     if "decode_kl_mean" in s:

@@ -594,3 +594,24 @@ def test_bad_rows_are_refused_naming_the_row(tiny, tmp_path, row, expect):
     extra = ["--response-ids-field", "ids", "--behavior-field", "lp"] if "ids" in row else []
     res = cli(tiny, tmp_path / "c", *extra, data=str(data))
     assert res.exit_code == 1 and expect in res.output, res.output
+
+
+def test_a_cache_borrows_another_caches_sketch_of_the_same_teacher_only(tiny, tmp_path):
+    """On-policy rounds mixed with the fixed data's cache need its sketch: --sketch-from copies it (one sketch, so the
+    caches mix), and refuses a cache of another teacher or rank in one line."""
+    from pipeline import teachers
+
+    enc = dict(top_p=0.5, tail_draws=4, sketch_rank=4, sketch_positions=32)
+    run(tiny, tmp_path / "fixed", "llama", **enc)
+    plain = DataConfig(tiny["plain"], text_field="text")
+    run(tiny, tmp_path / "round", "llama", plain, sketch_from=str(tmp_path / "fixed"), **enc)
+    a, b = storage.open_cache(tmp_path / "fixed"), storage.open_cache(tmp_path / "round")
+    assert a.manifest["sketch"] == b.manifest["sketch"]
+    teachers.cached([tmp_path / "fixed", tmp_path / "round"], (0.5,))  # one sketch: they mix
+    with pytest.raises(Exception, match="mixed caches differ in their teacher sketch"):
+        run(tiny, tmp_path / "own", "llama", plain, **enc)
+        teachers.cached([tmp_path / "fixed", tmp_path / "own"], (0.5,))
+    for arch, rank, expect in (("gpt2", 4, "another teacher"), ("llama", 8, "no sketch of rank 8")):
+        with pytest.raises(ct.InputError, match=expect):
+            run(tiny, tmp_path / f"bad-{arch}-{rank}", arch, plain, sketch_from=str(tmp_path / "fixed"),
+                **{**enc, "sketch_rank": rank})  # fmt: skip

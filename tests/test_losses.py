@@ -501,3 +501,23 @@ def test_hidden_chunked_path_with_draws_and_sketch_equals_logits_path():
     want = sparse_kd_loss(hidden @ w.T, ids, lp, tail, "akl", **kw)
     got = sparse_kd_loss_from_hidden(hidden, w, ids, lp, tail, "akl", chunk_size=3, **kw)
     torch.testing.assert_close(got, want)
+
+
+def test_the_sketched_loss_in_row_chunks_equals_it_in_one(monkeypatch):
+    """Chunks of positions, recomputed in backward, keep [chunk, V] temporaries only: same values and gradients."""
+    g = torch.Generator().manual_seed(6)
+    s, t = torch.randn(11, 30, generator=g), torch.randn(11, 30, generator=g)
+    ids, lp, tail = teacher_topk(t, 4)
+    targets = torch.randint(0, 30, (11,), generator=g)
+    sketch = {"sketch_coeffs": torch.randn(11, 3, generator=g), "sketch_basis": torch.randn(4, 30, generator=g)}
+
+    def run():
+        x = s.clone().requires_grad_()
+        kd, ce, stats = losses.sparse_kd_loss_with_ce(x, targets, ids, lp, tail, "akl", **sketch)
+        (kd.sum() + ce.sum()).backward()
+        return kd.detach(), ce.detach(), stats.w_head, x.grad
+
+    whole = run()
+    monkeypatch.setattr(losses, "ROW_CHUNK", 4)
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b)
