@@ -110,7 +110,7 @@ def build_prose(root: Path, train_n=2400, test_n=200, teacher_steps=600) -> dict
 def build_real(root: Path) -> dict:
     s = fidelity.build_real(fidelity.OUT / "real", 60 * 8, 64)
     counted = fidelity.OUT / "real/caches/top-p_.50_q8_+_24_draws"  # written before exact draws existed
-    reuse = {"FKL online (dense)": "online_(dense)"}  # bench/fidelity.py --real trained these with the same settings
+    reuse = {"FKL online (dense)": "online_(dense)", "SFT": "SFT"}  # bench/fidelity.py --real's, same settings
     return {**s, "steps": 60, "counted": counted if (counted / "manifest.json").exists() else None, "reuse": reuse}
 
 
@@ -165,8 +165,9 @@ def arm_rows(setting, caches, seeds) -> list[dict]:
     for arm, cache, opts in arms:
         row = {"arm": arm, **(cache_figures(cache) if cache else {}), "seeds": []}
         for seed in seeds:
-            run_name = setting.get("reuse", {}).get(arm, arm.replace(" ", "_").replace("/", "").replace(":", ""))
-            out = setting["root"] / "runs" / f"{run_name}-s{seed}"
+            reused = setting.get("reuse", {}).get(arm)  # a run of bench/fidelity.py with the same settings
+            slug = arm.replace(" ", "_").replace("/", "").replace(":", "").replace(",", "")
+            out = setting["root"] / "runs" / (f"{reused}-s{seed}" if reused else f"akl_cache/{slug}-s{seed}")
             seconds = fidelity.train_student(setting, out, seed, setting["steps"], cache=cache, **opts)
             row["seeds"].append(
                 {"seed": seed, "train_s": seconds, **fidelity.heldout(setting, out / "final", teacher_model)}
@@ -223,7 +224,7 @@ def run_setting(name, setting, seeds=(0, 1)) -> dict:
     t0 = time.perf_counter()
     caches = build_caches(setting)
     rows = arm_rows(setting, caches, list(seeds))
-    trained = setting["root"] / "runs" / "AKL_online_(dense)-s0" / "final"
+    trained = setting["root"] / "runs" / "akl_cache" / "AKL_online_(dense)-s0" / "final"
     grads = {
         "at_akl_online_student": gradient_errors(setting, caches, trained),
         "at_student_init": gradient_errors(setting, caches, setting["student"]),
@@ -272,6 +273,41 @@ def plot(results, path):
     plt.close(fig)
 
 
+def markdown(results) -> str:
+    """The README's tables: per teacher, each arm's held-out figures (÷ the online arm of its own loss) and the
+    gradient errors of the cached AKL arms."""
+    out = []
+    for name, res in results.items():
+        rows = {r["arm"]: r for r in res["rows"]}
+        out += [
+            f"**{name}** ({res['where']}; V = {res['vocab']}, {res['steps']} steps, seeds {res['seeds']})",
+            "",
+            "| arm | B/pos | held-out KL(T‖S) | ÷ own loss online | KL(S‖T) | ÷ own loss online | NLL |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in res["rows"]:
+            first = r["arm"].split(" ")[0].rstrip(":")
+            kind = first if first in ("FKL", "RKL", "JSD", "TVD") else "AKL"
+            ref = rows.get(f"{kind} online (dense)", rows["AKL online (dense)"])
+            bpos = f"{r['bytes_per_position']:.0f}" if "bytes_per_position" in r else "–"
+            out.append(
+                f"| {r['arm']} | {bpos} | {r['kl']:.4f} ± {r['kl_std']:.4f} | {r['kl'] / ref['kl']:.3f} | "
+                f"{r['rkl']:.4f} ± {r['rkl_std']:.4f} | {r['rkl'] / ref['rkl']:.3f} | {r['nll']:.3f} |"
+            )
+        grads = res["gradient_relative_error"]
+        arms = list(grads["at_akl_online_student"]["akl"])
+        out += ["", "| gradient error vs online, at init / at the online-AKL student | " + " | ".join(KINDS) + " |"]
+        out.append("|---" * (len(KINDS) + 1) + "|")
+        for arm in arms:
+            cells = [
+                f"{100 * grads['at_student_init'][k][arm]:.0f}% / {100 * grads['at_akl_online_student'][k][arm]:.0f}%"
+                for k in KINDS
+            ]
+            out.append(f"| {arm} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(names):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = ROOT / "bench/out/akl_cache.json"
@@ -286,4 +322,7 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["real", "prose"])
+    if "--table" in sys.argv:
+        print(markdown(json.loads((ROOT / "bench/out/akl_cache.json").read_text())))
+    else:
+        main(sys.argv[1:] or ["real", "prose"])

@@ -227,13 +227,16 @@ def fit_sketch(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     [rank + 1, V] with [1, c] · basis = W (mean + componentsᵀ c) + b, all float32 numpy."""
     h = hidden.double()
     mean = h.mean(0)
+    weight = weight.to(h.device)
     _, _, vt = torch.linalg.svd(h - mean, full_matrices=False)
-    components = torch.zeros(rank, h.shape[1], dtype=torch.float64)
+    components = torch.zeros(rank, h.shape[1], dtype=torch.float64, device=h.device)
     components[: min(rank, len(vt))] = vt[:rank]
-    w = weight.double()
-    rows = torch.cat([(w @ mean)[None], components @ w.T])
+    directions = torch.cat([mean[None], components]).float()
+    rows = torch.empty(rank + 1, weight.shape[0], dtype=torch.float32, device=weight.device)
+    for a in range(0, weight.shape[0], 8192):  # the output layer in float32 one block of rows at a time
+        rows[:, a : a + 8192] = directions @ weight[a : a + 8192].float().T
     if bias is not None:
-        rows[0] += bias.double()
+        rows[0] += bias.float()
     as_np = lambda x: x.float().cpu().numpy().ravel()
     return {"mean": as_np(mean), "components": as_np(components), "basis": as_np(rows)}
 

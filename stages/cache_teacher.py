@@ -162,11 +162,11 @@ def _sketch(cfg, writer, ds, head, tok, device, group) -> dict | None:
     if cfg.sketch_from:
         return writer.store_sketch(_borrowed_sketch(cfg, writer.plan)) if group.writer else None
     rows, positions = [], 0
-    for s in data.rows_of(ds, 0, len(ds)):
-        rows.append(s)
-        positions += int(s["loss_mask"].sum())
+    for a in range(0, len(ds), cfg.batch_size):  # the first rows that hold --sketch-positions distilled positions
         if positions >= cfg.sketch_positions:
             break
+        rows += data.rows_of(ds, a, min(a + cfg.batch_size, len(ds)))
+        positions = sum(int(s["loss_mask"].sum()) for s in rows)
     hidden = [
         _hidden(head, rows[a : a + cfg.batch_size], tok.pad_token_id, device)
         for a in range(0, len(rows), cfg.batch_size)
