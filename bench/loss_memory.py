@@ -10,7 +10,7 @@ through the lm_head (N positions, hidden H, vocabulary V), each case in a fresh 
 
 Peak = max RSS during the case minus RSS after inputs are allocated. CPU only here: the figures are ratios
 measured side by side in one run. V = 49152 is the real teacher's (SmolLM2). Writes bench/out/loss_memory.json;
-`--vocab 49152` runs one vocabulary.
+`--vocab 49152 --n 2048 --cases ce,dense,sketch --out loss_sketch.json` runs a subset.
 """
 
 import json
@@ -68,11 +68,14 @@ def run_case(n, v, h, case, repeats):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main(n=8192, h=256, vocabs=(32000, 49152, 151936), repeats=3):
+CASES = ("ce", "sparse", "chunked", "sketch", "dense")
+
+
+def main(n=8192, h=256, vocabs=(32000, 49152, 151936), repeats=3, cases=CASES):
     rows = []
     for v in vocabs:
         logits_mb = n * v * 4 / 2**20
-        for case in ("ce", "sparse", "chunked", "sketch", "dense"):
+        for case in cases:
             if case == "dense" and 10 * logits_mb > 12 * 1024:  # half of this machine's 24 GB
                 print(
                     f"N={n} V={v:6d} dense    skipped: ~10 [N,V] float32 tensors (~{10 * logits_mb / 1024:.0f} GB) "
@@ -97,5 +100,8 @@ def main(n=8192, h=256, vocabs=(32000, 49152, 151936), repeats=3):
 if __name__ == "__main__":
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    vocabs = [int(v) for v in sys.argv[sys.argv.index("--vocab") + 1].split(",")] if "--vocab" in sys.argv else None
-    (out / "loss_memory.json").write_text(json.dumps(main(**({"vocabs": vocabs} if vocabs else {})), indent=1))
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))  # --vocab 49152 --n 2048 --cases ce,dense,sketch --out NAME
+    kw = {"vocabs": [int(v) for v in args["--vocab"].split(",")]} if "--vocab" in args else {}
+    kw |= {"n": int(args["--n"])} if "--n" in args else {}
+    kw |= {"cases": tuple(args["--cases"].split(","))} if "--cases" in args else {}
+    (out / args.get("--out", "loss_memory.json")).write_text(json.dumps(main(**kw), indent=1))

@@ -113,12 +113,12 @@ def akl_weights(p, q, mask):
     return AKLStats(g_head, g_tail, g_head / denom)
 
 
-def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins=None, refined=None):
+def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins=None, refined=None, head=None):
     """Per-position divergence between teacher bins logp and student bins logq, both [N, B] log-probs.
 
     refined: optional (log weights, logp, logq) bins in which the teacher-weighted terms Σ w·f(p, q) are evaluated
     instead (drawn tail tokens, see the module docstring). Returns (loss [N], AKLStats or None). n_head_bins: bins
-    eligible for the AKL head (the tail bins are not).
+    eligible for the AKL head (the tail bins are not); head: the AKL head mask itself, when the caller knows it.
     """
     p, q = logp.exp(), logq.exp()
     lp, lq = _floor(logp), _floor(logq)
@@ -139,7 +139,7 @@ def bin_divergence(kind, logp, logq, *, mu=0.5, beta=0.5, alpha=0.1, n_head_bins
     if kind == "srkl":
         return _kl(q, lq, _log_mix(1 - alpha, lp, lq)), None
     if kind == "akl":
-        mask = head_mask(p, mu, logp.shape[-1] if n_head_bins is None else n_head_bins)
+        mask = head if head is not None else head_mask(p, mu, logp.shape[-1] if n_head_bins is None else n_head_bins)
         with torch.no_grad():
             stats = akl_weights(p, q, mask)
         loss = stats.w_head * _kl(pa, lpa, lqa) + (1 - stats.w_head) * _kl(q, lq, lp)
@@ -393,6 +393,12 @@ def undrawn_logmass(tail_logmass, lp_drawn):
     return torch.where(torch.isneginf(tail_logmass), tail_logmass, rest)
 
 
+def _scatter_mask(ids, mask, shape) -> torch.Tensor:
+    """A [N, k] mask over ids [N, k] (−1 padded) as a [N, V] mask."""
+    out = torch.zeros(shape, dtype=torch.uint8, device=ids.device)
+    return out.scatter_add_(-1, ids.clamp_min(0), (mask & (ids >= 0)).to(torch.uint8)) > 0
+
+
 def sketch_logits(coeffs: torch.Tensor, basis: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The teacher's approximate logits [N, V] from its sketch: [1, c] @ basis."""
     c = torch.cat([torch.ones_like(coeffs[:, :1]), coeffs], 1).float()
@@ -447,7 +453,10 @@ def _sketched(logits, targets, basis, rows, kind, params, t):
         )
         weights = torch.full_like(logq, float("-inf")).scatter_reduce(-1, ids, w, "amax", include_self=False)
         refined = (weights, logp, logq)
-    loss, stats = bin_divergence(kind, logp, logq, refined=refined, **params)
+    in_head = head_mask(topk_logprobs.float().exp(), params["mu"], head.shape[1]) & (head >= 0)
+    loss, stats = bin_divergence(
+        kind, logp, logq, refined=refined, head=_scatter_mask(head, in_head, logq.shape), **params
+    )
     ce = None if targets is None else -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
     return loss, ce, stats
 
