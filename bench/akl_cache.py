@@ -7,7 +7,7 @@ Two real-text teachers:
          (layers 0, 6, 12, 18, 24, 29) as the student, 60 steps (bench/fidelity.py --real's setting).
   prose  a language model of real English prose: the docstrings of CPython's standard library (every docstring of
          every module, class and function, as written by its authors; every 10th file held out), a byte-level BPE
-         of V = 8192 trained on them, a Llama 4×256 trained here as an LM on them (a flat distribution: a small model
+         of V = 4096 trained on them, a Llama 4×256 trained here as an LM on them (a flat distribution: a small model
          of varied prose), a Llama 2×128 student from scratch, 150 steps.
 
 Arms, per teacher: the online teacher (dense full-vocabulary AKL every step: the reference), online FKL, SFT, and
@@ -98,13 +98,13 @@ def build_prose(root: Path, train_n=2400, test_n=200, teacher_steps=600) -> dict
         with open(root / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in rows)
     if not (root / "tokenizer").exists():
-        prepare_demo.save_tokenizer(root / "tokenizer", train, 8192)
+        prepare_demo.save_tokenizer(root / "tokenizer", train, 4096)
     fields = {"text_field": "text", "max_length": 128}
     s = fidelity._teacher(
         root, fields, where, teacher=(4, 256, 4), student=(2, 128, 2), steps=teacher_steps, lm="lm.jsonl", lr=2e-3,
         batch=16,
     )  # fmt: skip
-    return {**s, "steps": 150, "counted": None, "other_kinds": ("rkl", "jsd", "tvd")}
+    return {**s, "steps": 150, "counted": None, "skip": ("top-p .5 + 16 draws q8 + sketch 16 q4",)}
 
 
 def build_real(root: Path) -> dict:
@@ -112,7 +112,9 @@ def build_real(root: Path) -> dict:
     counted = fidelity.OUT / "real/caches/top-p_.50_q8_+_24_draws"  # written before exact draws existed
     reuse = {"FKL online (dense)": "online_(dense)", "SFT": "SFT"}  # bench/fidelity.py --real's, same settings
     counted = counted if (counted / "manifest.json").exists() else None
-    return {**s, "steps": 60, "counted": counted, "reuse": reuse, "skip": ("top-p .5 + 16 draws q8 + sketch 16 q4",)}
+    untrained = ("top-p .5 + 24 draws q8 + sketch 32 q4", "FKL: top-p .5 + 24 draws q8 + sketch 32 q4")
+    return {**s, "steps": 60, "counted": counted, "reuse": reuse, "skip": ("top-p .5 + 16 draws q8 + sketch 16 q4",),
+            "untrained": untrained, "gradient_kinds": ("akl",)}  # fmt: skip
 
 
 def build_caches(setting) -> dict:
@@ -157,6 +159,7 @@ def arm_rows(setting, caches, seeds) -> list[dict]:
         ("FKL online (dense)", None, {"online": True, "loss": "fkl"}),
         ("SFT", None, {"sft": True}),
     ] + [(name, caches[name], {"loss": loss}) for name, _, loss in ARMS if name in caches]
+    arms = [a for a in arms if a[0] not in setting.get("untrained", ())]
     exact, sketched = ARMS[2][0], ARMS[3][0]
     for kind in setting.get("other_kinds", ()):  # the other student-weighted losses: online, exact draws, sketch
         arms += [
@@ -172,9 +175,7 @@ def arm_rows(setting, caches, seeds) -> list[dict]:
             slug = arm.replace(" ", "_").replace("/", "").replace(":", "").replace(",", "")
             out = setting["root"] / "runs" / (f"{reused}-s{seed}" if reused else f"akl_cache/{slug}-s{seed}")
             seconds = fidelity.train_student(setting, out, seed, setting["steps"], cache=cache, **opts)
-            row["seeds"].append(
-                {"seed": seed, "train_s": seconds, **fidelity.heldout(setting, out / "final", teacher_model)}
-            )
+            row["seeds"].append({"seed": seed, "train_s": seconds, **heldout(setting, out / "final", teacher_model)})
         for key in ("kl", "rkl", "nll"):
             vals = [s[key] for s in row["seeds"]]
             row[key], row[f"{key}_std"] = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -188,6 +189,14 @@ def arm_rows(setting, caches, seeds) -> list[dict]:
         row["kl_vs_akl_online"] = row["kl"] / rows[0]["kl"]
         row["rkl_vs_akl_online"] = row["rkl"] / rows[0]["rkl"]
     return rows
+
+
+def heldout(setting, model, teacher_model) -> dict:
+    """fidelity.heldout, kept beside the model (heldout.json) so that a rerun does not score it again."""
+    saved = Path(model) / "heldout.json"
+    if not saved.exists():
+        saved.write_text(json.dumps(fidelity.heldout(setting, model, teacher_model)))
+    return json.loads(saved.read_text())
 
 
 def gradient_errors(setting, caches, checkpoint, kinds=KINDS, n=128, batch=16) -> dict:
@@ -229,7 +238,7 @@ def run_setting(name, setting, seeds=(0, 1)) -> dict:
     rows = arm_rows(setting, caches, list(seeds))
     trained = setting["root"] / "runs" / "akl_cache" / "AKL_online_(dense)-s0" / "final"
     grads = {
-        "at_akl_online_student": gradient_errors(setting, caches, trained),
+        "at_akl_online_student": gradient_errors(setting, caches, trained, setting.get("gradient_kinds", KINDS)),
         "at_student_init": gradient_errors(setting, caches, setting["student"], kinds=("akl",)),
     }
     return {
@@ -314,12 +323,13 @@ def markdown(results) -> str:
 def main(names):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = ROOT / "bench/out/akl_cache.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
     builders = {"real": lambda: build_real(OUT / "real"), "prose": lambda: build_prose(OUT / "prose")}
     for name in names:
-        results[name] = run_setting(name, builders[name]())
+        result = run_setting(name, builders[name]())
+        results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile
         path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, default=str))
+        path.write_text(json.dumps(results | {name: result}, indent=1, default=str))
+    results = json.loads(path.read_text())
     plot(results, ROOT / "bench/akl_cache.png")
     return results
 

@@ -38,8 +38,9 @@ A teacher sketch (sketch_coeffs [N, r], sketch_basis [r + 1, V]: approximate tea
 says how the undrawn rest is spread. The loss then runs over the full vocabulary against a teacher stand-in p̃:
 exact at the head and at exactly drawn tokens, P_rest · softmax(z̃/t) over the other tokens (P_rest the undrawn rest
 above, or P_R without draws). The student-weighted terms, tvd and AKL's head, gaps and weights use p̃; the
-teacher-weighted terms keep the Horvitz–Thompson weights (or use p̃ when there are no draws). With z̃ the teacher's
-own logits, p̃ is the teacher.
+teacher-weighted terms keep the Horvitz–Thompson weights (or use p̃ when there are no draws), so with exact draws a
+loss made of them alone (fkl, sfkl) is the same on the bins and skips the full-vocabulary pass. With z̃ the
+teacher's own logits, p̃ is the teacher.
 
 tail="renormalize" is the peers' default (DistillKit's sparse KL): the head renormalized to sum to 1, the
 tail and any drawn tokens dropped, and the student's log-probs gathered from its full softmax, so every
@@ -337,7 +338,8 @@ def sparse_kd_loss_with_ce(
     head = topk_ids.long()
     width = head.shape[1]
     drawn = drawn_ids is not None and tail == "bucket" and drawn_ids.shape[1] > 0
-    if sketch_coeffs is not None and tail == "bucket":
+    teacher_weighted_only = kind in ("fkl", "sfkl") or (kind == "jsd" and beta == 0)
+    if sketch_coeffs is not None and tail == "bucket" and not (drawn and teacher_weighted_only):
         if drawn and drawn_logweights is None:
             raise ValueError("a teacher sketch goes with exact drawn log-probs (drawn_logweights), not counted draws")
         rows = (head, topk_logprobs, tail_logmass, sketch_coeffs) + (
