@@ -88,7 +88,7 @@ def _docstrings(path: Path) -> list[str]:
     return [p for x in nodes for p in (ast.get_docstring(x) or "").split("\n\n")]
 
 
-def build_prose(root: Path, train_n=2400, test_n=200, teacher_steps=600) -> dict:
+def build_prose(root: Path, train_n=2400, test_n=200, teacher_steps=250) -> dict:
     """The teacher is trained on all training chunks (the students distill on 2400 of them), then held out."""
     train, test, where = prose_chunks()
     random.Random(0).shuffle(train)
@@ -231,11 +231,11 @@ def gradient_errors(setting, caches, checkpoint, kinds=KINDS, n=128, batch=16) -
     return out
 
 
-def run_setting(name, setting, seeds=(0, 1)) -> dict:
+def run_setting(name, setting, seeds=(0, 1), gradients_only=False) -> dict:
     print(f"== {name}: {setting['where']}", flush=True)
     t0 = time.perf_counter()
     caches = build_caches(setting)
-    rows = arm_rows(setting, caches, list(seeds))
+    rows = [] if gradients_only else arm_rows(setting, caches, list(seeds))
     trained = setting["root"] / "runs" / "akl_cache" / "AKL_online_(dense)-s0" / "final"
     grads = {
         "at_akl_online_student": gradient_errors(setting, caches, trained, setting.get("gradient_kinds", KINDS)),
@@ -261,6 +261,9 @@ def plot(results, path):
     fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
         rows = res["rows"]
+        if not rows:  # a --gradients-only run: the AKL gradient errors
+            _plot_gradients(ax, name, res)
+            continue
         ref = rows[0]
         ax.axhspan(ref["kl"] - ref["kl_std"], ref["kl"] + ref["kl_std"], color="#2ca02c", alpha=0.15)
         ax.axhline(ref["kl"], color="#2ca02c", label="AKL online (reference)")
@@ -320,12 +323,26 @@ def markdown(results) -> str:
     return "\n".join(out)
 
 
+def _plot_gradients(ax, name, res):
+    grads = res["gradient_relative_error"]
+    arms = list(grads["at_akl_online_student"]["akl"])
+    x = range(len(arms))
+    for shift, (where, label) in enumerate(
+        (("at_student_init", "student at init"), ("at_akl_online_student", "trained"))
+    ):
+        ax.bar([i + 0.4 * shift for i in x], [100 * grads[where]["akl"][a] for a in arms], 0.4, label=label)
+    ax.set_xticks([i + 0.2 for i in x], [a.replace(" + ", "\n+ ") for a in arms], fontsize=7)
+    ax.set_ylabel("AKL gradient error vs online AKL, % of its norm")
+    ax.set_title(f"{name}: V = {res['vocab']}, 128 training samples")
+    ax.legend(fontsize=8)
+
+
 def main(names):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = ROOT / "bench/out/akl_cache.json"
     builders = {"real": lambda: build_real(OUT / "real"), "prose": lambda: build_prose(OUT / "prose")}
     for name in names:
-        result = run_setting(name, builders[name]())
+        result = run_setting(name, builders[name](), gradients_only="--gradients-only" in sys.argv)
         results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(results | {name: result}, indent=1, default=str))
@@ -337,5 +354,7 @@ def main(names):
 if __name__ == "__main__":
     if "--table" in sys.argv:
         print(markdown(json.loads((ROOT / "bench/out/akl_cache.json").read_text())))
+    elif "--plot" in sys.argv:
+        plot(json.loads((ROOT / "bench/out/akl_cache.json").read_text()), ROOT / "bench/akl_cache.png")
     else:
-        main(sys.argv[1:] or ["real", "prose"])
+        main([a for a in sys.argv[1:] if not a.startswith("--")] or ["real", "prose"])
