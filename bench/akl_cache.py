@@ -160,6 +160,8 @@ def arm_rows(setting, caches, seeds) -> list[dict]:
         ("SFT", None, {"sft": True}),
     ] + [(name, caches[name], {"loss": loss}) for name, _, loss in ARMS if name in caches]
     arms = [a for a in arms if a[0] not in setting.get("untrained", ())]
+    if setting.get("only"):  # the references and the named arms
+        arms = [a for a in arms if a[1] is None and "AKL" in a[0] or a[0] in setting["only"]]
     exact, sketched = ARMS[2][0], ARMS[3][0]
     for kind in setting.get("other_kinds", ()):  # the other student-weighted losses: online, exact draws, sketch
         arms += [
@@ -237,10 +239,14 @@ def run_setting(name, setting, seeds=(0, 1), gradients_only=False) -> dict:
     caches = build_caches(setting)
     rows = [] if gradients_only else arm_rows(setting, caches, list(seeds))
     trained = setting["root"] / "runs" / "akl_cache" / "AKL_online_(dense)-s0" / "final"
-    grads = {
-        "at_akl_online_student": gradient_errors(setting, caches, trained, setting.get("gradient_kinds", KINDS)),
-        "at_student_init": gradient_errors(setting, caches, setting["student"], kinds=("akl",)),
-    }
+    grads = (
+        {}
+        if setting.get("only")
+        else {
+            "at_akl_online_student": gradient_errors(setting, caches, trained, setting.get("gradient_kinds", KINDS)),
+            "at_student_init": gradient_errors(setting, caches, setting["student"], kinds=("akl",)),
+        }
+    )
     return {
         "where": setting["where"],
         "vocab": len(models.load_tokenizer(setting["teacher"])),
@@ -341,13 +347,19 @@ def main(names):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = ROOT / "bench/out/akl_cache.json"
     builders = {"real": lambda: build_real(OUT / "real"), "prose": lambda: build_prose(OUT / "prose")}
+    flags = dict(zip(sys.argv[1:], sys.argv[2:]))  # --only "ARM" (trained even if marked untrained), --seeds 0,1
+    seeds = tuple(int(x) for x in flags.get("--seeds", "0,1").split(","))
     for name in names:
-        result = run_setting(name, builders[name](), gradients_only="--gradients-only" in sys.argv)
+        setting = builders[name]()
+        if "--only" in flags:
+            setting = {**setting, "only": (flags["--only"],), "untrained": ()}
+        result = run_setting(name, setting, seeds, gradients_only="--gradients-only" in sys.argv)
+        name += "-only" if "--only" in flags else ""
         results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(results | {name: result}, indent=1, default=str))
     results = json.loads(path.read_text())
-    plot(results, ROOT / "bench/akl_cache.png")
+    plot({k: v for k, v in results.items() if not k.endswith("-only")}, ROOT / "bench/akl_cache.png")
     return results
 
 
@@ -357,4 +369,4 @@ if __name__ == "__main__":
     elif "--plot" in sys.argv:
         plot(json.loads((ROOT / "bench/out/akl_cache.json").read_text()), ROOT / "bench/akl_cache.png")
     else:
-        main([a for a in sys.argv[1:] if not a.startswith("--")] or ["real", "prose"])
+        main([a for a in sys.argv[1:] if a in ("real", "prose")] or ["real", "prose"])
