@@ -251,7 +251,6 @@ def cache_figures(path) -> dict:
 
 def train_student(setting, out, seed, steps, cache=None, online=False, sft=False, **extra) -> float:
     t0 = time.perf_counter()
-    extra = dict(extra)
     cfg = dict(
         student=setting["student"],
         out=str(out),

@@ -437,10 +437,15 @@ def _sketched(logits, targets, basis, rows, kind, params, t):
     approx = sketch_logits(coeffs, basis, logits.shape[1])
     logq = torch.log_softmax(logits.float() / t, -1)
     ids = torch.cat([head, drawn[0].long()], 1) if drawn else head
-    vals = torch.cat([topk_logprobs.float(), drawn[1].float()], 1) if drawn else topk_logprobs.float()
-    vals = vals.masked_fill(ids < 0, float("-inf"))
-    ids = ids.clamp_min(0)
-    known = torch.full_like(logq, float("-inf")).scatter_reduce(-1, ids, vals, "amax", include_self=False)
+    pad = ids < 0
+
+    def on_vocab(values):  # [N, width + m] values at ids → [N, V], −inf elsewhere (pads repeat nothing)
+        values = values.float().masked_fill(pad, float("-inf"))
+        return torch.full_like(logq, float("-inf")).scatter_reduce(
+            -1, ids.clamp_min(0), values, "amax", include_self=False
+        )
+
+    known = on_vocab(torch.cat([topk_logprobs, drawn[1]], 1) if drawn else topk_logprobs)
     is_known = torch.isfinite(known)
     lp_drawn = drawn[1].float().masked_fill(drawn[0] < 0, float("-inf")) if drawn else None
     rest = (
@@ -450,17 +455,15 @@ def _sketched(logits, targets, basis, rows, kind, params, t):
     logp = torch.where(is_known, known, shape + rest)
     refined = None
     if drawn:
-        w = torch.cat([topk_logprobs.float(), drawn[2].float()], 1).masked_fill(
-            torch.cat([head, drawn[0].long()], 1) < 0, float("-inf")
-        )
-        weights = torch.full_like(logq, float("-inf")).scatter_reduce(-1, ids, w, "amax", include_self=False)
-        refined = (weights, logp, logq)
+        refined = (on_vocab(torch.cat([topk_logprobs.float(), drawn[2].float()], 1)), logp, logq)
     in_head = head_mask(topk_logprobs.float().exp(), params["mu"], head.shape[1]) & (head >= 0)
     loss, stats = bin_divergence(
         kind, logp, logq, refined=refined, head=_scatter_mask(head, in_head, logq.shape), **params
     )
-    ce = None if targets is None else -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
-    return loss, ce, stats
+    if targets is None:
+        return loss, None, stats
+    log_y = (logq if t == 1 else torch.log_softmax(logits.float(), -1)).gather(-1, targets[:, None])[:, 0]
+    return loss, -log_y, stats
 
 
 def dense_kd_loss(

@@ -148,27 +148,39 @@ def _row_index(offsets: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
 
 
-def encode_logprobs(flat: np.ndarray, offsets: np.ndarray, codec: dict) -> np.ndarray:
+def _encode_power(flat, reference, codec: dict, lowest: int = 0) -> np.ndarray:
+    """Log-probs (flat) under the log-prob codec: float16/float32 as they are, or power codes
+    c = round((p / reference)^(1/γ) · (2^b − 1)) of at least `lowest`, stored uint8 at 8 bits, else bit-packed."""
     if codec["codec"] in ("float16", "float32"):
         return np.asarray(flat).astype(codec["codec"])
     levels = (1 << codec["bits"]) - 1
-    top = flat[offsets[:-1][_row_index(offsets)]]
     with np.errstate(invalid="ignore", over="ignore"):
-        u = np.exp((flat.astype(np.float64) - top) / codec["gamma"])
-    codes = np.rint(np.nan_to_num(u, nan=0.0) * levels).astype(np.uint32)
+        u = np.exp(np.minimum(flat.astype(np.float64) - reference, 0.0) / codec["gamma"])
+    codes = np.clip(np.rint(np.nan_to_num(u, nan=0.0) * levels), lowest, levels).astype(np.uint32)
     return codes.astype(np.uint8) if codec["bits"] == 8 else pack_bits(codes, codec["bits"])
+
+
+def _stored(data: np.ndarray, codec: dict, n: int, what: str) -> np.ndarray:
+    """n stored values: the floats, or the power codes unpacked; a count other than n is an error."""
+    data = np.asarray(data)
+    if codec["codec"] in ("float16", "float32") or codec["bits"] == 8:
+        if data.size != n:
+            raise ValueError(f"{data.size} {what} stored where the row widths say {n}")
+        return data
+    return unpack_bits(data, codec["bits"], n)
+
+
+def encode_logprobs(flat: np.ndarray, offsets: np.ndarray, codec: dict) -> np.ndarray:
+    """Head log-probs: power codes relative to each row's first (top-1) entry."""
+    return _encode_power(flat, flat[offsets[:-1][_row_index(offsets)]].astype(np.float64), codec)
 
 
 def decode_logprobs(data: np.ndarray, offsets: np.ndarray, tail: np.ndarray, codec: dict) -> np.ndarray:
     """Flat float32 log-probs; quantized rows are rescaled to the exact head mass 1 − exp(tail)."""
     n = int(offsets[-1])
+    codes = _stored(data, codec, n, "log-probs" if codec["codec"] != "power" else "log-prob codes")
     if codec["codec"] in ("float16", "float32"):
-        if np.asarray(data).size != n:
-            raise ValueError(f"{np.asarray(data).size} log-probs stored where the row widths say {n}")
-        return np.asarray(data).astype(np.float32)
-    if codec["bits"] == 8 and np.asarray(data).size != n:
-        raise ValueError(f"{np.asarray(data).size} log-prob codes stored where the row widths say {n}")
-    codes = np.asarray(data if codec["bits"] == 8 else unpack_bits(data, codec["bits"], n))[:n]
+        return codes.astype(np.float32)
     levels = (1 << codec["bits"]) - 1
     x_of = codec["gamma"] * np.log(np.maximum(np.arange(levels + 1), 0.5) / levels)  # one entry per code
     x = x_of.astype(np.float32)[codes]
@@ -230,23 +242,14 @@ def drawn_logprobs(counts: np.ndarray, offsets: np.ndarray, tail: np.ndarray, n_
 def encode_drawn_logprobs(flat: np.ndarray, offsets: np.ndarray, tail: np.ndarray, codec: dict) -> np.ndarray:
     """Exact drawn log-probs (flat, rows by offsets) under the log-prob codec; power codes are relative to the row's
     tail mass and at least 1 (a drawn token has mass)."""
-    if codec["codec"] in ("float16", "float32"):
-        return np.asarray(flat).astype(codec["codec"])
-    levels = (1 << codec["bits"]) - 1
-    ratio = np.minimum(flat.astype(np.float64) - tail.astype(np.float64)[_row_index(offsets)], 0.0)
-    codes = np.clip(np.rint(np.exp(ratio / codec["gamma"]) * levels), 1, levels).astype(np.uint32)
-    return codes.astype(np.uint8) if codec["bits"] == 8 else pack_bits(codes, codec["bits"])
+    return _encode_power(flat, tail.astype(np.float64)[_row_index(offsets)], codec, lowest=1)
 
 
 def decode_drawn_logprobs(data: np.ndarray, offsets: np.ndarray, tail: np.ndarray, codec: dict) -> np.ndarray:
     n = int(offsets[-1])
+    codes = _stored(data, codec, n, "drawn log-probs" if codec["codec"] != "power" else "drawn log-prob codes")
     if codec["codec"] in ("float16", "float32"):
-        if np.asarray(data).size != n:
-            raise ValueError(f"{np.asarray(data).size} drawn log-probs stored where the row widths say {n}")
-        return np.asarray(data).astype(np.float32)
-    codes = np.asarray(data if codec["bits"] == 8 else unpack_bits(data, codec["bits"], n))[:n]
-    if codes.size != n:
-        raise ValueError(f"{codes.size} drawn log-prob codes stored where the row widths say {n}")
+        return codes.astype(np.float32)
     levels = (1 << codec["bits"]) - 1
     x = codec["gamma"] * np.log(np.maximum(codes, 0.5) / levels)
     return (tail.astype(np.float64)[_row_index(offsets)] + x).astype(np.float32)
