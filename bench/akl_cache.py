@@ -44,7 +44,7 @@ from stages import prepare_demo
 OUT = ROOT / "bench/out/akl_cache"
 HEAD = {"top_p": 0.5, "ids": "bitpack", "logprobs": "q8"}
 ARMS = [  # name, encoding (None: the setting's counted cache written before exact draws), train loss
-    ("top-k 64 fp16 (default)", {"top_k": 64}, "akl"),
+    ("top-k 64 fp16 (default before 0.2)", {"top_k": 64}, "akl"),
     ("top-p .5 + 24 draws q8, counted", None, "akl"),
     ("top-p .5 + 24 draws q8, exact", {**HEAD, "draws": 24}, "akl"),
     ("top-p .5 + 24 draws q8 + sketch 32 q4", {**HEAD, "draws": 24, "sketch": 32}, "akl"),
@@ -130,7 +130,7 @@ def build_caches(setting) -> dict:
         if not (path / "manifest.json").exists():
             pipeline(
                 "cache-teacher", teacher=setting["teacher"], **fidelity.data_flags(setting, "train"), out=str(path),
-                part_size=128, top_k=enc.get("top_k", 1024), top_p=enc.get("top_p"), ids=enc.get("ids", "plain"),
+                part_size=128, top_k=enc.get("top_k", 1024), top_p=enc.get("top_p", 1), ids=enc.get("ids", "plain"),
                 logprob_dtype=enc.get("logprobs", "float16"), tail_draws=enc.get("draws", 0),
                 sketch_rank=enc.get("sketch", 0), sketch_bits=4,
             )  # fmt: skip
@@ -358,8 +358,8 @@ def main(names):
         results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(results | {name: result}, indent=1, default=str))
-    results = json.loads(path.read_text())
-    plot({k: v for k, v in results.items() if not k.endswith("-only")}, ROOT / "bench/akl_cache.png")
+    results = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith("-only")}
+    plot(results, ROOT / ("bench/akl_cache.png" if "real" in results else f"bench/akl_cache-{'-'.join(results)}.png"))
     return results
 
 

@@ -2,6 +2,9 @@
 
 from pipeline.cli import main
 
+# cache-teacher's flags for rows of --top-k tokens in float16 (its default before 0.2, with top-k 64)
+TOP_K_ROWS = {"top_p": 1, "tail_draws": 0, "ids": "plain", "logprob_dtype": "float16"}
+
 
 def pipeline(command: str, *arguments, **options):
     """Run `pipeline COMMAND ARGUMENT… --flag value …` in this process and return the stage's result. True is a bare

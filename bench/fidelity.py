@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from command import pipeline
+from command import TOP_K_ROWS, pipeline
 
 import storage
 from pipeline import batches, losses, models, scoring, sources, teachers
@@ -75,7 +75,7 @@ ARMS = [
 # the real teacher's arms: the default and top-k 16 converted from a top-64 float32 cache; top-p rows as wide as
 # the teacher needs (up to 1024) and the draw caches written by cache-teacher directly
 REAL_ARMS = [
-    ("top-k 64 fp16 (default)", {"top_k": 64}, {}),
+    ("top-k 64 fp16 (default before 0.2)", {"top_k": 64}, {}),
     ("top-k 16 fp16", {"top_k": 16}, {}),
     ("top-p .95 q8", {"top_k": 1024, "top_p": 0.95, "ids": "bitpack", "logprobs": "q8", "direct": True}, {}),
     ("top-p .50 q8 + 24 draws", {"top_k": 1024, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 24}, {}),
@@ -207,7 +207,7 @@ def build_caches(setting) -> dict:
     root = setting["root"] / "caches"
     source = root / "top64-f32"
     base = dict(teacher=setting["teacher"], **data_flags(setting, "train"), part_size=128)
-    pipeline("cache-teacher", out=str(source), top_k=64, logprob_dtype="float32", **base)
+    pipeline("cache-teacher", out=str(source), **{**TOP_K_ROWS, "top_k": 64, "logprob_dtype": "float32"}, **base)
     out = {}
     for name, enc, _ in setting.get("arms", ARMS):
         path = root / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "").replace(",", "")
@@ -217,7 +217,7 @@ def build_caches(setting) -> dict:
                     "cache-teacher",
                     out=str(path),
                     top_k=enc["top_k"],
-                    top_p=enc.get("top_p"),
+                    top_p=enc.get("top_p", 1),
                     min_k=enc.get("min_k", 1),
                     ids=enc["ids"],
                     logprob_dtype=enc["logprobs"],

@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
-from command import pipeline
+from command import TOP_K_ROWS, pipeline
 
 from pipeline import data, models
 from pipeline.config import ModelConfig
@@ -105,7 +105,7 @@ def main(prompts=256, batch_size=32, max_new_tokens=48, repeats=3):
             behavior_field="behavior_logprobs",
         )
         t = time.perf_counter()
-        pipeline("cache-teacher", teacher=teacher, **generated, out=str(root / "cache"), top_k=16)
+        pipeline("cache-teacher", teacher=teacher, **generated, out=str(root / "cache"), top_k=16, **TOP_K_ROWS)
         stages["cache_teacher"] = time.perf_counter() - t
         t = time.perf_counter()
         pipeline(

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from command import pipeline
+from command import TOP_K_ROWS, pipeline
 from tiny import smollm2_gguf
 
 import storage
@@ -36,26 +36,14 @@ from stages.prepare_demo import stdlib_chunks
 
 OUT = ROOT / "bench/out"
 ENCODINGS = {  # the README's, as cache-teacher flags
-    "top-k 64 fp16 (default)": {},
-    "top-k 16 fp16": {"top_k": 16},
-    "top-p .95 q8 bitpack": {"top_p": 0.95, "ids": "bitpack", "logprob_dtype": "q8"},
-    "top-p .95 q8 bitpack, k ≤ 64": {"top_k": 64, "top_p": 0.95, "ids": "bitpack", "logprob_dtype": "q8"},
-    "top-p .5 + 24 draws q8": {"top_p": 0.5, "tail_draws": 24, "ids": "bitpack", "logprob_dtype": "q8"},
-    "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "ids": "bitpack"},
-    "top-p .5 + 24 draws q8 + sketch 32 q4": {
-        "top_p": 0.5,
-        "tail_draws": 24,
-        "ids": "bitpack",
-        "logprob_dtype": "q8",
-        "sketch_rank": 32,
-    },
-    "top-p .5 + 16 draws q8 + sketch 16 q4": {
-        "top_p": 0.5,
-        "tail_draws": 16,
-        "ids": "bitpack",
-        "logprob_dtype": "q8",
-        "sketch_rank": 16,
-    },
+    "top-p .5 + 24 draws q8 (default)": {},
+    "top-k 64 fp16 (default before 0.2)": {**TOP_K_ROWS, "top_k": 64},
+    "top-k 16 fp16": {**TOP_K_ROWS, "top_k": 16},
+    "top-p .95 q8 bitpack": {"top_p": 0.95, "tail_draws": 0},
+    "top-p .95 q8 bitpack, k ≤ 64": {"top_k": 64, "top_p": 0.95, "tail_draws": 0},
+    "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "logprob_dtype": "float16"},
+    "top-p .5 + 24 draws q8 + sketch 32 q4": {"sketch_rank": 32},
+    "top-p .5 + 16 draws q8 + sketch 16 q4": {"tail_draws": 16, "sketch_rank": 16},
 }
 
 
@@ -109,7 +97,7 @@ def throughput(teacher: str, data: Path, repeats: int) -> dict:
     samples = [{"sample_index": i, **ds[i]} for i in range(min(32, len(ds)))]
     groups = [samples[a : a + 8] for a in range(0, len(samples), 8)]
     head, v = models.PositionLogits(model, len(tok)), len(tok)
-    cfg = CacheTeacherConfig(teacher=teacher, out="unused", top_k=64)
+    cfg = CacheTeacherConfig(teacher=teacher, out="unused", **{**TOP_K_ROWS, "top_k": 64})
 
     @torch.inference_mode()
     def forward():
@@ -152,7 +140,7 @@ def main(passages=160, repeats=5) -> dict:
         results["throughput"] = throughput(teacher, data, repeats)
         print(json.dumps(results["throughput"]), flush=True)
         results["encodings"] = encodings(teacher, data, root)
-        results["distribution"] = distribution(root / "top-k_64_fp16_(default)")
+        results["distribution"] = distribution(root / "top-k_64_fp16_(default_before_0.2)")
         print(json.dumps(results["distribution"]), flush=True)
     return results
 

@@ -26,6 +26,9 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from command import TOP_K_ROWS
+
 from pipeline import batches, models
 from pipeline.config import DataConfig, ModelConfig
 from pipeline.data import tokenized
@@ -95,6 +98,7 @@ def memory(root: Path, small=2000) -> dict:
             "response",
             "--top-k",
             "32",
+            *(f for k, v in TOP_K_ROWS.items() for f in ("--" + k.replace("_", "-"), str(v))),
             "--batch-tokens",
             "16384",
             "--part-size",

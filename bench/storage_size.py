@@ -49,9 +49,17 @@ ENCODINGS = [
 
 
 def lm_like_rows(rng, n, vocab, k, top_p=None, min_k=1, draws=0, chunk=256):
-    """ids [n, k], log-probs [1, n, k], exact tails [1, n], target log-probs [1, n], draws [1, n, draws]."""
+    """ids [n, k], log-probs [1, n, k], exact tails [1, n], target log-probs [1, n], draws [1, n, draws] and their
+    exact log-probs."""
     prior = -1.1 * np.log(np.arange(1, vocab + 1, dtype=np.float32))
-    out = {"topk_ids": [], "topk_logprobs": [], "tail_logmass": [], "target_logprob": [], "draws": []}
+    out = {
+        "topk_ids": [],
+        "topk_logprobs": [],
+        "tail_logmass": [],
+        "target_logprob": [],
+        "draws": [],
+        "draw_logprobs": [],
+    }
     for a in range(0, n, chunk):
         m = min(chunk, n - a)
         z = prior + rng.gumbel(size=(m, vocab)).astype(np.float32) * 1.5
@@ -78,7 +86,9 @@ def lm_like_rows(rng, n, vocab, k, top_p=None, min_k=1, draws=0, chunk=256):
             np.put_along_axis(p, ids[:, :1], np.where(kept[:, :1], 0.0, np.exp(top[:, :1])), 1)
             cdf = np.cumsum(p, 1)
             u = rng.random((m, draws)) * cdf[:, -1:]
-            out["draws"].append(np.stack([np.searchsorted(cdf[r], u[r]) for r in range(m)]))
+            drawn = np.stack([np.searchsorted(cdf[r], u[r]) for r in range(m)])
+            out["draws"].append(drawn)
+            out["draw_logprobs"].append(np.take_along_axis(lp_full, drawn, 1).astype(np.float32))
     return {key: np.concatenate(v)[None] if key != "topk_ids" else np.concatenate(v) for key, v in out.items() if v}
 
 
@@ -87,12 +97,15 @@ def tile(rows, times):
     return {k: np.concatenate([v] * times, axis=0 if k == "topk_ids" else 1) for k, v in rows.items()}
 
 
+BACKENDS = {"zarr": "zarr", "arrow": "arrow", "arrow, one row per part": "arrow"}  # the last: Arrow caches before 0.2
+
+
 def build(path, backend, rows, k, vocab, encoding, seq=512, distilled=0.5):
     rng = np.random.default_rng(1)
     per_sample = int(seq * distilled)
     n_samples = len(rows["topk_ids"]) // per_sample
     plan = storage.make_plan(
-        backend=backend,
+        backend=BACKENDS[backend],
         k=k,
         temperatures=[1.0],
         vocab_size=vocab,
@@ -101,6 +114,8 @@ def build(path, backend, rows, k, vocab, encoding, seq=512, distilled=0.5):
         identity={"bench": True},
         **encoding,
     )
+    if backend.endswith("per part"):
+        del plan["layout"]
     w = storage.CacheWriter(path, plan)
     for p in w.missing_parts():
         samples = []
@@ -118,7 +133,7 @@ def build(path, backend, rows, k, vocab, encoding, seq=512, distilled=0.5):
                 "target_logprob": rows["target_logprob"][:, sl],
             }
             if "draws" in rows:
-                s["draws"] = rows["draws"][:, sl]
+                s["draws"], s["draw_logprobs"] = rows["draws"][:, sl], rows["draw_logprobs"][:, sl]
             samples.append(s)
         w.write_part(p, samples)
     return w.finalize()
@@ -138,7 +153,8 @@ for _ in range(3):
 # the integrity checks alone, on the same part: checksums of every file read, and Arrow's full validation
 folder = cache.part_folder(0)
 record, files = part_folder.read(folder, None)
-table = pa.ipc.open_stream(pa.py_buffer(files["data.arrow"])).read_all() if "data.arrow" in files else None
+ipc = pa.ipc.open_file if cache.manifest.get("layout") == "samples" else pa.ipc.open_stream
+table = ipc(pa.py_buffer(files["data.arrow"])).read_all() if "data.arrow" in files else None
 checks = []
 for _ in range(5):
     t = time.perf_counter()
@@ -163,7 +179,7 @@ def read_throughput(path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main(positions=16384, vocabs=(32000, 151936)):
+def main(positions=16384, vocabs=(32000, 151936), only=None):
     results = {
         "positions": positions,
         "rows": [],
@@ -173,7 +189,7 @@ def main(positions=16384, vocabs=(32000, 151936)):
     for vocab in vocabs:
         rng = np.random.default_rng(0)
         base = {k: lm_like_rows(rng, positions, vocab, k) for k in (16, 64, 128)}
-        for name, k, enc in ENCODINGS:
+        for name, k, enc in [e for e in ENCODINGS if not only or e[0] in only]:
             rows = (
                 base[k]
                 if not enc.get("draws")
@@ -181,7 +197,7 @@ def main(positions=16384, vocabs=(32000, 151936)):
                     np.random.default_rng(0), positions, vocab, k, enc.get("top_p"), enc.get("min_k", 1), enc["draws"]
                 )
             )
-            for backend in ("zarr", "arrow"):
+            for backend in BACKENDS:
                 with tempfile.TemporaryDirectory() as d:
                     build(Path(d) / "c", backend, rows, k, vocab, enc)
                     stats = storage.statistics(Path(d) / "c")
@@ -202,7 +218,7 @@ def main(positions=16384, vocabs=(32000, 151936)):
                     row["read_positions_per_s"], row["check_share"] = read["positions_per_s"], read["check_share"]
                 results["rows"].append(row)
                 print(
-                    f"V={vocab:6d} {name:32s} {backend:5s} {row['bytes_per_position']:7.1f} B/pos  width "
+                    f"V={vocab:6d} {name:32s} {backend:24s} {row['bytes_per_position']:7.1f} B/pos  width "
                     f"{row['mean_width']:5.1f}  read {row['read_positions_per_s'] / 1e6:5.2f} M pos/s/core, "
                     f"checks {100 * row['check_share']:4.1f} % of it",
                     flush=True,
@@ -213,5 +229,8 @@ def main(positions=16384, vocabs=(32000, 151936)):
 if __name__ == "__main__":
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    res = main()
-    (out / "storage.json").write_text(json.dumps(res, indent=1))
+    flags = dict(zip(sys.argv[1:], sys.argv[2:]))  # --vocab V, --only "NAME,NAME": a subset, written apart
+    vocabs = (int(flags["--vocab"]),) if "--vocab" in flags else (32000, 151936)
+    res = main(vocabs=vocabs, only=flags["--only"].split(",") if "--only" in flags else None)
+    name = "storage.json" if len(flags) == 0 else "storage-subset.json"
+    (out / name).write_text(json.dumps(res, indent=1))

@@ -266,6 +266,20 @@ def export_model(model, out, **kw):
 
 @main.command()
 @click.argument("cache")
+@click.argument("out")
+@options(config.ExportConfig)
+@one_line_errors
+def export(cache, out, **kw):
+    """Write a cache as Parquet tables of one row per sample (datasets, Polars, DuckDB), or in axolotl's KD layout."""
+    from stages import export as stage
+
+    r = stage.run(config.build(config.ExportConfig, given(kw) | {"cache": cache, "out": out}))
+    click.echo(f"wrote {r['parts_written']} of {r['num_parts']} parts ({r['rows']} samples) to {r['path']}")
+    return r
+
+
+@main.command()
+@click.argument("cache")
 @one_line_errors
 def verify(cache):
     """Check checksums, shapes, dtypes and values of every part; name the first bad one."""

@@ -10,14 +10,19 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pipeline.errors import DataError, OptionError
 from storage.backends import BACKENDS
 from storage.part import ID_CODECS, LOGPROB_CODECS, MAX_TOP_K
+from storage.tables import TABLES as EXPORT_LAYOUTS
 
 KINDS = ("fkl", "rkl", "akl", "jsd", "tvd", "sfkl", "srkl")  # the divergences of pipeline.losses
 LOSSES = ("ce",) + KINDS + ("pg",)  # what train optimizes: SFT, a divergence, or the on-policy policy gradient
 TAIL_MODES = ("bucket", "renormalize")
 DEFAULT_PART_SIZE = 256  # cache-teacher's default: a dataset split like it gets the same epoch plans
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TOP_K = 64  # cache-teacher's row width
+TOP_K = 64  # cache-teacher's row width without top-p (--top-p 1)
 TOP_P_WIDTH = 1024  # its widest row with --top-p: a real teacher keeps a fifth of its mass beyond 64 tokens
+# cache-teacher's default encoding before 0.2 (top-k 64 in float16): an existing cache written with it is resumed, or
+# hit, with it when a command states no encoding option (new caches get CacheTeacherConfig's defaults)
+PREVIOUS_DEFAULT_ENCODING = {"top_k": None, "top_p": None, "tail_draws": 0, "ids": "plain", "logprob_dtype": "float16"}
+ENCODING_OPTIONS = (*PREVIOUS_DEFAULT_ENCODING, "min_k", "sketch_rank", "sketch_bits", "sketch_positions")
 
 
 # -- range checks: a predicate and what it asks of the value
@@ -225,18 +230,23 @@ class CacheTeacherConfig:
     data: DataConfig | None = option(None, cli=False)
     out: str | None = option(None, "cache folder")
     cache_root: str | None = option(None, "folder of caches named by cache key (instead of --out)")
+    # the defaults: the all-loss point of the real teacher's frontier (64 B/pos at V = 49152, README "Benchmarks")
     top_k: int | None = option(
-        None, f"largest row width [default: {TOP_K}, or {TOP_P_WIDTH} with --top-p; at most the vocabulary]"
+        None, f"largest row width [default: {TOP_P_WIDTH}, or {TOP_K} with --top-p 1; at most the vocabulary]"
     )
-    top_p: float | None = option(None, "keep per row the smallest teacher-sorted prefix with this mass (ragged rows)")
+    top_p: float | None = option(
+        0.5,
+        "keep per row the smallest teacher-sorted prefix with this mass (ragged rows); 1: every row --top-k wide",
+        normalize=lambda p: None if p == 1 else p,
+    )
     min_k: int = option(1, "narrowest row with --top-p")
-    ids: str = option("plain", "token id encoding: narrowest integer, or ceil(log2 V) bits", choices=ID_CODECS)
+    ids: str = option("bitpack", "token id encoding: narrowest integer, or ceil(log2 V) bits", choices=ID_CODECS)
     logprob_dtype: str = option(
-        "float16",
+        "q8",
         "float16/float32, or qB: B-bit power quantization (rows still sum to 1 with the exact tail)",
         choices=tuple(LOGPROB_CODECS),
     )
-    tail_draws: int = option(0, "tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none")
+    tail_draws: int = option(24, "tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none")
     seed: int = option(0, "seed of the tail draws")
     sketch_rank: int = option(
         0,
@@ -285,6 +295,11 @@ class CacheTeacherConfig:
             k=self.width(MAX_TOP_K), top_p=self.top_p, min_k=self.min_k, ids=self.ids, logprobs=self.logprob_dtype,
             draws=self.tail_draws, sketch_rank=self.sketch_rank, sketch_bits=self.sketch_bits,
         )  # fmt: skip
+
+    def encoding_stated(self) -> bool:
+        """Whether any encoding option differs from its default (a command that names only defaults states none)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return any(getattr(self, name) != defaults[name] for name in ENCODING_OPTIONS)
 
     def width(self, vocab_size: int) -> int:
         """The widest row: --top-k, or its default for this vocabulary."""
@@ -576,6 +591,24 @@ class ExportModelConfig:
     model: str = option(MISSING, "a .gguf file, or any model the stages load", cli=False)
     out: str = option(MISSING, "a new folder for the copy", cli=False)
     trust_remote_code: bool = option(False, "run the model's own code from its folder or hub repository")
+
+
+@options
+class ExportConfig:
+    """export: a cache as Parquet tables of one row per sample, a file per part (datasets, Polars, DuckDB, axolotl)."""
+
+    cache: str = option(MISSING, "the cache", cli=False)
+    out: str = option(
+        MISSING, "a folder for the tables (an unfinished export of the same cache there is resumed)", cli=False
+    )
+    to: str = option(
+        "parquet",
+        "parquet: every field the cache decodes; axolotl: axolotl's KD dataset columns (the head only, which axolotl "
+        "renormalizes)",
+        choices=tuple(EXPORT_LAYOUTS),
+    )
+    temperature: float | None = option(None, "which of the cache's temperatures [default: its first]")
+    progress: bool = option(True, cli=False)
 
 
 @options

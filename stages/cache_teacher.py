@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import storage
 from pipeline import __version__, batches, data, models, parallel, teachers
-from pipeline.config import CacheTeacherConfig
+from pipeline.config import PREVIOUS_DEFAULT_ENCODING, CacheTeacherConfig
 from pipeline.errors import InputError
 from storage.codecs import top_p_widths
 
@@ -41,11 +41,11 @@ def run(cfg: CacheTeacherConfig) -> dict:
     tok = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     ds = data.tokenized(cfg.data, tok, cfg.num_proc, progress=cfg.progress)
     vocab = len(tok)
-    cfg = dataclasses.replace(cfg, top_k=cfg.width(vocab))
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
-    plan = cache_plan(cfg, teacher_cfg, tok, ds, dtype)
-    out = Path(cfg.out) if cfg.out else Path(cfg.cache_root) / plan["cache_key"][:16]
+    identity = cache_identity(cfg, teacher_cfg, tok, ds, dtype)
+    cfg, plan = existing_encoding(cfg, identity, vocab, len(ds))
+    out = out_path(cfg, plan)
     done = storage.complete_manifest(out, plan["cache_key"])
     if done is not None and not cfg.overwrite:
         return {"status": "hit", "path": str(out), "manifest": done}
@@ -75,8 +75,32 @@ def run(cfg: CacheTeacherConfig) -> dict:
     }
 
 
-def cache_plan(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
-    """The cache's plan: its encoding and the identity (teacher, tokenizer, dataset) that its key hashes."""
+def out_path(cfg: CacheTeacherConfig, plan: dict) -> Path:
+    return Path(cfg.out) if cfg.out else Path(cfg.cache_root) / plan["cache_key"][:16]
+
+
+def existing_encoding(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows: int) -> tuple:
+    """(cfg, plan) with the options' encoding; or, when the command states no encoding option and a cache of the
+    default before 0.2 (top-k 64 float16) already stands at its path, that one's, to resume or hit."""
+    stated, given = cfg.encoding_stated(), cfg
+    cfg = dataclasses.replace(cfg, top_k=cfg.width(vocab))
+    plan = cache_plan(cfg, identity, vocab, rows)
+    if stated:
+        return cfg, plan
+    old = dataclasses.replace(given, **PREVIOUS_DEFAULT_ENCODING)
+    old = dataclasses.replace(old, top_k=old.width(vocab))
+    old_plan = cache_plan(old, identity, vocab, rows)
+    if storage.cache_key_at(out_path(old, old_plan)) != old_plan["cache_key"]:
+        return cfg, plan
+    warnings.warn(
+        f"{out_path(old, old_plan)} was written with the default encoding before 0.2 (top-k 64, float16): it keeps "
+        "that encoding (new caches default to --top-p 0.5 --tail-draws 24 --ids bitpack --logprob-dtype q8)"
+    )
+    return old, old_plan
+
+
+def cache_identity(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
+    """What the cache's key hashes beside its encoding: the teacher, tokenizer, dataset (and sketch's source)."""
     identity = {
         "teacher": {
             "name_or_path": cfg.teacher,
@@ -90,12 +114,17 @@ def cache_plan(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
     if cfg.sketch_rank:  # what the sketch's directions were fitted on
         source = cfg.sketch_from and storage.open_cache(cfg.sketch_from).manifest["cache_key"]
         identity["sketch"] = {"from_cache": source} if source else {"positions": cfg.sketch_positions}
+    return identity
+
+
+def cache_plan(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows: int) -> dict:
+    """The cache's plan: its encoding, layout and identity."""
     return storage.make_plan(
         backend=cfg.format,
         k=cfg.top_k,
         temperatures=cfg.temperatures,
-        vocab_size=len(tok),
-        num_rows=len(ds),
+        vocab_size=vocab,
+        num_rows=rows,
         part_size=cfg.part_size,
         identity=identity,
         logprob_dtype=cfg.logprob_dtype,

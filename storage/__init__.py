@@ -5,7 +5,7 @@ from .manifest import FORMAT_VERSION, cache_key
 from .part import check_encoding_options
 from .reader import Cache, block_shuffle, open_cache
 from .verify import convert, describe, statistics, verify
-from .writer import BackgroundWriter, CacheWriter, complete_manifest, make_plan, part_rows
+from .writer import BackgroundWriter, CacheWriter, cache_key_at, complete_manifest, make_plan, part_rows
 
 __all__ = [
     "FORMAT_VERSION",
@@ -20,6 +20,7 @@ __all__ = [
     "VerifyError",
     "block_shuffle",
     "cache_key",
+    "cache_key_at",
     "check_encoding_options",
     "complete_manifest",
     "convert",

@@ -61,7 +61,7 @@ class ZarrBackend:
         return lambda rel: rel == f"{ZarrBackend.data_name}/zarr.json" or rel.startswith(prefixes)
 
     @staticmethod
-    def decode(files: dict[str, bytes], names: list[str], expected: dict) -> dict:
+    def decode(files: dict[str, bytes], names: list[str], expected: dict, unpacked: bool = False) -> dict:
         import zarr
         from zarr.core.buffer import default_buffer_prototype
         from zarr.storage import MemoryStore
@@ -83,7 +83,8 @@ class ZarrBackend:
 
 
 class ArrowBackend:
-    """One row; every array is a column of type large_list<dtype> whose single value is the array."""
+    """One row; every array is a column of type large_list<dtype> whose single value is the array (the layout of Arrow
+    caches written before "layout": "samples", and of the sketch folder)."""
 
     name = "arrow"
     data_name = "data.arrow"
@@ -105,7 +106,7 @@ class ArrowBackend:
         return None  # one file holds every array
 
     @staticmethod
-    def decode(files: dict[str, bytes], names: list[str], expected: dict) -> dict:
+    def decode(files: dict[str, bytes], names: list[str], expected: dict, unpacked: bool = False) -> dict:
         table = read_arrow_table(files, ArrowBackend.data_name)
         out = {}
         for name in names:
@@ -140,3 +141,15 @@ def get(name: str):
     if name not in BACKENDS:
         raise CacheError(f"unknown cache format {name!r}; choose one of {', '.join(BACKENDS)}")
     return BACKENDS[name]
+
+
+def for_parts(plan: dict):
+    """The backend of a cache's parts: its format's, or the Arrow samples layout where the plan declares it."""
+    layout = plan.get("layout")
+    if layout is None:
+        return get(plan["backend"])
+    if (plan["backend"], layout) != ("arrow", "samples"):
+        raise CacheError(f"unknown layout {layout!r} of format {plan['backend']!r}; a newer version wrote this cache")
+    from .sample_layout import ArrowSamplesBackend
+
+    return ArrowSamplesBackend(plan["encoding"])

@@ -76,7 +76,12 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of pack_bits: the first n values, as uint32. Every 8 values span exactly `bits` bytes, so value 8q + j
     is read through an unaligned 64-bit window at byte q·bits + ⌊j·bits/8⌋, shifted by (j·bits) mod 8 and masked:
-    eight strided column reads, no index arrays."""
+    eight strided column reads, no index arrays. Codes already unpacked (uint32, as the Arrow samples layout hands
+    them over) pass through."""
+    if isinstance(data, np.ndarray) and data.dtype == np.uint32:
+        if data.size != n:
+            raise ValueError(f"{data.size} unpacked codes where {n} are expected")
+        return data
     data = np.asarray(data, np.uint8).ravel()
     if data.size != -(-n * bits // 8):
         raise ValueError(f"{data.size} packed bytes cannot hold exactly {n} values of {bits} bits")

@@ -38,12 +38,16 @@ def cache_key(plan: dict) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
     """Write beside, fsync, rename: readers see the old file or the new one. A failed write (a full disk) leaves no
     temporary behind."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -50,7 +50,7 @@ class Cache:
             manifest_io.check(self.manifest, self.encoding)
         except (KeyError, TypeError, AttributeError) as e:
             raise CorruptCache(f"{f}: malformed manifest ({type(e).__name__}: {e})") from None
-        self.backend = backends.get(self.manifest["backend"])
+        self.backend = backends.for_parts(self.manifest)
         self.full_checks = full_checks
         self.temperature_index = self.temperature_index_of(temperature)
         sizes = [self.manifest["parts"][manifest_io.part_name(p)]["counts"]["samples"] for p in range(self.num_parts)]
@@ -96,9 +96,9 @@ class Cache:
     def part_folder(self, p: int) -> Path:
         return self.path / manifest_io.PARTS / manifest_io.part_name(p)
 
-    def read_encoded(self, p: int, names: list[str] | None = None) -> dict:
+    def read_encoded(self, p: int, names: list[str] | None = None, unpacked: bool = False) -> dict:
         """Part p's arrays as stored (version-2 encoded form; a version-1 part is converted on the way), after its
-        files passed their checksums."""
+        files passed their checksums; `unpacked`: bit-packed arrays may come as their uint32 codes (decoding only)."""
         name = manifest_io.part_name(p)
         entry = self.manifest["parts"][name]
         n_temps = len(self.temperatures)
@@ -110,7 +110,8 @@ class Cache:
             if self.version == 1:
                 arrays = v1.decode(self.backend.name, files, self.manifest)
                 return {n: arrays[n] for n in names}
-            return self.backend.decode(files, names, part_io.stored_shapes(entry["counts"], self.encoding, n_temps))
+            shapes = part_io.stored_shapes(entry["counts"], self.encoding, n_temps)
+            return self.backend.decode(files, names, shapes, unpacked)
         except CacheError as e:
             raise CorruptCache(f"{self.path}: {e}" if name in str(e) else f"{self.path}: {name}: {e}") from e
         except DECODE_ERRORS as e:
@@ -130,7 +131,7 @@ class Cache:
     def decode(self, p: int, temperatures: list[int] | None = None) -> dict:
         """Part p decoded at the given temperature indices (default: this cache's temperature)."""
         temps = [self.temperature_index] if temperatures is None else temperatures
-        arrays = self.read_encoded(p)
+        arrays = self.read_encoded(p, unpacked=True)
         try:
             return part_io.decode(arrays, self.encoding, temps)
         except DECODE_ERRORS as e:

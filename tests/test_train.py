@@ -54,6 +54,10 @@ def world(tmp_path_factory):
                 data=DataConfig(paths[split], prompt_field="prompt", response_field="response"),
                 out=str(root / f"cache-{split}"),
                 top_k=16,
+                top_p=1,  # rows of 16 in float16: the online twin tests compare against them
+                tail_draws=0,
+                ids="plain",
+                logprob_dtype="float16",
                 temperatures=(1.0, 2.0),
                 part_size=32,
                 progress=False,

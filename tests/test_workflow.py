@@ -63,7 +63,7 @@ def test_scale_knobs_reach_the_commands(tmp_path):
         "nodes=2",
     )
     assert "torchrun --nproc-per-node 8 -m pipeline.cli cache-teacher --tp 8" in out
-    assert "--shard 15/16" in out and "--top-p 0.95" in out and "--ids bitpack" in out
+    assert "--shard 15/16" in out and "--batch-tokens 65536" in out
     train = [l for l in out.splitlines() if " train --student" in l and "--loss akl" in l]
     assert train and all("srun --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 8" in l for l in train)
     assert all("--fsdp --packing" in l for l in train)
