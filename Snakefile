@@ -435,7 +435,7 @@ rule evaluate:
         model=lambda wc: local(evaluated(wc.name)[0]),
         cache=f"{W}/flags/cache-test.verified",
         data=f"{W}/data/test.jsonl",
-        teacher=local(model_path("teacher")) if ROUNDS else [],
+        teacher=local(model_path("teacher")),
     output:
         f"{W}/eval/{{name}}.json",
     params:
@@ -443,7 +443,7 @@ rule evaluate:
         label=lambda wc: evaluated(wc.name)[1],
         round=lambda wc: "" if evaluated(wc.name)[2] is None else f"--round {evaluated(wc.name)[2]}",
         run=lambda wc: Path(evaluated(wc.name)[0]).parent,
-        teacher_flag=KL_TEACHER.format(shlex.quote(model_path("teacher"))) if ROUNDS else "",
+        teacher_flag=KL_TEACHER.format(shlex.quote(model_path("teacher"))),
         eval=opts(config.get("evaluate")),
     resources:
         gpu=min(GPUS, 1),

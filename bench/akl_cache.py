@@ -49,6 +49,7 @@ ARMS = [  # name, encoding (None: the setting's counted cache written before exa
     ("top-p .5 + 24 draws q8, exact", {**HEAD, "draws": 24}, "akl"),
     ("top-p .5 + 24 draws q8 + sketch 32 q4", {**HEAD, "draws": 24, "sketch": 32}, "akl"),
     ("top-p .5 + 16 draws q8 + sketch 16 q4", {**HEAD, "draws": 16, "sketch": 16}, "akl"),
+    ("top-p .5, at most 16, + 24 draws q8, exact", {**HEAD, "top_k": 16, "draws": 24}, "akl"),
     ("FKL: top-p .5 + 24 draws q8 + sketch 32 q4", {**HEAD, "draws": 24, "sketch": 32}, "fkl"),
 ]
 KINDS = ("akl", "rkl", "jsd", "tvd", "fkl")
@@ -113,7 +114,8 @@ def build_real(root: Path) -> dict:
     reuse = {"FKL online (dense)": "online_(dense)", "SFT": "SFT"}  # bench/fidelity.py --real's, same settings
     counted = counted if (counted / "manifest.json").exists() else None
     untrained = ("top-p .5 + 24 draws q8 + sketch 32 q4", "FKL: top-p .5 + 24 draws q8 + sketch 32 q4")
-    return {**s, "steps": 60, "counted": counted, "reuse": reuse, "skip": ("top-p .5 + 16 draws q8 + sketch 16 q4",),
+    skip = ("top-p .5 + 16 draws q8 + sketch 16 q4", "top-p .5, at most 16, + 24 draws q8, exact")
+    return {**s, "steps": 60, "counted": counted, "reuse": reuse, "skip": skip,
             "untrained": untrained, "gradient_kinds": ("akl",)}  # fmt: skip
 
 
@@ -356,6 +358,8 @@ def main(names):
         result = run_setting(name, setting, seeds, gradients_only="--gradients-only" in sys.argv)
         name += "-only" if "--only" in flags else ""
         results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile
+        if "--gradients-only" in sys.argv and name in results:  # keep the trained arms' rows
+            result["rows"] = results[name]["rows"]
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(results | {name: result}, indent=1, default=str))
     results = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith("-only")}

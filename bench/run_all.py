@@ -22,19 +22,23 @@ SCRIPTS = {
 
 
 def storage_table(r) -> list[str]:
+    """Zarr, Arrow (one row per sample) and Arrow as written before 0.2 (one row per part), side by side."""
     lines = [
-        "| V | encoding | zarr B/pos | arrow B/pos | mean width | decoded read, M pos/s/core (zarr / arrow) |",
+        "| V | encoding | B/pos: zarr / arrow | mean width | decoded read, M pos/s/core: zarr / arrow / arrow one row "
+        "per part | arrow ÷ one row per part |",
         "|---|---|---|---|---|---|",
     ]
     rows = {(x["vocab"], x["encoding"], x["backend"]): x for x in r["rows"]}
     for (v, enc, backend), x in rows.items():
         if backend != "zarr":
             continue
-        a = rows[(v, enc, "arrow")]
+        a, old = rows[(v, enc, "arrow")], rows.get((v, enc, "arrow, one row per part"))
         width = f"{x['mean_width']:.1f}" + (f" + {x['mean_drawn']:.1f} drawn" if x["mean_drawn"] else "")
+        reads = [y["read_positions_per_s"] / 1e6 for y in (x, a, old) if y]
+        ratio = f"{a['read_positions_per_s'] / old['read_positions_per_s']:.2f}" if old else "–"
         lines.append(
-            f"| {v} | {enc} | {x['bytes_per_position']:.0f} | {a['bytes_per_position']:.0f} | {width} | "
-            f"{x['read_positions_per_s'] / 1e6:.2f} / {a['read_positions_per_s'] / 1e6:.2f} |"
+            f"| {v} | {enc} | {x['bytes_per_position']:.0f} / {a['bytes_per_position']:.0f} | {width} | "
+            f"{' / '.join(f'{y:.2f}' for y in reads)} | {ratio} |"
         )
     return lines
 

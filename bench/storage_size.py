@@ -6,8 +6,10 @@ Real caches compress differently: bench/fidelity.py measures encodings on real t
 gives the figure for any cache. Streaming throughput is decoded positions/s through Cache.stream() (decode and
 per-sample views), measured in a child process pinned to one core (taskset) when it can be, on a cache of one
 full default part (256 samples × 256 distilled positions: the rows tiled 4×, so that opening a part is amortized
-as in a real cache; the bytes come from the untiled rows, since zstd would find the repeats).
-Writes JSON to bench/out/storage.json.
+as in a real cache; the bytes come from the untiled rows, since zstd would find the repeats). Three backends side by
+side: Zarr, Arrow (one row per sample) and Arrow as written before 0.2 (one row per part), their reads interleaved,
+median of 3 rounds. `python bench/storage_size.py [--vocab V] [--only "NAME,NAME"]`; writes bench/out/storage.json
+(bench/out/storage-subset.json for a subset).
 """
 
 import json
@@ -179,6 +181,40 @@ def read_throughput(path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def measure(name, k, enc, rows, vocab, rounds=3) -> list[dict]:
+    """Bytes per position of each backend, and their decoded reads interleaved round by round (median of rounds)."""
+    out, reads = {}, {}
+    with tempfile.TemporaryDirectory() as d:
+        for backend in BACKENDS:
+            build(Path(d) / backend, backend, rows, k, vocab, enc)
+            stats = storage.statistics(Path(d) / backend)
+            out[backend] = {
+                "vocab": vocab,
+                "encoding": name,
+                "k": k,
+                "backend": backend,
+                "bytes_per_position": stats["bytes_per_distilled_position"],
+                "mean_width": stats["mean_width"],
+                "mean_drawn": stats.get("mean_drawn_width", 0.0),
+                "decode_kl_mean": stats.get("decode_kl_mean"),
+                "mean_tail_mass": stats["mean_tail_mass"],
+            }
+            build(Path(d) / f"{backend}-tiled", backend, tile(rows, 4), k, vocab, enc)
+        for _ in range(rounds):
+            for backend in BACKENDS:
+                reads.setdefault(backend, []).append(read_throughput(Path(d) / f"{backend}-tiled"))
+    for backend, row in out.items():
+        row["read_positions_per_s"] = float(np.median([r["positions_per_s"] for r in reads[backend]]))
+        row["check_share"] = float(np.median([r["check_share"] for r in reads[backend]]))
+        print(
+            f"V={vocab:6d} {name:32s} {backend:24s} {row['bytes_per_position']:7.1f} B/pos  width "
+            f"{row['mean_width']:5.1f}  read {row['read_positions_per_s'] / 1e6:5.2f} M pos/s/core, "
+            f"checks {100 * row['check_share']:4.1f} % of it",
+            flush=True,
+        )
+    return list(out.values())
+
+
 def main(positions=16384, vocabs=(32000, 151936), only=None):
     results = {
         "positions": positions,
@@ -197,32 +233,7 @@ def main(positions=16384, vocabs=(32000, 151936), only=None):
                     np.random.default_rng(0), positions, vocab, k, enc.get("top_p"), enc.get("min_k", 1), enc["draws"]
                 )
             )
-            for backend in BACKENDS:
-                with tempfile.TemporaryDirectory() as d:
-                    build(Path(d) / "c", backend, rows, k, vocab, enc)
-                    stats = storage.statistics(Path(d) / "c")
-                    row = {
-                        "vocab": vocab,
-                        "encoding": name,
-                        "k": k,
-                        "backend": backend,
-                        "bytes_per_position": stats["bytes_per_distilled_position"],
-                        "mean_width": stats["mean_width"],
-                        "mean_drawn": stats.get("mean_drawn_width", 0.0),
-                        "decode_kl_mean": stats.get("decode_kl_mean"),
-                        "mean_tail_mass": stats["mean_tail_mass"],
-                    }
-                with tempfile.TemporaryDirectory() as d:
-                    build(Path(d) / "c", backend, tile(rows, 4), k, vocab, enc)
-                    read = read_throughput(Path(d) / "c")
-                    row["read_positions_per_s"], row["check_share"] = read["positions_per_s"], read["check_share"]
-                results["rows"].append(row)
-                print(
-                    f"V={vocab:6d} {name:32s} {backend:24s} {row['bytes_per_position']:7.1f} B/pos  width "
-                    f"{row['mean_width']:5.1f}  read {row['read_positions_per_s'] / 1e6:5.2f} M pos/s/core, "
-                    f"checks {100 * row['check_share']:4.1f} % of it",
-                    flush=True,
-                )
+            results["rows"] += measure(name, k, enc, rows, vocab)
     return results
 
 
