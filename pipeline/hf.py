@@ -21,12 +21,14 @@ How the pieces meet Trainer:
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import batches, losses, sources
 from pipeline.errors import OptionError
+from storage import tables
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -78,15 +80,18 @@ class CacheDataset(torch.utils.data.Dataset):
 
         return PlanOrder()
 
-    def to_hf_dataset(self):
-        """A datasets.IterableDataset view that streams the cache in storage order (no copy)."""
+    def to_hf_dataset(self, folder: str | None = None):
+        """The cache as a datasets.Dataset of one row per sample, memory-mapped: its Parquet export (pipeline
+        export: every decoded field, teacher rows unpadded), written once into `folder` (default: under the
+        datasets cache, named by the cache's key and temperature) and loaded by datasets. DistillCollator takes its
+        rows as it takes this dataset's items."""
         import datasets
 
-        def rows():
-            for s in self.cache.stream():
-                yield {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
-
-        return datasets.IterableDataset.from_generator(rows)
+        t = self.cache.temperatures[self.cache.temperature_index]
+        key = f"{self.cache.manifest['cache_key'][:16]}-t{t:g}"
+        out = Path(folder or Path(datasets.config.HF_DATASETS_CACHE) / "distill-cache-exports" / key)
+        tables.export(self.cache.path, out, "parquet", t, progress=False)
+        return datasets.load_dataset("parquet", data_files=sorted(map(str, out.glob("part-*.parquet"))), split="train")
 
 
 class DistillLabels(dict):
@@ -112,6 +117,7 @@ class DistillCollator:
         self.pack_length = pack_length
 
     def __call__(self, features: list[dict]) -> dict:
+        features = [f if isinstance(f["input_ids"], np.ndarray) else tables.padded_sample(f) for f in features]
         b = batches.collate(features, self.pad_id, self.pack_length)
         keep, column = torch.unique(b["col_index"], return_inverse=True)
         causal = torch.full_like(b["input_ids"], -100)

@@ -14,10 +14,16 @@ Python loop over samples or positions.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from .errors import CorruptCache
+from . import manifest as manifest_io
+from .errors import CacheMismatch, CorruptCache
+from .reader import open_cache
 
 PER_POSITION = ("tail_logmass", "target_logprob", "behavior_logprob")  # one value per distilled position
 PER_DRAW = ("drawn_ids", "drawn_logprobs", "drawn_logweights", "drawn_counts")  # a list per distilled position
@@ -83,4 +89,81 @@ def axolotl_table(part: dict, t: int) -> pa.Table:
     )
 
 
+def padded_sample(row: dict) -> dict:
+    """A row of the parquet layout (as datasets gives it: lists) as Cache[i] gives the sample: numpy arrays, each
+    sample's teacher rows padded to its widest (ids −1, log-probs −inf)."""
+    out = {}
+    for name, value in row.items():
+        if name in ("topk_ids", "topk_logprobs") or name in PER_DRAW:
+            pad = -1 if name.endswith("_ids") else (0 if name == "drawn_counts" else -np.inf)
+            width = max(map(len, value), default=0)
+            dtype = np.int64 if name.endswith(("_ids", "_counts")) else np.float32
+            out[name] = np.array([list(r) + [pad] * (width - len(r)) for r in value], dtype).reshape(len(value), width)
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
 TABLES = {"parquet": sample_table, "axolotl": axolotl_table}
+INFO = "export.json"
+DROPPED = {"parquet": [], "axolotl": ["tail_logmass", "target_logprob", "drawn tokens", "sketch"]}
+
+
+def part_file(p: int) -> str:
+    return f"part-{p:06d}.parquet"
+
+
+def export(src, dst, layout: str = "parquet", temperature: float | None = None, progress: bool = True) -> dict:
+    """The cache at src as one Parquet file of `layout` per part in dst, streamed part by part (one decoded part in
+    memory), each file written whole and renamed into place: an interrupted export resumes with the parts it lacks.
+    dst/export.json says what the folder holds (source cache key, layout, temperature, what the layout drops) and
+    `complete` once every part is there."""
+    cache = open_cache(src, temperature)
+    out, t = Path(dst), cache.temperature_index
+    info = {
+        "source_cache_key": cache.manifest["cache_key"],
+        "layout": layout,
+        "temperature": cache.temperatures[t],
+        "num_parts": cache.num_parts,
+        "dropped": DROPPED[layout],
+        "complete": False,
+    }
+    _claim(out, info)
+    todo = [p for p in range(cache.num_parts) if not (out / part_file(p)).exists()]
+    tokens = [cache.manifest["parts"][manifest_io.part_name(p)]["counts"]["tokens"] for p in todo]
+    bar = tqdm(total=sum(tokens), unit="tok", unit_scale=True, desc=f"export {layout}", disable=not progress)
+    rows = 0
+    for p, n in zip(todo, tokens):
+        table = TABLES[layout](cache.decode(p), t)
+        manifest_io.write_atomic(out / part_file(p), _parquet(table))
+        rows += table.num_rows
+        bar.update(n)
+    bar.close()
+    manifest_io.write_json_atomic(out / INFO, {**info, "complete": True})
+    return {"path": str(out), "parts_written": len(todo), "rows": rows, "num_parts": cache.num_parts}
+
+
+def _claim(out: Path, info: dict) -> None:
+    """The folder for this export: new, or holding an unfinished or finished export of the same cache and layout."""
+    if (out / INFO).exists():
+        old = manifest_io.read_json(out / INFO)
+        if any(old.get(k) != info[k] for k in ("source_cache_key", "layout", "temperature")):
+            raise CacheMismatch(
+                f"{out} holds an export of another cache, layout or temperature ({old.get('layout')}); choose a "
+                "new folder (nothing there is replaced)"
+            )
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CacheMismatch(
+            f"{out} already exists and is not an export; choose a new folder (nothing there is replaced)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for p in range(info["num_parts"]):
+        manifest_io.remove_temporaries(out, part_file(p))
+    if not (out / INFO).exists():
+        manifest_io.write_json_atomic(out / INFO, info)
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()

@@ -139,3 +139,25 @@ def test_a_folder_holding_something_else_is_refused_in_one_line(cache, tmp_path,
     res = CliRunner().invoke(main, ["export", str(cache), str(out)])
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "choose a new folder" in res.output, res.output
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_to_hf_dataset_is_the_memory_mapped_export_and_collates_like_the_cache(cache, tmp_path):
+    """CacheDataset.to_hf_dataset(): one row per sample, backed by Arrow files on disk; DistillCollator turns a batch
+    of its rows into exactly the batch it makes from the cache's own samples."""
+    import datasets
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.hf import CacheDataset, DistillCollator
+
+    ours = CacheDataset(cache, temperature=2.0)
+    ds = ours.to_hf_dataset(str(tmp_path / "x"))
+    assert isinstance(ds, datasets.Dataset) and len(ds) == len(ours) and ds.cache_files
+    tok = AutoTokenizer.from_pretrained(next(cache.parent.glob("tiny/llama")))
+    collate = DistillCollator(tok)
+    a, b = collate([ds[i] for i in range(6)]), collate([ours[i] for i in range(6)])
+    assert a.keys() == b.keys() and a["labels"].keys() == b["labels"].keys()
+    for key in a["labels"]:
+        x, y = a["labels"][key], b["labels"][key]
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, key
+    assert torch.equal(a["input_ids"], b["input_ids"])
