@@ -50,6 +50,7 @@ ARMS = [  # name, encoding (None: the setting's counted cache written before exa
     ("top-p .5 + 24 draws q8 + sketch 32 q4", {**HEAD, "draws": 24, "sketch": 32}, "akl"),
     ("top-p .5 + 16 draws q8 + sketch 16 q4", {**HEAD, "draws": 16, "sketch": 16}, "akl"),
     ("top-p .5, at most 16, + 24 draws q8, exact", {**HEAD, "top_k": 16, "draws": 24}, "akl"),
+    ("top-p .5, at most 16, + 24 draws q8 + sketch 32 q4", {**HEAD, "top_k": 16, "draws": 24, "sketch": 32}, "akl"),
     ("FKL: top-p .5 + 24 draws q8 + sketch 32 q4", {**HEAD, "draws": 24, "sketch": 32}, "fkl"),
 ]
 KINDS = ("akl", "rkl", "jsd", "tvd", "fkl")
@@ -114,7 +115,7 @@ def build_real(root: Path) -> dict:
     reuse = {"FKL online (dense)": "online_(dense)", "SFT": "SFT"}  # bench/fidelity.py --real's, same settings
     counted = counted if (counted / "manifest.json").exists() else None
     untrained = ("top-p .5 + 24 draws q8 + sketch 32 q4", "FKL: top-p .5 + 24 draws q8 + sketch 32 q4")
-    skip = ("top-p .5 + 16 draws q8 + sketch 16 q4", "top-p .5, at most 16, + 24 draws q8, exact")
+    skip = ("top-p .5 + 16 draws q8 + sketch 16 q4", *(a[0] for a in ARMS if "at most 16" in a[0]))
     return {**s, "steps": 60, "counted": counted, "reuse": reuse, "skip": skip,
             "untrained": untrained, "gradient_kinds": ("akl",)}  # fmt: skip
 
@@ -349,12 +350,12 @@ def main(names):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = ROOT / "bench/out/akl_cache.json"
     builders = {"real": lambda: build_real(OUT / "real"), "prose": lambda: build_prose(OUT / "prose")}
-    flags = dict(zip(sys.argv[1:], sys.argv[2:]))  # --only "ARM" (trained even if marked untrained), --seeds 0,1
+    flags = dict(zip(sys.argv[1:], sys.argv[2:]))  # --only "ARM|ARM" (trained even if marked untrained), --seeds 0,1
     seeds = tuple(int(x) for x in flags.get("--seeds", "0,1").split(","))
     for name in names:
         setting = builders[name]()
         if "--only" in flags:
-            setting = {**setting, "only": (flags["--only"],), "untrained": ()}
+            setting = {**setting, "only": tuple(flags["--only"].split("|")), "untrained": ()}
         result = run_setting(name, setting, seeds, gradients_only="--gradients-only" in sys.argv)
         name += "-only" if "--only" in flags else ""
         results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile
