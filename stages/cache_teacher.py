@@ -90,10 +90,11 @@ def existing_encoding(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows:
     old = dataclasses.replace(given, **PREVIOUS_DEFAULT_ENCODING)
     old = dataclasses.replace(old, top_k=old.width(vocab))
     old_plan = cache_plan(old, identity, vocab, rows)
-    if storage.cache_key_at(out_path(old, old_plan)) != old_plan["cache_key"]:
+    path = out_path(old, old_plan)
+    if storage.cache_key_at(path) != old_plan["cache_key"]:
         return cfg, plan
     warnings.warn(
-        f"{out_path(old, old_plan)} was written with the default encoding before 0.2 (top-k 64, float16): it keeps "
+        f"{path} was written with the default encoding before 0.2 (top-k 64, float16): it keeps "
         "that encoding (new caches default to --top-p 0.5 --tail-draws 24 --ids bitpack --logprob-dtype q8)"
     )
     return old, old_plan

@@ -17,7 +17,7 @@ ZSTD_LEVEL = 3
 CHUNK_BYTES = 1 << 22
 
 
-def _check_shape(name: str, shape: tuple, expected: dict) -> None:
+def check_shape(name: str, shape: tuple, expected: dict) -> None:
     want = expected.get(name)
     if want is not None and tuple(shape) != tuple(want):
         raise CorruptCache(f"array {name} has shape {tuple(shape)}, the part's counts say {tuple(want)}")
@@ -77,7 +77,7 @@ class ZarrBackend:
             if name not in group:
                 raise CorruptCache(f"array {name} is missing")
             z = group[name]
-            _check_shape(name, z.shape, expected)
+            check_shape(name, z.shape, expected)
             out[name] = z[...]
         return out
 
@@ -95,11 +95,7 @@ class ArrowBackend:
             name: pa.LargeListArray.from_arrays(pa.array([0, len(a)], pa.int64()), pa.array(a))
             for name, a in arrays.items()
         }
-        table = pa.table(cols)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
-            w.write_table(table)
-        return {ArrowBackend.data_name: sink.getvalue().to_pybytes()}
+        return {ArrowBackend.data_name: arrow_bytes(pa.table(cols))}
 
     @staticmethod
     def needs(names: list[str]):
@@ -116,21 +112,31 @@ class ArrowBackend:
             if col.num_chunks != 1 or len(col) != 1:
                 raise CorruptCache(f"column {name} holds {len(col)} rows; a version-2 Arrow part holds one")
             values = col.chunk(0).values
-            _check_shape(name, (len(values),), expected)
+            check_shape(name, (len(values),), expected)
             out[name] = values.to_numpy(zero_copy_only=False)
         return out
 
 
-def read_arrow_table(files: dict[str, bytes], data_name: str) -> pa.Table:
-    """The IPC stream's table, fully validated (offsets in bounds, valid buffers): a crafted file gives an error
-    here instead of an out-of-bounds read later."""
+def arrow_bytes(table: pa.Table, ipc_file: bool = False) -> bytes:
+    """The table as an Arrow IPC stream (or file, with its footer), zstd-compressed."""
+    sink = pa.BufferOutputStream()
+    new = pa.ipc.new_file if ipc_file else pa.ipc.new_stream
+    with new(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def read_arrow_table(files: dict[str, bytes], data_name: str, ipc_file: bool = False) -> pa.Table:
+    """The IPC stream's (or file's) table, fully validated (offsets in bounds, valid buffers): a crafted file gives an
+    error here instead of an out-of-bounds read later."""
     if data_name not in files:
         raise CorruptCache(f"{data_name} is missing")
+    kind = "file" if ipc_file else "stream"
     try:
-        table = pa.ipc.open_stream(pa.py_buffer(files[data_name])).read_all()
+        table = (pa.ipc.open_file if ipc_file else pa.ipc.open_stream)(pa.py_buffer(files[data_name])).read_all()
         table.validate(full=True)
     except (pa.ArrowException, ValueError, OSError) as e:
-        raise CorruptCache(f"{data_name} is not a valid Arrow IPC stream ({str(e).splitlines()[0][:200]})") from e
+        raise CorruptCache(f"{data_name} is not a valid Arrow IPC {kind} ({str(e).splitlines()[0][:200]})") from e
     return table
 
 

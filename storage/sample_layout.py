@@ -18,7 +18,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from . import codecs
+from . import backends, codecs
 from .errors import CorruptCache
 
 DATA = "data.arrow"
@@ -60,19 +60,29 @@ def packed_bits(name: str, encoding: dict) -> int | None:
     return None
 
 
-def entry_offsets(name: str, structure: dict, encoding: dict) -> np.ndarray:
-    """[S + 1] offsets of sample s's entries of array `name`, from token_offsets, position_offsets and the widths."""
-    base, t = _split(name)
+def sample_offsets(structure: dict, encoding: dict) -> dict[str, np.ndarray]:
+    """Per span (span_of), the [S + 1] offsets of each sample's entries, from token_offsets, position_offsets and the
+    widths: computed once per part, shared by every array of the span."""
     tokens, rows = structure["token_offsets"], structure["position_offsets"]
-    span = SPAN[base]
-    if span == "tokens":
-        return tokens
-    if span == "rows":
-        return rows
-    if span == "sketch":
-        return rows * encoding["sketch"]["rank"]
-    widths = structure["topk_width"] if span == "head" else structure[f"drawn_width_{t}"]
-    return codecs.offsets_of(widths.astype(np.int64))[rows]
+    out = {"tokens": tokens, "rows": rows, "head": codecs.offsets_of(structure["topk_width"].astype(np.int64))[rows]}
+    for name, widths in structure.items():
+        base, t = _split(name)
+        if base == "drawn_width":
+            out[f"drawn_{t}"] = codecs.offsets_of(widths.astype(np.int64))[rows]
+    if encoding.get("sketch"):
+        out["sketch"] = rows * encoding["sketch"]["rank"]
+    return out
+
+
+def span_of(name: str) -> str:
+    """Which sample_offsets an array's entries follow: tokens, rows, head, drawn_{t} (a temperature's draws), sketch."""
+    base, t = _split(name)
+    return f"drawn_{t}" if SPAN[base] == "drawn" else SPAN[base]
+
+
+def entry_offsets(name: str, structure: dict, encoding: dict) -> np.ndarray:
+    """[S + 1] offsets of sample s's entries of array `name`."""
+    return sample_offsets(structure, encoding)[span_of(name)]
 
 
 def _padded(offsets: np.ndarray) -> np.ndarray:
@@ -90,11 +100,11 @@ def _kept(offsets: np.ndarray, padded: np.ndarray) -> np.ndarray:
 
 
 def to_table(arrays: dict, encoding: dict) -> pa.Table:
-    cols = {"sample_index": pa.array(arrays["sample_index"])}
+    cols, spans = {"sample_index": pa.array(arrays["sample_index"])}, sample_offsets(arrays, encoding)
     for name, a in arrays.items():
         if name == "sample_index" or name in DERIVED:
             continue
-        offsets, bits = entry_offsets(name, arrays, encoding), packed_bits(name, encoding)
+        offsets, bits = spans[span_of(name)], packed_bits(name, encoding)
         if bits:
             padded = _padded(offsets)
             values = np.zeros(padded[-1], np.uint32)
@@ -113,14 +123,14 @@ def from_table(table: pa.Table, names: list[str], encoding: dict, unpacked: bool
         "position_offsets": lists["topk_width"].offsets.to_numpy(),
         **{n: lists[n].values.to_numpy() for n in lists if _split(n)[0] in ("topk_width", "drawn_width")},
     }
-    out = {}
+    out, spans = {}, sample_offsets(structure, encoding)
     for name in names:
         if name in DERIVED or name == "sample_index":
             out[name] = structure.get(name) if name in DERIVED else table["sample_index"].to_numpy()
             continue
         if name not in lists:
             raise CorruptCache(f"column {name} is missing")
-        out[name] = _values(lists[name], name, entry_offsets(name, structure, encoding), encoding, unpacked)
+        out[name] = _values(lists[name], name, spans[span_of(name)], encoding, unpacked)
     return out
 
 
@@ -159,30 +169,19 @@ class ArrowSamplesBackend:
         self.encoding = encoding
 
     def encode(self, arrays: dict) -> dict[str, bytes]:
-        table = to_table(arrays, self.encoding)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
-            w.write_table(table)
-        return {DATA: sink.getvalue().to_pybytes()}
+        return {DATA: backends.arrow_bytes(to_table(arrays, self.encoding), ipc_file=True)}
 
     @staticmethod
     def needs(names: list[str]):
         return None  # one file holds every array
 
     def decode(self, files: dict[str, bytes], names: list[str], expected: dict, unpacked: bool = False) -> dict:
-        if DATA not in files:
-            raise CorruptCache(f"{DATA} is missing")
-        try:
-            table = pa.ipc.open_file(pa.py_buffer(files[DATA])).read_all()
-            table.validate(full=True)
-        except (pa.ArrowException, ValueError, OSError) as e:
-            raise CorruptCache(f"{DATA} is not a valid Arrow IPC file ({str(e).splitlines()[0][:200]})") from e
+        table = backends.read_arrow_table(files, DATA, ipc_file=True)
         for col in ("sample_index", "input_ids", "topk_width"):
             if col not in table.column_names:
                 raise CorruptCache(f"column {col} is missing")
         out = from_table(table, names, self.encoding, unpacked)
         for name, a in out.items():
-            want = expected.get(name)
-            if want is not None and a.dtype != np.uint32 and a.shape != tuple(want):
-                raise CorruptCache(f"array {name} has shape {a.shape}, the part's counts say {tuple(want)}")
+            if a.dtype != np.uint32:  # unpacked codes have their count checked where they are unpacked
+                backends.check_shape(name, a.shape, expected)
         return out

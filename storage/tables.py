@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from . import codecs
 from . import manifest as manifest_io
 from .errors import CacheMismatch, CorruptCache
 from .reader import open_cache
@@ -75,7 +76,7 @@ def axolotl_table(part: dict, t: int) -> pa.Table:
         )
     widths = np.zeros(len(mask), np.int64)
     widths[predicts] = np.diff(part["topk_offsets"])
-    rows = np.concatenate([[0], np.cumsum(widths)])
+    rows = codecs.offsets_of(widths)
     ids = part["input_ids"].astype(np.int64)
     return pa.table(
         {
@@ -96,9 +97,10 @@ def padded_sample(row: dict) -> dict:
     for name, value in row.items():
         if name in ("topk_ids", "topk_logprobs") or name in PER_DRAW:
             pad = -1 if name.endswith("_ids") else (0 if name == "drawn_counts" else -np.inf)
-            width = max(map(len, value), default=0)
             dtype = np.int64 if name.endswith(("_ids", "_counts")) else np.float32
-            out[name] = np.array([list(r) + [pad] * (width - len(r)) for r in value], dtype).reshape(len(value), width)
+            flat = np.fromiter((x for r in value for x in r), dtype)
+            offsets = codecs.offsets_of(np.fromiter(map(len, value), np.int64, len(value)))
+            out[name] = codecs.padded_rows([(flat, pad)], offsets, 0, len(value))[0]
         else:
             out[name] = np.asarray(value)
     return out
