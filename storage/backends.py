@@ -37,7 +37,8 @@ class ZarrBackend:
         group = zarr.open_group(store=MemoryStore(store), mode="w", zarr_format=3)
         for name, arr in arrays.items():
             row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:])))
-            rows = max(1, CHUNK_BYTES // row_bytes)
+            rows = max(1, min(CHUNK_BYTES // row_bytes, arr.shape[0]))  # a chunk never larger than the array:
+            # zarr pads a partial chunk to its full size before compressing it
             shard_rows = max(rows, -(-arr.shape[0] // rows) * rows)
             tail = tuple(arr.shape[1:])
             compressor = BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="shuffle", typesize=arr.itemsize)
