@@ -16,7 +16,11 @@ TEACHER_KEYS = (
     "drawn_logweights",
     "sketch_coeffs",
     "behavior_logprob",
+    "chunk_logprob",
+    "chunk_first",
+    "chunk_of",
 )
+INDEX_KEYS = {"chunk_first": "positions", "chunk_of": "chunks"}  # indices into the batch: offset per sample
 
 
 def micro_batches(
@@ -97,16 +101,25 @@ def collate(samples: list[dict], pad_id: int, pack_length: int | None = None) ->
 
 
 def collate_teacher(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """The samples' teacher rows concatenated in order, 2-D fields padded to the widest (ids −1, log-probs −inf)."""
+    """The samples' teacher rows concatenated in order, 2-D fields padded to the widest (ids −1, log-probs −inf);
+    index fields (a cross-tokenizer sample's chunk_first, chunk_of) offset to point into the batch (−1 stays)."""
     out = {}
     for key in TEACHER_KEYS:
         if key not in samples[0]:
             continue
         arrs = [np.asarray(s[key]) for s in samples]
+        if key in INDEX_KEYS:
+            arrs = [np.where(a >= 0, a + o, -1) for a, o in zip(arrs, _index_offsets(samples, INDEX_KEYS[key]))]
         if arrs[0].ndim == 2:
             w = max(a.shape[1] for a in arrs)
             pad = -1 if key.endswith("_ids") else -np.inf
             arrs = [np.pad(a, ((0, 0), (0, w - a.shape[1])), constant_values=pad) for a in arrs]
-        dtype = np.int64 if key.endswith("_ids") else np.float32
+        dtype = np.int64 if key.endswith("_ids") or key in INDEX_KEYS else np.float32
         out[key] = torch.from_numpy(np.concatenate(arrs).astype(dtype))
     return out
+
+
+def _index_offsets(samples: list[dict], what: str) -> np.ndarray:
+    """Per sample, the batch index of its first distilled position ("positions") or first chunk ("chunks")."""
+    sizes = [int(np.asarray(s["loss_mask"]).sum()) if what == "positions" else len(s["chunk_first"]) for s in samples]
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)

@@ -13,7 +13,10 @@ from storage.part import ID_CODECS, LOGPROB_CODECS, MAX_TOP_K
 from storage.tables import TABLES as EXPORT_LAYOUTS
 
 KINDS = ("fkl", "rkl", "akl", "jsd", "tvd", "sfkl", "srkl")  # the divergences of pipeline.losses
-LOSSES = ("ce",) + KINDS + ("pg",)  # what train optimizes: SFT, a divergence, or the on-policy policy gradient
+CROSS_KINDS = ("uld", "gold", "alm")  # the cross-tokenizer losses of pipeline.cross_losses
+LOSSES = (
+    ("ce",) + KINDS + ("pg",) + CROSS_KINDS
+)  # what train optimizes: SFT, a divergence, or the on-policy policy gradient
 TAIL_MODES = ("bucket", "renormalize")
 DEFAULT_PART_SIZE = 256  # cache-teacher's default: a dataset split like it gets the same epoch plans
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -313,7 +316,8 @@ class CacheTeacherConfig:
 class LossConfig:
     kind: str = option(
         "fkl",
-        "ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl, or pg (reverse-KL policy gradient on generated tokens)",
+        "ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl, pg (reverse-KL policy gradient on generated tokens), or for a "
+        "student with another tokenizer uld, gold or alm",
         choices=LOSSES,
         flag="--loss",
     )
@@ -396,6 +400,7 @@ class TeacherConfig:
     allow_tokenizer_mismatch: bool = option(
         False, "distill although the teacher's tokenizer differs from the student's"
     )
+    teacher_tokenizer: str | None = option(None, "--loss gold: the teacher's tokenizer [default: the cache's teacher]")
 
     def validate(self):
         n = len(self.cache)
@@ -472,6 +477,11 @@ class TrainConfig:
             )
         if self.init_from_config and not self.tokenizer:
             raise OptionError("--init-from-config needs --tokenizer")
+        if self.loss.kind in CROSS_KINDS and not self.teacher.cache:
+            raise OptionError(
+                f"--loss {self.loss.kind} aligns a cache's text to the student's tokens: pass --cache (a teacher "
+                "running online is not supported for it)"
+            )
 
 
 # -- evaluate, generate, report and the data preparation commands

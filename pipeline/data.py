@@ -22,7 +22,7 @@ from pipeline.errors import DataError
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-TOKENIZE_VERSION = "3"  # bump when the tokenization below changes what it produces
+TOKENIZE_VERSION = "4"  # bump when the tokenization below changes what it produces
 
 
 def load_rows(cfg: DataConfig):
@@ -168,27 +168,34 @@ def _tokenize_batch(
     max_length,
     response_ids_field=None,
     behavior_field=None,
+    pieces=None,
 ):
-    """datasets.map function: a batch of rows (their indices) → input_ids, loss_mask, truncated, length, digest
-    (and behavior_logprob, one per distilled token, for generated rows)."""
+    """datasets.map function: a batch of rows (their indices) → input_ids, loss_mask, truncated, length, digest,
+    the text the distilled tokens spell (prompt_text, text) with each token's text_end (alignment.text_ends, from
+    the tokenizer's `pieces`), and behavior_logprob (one per distilled token) for generated rows."""
     behavior = None
     if text_field:
-        ids = tokenizer(as_texts(batch[text_field], text_field, indices))["input_ids"]
+        texts = as_texts(batch[text_field], text_field, indices)
+        prompts = [""] * len(texts)
+        ids = tokenizer(texts)["input_ids"]
         end = text_end_id(tokenizer, text_end)
         ids = [x + [end] if end is not None else x for x in ids]
         masks = [[0] + [1] * (len(x) - 1) for x in ids]
+        spans = ids
     else:
         prompts = as_texts(batch[prompt_field], prompt_field, indices)
-        if response_ids_field:
-            p_ids = encode_instructions(tokenizer, prompts, [""] * len(prompts))[0]
+        if response_ids_field:  # generated rows: no text of their own
+            texts = [""] * len(prompts)
+            p_ids = encode_instructions(tokenizer, prompts, texts)[0]
             r_ids, behavior = _generated(batch, response_ids_field, behavior_field, indices, len(tokenizer))
         else:
-            p_ids, r_ids = encode_instructions(
-                tokenizer, prompts, as_texts(batch[response_field], response_field, indices)
-            )
+            texts = as_texts(batch[response_field], response_field, indices)
+            p_ids, r_ids = encode_instructions(tokenizer, prompts, texts)
         ids = [p + r for p, r in zip(p_ids, r_ids)]
         masks = [[0] * len(p) + [1] * len(r) for p, r in zip(p_ids, r_ids)]
+        spans = [[-1] * len(p) + r for p, r in zip(p_ids, r_ids)]  # the response's tokens spell the text
     out = {"input_ids": [], "loss_mask": [], "truncated": [], "length": [], "digest": []}
+    out.update(_text_fields(tokenizer, pieces, prompts, texts, spans, max_length))
     if behavior is not None:
         out["behavior_logprob"] = []
     for n, (x, m) in enumerate(zip(ids, masks)):
@@ -209,6 +216,45 @@ def _tokenize_batch(
                 )
             out["behavior_logprob"].append(np.asarray(kept, np.float32))
     return out
+
+
+def _text_fields(tokenizer, pieces, prompts, texts, spans, max_length) -> dict:
+    """prompt_text, text and per token text_end (−1 for a token id of −1 in `spans`: not part of the text)."""
+    from pipeline import alignment
+
+    ends = []
+    for text, tokens in zip(texts, spans):
+        tokens = np.asarray(tokens, np.int64)
+        e = np.full(len(tokens), alignment.NOT_TEXT, np.int32)
+        first = int(np.argmax(tokens >= 0)) if (tokens >= 0).any() else len(tokens)
+        if pieces is not None and text:
+            e[first:] = alignment.text_ends(
+                tokens[first:], pieces, text.encode(), tokenizer.all_special_ids, tokenizer.eos_token_id
+            )
+        ends.append(e[:max_length])
+    return {"prompt_text": list(prompts), "text": list(texts), "text_end": ends}
+
+
+def tokenize_texts(tokenizer, prompts, texts, plain: bool, max_length: int, pieces) -> dict:
+    """(prompt, text) pairs tokenized as `tokenized` does (plain texts ending in EOS): columns input_ids,
+    loss_mask, text_end, … (a cache's texts for a student of another tokenizer)."""
+    fields = {"text_field": "text"} if plain else {"prompt_field": "prompt", "response_field": "text"}
+    batch = {"prompt": list(prompts), "text": list(texts)}
+    kwargs = {"text_field": None, "prompt_field": None, "response_field": None, **fields}
+    return _tokenize_batch(batch, list(range(len(texts))), tokenizer, text_end="eos", max_length=max_length,
+                           pieces=pieces, **kwargs)  # fmt: skip
+
+
+def text_pieces(tokenizer) -> list[bytes] | None:
+    """The tokenizer's token bytes (alignment.token_bytes), or None when they cannot be told: its caches then
+    record no alignment."""
+    from pipeline import alignment
+    from pipeline.errors import OptionError
+
+    try:
+        return alignment.token_bytes(tokenizer)
+    except OptionError:
+        return None
 
 
 def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = True):
@@ -248,6 +294,7 @@ def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = Tr
             "max_length": cfg.max_length,
             "response_ids_field": cfg.response_ids_field,
             "behavior_field": cfg.behavior_field,
+            "pieces": text_pieces(tokenizer),
         },
         desc=f"tokenize {Path(cfg.source).name}",
     )
@@ -275,6 +322,9 @@ def _features(cfg: DataConfig):
         "truncated": datasets.Value("bool"),
         "length": datasets.Value("int32"),
         "digest": datasets.Value("int64"),
+        "prompt_text": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "text_end": datasets.Sequence(datasets.Value("int32")),
     }
     if cfg.behavior_field:
         columns["behavior_logprob"] = datasets.Sequence(datasets.Value("float32"))
@@ -330,5 +380,8 @@ def rows_of(ds, start: int, stop: int) -> list[dict]:
         }
         if "behavior_logprob" in batch:
             s["behavior_logprob"] = np.asarray(batch["behavior_logprob"][i], np.float32)
+        if "text_end" in batch:
+            s["prompt_text"], s["text"] = str(batch["prompt_text"][i]).encode(), str(batch["text"][i]).encode()
+            s["text_end"] = np.asarray(batch["text_end"][i], np.int32)
         out.append(s)
     return out

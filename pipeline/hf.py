@@ -26,18 +26,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import batches, losses, sources
+from pipeline import batches, cross_tokenizer, losses, sources
+from pipeline.config import CROSS_KINDS
 from pipeline.errors import OptionError
 from storage import tables
 
 
 class CacheDataset(torch.utils.data.Dataset):
     """A teacher cache as a map-style dataset: item i is stored sample i (numpy arrays: input_ids, loss_mask and the
-    teacher rows) at the chosen cached temperature. Parts are read on demand."""
+    teacher rows) at the chosen cached temperature. Parts are read on demand. With a `tokenizer` that is not the
+    teacher's, item i is the sample's text in that tokenizer's tokens with the teacher's fields per aligned chunk
+    (pipeline.cross_tokenizer; for distill_loss("uld" | "gold" | "alm"))."""
 
-    def __init__(self, path, temperature: float | None = None):
+    def __init__(self, path, temperature: float | None = None, tokenizer=None, max_length: int | None = None):
         self.source = sources.CacheSource(path, temperature)
         self.cache = self.source.cache
+        if tokenizer is not None:
+            length = max_length or self.cache.manifest["identity"]["dataset"]["max_length"]
+            self.source = cross_tokenizer.CrossTokenizerSource(self.source, tokenizer, length)
 
     def __len__(self):
         return len(self.source)
@@ -147,13 +153,18 @@ def distill_loss(
     temperature: float = 1.0,
     tail: str = "bucket",
     sketch_basis: torch.Tensor | None = None,
+    vocab_map: torch.Tensor | None = None,
 ):
     """A Trainer `compute_loss_func(outputs, labels, num_items_in_batch)` for DistillCollator batches:
     (1 − kd_ratio)·CE + kd_ratio·KD of `kind` (fkl, rkl, akl, jsd, tvd, sfkl, srkl; pg on generated data; ce alone),
     summed over the distilled positions and divided by Trainer's item count (the whole accumulated batch). A cache
-    with a teacher sketch needs its basis: sketch_basis=CacheDataset(…).sketch_basis."""
-    losses.check_params("fkl" if kind in ("ce", "pg") else kind, mu, beta, alpha, kd_ratio, tail)
-    basis = {"tensor": sketch_basis}
+    with a teacher sketch needs its basis: sketch_basis=CacheDataset(…).sketch_basis. A student of another tokenizer
+    (CacheDataset(…, tokenizer=…)) takes uld, alm or gold, the last with the vocabulary map
+    (cross_tokenizer.vocabulary_map)."""
+    losses.check_params("fkl" if kind in ("ce", "pg", *CROSS_KINDS) else kind, mu, beta, alpha, kd_ratio, tail)
+    if kind == "gold" and vocab_map is None:
+        raise OptionError("distill_loss('gold') maps the teacher's vocabulary: pass vocab_map=vocabulary_map(...)")
+    basis = {"tensor": sketch_basis, "map": vocab_map}
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits[labels["row_index"], labels["col_index"], : labels["vocab_size"]]
@@ -165,6 +176,8 @@ def distill_loss(
                 )
             basis["tensor"] = basis["tensor"].to(logits.device)
             fields["sketch_basis"] = basis["tensor"]
+        if basis["map"] is not None:
+            basis["map"] = fields["vocab_map"] = basis["map"].to(logits.device)
         terms = losses.batch_losses(
             logits,
             {"targets": labels["targets"]},

@@ -58,7 +58,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import KINDS, LossConfig
+from pipeline import cross_losses
+from pipeline.config import CROSS_KINDS, KINDS, LossConfig
 from pipeline.errors import OptionError
 
 LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
@@ -558,6 +559,9 @@ def batch_losses(logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.
     tokens (target_logprob, optional behavior_logprob) — and AKL's gap statistics."""
     if kind == "ce" or not teacher_fields:
         return {"ce": -token_logprob(logits, b["targets"]).sum()}
+    if kind in CROSS_KINDS:
+        kd = cross_losses.chunk_losses(logits, b["targets"], teacher_fields, kind, temperature)
+        return {"ce": -token_logprob(logits, b["targets"]).sum(), "kd": kd.sum(), "chunks": torch.tensor(len(kd))}
     if kind == "pg":
         if "target_logprob" not in teacher_fields:
             raise ValueError("the pg loss needs the teacher's log-prob of each sampled token (target_logprob)")

@@ -79,11 +79,14 @@ class TokenizedSource(Source):
 
     def __getitem__(self, i):
         sample = self.ds[int(i)]
-        return {
+        out = {
             "sample_index": int(i),
             "input_ids": np.asarray(sample["input_ids"], np.int64),
             "loss_mask": np.asarray(sample["loss_mask"], np.uint8),
         }
+        if "text_end" in sample:
+            out["text_end"] = np.asarray(sample["text_end"], np.int32)
+        return out
 
 
 class SampleList(Source):

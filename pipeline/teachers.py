@@ -15,7 +15,8 @@ import warnings
 
 import torch
 
-from pipeline import losses, models
+from pipeline import alignment, losses, models
+from pipeline import cross_tokenizer as cross
 from pipeline.batches import TEACHER_KEYS
 from pipeline.errors import OptionError
 from pipeline.sources import CacheSource, MixtureSource, Source
@@ -60,10 +61,48 @@ class CachedTeacher(Teacher):
 
 def cached(paths, shares=(), temperature=None) -> CachedTeacher:
     """The teacher of one cache, or of several with one share each (two caches and one share: the second's, λ)."""
-    if len(paths) == 1:
-        return CachedTeacher(CacheSource(paths[0], temperature))
-    shares = tuple(shares) if len(shares) == len(paths) else (1 - shares[0], shares[0])
-    return CachedTeacher(MixtureSource([CacheSource(p, temperature) for p in paths], list(shares)))
+    return CachedTeacher(_mixed([CacheSource(p, temperature) for p in paths], shares))
+
+
+def _mixed(sources: list[Source], shares) -> Source:
+    if len(sources) == 1:
+        return sources[0]
+    shares = tuple(shares) if len(shares) == len(sources) else (1 - shares[0], shares[0])
+    return MixtureSource(sources, list(shares))
+
+
+class CrossTokenizerTeacher(CachedTeacher):
+    """Rows of caches written with another tokenizer, per chunk of the student's tokens (pipeline.cross_tokenizer),
+    with the teacher → student vocabulary map beside them when the loss needs it (gold)."""
+
+    def __init__(self, source: Source, vocab_map: torch.Tensor | None = None):
+        super().__init__(source)
+        self.vocab_map = vocab_map
+
+    def fields(self, batch: dict) -> dict:
+        out = super().fields(batch)
+        if self.vocab_map is not None and "chunk_first" in out:
+            self.vocab_map = self.vocab_map.to(out["chunk_first"].device)
+            out["vocab_map"] = self.vocab_map
+        return out
+
+
+def cross_tokenizer(paths, shares, temperature, tok, max_length: int, teacher_tok=None) -> CrossTokenizerTeacher:
+    """The teacher of caches for a student of tokenizer `tok` (any tokenizer); with the teacher's tokenizer, the
+    vocabulary map of exact matches (--loss gold)."""
+    plain = [CacheSource(p, temperature) for p in paths]
+    source = _mixed([cross.CrossTokenizerSource(s, tok, max_length) for s in plain], shares)
+    if teacher_tok is None:
+        return CrossTokenizerTeacher(source)
+    fingerprint = models.tokenizer_fingerprint(teacher_tok)
+    for s in plain:
+        if cache_vocabulary(s.cache.manifest)["fingerprint"] != fingerprint:
+            raise OptionError(
+                f"{s.path} was written with another tokenizer than --teacher-tokenizer; --loss gold maps one "
+                "teacher vocabulary: give the caches' own teacher tokenizer, and mix only caches that share it"
+            )
+    vocab_map = cross.vocabulary_map(alignment.token_bytes(teacher_tok), tok)
+    return CrossTokenizerTeacher(source, torch.from_numpy(vocab_map))
 
 
 class OnlineTeacher(Teacher):

@@ -44,7 +44,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     identity = cache_identity(cfg, teacher_cfg, tok, ds, dtype)
-    cfg, plan = existing_encoding(cfg, identity, vocab, len(ds))
+    cfg, plan = existing_encoding(cfg, identity, vocab, len(ds), records_text(cfg, tok))
     out = out_path(cfg, plan)
     done = storage.complete_manifest(out, plan["cache_key"])
     if done is not None and not cfg.overwrite:
@@ -75,29 +75,42 @@ def run(cfg: CacheTeacherConfig) -> dict:
     }
 
 
+def records_text(cfg: CacheTeacherConfig, tok) -> bool:
+    """Whether the cache records its samples' text and alignment: rows not generated, a tokenizer whose token bytes
+    can be told."""
+    return not cfg.data.response_ids_field and data.text_pieces(tok) is not None
+
+
 def out_path(cfg: CacheTeacherConfig, plan: dict) -> Path:
     return Path(cfg.out) if cfg.out else Path(cfg.cache_root) / plan["cache_key"][:16]
 
 
-def existing_encoding(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows: int) -> tuple:
-    """(cfg, plan) with the options' encoding; or, when the command states no encoding option and a cache of the
-    default before 0.2 (top-k 64 float16) already stands at its path, that one's, to resume or hit."""
-    stated, given = cfg.encoding_stated(), cfg
-    cfg = dataclasses.replace(cfg, top_k=cfg.width(vocab))
-    plan = cache_plan(cfg, identity, vocab, rows)
-    if stated:
+OLD_DEFAULT = (
+    "was written with the default encoding before 0.2 (top-k 64, float16): it keeps that encoding (new caches "
+    "default to --top-p 0.5 --tail-draws 24 --ids bitpack --logprob-dtype q8)"
+)
+NO_TEXT = "was written before caches recorded their text (0.3): it keeps serving students of the teacher's tokenizer"
+
+
+def existing_encoding(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows: int, text: bool) -> tuple:
+    """(cfg, plan) with the options' encoding (recording the text when `text`); or, when a cache written before
+    stands at its path, that one's, to resume or hit: one without the text (before 0.3), or, when the command
+    states no encoding option, one of the default before 0.2 (top-k 64 float16)."""
+    given, cfg = cfg, dataclasses.replace(cfg, top_k=cfg.width(vocab))
+    plan = cache_plan(cfg, identity, vocab, rows, text)
+    earlier = [(cfg, False, NO_TEXT)] if text else []
+    if not given.encoding_stated():
+        old = dataclasses.replace(given, **PREVIOUS_DEFAULT_ENCODING)
+        old = dataclasses.replace(old, top_k=old.width(vocab))
+        earlier += [(old, text, OLD_DEFAULT), (old, False, OLD_DEFAULT)][: 1 + text]
+    if storage.cache_key_at(out_path(cfg, plan)) == plan["cache_key"]:
         return cfg, plan
-    old = dataclasses.replace(given, **PREVIOUS_DEFAULT_ENCODING)
-    old = dataclasses.replace(old, top_k=old.width(vocab))
-    old_plan = cache_plan(old, identity, vocab, rows)
-    path = out_path(old, old_plan)
-    if storage.cache_key_at(path) != old_plan["cache_key"]:
-        return cfg, plan
-    warnings.warn(
-        f"{path} was written with the default encoding before 0.2 (top-k 64, float16): it keeps "
-        "that encoding (new caches default to --top-p 0.5 --tail-draws 24 --ids bitpack --logprob-dtype q8)"
-    )
-    return old, old_plan
+    for c, with_text, why in earlier:
+        p = cache_plan(c, identity, vocab, rows, with_text)
+        if storage.cache_key_at(out_path(c, p)) == p["cache_key"]:
+            warnings.warn(f"{out_path(c, p)} {why}")
+            return c, p
+    return cfg, plan
 
 
 def cache_identity(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict:
@@ -118,8 +131,8 @@ def cache_identity(cfg: CacheTeacherConfig, teacher_cfg, tok, ds, dtype) -> dict
     return identity
 
 
-def cache_plan(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows: int) -> dict:
-    """The cache's plan: its encoding, layout and identity."""
+def cache_plan(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows: int, text: bool) -> dict:
+    """The cache's plan: its encoding (with the samples' text and alignment when `text`), layout and identity."""
     return storage.make_plan(
         backend=cfg.format,
         k=cfg.top_k,
@@ -136,6 +149,7 @@ def cache_plan(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows: int) -
         sketch_rank=cfg.sketch_rank,
         sketch_bits=cfg.sketch_bits,
         behavior_logprob=bool(cfg.data.behavior_field),
+        text=text,
         package_version=__version__,
     )
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import data, models, sources, teachers
+from pipeline import batches, data, losses, models, scoring, sources, teachers
 from pipeline.config import EvalConfig
 from pipeline.errors import extra
 from pipeline.scoring import score
@@ -70,6 +70,20 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return 100 * sum(scores) / max(1, len(scores))
 
 
+def cached_kl(cfg: EvalConfig, head, model, tok, device) -> dict:
+    """KL to the teacher from a cache of the split: top-k + tail bucket with the teacher's tokenizer; with another
+    one, on the chunks both tokenizations agree on, ALM's chunk-likelihood divergence and ULD."""
+    cached = teachers.cached([cfg.teacher_cache])
+    fingerprint = teachers.cache_vocabulary(cached.source.cache.manifest)["fingerprint"]
+    if fingerprint == models.tokenizer_fingerprint(tok):
+        teachers.check_caches_readable(cached.source, tok, model, what="teacher cache")
+        kl = score(head, model, cached, tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
+        return {"fkl_to_teacher": kl["fkl"], "rkl_to_teacher": kl["rkl"]}
+    cross = teachers.cross_tokenizer([cfg.teacher_cache], (), None, tok, cfg.data.max_length)
+    kl = score(head, model, cross, tok.pad_token_id, device, ("alm", "uld"), batch_size=cfg.batch_size)
+    return {"chunk_alm_to_teacher": kl["alm"], "chunk_uld_to_teacher": kl["uld"]}
+
+
 def exact_kl(cfg: EvalConfig, head, model, tok, source, own, dtype, device) -> dict:
     """KL to the teacher run online, over the full vocabulary: on the split, and on the model's own greedy responses
     (the state distribution it acts in) when it generated."""
@@ -86,6 +100,35 @@ def exact_kl(cfg: EvalConfig, head, model, tok, source, own, dtype, device) -> d
     return out
 
 
+@torch.no_grad()
+def bits_per_byte(head, model, source, pad_id, device, batch_size: int) -> float | None:
+    """Held-out bits per byte of the distilled text: the NLL of the distilled tokens that spell it (a metaspace dummy
+    prefix of no bytes included; not a template's, not EOS), in bits, over the bytes they span. Comparable across
+    tokenizers; None without recorded text."""
+    if not len(source) or "text_end" not in source[0]:
+        return None
+    was_training, bits, nbytes = model.training, 0.0, 0
+    model.eval()
+    for a in range(0, len(source), batch_size):
+        samples = [source[i] for i in range(a, min(len(source), a + batch_size))]
+        b = scoring.to_device(batches.collate(samples, pad_id), device)
+        nll = -losses.token_logprob(scoring.forward(head, b), b["targets"]).double()
+        ends = np.concatenate([np.asarray(s["text_end"])[np.asarray(s["loss_mask"]).astype(bool)] for s in samples])
+        spans = np.concatenate([_spans(np.asarray(s["text_end"]))[np.asarray(s["loss_mask"]).astype(bool)]
+                                for s in samples])  # fmt: skip
+        bits += float(nll[torch.from_numpy(ends >= 0).to(device)].sum()) / math.log(2)
+        nbytes += int(spans.sum())
+    model.train(was_training)
+    return bits / max(1, nbytes)
+
+
+def _spans(ends: np.ndarray) -> np.ndarray:
+    """Bytes each token spans (0 for a token outside the text)."""
+    text = ends >= 0
+    prev = np.maximum.accumulate(np.where(text, ends, 0))
+    return np.where(text, ends - np.concatenate([[0], prev[:-1]]), 0)
+
+
 def run(cfg: EvalConfig) -> dict:
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
@@ -95,6 +138,9 @@ def run(cfg: EvalConfig) -> dict:
     source = sources.TokenizedSource(data.tokenized(cfg.data, tok, progress=cfg.progress))
     nll = score(head, model, teachers.Teacher(source), tok.pad_token_id, device, (), batch_size=cfg.batch_size)
     metrics = {"model": cfg.model, "samples": len(source), "nll": nll["ce"], "ppl": math.exp(min(nll["ce"], 50))}
+    bpb = bits_per_byte(head, model, source, tok.pad_token_id, device, cfg.batch_size)
+    if bpb is not None:
+        metrics["bits_per_byte"] = bpb
     own = None
     if cfg.generate and cfg.data.prompt_field:
         rows = data.load_rows(cfg.data)
@@ -118,10 +164,7 @@ def run(cfg: EvalConfig) -> dict:
             for r, ref, p in list(zip(rows, refs, preds))[:5]
         ]
     if cfg.teacher_cache:
-        cached = teachers.cached([cfg.teacher_cache])
-        teachers.check_caches_readable(cached.source, tok, model, what="teacher cache")
-        kl = score(head, model, cached, tok.pad_token_id, device, ("fkl", "rkl"), batch_size=cfg.batch_size)
-        metrics.update(fkl_to_teacher=kl["fkl"], rkl_to_teacher=kl["rkl"])
+        metrics.update(cached_kl(cfg, head, model, tok, device))
     if cfg.teacher:
         metrics.update(exact_kl(cfg, head, model, tok, source, own, dtype, device))
     metrics.update({k: v for k, v in (("label", cfg.label), ("run", cfg.run), ("round", cfg.round)) if v is not None})

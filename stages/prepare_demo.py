@@ -98,18 +98,31 @@ def run(cfg: DemoDataConfig) -> dict:
     return {**paths, "tokenizer": str(out / "tokenizer")}
 
 
-def save_tokenizer(folder, texts, vocab_size: int = 600):
-    """Train a byte-level BPE and save it as a PreTrainedTokenizerFast (what AutoTokenizer loads)."""
+def save_tokenizer(folder, texts, vocab_size: int = 600, style: str = "byte-level"):
+    """Train a BPE and save it as a PreTrainedTokenizerFast (what AutoTokenizer loads): byte-level (GPT-2's
+    scheme) or metaspace (SentencePiece's: ▁ for a space, a dummy prefix, raw bytes as <0xAB> tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    if style == "byte-level":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet, extra = pre_tokenizers.ByteLevel.alphabet(), []
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        alphabet, extra = [], [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL + extra, initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer)
+    if extra:  # the byte tokens are ordinary vocabulary (as in a converted SentencePiece model), not special
+        model = json.loads(tok.to_str())["model"]
+        bpe = models.BPE(model["vocab"], [tuple(m) for m in model["merges"]], unk_token="<unk>", byte_fallback=True)
+        tok.model = bpe
+        tok.add_special_tokens(SPECIAL)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import storage
 from pipeline import batches, checkpoint, config, losses, models, parallel, run_folder, scoring, sources, teachers
 from pipeline.config import DataConfig, TrainConfig
 from pipeline.data import tokenized
@@ -41,6 +42,8 @@ def make_teacher(
 ):
     """The teacher for a split (its cache, the online teacher over its data, or none: SFT), checked to serve the loss
     `kind` (default: the run's)."""
+    if cache and (kind or cfg.loss.kind) in config.CROSS_KINDS:
+        return cross_tokenizer_teacher(cfg, data, (cache,) if isinstance(cache, str) else tuple(cache), tok, kind)
     if cache:
         t = teachers.cached((cache,) if isinstance(cache, str) else tuple(cache), cfg.teacher.mix, cfg.loss.temperature)
         teachers.check_caches_readable(t.source, tok, model, cfg.teacher.allow_tokenizer_mismatch)
@@ -56,6 +59,19 @@ def make_teacher(
     if online_model is None:
         return teachers.Teacher(source)
     return teachers.OnlineTeacher(source, online_model, len(tok), cfg.teacher.online_topk, cfg.loss.temperature)
+
+
+def cross_tokenizer_teacher(cfg: TrainConfig, data: DataConfig | None, caches: tuple, tok, kind: str | None):
+    """The caches' rows aligned to the student's tokenization of their texts (the student's --max-length, or the
+    first cache's); gold also maps the teacher's vocabulary onto the student's (--teacher-tokenizer, or the
+    cache's teacher)."""
+    first = storage.open_cache(caches[0]).manifest
+    max_length = data.max_length if data else first["identity"]["dataset"]["max_length"]
+    teacher_tok = None
+    if (kind or cfg.loss.kind) == "gold":
+        name = cfg.teacher.teacher_tokenizer or first["identity"]["teacher"]["name_or_path"]
+        teacher_tok = models.load_tokenizer(name, cfg.trust_remote_code)
+    return teachers.cross_tokenizer(caches, cfg.teacher.mix, cfg.loss.temperature, tok, max_length, teacher_tok)
 
 
 def load_online_teacher(cfg: TrainConfig, tok, model, device):
@@ -361,6 +377,12 @@ def eval_kind(cfg) -> str:
     return "fkl" if cfg.loss.kind in ("ce", "pg") else cfg.loss.kind
 
 
+def eval_kinds(cfg) -> tuple:
+    """eval_kind, and fkl beside it where the teacher's ids are the student's."""
+    kind = eval_kind(cfg)
+    return (kind,) if kind in config.CROSS_KINDS else tuple(dict.fromkeys([kind, "fkl"]))
+
+
 def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dict:
     """eval_ce; with teacher rows also eval_kd (the run's loss kind) and eval_fkl, comparable across runs."""
     kind = eval_kind(cfg)
@@ -370,7 +392,7 @@ def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dic
         teacher,
         tok.pad_token_id,
         device,
-        tuple(dict.fromkeys([kind, "fkl"])),
+        eval_kinds(cfg),
         cfg.evaluation.eval_samples,
         cfg.batches.batch_size,
         autocast,
@@ -378,12 +400,13 @@ def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dic
     )
     out = {"eval_ce": row["ce"]}
     if kind in row:
-        out.update(eval_kd=row[kind], eval_fkl=row["fkl"])
+        out.update(eval_kd=row[kind], **({"eval_fkl": row["fkl"]} if "fkl" in row else {}))
         out[f"eval_{kind}"] = row[kind]
     return out
 
 
 SINCE = {"text_end": "eos"}  # data settings added after runs were first saved, at what earlier versions did
+SINCE_RUN = {"teacher_tokenizer": None}  # and run settings
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -393,6 +416,9 @@ def _config_json(cfg: TrainConfig) -> dict:
     for key in run_folder.IGNORED:
         d.pop(key)
     d["cache"] = d["cache"] or None
+    for key, value in SINCE_RUN.items():
+        if d.get(key) == value:
+            d.pop(key)
     for data in (d["data"], d["eval_data"]):
         for key, value in SINCE.items():
             if data is not None and data.get(key) == value:

@@ -74,6 +74,7 @@ def make_encoding(
     draws=0,
     target_logprob=True,
     behavior_logprob=False,
+    text=False,
     exact_draws=True,
     sketch_rank=0,
     sketch_bits=4,
@@ -111,6 +112,7 @@ def make_encoding(
         "target_logprob": bool(target_logprob),
         "behavior_logprob": bool(behavior_logprob),
         "sketch": {"rank": int(sketch_rank), "bits": int(sketch_bits)} if sketch_rank else None,
+        **({"text": True} if text else {}),  # absent otherwise: the encoding (and key) of caches before it
     }
 
 
@@ -180,6 +182,10 @@ def stored_shapes(counts: dict, encoding: dict, n_temps: int) -> dict:
         "topk_width": (p,),
         "topk_ids": coded(h, encoding["ids"]),
         "behavior_logprob": (p,),
+        "prompt_length": (s,),
+        "text_offsets": (s + 1,),
+        "text": None if counts.get("text_bytes") is None else (counts["text_bytes"],),
+        "text_end": (n,),
     }
     if encoding.get("sketch"):
         r, b = encoding["sketch"]["rank"], encoding["sketch"]["bits"]
@@ -218,6 +224,8 @@ def array_names(encoding: dict, n_temps: int) -> list[str]:
     names = ["sample_index", "token_offsets", "input_ids", "loss_mask", "position_offsets", "topk_width", "topk_ids"]
     if encoding.get("behavior_logprob"):
         names.append("behavior_logprob")
+    if encoding.get("text"):
+        names += TEXT_ARRAYS
     if encoding.get("sketch"):
         names += ["sketch_codes", "sketch_scale"]
     for t in range(n_temps):
@@ -231,6 +239,9 @@ def array_names(encoding: dict, n_temps: int) -> list[str]:
                 f"drawn_logprobs_{t}" if exact_draws(encoding) else f"drawn_counts_{t}",
             ]
     return names
+
+
+TEXT_ARRAYS = ["prompt_length", "text_offsets", "text", "text_end"]
 
 
 def target_dtype(encoding) -> str:
@@ -249,12 +260,7 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
     widths), draws [T, P, N] (tail tokens drawn beyond each row's kept prefix; −1 for none) with, for exact draws,
     draw_logprobs [T, P, N] (each draw's exact log-prob), and sketch [P, r] (the teacher sketch's coefficients)."""
     k = encoding["top_k"]
-    for s in samples:
-        if int(np.asarray(s["loss_mask"]).sum()) != len(s["topk_ids"]):
-            raise ValueError(
-                f"sample {s['sample_index']}: loss_mask has {int(np.asarray(s['loss_mask']).sum())} "
-                f"distilled positions but {len(s['topk_ids'])} teacher rows"
-            )
+    _check_rows(samples)
     given = np.asarray(samples[0]["topk_ids"]).shape[1] if samples else k  # rows may be wider than k
     if given < k and samples:
         raise ValueError(f"rows of {given} entries cannot fill an encoding of top-k {k}")
@@ -279,9 +285,13 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
     }
     if encoding.get("behavior_logprob"):
         arrays["behavior_logprob"] = _cat(samples, "behavior_logprob", (0,)).astype(np.float32)
+    if encoding.get("text"):
+        arrays.update(encode_text(samples))
     if encoding.get("sketch"):
         arrays.update(_encode_sketch(samples, encoding["sketch"]))
     stats = {"topk_entries": int(offsets[-1]), "max_token_id": int(ids[keep].max()) if offsets[-1] else -1}
+    if "text" in arrays:
+        stats["text_bytes"] = len(arrays["text"])
     targets = _cat(samples, "target_logprob", (n_temps, 0), axis=1) if encoding["target_logprob"] else None
     n = encoding["draws"]["n"] if encoding["draws"] else 0
     draws = _cat(samples, "draws", (n_temps, 0, n), np.int64, axis=1).reshape(n_temps, -1, n) if n else None
@@ -300,6 +310,26 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
         if draws is not None:
             _encode_draws(arrays, stats, t, draws[t], encoding, None if values is None else values[t], tail)
     return arrays, stats
+
+
+def _check_rows(samples: list[dict]) -> None:
+    for s in samples:
+        if int(np.asarray(s["loss_mask"]).sum()) != len(s["topk_ids"]):
+            raise ValueError(
+                f"sample {s['sample_index']}: loss_mask has {int(np.asarray(s['loss_mask']).sum())} "
+                f"distilled positions but {len(s['topk_ids'])} teacher rows"
+            )
+
+
+def encode_text(samples: list[dict]) -> dict:
+    """Each sample's prompt_text and text (bytes) as one byte string, and its tokens' text_end."""
+    joined = [bytes(s["prompt_text"]) + bytes(s["text"]) for s in samples]
+    return {
+        "prompt_length": np.array([len(bytes(s["prompt_text"])) for s in samples], np.int64),
+        "text_offsets": codecs.offsets_of([len(b) for b in joined]),
+        "text": np.frombuffer(b"".join(joined), np.uint8).copy(),
+        "text_end": _cat(samples, "text_end", (0,), np.int32).astype(np.int32),
+    }
 
 
 def _encode_sketch(samples: list[dict], sketch: dict) -> dict:
@@ -354,6 +384,7 @@ def decode(arrays: dict, encoding: dict, temperatures: list[int]) -> dict:
     out["topk_ids"] = codecs.decode_ids(arrays["topk_ids"], encoding["ids"], int(offsets[-1]))
     if "behavior_logprob" in arrays:
         out["behavior_logprob"] = arrays["behavior_logprob"].astype(np.float32)
+    out.update({name: arrays[name] for name in TEXT_ARRAYS if name in arrays})
     if encoding.get("sketch"):
         sk = encoding["sketch"]
         out["sketch_coeffs"] = codecs.decode_sketch(
@@ -411,8 +442,9 @@ def samples_for_encoding(part: dict, temperatures: list[int], k: int, n_draws: i
         }
         if "target_logprob" in first:
             s["target_logprob"] = np.stack([v["target_logprob"] for v in views])
-        if "behavior_logprob" in first:
-            s["behavior_logprob"] = first["behavior_logprob"]
+        for key in ("behavior_logprob", "prompt_text", "text", "text_end"):
+            if key in first:
+                s[key] = first[key]
         if "sketch_coeffs" in first:
             s["sketch"] = first["sketch_coeffs"]
         if n_draws:
@@ -462,6 +494,8 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
         out["target_logprob"] = part[f"target_logprob_{t}"][p0:p1]
     if "behavior_logprob" in part:
         out["behavior_logprob"] = part["behavior_logprob"][p0:p1]
+    if "text" in part:
+        out.update(sample_text(part, i))
     if "sketch_coeffs" in part:
         out["sketch_coeffs"] = part["sketch_coeffs"][p0:p1]
     if f"drawn_ids_{t}" in part:
@@ -474,11 +508,21 @@ def sample(part: dict, i: int, t: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def sample_text(part: dict, i: int) -> dict:
+    """Sample i's prompt_text and text (UTF-8 bytes) and its tokens' text_end."""
+    a, b = (int(x) for x in part["text_offsets"][i : i + 2])
+    p = a + int(part["prompt_length"][i])
+    t0, t1 = part["token_offsets"][i : i + 2]
+    raw = part["text"]
+    return {"prompt_text": raw[a:p].tobytes(), "text": raw[p:b].tobytes(), "text_end": part["text_end"][t0:t1]}
+
+
 def counts(part: dict) -> dict[str, int]:
     return {
         "samples": n_samples(part),
         "tokens": int(part["token_offsets"][-1]),
         "distilled_positions": int(part["position_offsets"][-1]),
+        **({"text_bytes": int(part["text_offsets"][-1])} if "text_offsets" in part else {}),
     }
 
 
@@ -517,9 +561,25 @@ def problems(part: dict, encoding: dict, temperatures: list[int], vocab_size: in
         b = part.get("behavior_logprob")
         if b is None or b.shape != (n_pos,) or np.isnan(b).any() or (b > 1e-6).any():
             out.append("behavior log-probabilities are missing, NaN, positive or misshapen")
+    if encoding.get("text"):
+        out += _text_problems(part, s, t_off)
     if len(np.unique(head_keys)) != len(head_keys):
         out.append("a token id repeats within one row")
     return out
+
+
+def _text_problems(part: dict, s: int, t_off) -> list[str]:
+    o, lengths, ends = part.get("text_offsets"), part.get("prompt_length"), part.get("text_end")
+    if o is None or len(o) != s + 1 or np.any(np.diff(o) < 0) or o[0] != 0 or o[-1] != len(part["text"]):
+        return ["text offsets are missing, not monotone or disagree with the text's length"]
+    if lengths is None or len(lengths) != s or np.any(lengths < 0) or np.any(lengths > np.diff(o)):
+        return ["prompt lengths are missing or longer than their sample's text"]
+    if ends is None or ends.shape != (int(t_off[-1]),):
+        return ["text_end is missing or not one per token"]
+    room = np.repeat(np.diff(o) - lengths, np.diff(t_off))
+    if ends.size and (ends.min() < -2 or np.any(ends > room)):
+        return ["a token's text_end lies outside its sample's text"]
+    return []
 
 
 def _temperature_problems(part: dict, encoding: dict, t: int, rows, ids, n_pos: int, tol: float) -> list[str]:

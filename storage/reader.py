@@ -190,6 +190,17 @@ class Cache:
         offs = [self.read_encoded(p, ["token_offsets"])["token_offsets"] for p in range(self.num_parts)]
         return np.concatenate([np.diff(o) for o in offs]) if offs else np.zeros(0, np.int64)
 
+    def texts(self) -> list[tuple[bytes, bytes]]:
+        """Every stored sample's (prompt, distilled text) as UTF-8 bytes, read from the text arrays alone (a cache
+        with `encoding.text`)."""
+        out = []
+        for p in range(self.num_parts):
+            a = self.read_encoded(p, ["prompt_length", "text_offsets", "text"])
+            raw, o = a["text"].tobytes(), a["text_offsets"]
+            cut = o[:-1] + a["prompt_length"]
+            out += [(raw[o[i] : cut[i]], raw[cut[i] : o[i + 1]]) for i in range(len(cut))]
+        return out
+
     def iter_parts(self, parts=None, readahead: int = 2, temperatures: list[int] | None = None):
         """Yield (p, decoded arrays) for parts in order, decoding the next `readahead` parts in a background thread."""
         parts = list(range(self.num_parts)) if parts is None else list(parts)

@@ -22,10 +22,13 @@ from . import backends, codecs
 from .errors import CorruptCache
 
 DATA = "data.arrow"
-DERIVED = {"token_offsets": "input_ids", "position_offsets": "topk_width"}
+DERIVED = {"token_offsets": "input_ids", "position_offsets": "topk_width", "text_offsets": "text"}
+SCALARS = ("sample_index", "prompt_length")  # one value per sample: a plain column
 SPAN = {  # what an array's entries belong to
     "input_ids": "tokens",
     "loss_mask": "tokens",
+    "text_end": "tokens",
+    "text": "text",
     "topk_width": "rows",
     "tail_logmass": "rows",
     "target_logprob": "rows",
@@ -71,6 +74,8 @@ def sample_offsets(structure: dict, encoding: dict) -> dict[str, np.ndarray]:
             out[f"drawn_{t}"] = codecs.offsets_of(widths.astype(np.int64))[rows]
     if encoding.get("sketch"):
         out["sketch"] = rows * encoding["sketch"]["rank"]
+    if "text_offsets" in structure:
+        out["text"] = structure["text_offsets"]
     return out
 
 
@@ -100,9 +105,10 @@ def _kept(offsets: np.ndarray, padded: np.ndarray) -> np.ndarray:
 
 
 def to_table(arrays: dict, encoding: dict) -> pa.Table:
-    cols, spans = {"sample_index": pa.array(arrays["sample_index"])}, sample_offsets(arrays, encoding)
+    cols = {name: pa.array(arrays[name]) for name in SCALARS if name in arrays}
+    spans = sample_offsets(arrays, encoding)
     for name, a in arrays.items():
-        if name == "sample_index" or name in DERIVED:
+        if name in SCALARS or name in DERIVED:
             continue
         offsets, bits = spans[span_of(name)], packed_bits(name, encoding)
         if bits:
@@ -117,16 +123,15 @@ def to_table(arrays: dict, encoding: dict) -> pa.Table:
 def from_table(table: pa.Table, names: list[str], encoding: dict, unpacked: bool = False) -> dict:
     """The part's arrays `names` as the other layouts store them (bit streams continuous again), or with unpacked
     set, bit-packed arrays as their uint32 codes (what decoding takes, without packing them again)."""
-    lists = {name: _column(table, name) for name in table.column_names if name != "sample_index"}
+    lists = {name: _column(table, name) for name in table.column_names if name not in SCALARS}
     structure = {
-        "token_offsets": lists["input_ids"].offsets.to_numpy(),
-        "position_offsets": lists["topk_width"].offsets.to_numpy(),
+        **{d: lists[col].offsets.to_numpy() for d, col in DERIVED.items() if col in lists},
         **{n: lists[n].values.to_numpy() for n in lists if _split(n)[0] in ("topk_width", "drawn_width")},
     }
     out, spans = {}, sample_offsets(structure, encoding)
     for name in names:
-        if name in DERIVED or name == "sample_index":
-            out[name] = structure.get(name) if name in DERIVED else table["sample_index"].to_numpy()
+        if name in DERIVED or name in SCALARS:
+            out[name] = structure.get(name) if name in DERIVED else table[name].to_numpy()
             continue
         if name not in lists:
             raise CorruptCache(f"column {name} is missing")

@@ -182,7 +182,7 @@ def convert(
         ids=ids or old["ids"]["codec"],
         draws=cache.draws,
         target_logprob=old["target_logprob"],
-        behavior_logprob=old.get("behavior_logprob", False),
+        **{flag: old.get(flag, False) for flag in ("behavior_logprob", "text")},
         exact_draws=part_io.exact_draws(old),
         **{f"sketch_{k}": v for k, v in (old.get("sketch") or {}).items()},
         package_version=m.get("package_version", "0"),

@@ -141,6 +141,25 @@ def write_cache(
         )
         for s in data:
             s["sketch"] = rng.standard_normal((len(s["topk_ids"]), rank)).astype(np.float32)
+    if encoding.get("text"):
+        add_text(data, np.random.default_rng(seed + 2))
     for p in w.missing_parts():
         w.write_part(p, [data[i] for i in w.part_rows(p)])
     return w.finalize(), data
+
+
+def add_text(data: list[dict], rng) -> None:
+    """A prompt and a text per sample (multi-byte characters among them), and per token where it ends in the text:
+    −1 before the first distilled token, increasing ends after (some of no bytes), −2 for a closing EOS."""
+    alphabet = list("ab cdé€🙂\n") + ["日本"]
+    for s in data:
+        n = len(s["input_ids"])
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 3 * n)))).encode()
+        first = int(np.argmax(s["loss_mask"])) if s["loss_mask"].any() else n
+        ends = np.full(n, -1, np.int32)
+        steps = np.sort(rng.integers(0, len(text) + 1, size=max(0, n - first - 1)))
+        ends[first : n - 1] = steps[: n - 1 - first]
+        if n - 1 >= first:
+            ends[n - 1] = -2
+        s["prompt_text"] = "".join(rng.choice(alphabet, size=int(rng.integers(0, 20)))).encode()
+        s["text"], s["text_end"] = text, ends

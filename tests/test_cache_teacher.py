@@ -648,3 +648,28 @@ def test_a_cache_borrows_another_caches_sketch_of_the_same_teacher_only(tiny, tm
         with pytest.raises(ct.InputError, match=expect):
             run(tiny, tmp_path / f"bad-{arch}-{rank}", arch, plain, sketch_from=str(tmp_path / "fixed"),
                 **{**enc, "sketch_rank": rank})  # fmt: skip
+
+
+def test_a_cache_written_before_texts_were_recorded_is_resumed_and_hit_with_its_encoding(tiny, tmp_path):
+    """A run interrupted under 0.2 (whose caches record no text, and whose encoding has no `text` entry) is finished
+    by this version with that encoding, with a warning, never refused or restarted; the finished cache hits."""
+    from storage import part as part_io
+
+    ref = run(tiny, tmp_path / "ref", "llama", part_size=8)["manifest"]
+    assert ref["encoding"]["text"]
+    plan = json.loads((tmp_path / "ref/plan.json").read_text())
+    del plan["encoding"]["text"]
+    plan["cache_key"] = storage.cache_key(plan)
+    writer = storage.CacheWriter(tmp_path / "old", plan)  # as 0.2 wrote part 1, then was stopped
+    decoded = storage.open_cache(tmp_path / "ref").decode(1, [0])
+    samples = part_io.samples_for_encoding(decoded, [0], plan["k"], plan["encoding"]["draws"]["n"])
+    writer.write_part(
+        1, [{k: v for k, v in s.items() if k not in ("prompt_text", "text", "text_end")} for s in samples]
+    )
+    with pytest.warns(UserWarning, match="before caches recorded their text"):
+        res = run(tiny, tmp_path / "old", "llama", part_size=8)
+    assert res["status"] == "complete" and res["manifest"]["cache_key"] == plan["cache_key"]
+    assert "text" not in res["manifest"]["encoding"] and res["parts_written"] == ref["num_parts"] - 1
+    storage.verify(tmp_path / "old")
+    with pytest.warns(UserWarning, match="keeps serving students of the teacher's tokenizer"):
+        assert run(tiny, tmp_path / "old", "llama", part_size=8)["status"] == "hit"

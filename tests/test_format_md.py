@@ -43,9 +43,12 @@ def spec_read_arrays(folder, manifest, layout=None):
         return {name: table[name].chunk(0).values.to_numpy(zero_copy_only=False) for name in table.column_names}
     table = pa.ipc.open_file(pa.memory_map(str(Path(folder) / "data.arrow"))).read_all()
     cols = {name: table[name].combine_chunks() for name in table.column_names}
-    out = {name: c.values.to_numpy(zero_copy_only=False) for name, c in cols.items() if name != "sample_index"}
-    out["sample_index"] = cols["sample_index"].to_numpy()
+    scalars = ("sample_index", "prompt_length")  # one value per sample
+    out = {name: c.values.to_numpy(zero_copy_only=False) for name, c in cols.items() if name not in scalars}
+    out.update({name: cols[name].to_numpy() for name in scalars if name in cols})
     out["token_offsets"] = cols["input_ids"].offsets.to_numpy()
+    if "text" in cols:
+        out["text_offsets"] = cols["text"].offsets.to_numpy()
     out["position_offsets"] = rows = cols["topk_width"].offsets.to_numpy()
     for name, (bits, per_sample) in spec_packed(manifest["encoding"], out, rows).items():
         padded = -(-per_sample // 8) * 8
@@ -149,6 +152,11 @@ def spec_samples_v2(manifest, arr, t):
         }
         if enc["target_logprob"]:
             s["target_logprob"] = arr[f"target_logprob_{t}"][r0:r1]
+        if enc.get("text"):  # the prompt's bytes, then the distilled text's
+            a, b = arr["text_offsets"][i], arr["text_offsets"][i + 1]
+            raw = arr["text"][a:b].tobytes()
+            s["prompt_text"], s["text"] = raw[: arr["prompt_length"][i]], raw[arr["prompt_length"][i] :]
+            s["text_end"] = arr["text_end"][t0:t1]
         if enc.get("sketch"):
             s["sketch"] = spec_sketch_coeffs(arr, enc["sketch"])[r0:r1]
         if enc["draws"]:
@@ -187,13 +195,14 @@ ENCODINGS = [
     {"logprob_dtype": "float16", "top_p": 0.6, "draws": 12},
     {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.6, "draws": 12, "exact_draws": False},
     {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.5, "draws": 12, "sketch_rank": 5, "sketch_bits": 4},
+    {"ids": "bitpack", "logprob_dtype": "q8", "top_p": 0.5, "draws": 12, "text": True},
 ]
 
 
 @pytest.mark.parametrize(
     "encoding",
     ENCODINGS,
-    ids=["default", "float32", "bitpack-q8-topp", "q5-draws", "f16-draws", "counted-draws", "draws-sketch"],
+    ids=["default", "float32", "bitpack-q8-topp", "q5-draws", "f16-draws", "counted-draws", "draws-sketch", "text"],
 )
 @pytest.mark.parametrize("backend", ["zarr", "arrow", "arrow-one-row-per-part"])
 def test_reader_from_format_md_matches_open_cache(tmp_path, backend, encoding):
@@ -223,6 +232,9 @@ def test_reader_from_format_md_matches_open_cache(tmp_path, backend, encoding):
                 np.testing.assert_array_equal(s["target_logprob"], o["target_logprob"])
             if "sketch" in s:
                 np.testing.assert_allclose(s["sketch"], o["sketch_coeffs"], rtol=1e-6)
+            if "text" in s:
+                assert (s["prompt_text"], s["text"]) == (o["prompt_text"], o["text"])
+                np.testing.assert_array_equal(s["text_end"], o["text_end"])
             for r, (ids, est) in enumerate(s.get("drawn", [])):
                 np.testing.assert_array_equal(ids, o["drawn_ids"][r][o["drawn_ids"][r] >= 0])
                 np.testing.assert_allclose(est, np.exp(o["drawn_logprobs"][r][: len(ids)]), rtol=1e-5)

@@ -12,10 +12,11 @@ OURS = ("pipeline", "stages", "storage")
 LAYERS = [  # lowest first; a module imports only from layers below its own
     ["storage"],
     ["pipeline.errors", "pipeline.compat"],
-    ["pipeline.config"],
+    ["pipeline.config", "pipeline.alignment", "pipeline.cross_losses"],
     ["pipeline.losses", "pipeline.models", "pipeline.run_folder", "pipeline.batches", "pipeline.parallel"],
     ["pipeline.data", "pipeline.checkpoint", "pipeline.scoring"],
     ["pipeline.sources"],
+    ["pipeline.cross_tokenizer"],
     ["pipeline.teachers", "pipeline.hf"],
     ["stages"],
     ["pipeline.cli"],

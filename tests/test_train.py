@@ -667,7 +667,9 @@ def test_a_resumed_run_clears_what_a_killed_save_left(world, tmp_path):
     ]
 
 
-def test_evaluate_refuses_a_teacher_cache_of_another_tokenizer(world, tmp_path):
+def test_evaluate_scores_a_student_of_another_tokenizer_on_the_chunks_it_shares(world, tmp_path):
+    """Another tokenizer (here: another chat template) cannot read the cache's ids: evaluate reports the chunk
+    divergences of pipeline.cross_tokenizer instead of KL over the ids."""
     shutil.copytree(world["llama"], tmp_path / "student")
     tok = models.load_tokenizer(world["llama"])
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -691,4 +693,6 @@ def test_evaluate_refuses_a_teacher_cache_of_another_tokenizer(world, tmp_path):
             str(tmp_path / "e.json"),
         ],
     )
-    assert res.exit_code == 1 and "the student's tokenizer differs from the teacher cache's" in res.output, res.output
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "e.json").read_text())
+    assert metrics["chunk_alm_to_teacher"] > 0 and "fkl_to_teacher" not in metrics
