@@ -1,7 +1,8 @@
 """One cache, a student of another tokenizer: SmolLM2-135M-Instruct (the real teacher, byte-level BPE, V = 49152)
 distilled into two students of one architecture (Llama, 4 layers, width 128), each pretrained here for the same
 steps on the standard library's prose (docstrings and pydoc topics): one with the teacher's tokenizer, one with a
-metaspace (SentencePiece-style) tokenizer of 4096 tokens trained here on that prose. They are distilled on passages
+metaspace (SentencePiece-style) tokenizer of 4096 tokens trained here on that prose and the training files' code.
+They are distilled on passages
 of the standard library's sources (text nobody here wrote, every 10th file held out) from one cache (the default
 encoding), and scored by held-out bits per byte, which does not depend on the tokenizer.
 
@@ -61,8 +62,8 @@ def setup(root: Path, train_n: int, test_n: int, pretrain_steps: int) -> dict:
         "test": write(root / "test.jsonl", test[:test_n]),
         "prose": write(root / "prose.jsonl", prose),
     }
-    if not (root / "ms-tokenizer").exists():
-        prepare_demo.save_tokenizer(root / "ms-tokenizer", prose, 4096, "metaspace")
+    if not (root / "ms-tokenizer").exists():  # on the prose and the training files' code (never the held-out files)
+        prepare_demo.save_tokenizer(root / "ms-tokenizer", prose + train, 4096, "metaspace")
     students = {}
     for name, tok in (("same", teacher), ("other", root / "ms-tokenizer")):
         init = root / f"init-{name}"

@@ -95,8 +95,7 @@ def mini(tmp_path_factory):
                 "init": {"arch": "gpt2", "layers": 1, "width": 32, "heads": 2},
                 "finetune": {"max_steps": 3, "batch_size": 16},
             },
-            "wide": {"init": {"arch": "llama", "layers": 1, "width": 48, "heads": 2}},
-        },
+        },  # one student: every job is a process start of several seconds (the dry runs cover several students)
         "cache": {"shards": 2, "top_k": 8, "part_size": 32},
         "losses": ["fkl", "akl"],
         "sft": True,
@@ -125,16 +124,16 @@ def test_miniature_end_to_end_run_writes_the_report(mini):
     report = (root / "results/report.md").read_text()
     for row in (
         "| teacher |",
-        "| tiny/start |",
-        "| tiny/sft |",
-        "| tiny/fkl |",
-        "| wide/akl |",
-        "| wide/onpolicy-akl |",
+        "| start |",  # one student: rows named by the run alone
+        "| sft |",
+        "| fkl |",
+        "| akl |",
+        "| onpolicy-akl |",
     ):
         assert row in report
     for png in ("metrics_per_loss.png", "learning_curves.png", "akl_gaps.png", "onpolicy_rounds.png"):
         assert (root / "results" / png).stat().st_size > 1000
-    akl = json.loads((root / "work/eval/wide-akl-s0.json").read_text())
+    akl = json.loads((root / "work/eval/tiny-akl-s0.json").read_text())
     assert {
         "nll",
         "ppl",
@@ -146,14 +145,14 @@ def test_miniature_end_to_end_run_writes_the_report(mini):
     } <= akl.keys()
     manifest = json.loads((root / "work/cache/train/manifest.json").read_text())
     assert manifest["num_parts"] == 4 and manifest["counts"]["samples"] == 120
-    arm = root / "work/onpolicy/wide-onpolicy-akl-s0"
+    arm = root / "work/onpolicy/tiny-onpolicy-akl-s0"
     gen2 = json.loads((arm / "gen-2.jsonl").read_text().splitlines()[0])
     assert gen2["round"] == 2 and gen2["generator"]["model"].endswith("round-1/final")
     cache2 = json.loads((arm / "cache-2/manifest.json").read_text())
     assert cache2["encoding"]["behavior_logprob"] and cache2["identity"]["dataset"]["generated_by"][0]["round"] == 2
     config = json.loads((arm / "round-2/run.json").read_text())["settings"]
     assert config["mix"] == [0.5] and len(config["cache"]) == 2 and config["student"].endswith("round-1/final")
-    assert json.loads((root / "work/eval/wide-onpolicy-akl-s0-r2.json").read_text())["round"] == 2
+    assert json.loads((root / "work/eval/tiny-onpolicy-akl-s0-r2.json").read_text())["round"] == 2
 
 
 @pytest.mark.slow
@@ -161,4 +160,4 @@ def test_adding_a_loss_trains_only_the_new_student_and_reuses_the_cache(mini):
     root, config = mini
     (root / "more.yaml").write_text(yaml.safe_dump({**config, "losses": ["fkl", "akl", "tvd"]}))
     counts = job_counts(snakemake("-n", "--configfile", str(root / "more.yaml")))
-    assert counts == {"distill": 2, "evaluate": 2, "report": 1, "all": 1, "total": 6}
+    assert counts == {"distill": 1, "evaluate": 1, "report": 1, "all": 1, "total": 4}
