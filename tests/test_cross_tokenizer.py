@@ -5,20 +5,27 @@ bits per byte compare models of any tokenizer."""
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import build
+from safetensors.torch import load_file
+from tiny import build, free_port
 from transformers import AutoModelForCausalLM
 
 import storage
-from pipeline import alignment, batches, losses, models, scoring, teachers
+from pipeline import alignment, batches, cross_losses, hf, losses, models, scoring, teachers
 from pipeline.cli import main
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
+from pipeline.cross_tokenizer import vocabulary_map
 from stages import cache_teacher as ct
-from stages import evaluate, prepare_demo
+from stages import evaluate, generate, prepare_demo
 from stages import train as tr
 
 
@@ -126,8 +133,6 @@ def test_uld_from_a_truncated_head_is_a_lower_bound_within_the_two_tails(world):
     q = torch.softmax(logits[fields["chunk_first"]], -1)
     width = max(p.shape[1], q.shape[1])
     dense = np.abs(sorted_desc(p.numpy(), width) - sorted_desc(q.numpy(), width)).sum(-1)
-    from pipeline import cross_losses
-
     sparse = cross_losses.uld_loss(logits[fields["chunk_first"]], fields["topk_logprobs"], fields["tail_logmass"])
     w = (fields["topk_ids"] >= 0).sum(-1)
     rest_t = fields["tail_logmass"].exp()
@@ -233,8 +238,6 @@ def test_evaluate_reports_chunk_divergences_from_another_tokenizers_cache(world,
 def test_a_cache_without_text_is_refused_in_one_line(world, tmp_path):
     """A teacher whose tokenizer's bytes cannot be told (here: a WordPiece decoder) writes a cache without text, as
     every cache before 0.3 is; a cross-tokenizer loss on it is one line naming why."""
-    import shutil
-
     teacher = tmp_path / "teacher"
     shutil.copytree(world["teacher"], teacher)
     spec = json.loads((teacher / "tokenizer.json").read_text())
@@ -250,9 +253,6 @@ def test_a_cache_without_text_is_refused_in_one_line(world, tmp_path):
 
 def test_the_trainer_surface_gives_the_loss_of_pipeline_train(world):
     """CacheDataset(…, tokenizer=…) + DistillCollator + distill_loss: the same per-position loss as train's path."""
-    from pipeline import hf
-    from pipeline.cross_tokenizer import vocabulary_map
-
     model, tok = load(world["student"])
     t_tok = models.load_tokenizer(world["teacher"])
     dataset = hf.CacheDataset(world["cache_train"], tokenizer=tok, max_length=256)
@@ -272,8 +272,6 @@ def test_the_trainer_surface_gives_the_loss_of_pipeline_train(world):
 def test_an_on_policy_round_of_a_student_of_another_tokenizer(world, tmp_path):
     """The student samples; the teacher scores the sampled text in its own tokens (cache-teacher on the generated
     rows' text, not their ids); training mixes the fixed cache and the round's cache, aligned on the bytes."""
-    from stages import generate
-
     gen = tmp_path / "gen.jsonl"
     generate.run(generate.GenerateConfig(model=world["student"], source=world["train"], prompt_field="prompt",
                                          out=str(gen), limit=16, max_new_tokens=12, progress=False))  # fmt: skip
@@ -289,3 +287,20 @@ def test_an_on_policy_round_of_a_student_of_another_tokenizer(world, tmp_path):
         batch_size=8, progress=False, log_every=1,
     ))  # fmt: skip
     assert (tmp_path / "run/final/config.json").exists()
+
+
+@pytest.mark.distributed
+def test_fsdp_on_two_ranks_ends_where_one_process_does(world, tmp_path):
+    """gold (chunk fields, the vocabulary map) under FSDP2 on 2 CPU ranks ends at one process's weights."""
+    args = ["train", "--student", world["student"], "--cache", world["cache_train"], "--loss", "gold", "--max-steps",
+            "6", "--batch-size", "8", "--lr", "2e-3", "--log-every", "2"]  # fmt: skip
+    single = CliRunner().invoke(main, args + ["--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), "-m", "pipeline.cli", *args, "--fsdp", "--out", str(tmp_path / "fsdp")]  # fmt: skip
+    root = Path(__file__).parents[1]
+    subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    a = load_file(tmp_path / "one/final/model.safetensors")
+    b = load_file(tmp_path / "fsdp/final/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
