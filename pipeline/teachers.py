@@ -243,15 +243,15 @@ def draw_tail(
     logits: torch.Tensor, ids: torch.Tensor, widths: torch.Tensor, temperatures, uniforms: torch.Tensor
 ) -> torch.Tensor:
     """Tokens drawn with replacement from the teacher's tail at each temperature: softmax(z / t) over every token
-    but the row's first `widths` ids, by inverse CDF (float64) at the given uniforms [T, P, n] in [0, 1). The draws are
+    but the row's first `widths` ids (ids past them may be −1), by inverse CDF (float64) at the given uniforms [T, P, n] in [0, 1). The draws are
     a function of the logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""
     kept = torch.arange(ids.shape[1], device=ids.device)[None, :] < widths[:, None]
+    keep = kept.logical_not().to(logits.dtype)  # 0 at each kept id, 1 past the width (where ids may be −1)
     out = []
     for j, t in enumerate(temperatures):
         x = logits / t
         w = x.sub_(x.amax(-1, keepdim=True)).exp_()
-        at_ids = w.gather(-1, ids)
-        w.scatter_(-1, ids, torch.where(kept, torch.zeros_like(at_ids), at_ids))
+        w.scatter_reduce_(-1, ids.clamp_min(0), keep, reduce="prod")  # kept ids out, whatever the order of writes
         cdf = w.cumsum(-1, dtype=torch.float64)
         del w
         total = cdf[:, -1:]

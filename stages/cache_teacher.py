@@ -295,7 +295,7 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
         else None
     )
     pieces = [
-        _position_fields(
+        position_fields(
             cfg,
             head.logits(hidden[a : a + chunk]).float(),
             c["targets"][a : a + chunk],
@@ -331,9 +331,31 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
 POSITION_AXIS = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "draws": 1, "draw_logprobs": 1}
 
 
-def _position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor, uniforms) -> dict:
+FIRST_WIDTH = 64  # top-p rows are sorted this wide first; only rows whose prefix needs more are sorted wider
+
+
+def _rows(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """teachers.topk_rows at cfg.top_k, [P, top_k] with ids −1 and log-probs −inf past what a row keeps: a top-p
+    row whose prefix ends within FIRST_WIDTH entries is sorted that wide only (a top-k over the whole vocabulary
+    costs with its k), and its tail is the mass outside those entries."""
+    k, first = cfg.top_k, min(cfg.top_k, FIRST_WIDTH)
+    if cfg.top_p is None or first == k or cfg.min_k >= first:
+        return teachers.topk_rows(logits, k, cfg.temperatures, targets)
+    r = teachers.topk_rows(logits, first, cfg.temperatures, targets)
+    wider = top_p_widths(r["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k) >= first
+    pad = (0, k - first)
+    r["ids"] = torch.nn.functional.pad(r["ids"], pad, value=-1)
+    r["logprobs"] = torch.nn.functional.pad(r["logprobs"], pad, value=float("-inf"))
+    rows = torch.from_numpy(np.nonzero(wider)[0]).to(logits.device)
+    if len(rows):
+        full = teachers.topk_rows(logits[rows], k, cfg.temperatures, targets[rows])
+        r["ids"][rows], r["logprobs"][:, rows], r["tail"][:, rows] = full["ids"], full["logprobs"], full["tail"]
+    return r
+
+
+def position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor, uniforms) -> dict:
     """The cached fields of a chunk of positions, as numpy, from their float32 logits."""
-    r = teachers.topk_rows(logits, cfg.top_k, cfg.temperatures, targets.to(logits.device))
+    r = _rows(cfg, logits, targets.to(logits.device))
     lp = r["logprobs"].cpu().numpy()
     narrow = cfg.top_p is not None or cfg.tail_draws
     widths = top_p_widths(lp[0], cfg.top_p, cfg.min_k) if narrow else np.full(len(lp[0]), cfg.top_k)

@@ -673,3 +673,32 @@ def test_a_cache_written_before_texts_were_recorded_is_resumed_and_hit_with_its_
     storage.verify(tmp_path / "old")
     with pytest.warns(UserWarning, match="keeps serving students of the teacher's tokenizer"):
         assert run(tiny, tmp_path / "old", "llama", part_size=8)["status"] == "hit"
+
+
+def test_top_p_rows_sorted_narrow_first_equal_rows_sorted_at_full_width():
+    """cache-teacher sorts a top-p row 64 wide first and wider only when its prefix needs it: the kept prefixes, their
+    log-probs, the kept set's tail mass and the tail draws equal those of a sort at the full width, for peaked and
+    flat rows."""
+    from storage import codecs
+
+    from pipeline import teachers
+
+    torch.manual_seed(0)
+    logits = torch.randn(40, 500) * torch.linspace(0.1, 8, 40)[:, None]  # flat rows (wide prefixes) to peaked ones
+    targets = torch.randint(0, 500, (40,))
+    cfg = ct.CacheTeacherConfig(teacher="unused", out="unused", top_k=400, top_p=0.9, temperatures=(1.0, 2.0))
+    uniforms = torch.rand(2, 40, 24, dtype=torch.float64)
+    got = ct.position_fields(cfg, logits, targets, uniforms)
+    want = teachers.topk_rows(logits, 400, cfg.temperatures, targets)
+    widths = codecs.top_p_widths(want["logprobs"][0].numpy(), 0.9, 1)
+    assert np.array_equal(got["widths"], widths) and widths.max() > 64 and widths.min() < 64
+    for t in range(2):
+        a = codecs.truncate(got["topk_logprobs"][t], got["tail_logmass"][t], widths)
+        b = codecs.truncate(want["logprobs"][t].numpy(), want["tail"][t].numpy(), widths)
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+    keep = np.arange(400)[None, :] < widths[:, None]
+    assert np.array_equal(got["topk_ids"][keep], want["ids"].numpy()[keep])
+    np.testing.assert_allclose(got["target_logprob"], want["target"].numpy(), rtol=1e-6)
+    draws = teachers.draw_tail(logits, want["ids"], torch.from_numpy(widths), cfg.temperatures, uniforms)
+    assert np.array_equal(got["draws"], draws.numpy())  # the same tail, drawn at the same uniforms
