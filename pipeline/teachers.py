@@ -243,8 +243,9 @@ def draw_tail(
     logits: torch.Tensor, ids: torch.Tensor, widths: torch.Tensor, temperatures, uniforms: torch.Tensor
 ) -> torch.Tensor:
     """Tokens drawn with replacement from the teacher's tail at each temperature: softmax(z / t) over every token
-    but the row's first `widths` ids (ids past them may be −1), by inverse CDF (float64) at the given uniforms [T, P, n] in [0, 1). The draws are
-    a function of the logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""
+    but the row's first `widths` ids (ids past them may be −1), by inverse CDF (float64) at the given uniforms
+    [T, P, n] in [0, 1). The draws are a function of the logits and the uniforms alone, whatever the batch.
+    [T, P, n]; −1 where the tail is empty."""
     kept = torch.arange(ids.shape[1], device=ids.device)[None, :] < widths[:, None]
     keep = kept.logical_not().to(logits.dtype)  # 0 at each kept id, 1 past the width (where ids may be −1)
     out = []

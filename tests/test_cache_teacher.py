@@ -679,9 +679,8 @@ def test_top_p_rows_sorted_narrow_first_equal_rows_sorted_at_full_width():
     """cache-teacher sorts a top-p row 64 wide first and wider only when its prefix needs it: the kept prefixes, their
     log-probs, the kept set's tail mass and the tail draws equal those of a sort at the full width, for peaked and
     flat rows."""
-    from storage import codecs
-
     from pipeline import teachers
+    from storage import codecs
 
     torch.manual_seed(0)
     logits = torch.randn(40, 500) * torch.linspace(0.1, 8, 40)[:, None]  # flat rows (wide prefixes) to peaked ones
