@@ -37,23 +37,30 @@ def byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
-def _family(tokenizer) -> str:
-    """ "byte-level" or "metaspace", from the fast tokenizer's decoder; anything else cannot be aligned."""
+def _decoder(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = json.dumps(json.loads(backend.to_str()).get("decoder")) if backend is not None else ""
+    return json.dumps(json.loads(backend.to_str()).get("decoder")) if backend is not None else ""
+
+
+def byte_scheme(tokenizer) -> str | None:
+    """ "byte-level" or "metaspace", from the fast tokenizer's decoder; None when its tokens' bytes cannot be told."""
+    decoder = _decoder(tokenizer)
     if "ByteLevel" in decoder:
         return "byte-level"
     if "Metaspace" in decoder or "\\u2581" in decoder or "▁" in decoder:
         return "metaspace"
-    raise OptionError(
-        f"cannot tell the bytes of {type(tokenizer).__name__}'s tokens (decoder {decoder or 'none'}); cross-tokenizer "
-        "distillation needs a fast tokenizer with a byte-level or metaspace (SentencePiece-style) vocabulary"
-    )
+    return None
 
 
 def token_bytes(tokenizer) -> list[bytes]:
-    """Each token id's bytes (a special token's: its text)."""
-    family = _family(tokenizer)
+    """Each token id's bytes (a special token's: its text); a tokenizer of no byte_scheme is refused in one line."""
+    family = byte_scheme(tokenizer)
+    if family is None:
+        raise OptionError(
+            f"cannot tell the bytes of {type(tokenizer).__name__}'s tokens (decoder {_decoder(tokenizer) or 'none'}); "
+            "cross-tokenizer distillation needs a fast tokenizer with a byte-level or metaspace (SentencePiece-style) "
+            "vocabulary"
+        )
     alphabet = byte_level_alphabet()
     special = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
     out = []

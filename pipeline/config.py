@@ -14,9 +14,8 @@ from storage.tables import TABLES as EXPORT_LAYOUTS
 
 KINDS = ("fkl", "rkl", "akl", "jsd", "tvd", "sfkl", "srkl")  # the divergences of pipeline.losses
 CROSS_KINDS = ("uld", "gold", "alm")  # the cross-tokenizer losses of pipeline.cross_losses
-LOSSES = (
-    ("ce",) + KINDS + ("pg",) + CROSS_KINDS
-)  # what train optimizes: SFT, a divergence, or the on-policy policy gradient
+# what train optimizes: SFT, a divergence, the on-policy policy gradient, or a cross-tokenizer loss
+LOSSES = ("ce",) + KINDS + ("pg",) + CROSS_KINDS
 TAIL_MODES = ("bucket", "renormalize")
 DEFAULT_PART_SIZE = 256  # cache-teacher's default: a dataset split like it gets the same epoch plans
 DTYPES = ("auto", "float32", "bfloat16", "float16")

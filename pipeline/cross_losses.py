@@ -85,13 +85,11 @@ def alm_loss(student_token_logprob, chunk_of, chunk_logprob) -> torch.Tensor:
     return p * (lp - lq) + (1 - p) * (_log1mexp(lp) - _log1mexp(lq))
 
 
-def chunk_losses(logits, targets, fields: dict, kind: str, temperature: float = 1.0) -> torch.Tensor:
-    """[C] the loss `kind` per chunk from the student's logits at its distilled positions [N, V] and the batch's
-    chunk fields (pipeline.cross_tokenizer)."""
+def chunk_losses(logits, token_logprob, fields: dict, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """[C] the loss `kind` per chunk from the student's logits at its distilled positions [N, V], its log-prob of each
+    of their tokens at `temperature` [N] and the batch's chunk fields (pipeline.cross_tokenizer)."""
     if kind == "alm":
-        scaled = logits.float() / temperature
-        lp = scaled.gather(1, targets[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
-        return alm_loss(lp, fields["chunk_of"], fields["chunk_logprob"])
+        return alm_loss(token_logprob, fields["chunk_of"], fields["chunk_logprob"])
     at = logits[fields["chunk_first"]]
     if kind == "uld":
         return uld_loss(at, fields["topk_logprobs"], fields["tail_logmass"], temperature)

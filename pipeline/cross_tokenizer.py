@@ -28,19 +28,18 @@ ROW_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass")
 class CrossTokenizerSource(Source):
     """The samples of one cache, re-tokenized for a student tokenizer, with the teacher's fields per chunk."""
 
-    def __init__(self, cache: CacheSource, tokenizer, max_length: int):
-        manifest = cache.cache.manifest
+    def __init__(self, cache: CacheSource, tokenizer, max_length: int, pieces: list[bytes] | None = None):
         if not cache.cache.encoding.get("text"):
             raise OptionError(
                 f"{cache.path} records no text (written before 0.3, or from generated rows): it serves only students "
                 "of the teacher's tokenizer; write the cache again with this version to distil across tokenizers"
             )
-        if "target_logprob" not in cache.cache.encoding or not cache.cache.encoding["target_logprob"]:
+        if not cache.cache.has_target_logprob:
             raise OptionError(f"{cache.path} stores no target log-probs, which cross-tokenizer losses need")
-        self.inner, self.cache = cache, cache.cache
-        self.part_sizes = cache.part_sizes
-        plain = manifest["identity"]["dataset"].get("template") == "plain-text"
-        self.rows = student_rows(tokenizer, self.cache.texts(), plain, max_length)
+        self.inner, self.part_sizes = cache, cache.part_sizes
+        plain = cache.cache.manifest["identity"]["dataset"].get("template") == "plain-text"
+        pieces = pieces if pieces is not None else alignment.token_bytes(tokenizer)
+        self.rows = student_rows(tokenizer, pieces, cache.cache.texts(), plain, max_length)
         self.lengths = np.array([len(r["input_ids"]) for r in self.rows], np.int64)
 
     def fingerprint(self) -> str:
@@ -53,12 +52,9 @@ class CrossTokenizerSource(Source):
         return aligned_sample(self.inner[i], self.rows[int(i)])
 
 
-def student_rows(tokenizer, texts: list[tuple[bytes, bytes]], plain: bool, max_length: int) -> list[dict]:
-    """The student's tokens of each (prompt, text): input_ids, loss_mask and text_end, as the student's own cache
-    would hold them."""
-    pieces = data.text_pieces(tokenizer)
-    if pieces is None:
-        alignment.token_bytes(tokenizer)  # raises the one-line reason
+def student_rows(tokenizer, pieces, texts: list[tuple[bytes, bytes]], plain: bool, max_length: int) -> list[dict]:
+    """The student's tokens of each (prompt, text): input_ids, loss_mask and text_end (from its token bytes
+    `pieces`), as the student's own cache would hold them."""
     out = []
     for a in range(0, len(texts), 1000):
         prompts = [p.decode() for p, _ in texts[a : a + 1000]]
@@ -105,11 +101,11 @@ def _firsts(chunk_of: np.ndarray, n: int) -> np.ndarray:
     return starts[:n].astype(np.int64)
 
 
-def vocabulary_map(teacher_pieces: list[bytes], student_tokenizer) -> np.ndarray:
+def vocabulary_map(teacher_pieces: list[bytes], student_pieces: list[bytes]) -> np.ndarray:
     """[V_T] the student id of each teacher token whose bytes are a student token (GOLD's exact matches), −1 for
-    none; one-to-one (a byte string the teacher holds twice maps once)."""
+    none; one-to-one (a byte string the teacher holds twice maps once). Pieces: alignment.token_bytes."""
     student = {}
-    for i, b in enumerate(alignment.token_bytes(student_tokenizer)):
+    for i, b in enumerate(student_pieces):
         student.setdefault(b, i)
     out, seen = np.full(len(teacher_pieces), -1, np.int64), set()
     for i, b in enumerate(teacher_pieces):

@@ -249,12 +249,8 @@ def text_pieces(tokenizer) -> list[bytes] | None:
     """The tokenizer's token bytes (alignment.token_bytes), or None when they cannot be told: its caches then
     record no alignment."""
     from pipeline import alignment
-    from pipeline.errors import OptionError
 
-    try:
-        return alignment.token_bytes(tokenizer)
-    except OptionError:
-        return None
+    return alignment.token_bytes(tokenizer) if alignment.byte_scheme(tokenizer) else None
 
 
 def tokenized(cfg: DataConfig, tokenizer, num_proc: int = 1, progress: bool = True):

@@ -560,8 +560,10 @@ def batch_losses(logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.
     if kind == "ce" or not teacher_fields:
         return {"ce": -token_logprob(logits, b["targets"]).sum()}
     if kind in CROSS_KINDS:
-        kd = cross_losses.chunk_losses(logits, b["targets"], teacher_fields, kind, temperature)
-        return {"ce": -token_logprob(logits, b["targets"]).sum(), "kd": kd.sum(), "chunks": torch.tensor(len(kd))}
+        lp = token_logprob(logits, b["targets"])
+        lp_t = lp if temperature == 1 else token_logprob(logits.float() / temperature, b["targets"])
+        kd = cross_losses.chunk_losses(logits, lp_t, teacher_fields, kind, temperature)
+        return {"ce": -lp.sum(), "kd": kd.sum(), "chunks": torch.tensor(len(kd))}
     if kind == "pg":
         if "target_logprob" not in teacher_fields:
             raise ValueError("the pg loss needs the teacher's log-prob of each sampled token (target_logprob)")

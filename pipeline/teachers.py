@@ -90,8 +90,8 @@ class CrossTokenizerTeacher(CachedTeacher):
 def cross_tokenizer(paths, shares, temperature, tok, max_length: int, teacher_tok=None) -> CrossTokenizerTeacher:
     """The teacher of caches for a student of tokenizer `tok` (any tokenizer); with the teacher's tokenizer, the
     vocabulary map of exact matches (--loss gold)."""
-    plain = [CacheSource(p, temperature) for p in paths]
-    source = _mixed([cross.CrossTokenizerSource(s, tok, max_length) for s in plain], shares)
+    plain, pieces = [CacheSource(p, temperature) for p in paths], alignment.token_bytes(tok)
+    source = _mixed([cross.CrossTokenizerSource(s, tok, max_length, pieces) for s in plain], shares)
     if teacher_tok is None:
         return CrossTokenizerTeacher(source)
     fingerprint = models.tokenizer_fingerprint(teacher_tok)
@@ -101,7 +101,7 @@ def cross_tokenizer(paths, shares, temperature, tok, max_length: int, teacher_to
                 f"{s.path} was written with another tokenizer than --teacher-tokenizer; --loss gold maps one "
                 "teacher vocabulary: give the caches' own teacher tokenizer, and mix only caches that share it"
             )
-    vocab_map = cross.vocabulary_map(alignment.token_bytes(teacher_tok), tok)
+    vocab_map = cross.vocabulary_map(alignment.token_bytes(teacher_tok), pieces)
     return CrossTokenizerTeacher(source, torch.from_numpy(vocab_map))
 
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import storage
-from pipeline import __version__, batches, data, models, parallel, teachers
+from pipeline import __version__, alignment, batches, data, models, parallel, teachers
 from pipeline.config import PREVIOUS_DEFAULT_ENCODING, CacheTeacherConfig
 from pipeline.errors import InputError
 from storage.codecs import top_p_widths
@@ -78,7 +78,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
 def records_text(cfg: CacheTeacherConfig, tok) -> bool:
     """Whether the cache records its samples' text and alignment: rows not generated, a tokenizer whose token bytes
     can be told."""
-    return not cfg.data.response_ids_field and data.text_pieces(tok) is not None
+    return not cfg.data.response_ids_field and alignment.byte_scheme(tok) is not None
 
 
 def out_path(cfg: CacheTeacherConfig, plan: dict) -> Path:
@@ -334,31 +334,32 @@ POSITION_AXIS = {"topk_logprobs": 1, "tail_logmass": 1, "target_logprob": 1, "dr
 FIRST_WIDTH = 64  # top-p rows are sorted this wide first; only rows whose prefix needs more are sorted wider
 
 
-def _rows(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """teachers.topk_rows at cfg.top_k, [P, top_k] with ids −1 and log-probs −inf past what a row keeps: a top-p
-    row whose prefix ends within FIRST_WIDTH entries is sorted that wide only (a top-k over the whole vocabulary
-    costs with its k), and its tail is the mass outside those entries."""
+def _rows(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor) -> tuple[dict, np.ndarray]:
+    """teachers.topk_rows at cfg.top_k, [P, top_k] with ids −1 and log-probs −inf past what a row keeps, and each
+    row's kept width (codecs.top_p_widths): a top-p row whose prefix ends within FIRST_WIDTH entries is sorted that
+    wide only (a top-k over the whole vocabulary costs with its k), and its tail is the mass outside those entries."""
     k, first = cfg.top_k, min(cfg.top_k, FIRST_WIDTH)
     if cfg.top_p is None or first == k or cfg.min_k >= first:
-        return teachers.topk_rows(logits, k, cfg.temperatures, targets)
+        r = teachers.topk_rows(logits, k, cfg.temperatures, targets)
+        return r, top_p_widths(r["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k)
     r = teachers.topk_rows(logits, first, cfg.temperatures, targets)
-    wider = top_p_widths(r["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k) >= first
+    widths = top_p_widths(r["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k)
     pad = (0, k - first)
     r["ids"] = torch.nn.functional.pad(r["ids"], pad, value=-1)
     r["logprobs"] = torch.nn.functional.pad(r["logprobs"], pad, value=float("-inf"))
-    rows = torch.from_numpy(np.nonzero(wider)[0]).to(logits.device)
-    if len(rows):
+    wider = np.nonzero(widths >= first)[0]
+    if len(wider):
+        rows = torch.from_numpy(wider).to(logits.device)
         full = teachers.topk_rows(logits[rows], k, cfg.temperatures, targets[rows])
         r["ids"][rows], r["logprobs"][:, rows], r["tail"][:, rows] = full["ids"], full["logprobs"], full["tail"]
-    return r
+        widths[wider] = top_p_widths(full["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k)
+    return r, widths
 
 
 def position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor, uniforms) -> dict:
     """The cached fields of a chunk of positions, as numpy, from their float32 logits."""
-    r = _rows(cfg, logits, targets.to(logits.device))
+    r, widths = _rows(cfg, logits, targets.to(logits.device))
     lp = r["logprobs"].cpu().numpy()
-    narrow = cfg.top_p is not None or cfg.tail_draws
-    widths = top_p_widths(lp[0], cfg.top_p, cfg.min_k) if narrow else np.full(len(lp[0]), cfg.top_k)
     out = {
         "topk_ids": r["ids"].cpu().numpy(),
         "topk_logprobs": lp,

@@ -101,25 +101,25 @@ def exact_kl(cfg: EvalConfig, head, model, tok, source, own, dtype, device) -> d
 
 
 @torch.no_grad()
-def bits_per_byte(head, model, source, pad_id, device, batch_size: int) -> float | None:
-    """Held-out bits per byte of the distilled text: the NLL of the distilled tokens that spell it (a metaspace dummy
-    prefix of no bytes included; not a template's, not EOS), in bits, over the bytes they span. Comparable across
-    tokenizers; None without recorded text."""
-    if not len(source) or "text_end" not in source[0]:
-        return None
-    was_training, bits, nbytes = model.training, 0.0, 0
+def nll_and_bits_per_byte(head, model, source, pad_id, device, batch_size: int) -> tuple[float, float | None]:
+    """One pass over the split: the mean NLL per distilled token, and the bits per byte of the distilled text: the
+    NLL of the distilled tokens that spell it (a metaspace dummy prefix of no bytes included; not a template's, not
+    EOS), in bits, over the bytes they span. Comparable across tokenizers; None without recorded text."""
+    text = len(source) > 0 and "text_end" in source[0]
+    was_training, nats, positions, bits, nbytes = model.training, 0.0, 0, 0.0, 0
     model.eval()
     for a in range(0, len(source), batch_size):
         samples = [source[i] for i in range(a, min(len(source), a + batch_size))]
         b = scoring.to_device(batches.collate(samples, pad_id), device)
-        nll = -losses.token_logprob(scoring.forward(head, b), b["targets"]).double()
-        ends = np.concatenate([np.asarray(s["text_end"])[np.asarray(s["loss_mask"]).astype(bool)] for s in samples])
-        spans = np.concatenate([_spans(np.asarray(s["text_end"]))[np.asarray(s["loss_mask"]).astype(bool)]
-                                for s in samples])  # fmt: skip
-        bits += float(nll[torch.from_numpy(ends >= 0).to(device)].sum()) / math.log(2)
-        nbytes += int(spans.sum())
+        nll = -losses.token_logprob(scoring.forward(head, b), b["targets"])
+        nats, positions = nats + float(nll.sum()), positions + len(nll)
+        if text:
+            ends = np.concatenate([np.asarray(s["text_end"])[np.asarray(s["loss_mask"]).astype(bool)] for s in samples])
+            bits += float(nll.double()[torch.from_numpy(ends >= 0).to(device)].sum()) / math.log(2)
+            nbytes += int(sum(_spans(np.asarray(s["text_end"]))[np.asarray(s["loss_mask"]).astype(bool)].sum()
+                              for s in samples))  # fmt: skip
     model.train(was_training)
-    return bits / max(1, nbytes)
+    return nats / max(1, positions), (bits / max(1, nbytes) if text else None)
 
 
 def _spans(ends: np.ndarray) -> np.ndarray:
@@ -136,9 +136,8 @@ def run(cfg: EvalConfig) -> dict:
     model = models.load_model(cfg.model, dtype, device, cfg.trust_remote_code).eval()
     head = models.PositionLogits(model, models.check_vocab(model, tok, "evaluated"))
     source = sources.TokenizedSource(data.tokenized(cfg.data, tok, progress=cfg.progress))
-    nll = score(head, model, teachers.Teacher(source), tok.pad_token_id, device, (), batch_size=cfg.batch_size)
-    metrics = {"model": cfg.model, "samples": len(source), "nll": nll["ce"], "ppl": math.exp(min(nll["ce"], 50))}
-    bpb = bits_per_byte(head, model, source, tok.pad_token_id, device, cfg.batch_size)
+    nll, bpb = nll_and_bits_per_byte(head, model, source, tok.pad_token_id, device, cfg.batch_size)
+    metrics = {"model": cfg.model, "samples": len(source), "nll": nll, "ppl": math.exp(min(nll, 50))}
     if bpb is not None:
         metrics["bits_per_byte"] = bpb
     own = None

@@ -256,7 +256,7 @@ def test_the_trainer_surface_gives_the_loss_of_pipeline_train(world):
     model, tok = load(world["student"])
     t_tok = models.load_tokenizer(world["teacher"])
     dataset = hf.CacheDataset(world["cache_train"], tokenizer=tok, max_length=256)
-    vocab_map = torch.from_numpy(vocabulary_map(alignment.token_bytes(t_tok), tok))
+    vocab_map = torch.from_numpy(vocabulary_map(alignment.token_bytes(t_tok), alignment.token_bytes(tok)))
     batch = hf.DistillCollator(tok)([dataset[i] for i in range(4)])
     labels = batch.pop("labels")
     outputs = model(**batch)
