@@ -160,7 +160,9 @@ def _values(col: pa.Array, name: str, offsets: np.ndarray, encoding: dict, unpac
         raise CorruptCache(f"column {name} holds {len(values)} values where its lists hold {stored[-1]}")
     if not bits:
         return values
-    codes = codecs.unpack_bits(values, bits, int(padded[-1]))[_kept(offsets, padded)]
+    codes = codecs.unpack_bits(values, bits, int(padded[-1]))
+    if padded[-1] != offsets[-1]:  # some sample's count is not a multiple of 8 (never at a fixed width of 8j)
+        codes = codes[_kept(offsets, padded)]
     return codes if unpacked else codecs.pack_bits(codes, bits)
 
 
