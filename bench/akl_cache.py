@@ -17,7 +17,9 @@ init, batches and schedule per seed; then the exact held-out KL(teacher ‖ stud
 the full vocabulary. Gradient error of each cached arm's loss (akl, rkl, jsd, tvd, fkl) against the online dense
 gradient of the same loss on the same 128 training samples, at the online-AKL-trained student (and AKL's at init).
 
-`python bench/akl_cache.py [real|prose ...]` writes bench/out/akl_cache.json and bench/akl_cache.png.
+`python bench/akl_cache.py [real|prose ...]` writes bench/out/akl_cache.json and bench/akl_cache.png. `--only "ARM|ARM"`
+trains the AKL online reference and the named arms only; `--kinds "rkl|jsd|tvd"` adds those losses trained online,
+from the exact-draws cache and from the sketched one; `--seeds 0,1`; `--table` prints the README's tables.
 """
 
 import ast
@@ -319,6 +321,9 @@ def markdown(results) -> str:
                 f"{r['rkl']:.4f} ± {r['rkl_std']:.4f} | {r['rkl'] / ref['rkl']:.3f} | {r['nll']:.3f} |"
             )
         grads = res["gradient_relative_error"]
+        if not grads:  # a run of named arms only (--only)
+            out.append("")
+            continue
         arms = list(grads["at_akl_online_student"]["akl"])
         out += ["", "| gradient error vs online, (at init /) at the online-AKL student | " + " | ".join(KINDS) + " |"]
         out.append("|---" * (len(KINDS) + 1) + "|")
@@ -350,12 +355,15 @@ def main(names):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = ROOT / "bench/out/akl_cache.json"
     builders = {"real": lambda: build_real(OUT / "real"), "prose": lambda: build_prose(OUT / "prose")}
-    flags = dict(zip(sys.argv[1:], sys.argv[2:]))  # --only "ARM|ARM" (trained even if marked untrained), --seeds 0,1
+    flags = dict(zip(sys.argv[1:], sys.argv[2:]))  # --only "ARM|ARM" (trained even if marked untrained), --seeds 0,1,
+    # --kinds "rkl|jsd|tvd"
     seeds = tuple(int(x) for x in flags.get("--seeds", "0,1").split(","))
     for name in names:
         setting = builders[name]()
         if "--only" in flags:
             setting = {**setting, "only": tuple(flags["--only"].split("|")), "untrained": ()}
+        if "--kinds" in flags:  # --kinds "rkl|jsd|tvd": those losses trained online, from exact draws, and sketched
+            setting = {**setting, "other_kinds": tuple(flags["--kinds"].split("|"))}
         result = run_setting(name, setting, seeds, gradients_only="--gradients-only" in sys.argv)
         name += "-only" if "--only" in flags else ""
         results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile

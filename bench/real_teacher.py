@@ -115,7 +115,7 @@ def throughput(teacher: str, data: Path, repeats: int, options: dict | None = No
             plan = ct.cache_plan(cfg, {}, v, len(samples), text=False)
             w = storage.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
             for p, g in enumerate(groups):
-                fields = ct.teacher_fields(cfg, head, g, tok.pad_token_id, "cpu", max(1, (1 << 29) // (v * 12)))
+                fields = ct.teacher_fields(cfg, head, g, tok.pad_token_id, "cpu", ct.chunk_rows(cfg, v))
                 w.put(p, [{**s, **r} for s, r in zip(g, fields)])
             w.close()
 

@@ -214,13 +214,17 @@ def check_compatible(vocabulary: dict, tok, model, allow_mismatch: bool = False,
 # ---------------------------------------------------------------- rows from logits
 
 
-def topk_rows(logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor | None = None) -> dict:
+def topk_rows(
+    logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor | None = None, weights: bool = False
+) -> dict:
     """Rows of float32 logits [P, V] → ids [P, k] (sorted by p), logprobs [T, P, k], tail [T, P] with
     log P_R = logsumexp(z[not topk]/t) − logsumexp(z/t) summed over the non-top-k terms themselves, target [T, P]
     (log p of `targets`, when given), and finite [P]: a NaN or +inf logit makes the row's log-normalizer
-    non-finite, which is how rows are checked. One exp per pass over [P, V] and temperature."""
+    non-finite, which is how rows are checked. One exp per pass over [P, V] and temperature. With `weights`, also
+    the tail's unnormalized weights per temperature, exp((z − z_top1) / t) with the top-k ids at 0: what draw_tail
+    draws from, without a second pass."""
     vals, ids = logits.topk(k, dim=-1)
-    lps, tails, target_lps = [], [], []
+    lps, tails, target_lps, kept = [], [], [], []
     for t in temperatures:
         top = vals[:, :1] / t
         e = (logits - top if t == 1 else (logits / t).sub_(top)).exp_()
@@ -229,6 +233,7 @@ def topk_rows(logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor 
         if targets is not None:
             target_lps.append(logits.gather(-1, targets[:, None])[:, 0] / t - top[:, 0] - log_z[:, 0])
         tails.append(e.scatter_(-1, ids, 0.0).sum(-1).log_() - log_z[:, 0])
+        kept.append(e if weights else None)
     finite = torch.isfinite(log_z[:, 0]) & torch.isfinite(top[:, 0])
     return {
         "ids": ids,
@@ -236,29 +241,56 @@ def topk_rows(logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor 
         "tail": torch.stack(tails),
         "target": torch.stack(target_lps) if targets is not None else None,
         "finite": finite,
-    }
+    } | ({"weights": kept} if weights else {})
 
 
-def draw_tail(
-    logits: torch.Tensor, ids: torch.Tensor, widths: torch.Tensor, temperatures, uniforms: torch.Tensor
-) -> torch.Tensor:
+def draw_tail(logits: torch.Tensor, rows: dict, widths: torch.Tensor, temperatures, uniforms: torch.Tensor):
     """Tokens drawn with replacement from the teacher's tail at each temperature: softmax(z / t) over every token
-    but the row's first `widths` ids (ids past them may be −1), by inverse CDF (float64) at the given uniforms
-    [T, P, n] in [0, 1). The draws are a function of the logits and the uniforms alone, whatever the batch.
-    [T, P, n]; −1 where the tail is empty."""
-    kept = torch.arange(ids.shape[1], device=ids.device)[None, :] < widths[:, None]
-    keep = kept.logical_not().to(logits.dtype)  # 0 at each kept id, 1 past the width (where ids may be −1)
+    but the row's first `widths` ids, by inverse CDF (inverse_cdf) at the given uniforms [T, P, n] in [0, 1). `rows`
+    is topk_rows' output with its weights (ids may be −1 past a row's sorted entries, which the weights keep): the
+    entries between a row's width and its top-k return to the weights first. The draws are a function of the
+    logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""
+    ids = rows["ids"]
+    back = (torch.arange(ids.shape[1], device=ids.device)[None, :] >= widths[:, None]) & (ids >= 0)
+    top, at = logits.gather(-1, ids[:, :1]), logits.gather(-1, ids.clamp_min(0))
     out = []
     for j, t in enumerate(temperatures):
-        x = logits / t
-        w = x.sub_(x.amax(-1, keepdim=True)).exp_()
-        w.scatter_reduce_(-1, ids.clamp_min(0), keep, reduce="prod")  # kept ids out, whatever the order of writes
-        cdf = w.cumsum(-1, dtype=torch.float64)
-        del w
-        total = cdf[:, -1:]
-        draws = torch.searchsorted(cdf, uniforms[j].to(cdf) * total, right=True).clamp_max_(cdf.shape[-1] - 1)
-        out.append(torch.where(total > 0, draws, torch.full_like(draws, -1)))
+        w = rows["weights"][j]
+        # amax: each entry that returns gets its weight back; kept ids and the −1 padding (written to id 0) stay put
+        w.scatter_reduce_(-1, ids.clamp_min(0), torch.where(back, ((at - top) / t).exp(), 0.0), reduce="amax")
+        out.append(inverse_cdf(w, uniforms[j]))
     return torch.stack(out) if out else torch.zeros((0, len(logits), uniforms.shape[-1]), dtype=torch.long)
+
+
+CDF_BLOCK = 256  # at most this many tokens per block of inverse_cdf's first level
+
+
+def inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Draws [P, n] from weights w [P, V] ≥ 0 at uniforms u [P, n] in [0, 1): the first token whose cumulative
+    weight passes u · total, or −1 where a row's weights are all zero. In two levels, so that nothing runs over
+    [P, V] in float64: the sums of blocks of B tokens (B the largest divisor of V up to CDF_BLOCK) find each draw's
+    block, then that block's own cumulative sum (float64) finds the token at the same fraction of the block's
+    weight. At either level the search never passes the last entry of positive weight, so a zero-weight token is
+    never drawn."""
+    n_rows, v = w.shape
+    size = max(b for b in range(1, min(CDF_BLOCK, v) + 1) if v % b == 0)
+    blocks = w.contiguous().view(n_rows, v // size, size)
+    sums = blocks.sum(-1).double()  # float32 sums: the second level corrects their rounding within each block
+    block_cdf = sums.cumsum(-1)
+    at = u.to(block_cdf) * block_cdf[:, -1:]
+    block = _search(block_cdf, at)
+    weight = sums.gather(1, block)
+    fraction = ((at - block_cdf.gather(1, block) + weight) / weight.clamp_min(1e-300)).clamp_(0, 1)
+    cdf = blocks[torch.arange(n_rows, device=w.device)[:, None], block].cumsum(-1, dtype=torch.float64)
+    token = _search(cdf, fraction[..., None] * cdf[..., -1:])[..., 0]
+    return torch.where(block_cdf[:, -1:] > 0, block * size + token, -1)
+
+
+def _search(cdf: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The first index whose cumulative value passes `at`, capped at the first index that reaches the total (the last
+    entry of positive weight; 0 for a row of zeros)."""
+    last = torch.searchsorted(cdf, cdf[..., -1:].contiguous(), right=False)
+    return torch.minimum(torch.searchsorted(cdf, at.contiguous(), right=True), last)
 
 
 def fit_sketch(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> dict:

@@ -168,8 +168,7 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
     models.check_vocab(model, tok, "teacher")
     head = models.PositionLogits(model, vocab)
     sketch = _sketch(cfg, writer, ds, head, tok, device, group) if cfg.sketch_rank else None
-    copies = 6 if cfg.tail_draws else 3
-    chunk = max(1, cfg.chunk_bytes // (vocab * 4 * copies))
+    chunk = chunk_rows(cfg, vocab)
     lengths = ds.data.column("length").to_numpy()
     rows_of = lambda p: storage.part_rows(plan, p)
     total = int(sum(lengths[rows_of(p).start : rows_of(p).stop].sum() for p in parts))
@@ -194,6 +193,12 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
             out_writer.close()
         bar.close()
     return {"samples": n_samples, "tokens": total, "parts_written": n_parts}
+
+
+def chunk_rows(cfg: CacheTeacherConfig, vocab: int) -> int:
+    """Positions whose float32 logits and their working copies (the tail weights, with draws) fit cfg.chunk_bytes."""
+    copies = 6 if cfg.tail_draws else 3
+    return max(1, cfg.chunk_bytes // (vocab * 4 * copies))
 
 
 def _sketch(cfg, writer, ds, head, tok, device, group) -> dict | None:
@@ -338,11 +343,11 @@ def _rows(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor) 
     """teachers.topk_rows at cfg.top_k, [P, top_k] with ids −1 and log-probs −inf past what a row keeps, and each
     row's kept width (codecs.top_p_widths): a top-p row whose prefix ends within FIRST_WIDTH entries is sorted that
     wide only (a top-k over the whole vocabulary costs with its k), and its tail is the mass outside those entries."""
-    k, first = cfg.top_k, min(cfg.top_k, FIRST_WIDTH)
+    k, first, draws = cfg.top_k, min(cfg.top_k, FIRST_WIDTH), bool(cfg.tail_draws)
     if cfg.top_p is None or first == k or cfg.min_k >= first:
-        r = teachers.topk_rows(logits, k, cfg.temperatures, targets)
+        r = teachers.topk_rows(logits, k, cfg.temperatures, targets, weights=draws)
         return r, top_p_widths(r["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k)
-    r = teachers.topk_rows(logits, first, cfg.temperatures, targets)
+    r = teachers.topk_rows(logits, first, cfg.temperatures, targets, weights=draws)
     widths = top_p_widths(r["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k)
     pad = (0, k - first)
     r["ids"] = torch.nn.functional.pad(r["ids"], pad, value=-1)
@@ -350,8 +355,10 @@ def _rows(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor) 
     wider = np.nonzero(widths >= first)[0]
     if len(wider):
         rows = torch.from_numpy(wider).to(logits.device)
-        full = teachers.topk_rows(logits[rows], k, cfg.temperatures, targets[rows])
+        full = teachers.topk_rows(logits[rows], k, cfg.temperatures, targets[rows], weights=draws)
         r["ids"][rows], r["logprobs"][:, rows], r["tail"][:, rows] = full["ids"], full["logprobs"], full["tail"]
+        for w, wide in zip(r.get("weights", []), full.get("weights", [])):
+            w[rows] = wide
         widths[wider] = top_p_widths(full["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k)
     return r, widths
 
@@ -372,7 +379,7 @@ def position_fields(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torc
     }
     if cfg.tail_draws:
         widths_t = torch.from_numpy(widths).to(logits.device)
-        draws = teachers.draw_tail(logits, r["ids"], widths_t, cfg.temperatures, uniforms.to(logits.device))
+        draws = teachers.draw_tail(logits, r, widths_t, cfg.temperatures, uniforms.to(logits.device))
         out["draw_logprobs"] = teachers.drawn_logprobs(logits, draws, cfg.temperatures, r).cpu().numpy()
         out["draws"] = draws.cpu().numpy()
     return out

@@ -699,5 +699,59 @@ def test_top_p_rows_sorted_narrow_first_equal_rows_sorted_at_full_width():
     keep = np.arange(400)[None, :] < widths[:, None]
     assert np.array_equal(got["topk_ids"][keep], want["ids"].numpy()[keep])
     np.testing.assert_allclose(got["target_logprob"], want["target"].numpy(), rtol=1e-6)
-    draws = teachers.draw_tail(logits, want["ids"], torch.from_numpy(widths), cfg.temperatures, uniforms)
+    want = teachers.topk_rows(logits, 400, cfg.temperatures, targets, weights=True)
+    draws = teachers.draw_tail(logits, want, torch.from_numpy(widths), cfg.temperatures, uniforms)
     assert np.array_equal(got["draws"], draws.numpy())  # the same tail, drawn at the same uniforms
+
+
+def flat_inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The reference sampler: one float64 cumulative sum over the whole row."""
+    cdf = w.double().cumsum(-1)
+    total = cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u * total, right=True).clamp_max(w.shape[1] - 1)
+    return torch.where(total > 0, draws, -1)
+
+
+@pytest.mark.parametrize("vocab", [8, 97, 1000, 49152])
+def test_the_two_level_inverse_cdf_draws_what_one_float64_cumulative_sum_draws(vocab):
+    """Block sums, then one block's cumulative sum: the same token as the flat float64 inverse CDF except where a
+    uniform falls within float32 rounding of a boundary (a few in 10⁴), never a token of zero weight, and −1 for a row
+    of zeros. Vocabularies that 256 divides, a prime one, and one smaller than a block."""
+    from pipeline import teachers
+
+    torch.manual_seed(vocab)
+    w = (torch.randn(64, vocab) * 3).exp()
+    w[0] = 0  # no tail at all
+    w[1, : vocab // 2] = 0  # whole blocks of zero weight
+    w[2] = 0
+    w[2, vocab - 1] = 1.0  # one token of weight, the last
+    w[3, torch.randperm(vocab)[: vocab // 3]] = 0
+    u = torch.rand(64, 200, dtype=torch.float64)
+    u[:, 0], u[:, 1] = 0.0, 1 - 2**-53
+    got, want = teachers.inverse_cdf(w, u), flat_inverse_cdf(w, u)
+    assert (got[0] == -1).all() and (got[2] == vocab - 1).all()
+    assert (got[1:] >= 0).all() and (w[1:].gather(1, got[1:]) > 0).all()
+    assert (got != want).float().mean() < 1e-3
+
+
+def test_tail_draws_follow_the_tail_beyond_each_rows_width():
+    """draw_tail draws from softmax(z / t) with each row's first `width` ids removed: the entries between the width
+    and the top-k (removed from topk_rows' tail weights) come back, the −1 padding of rows sorted narrow changes
+    nothing, and rows that keep every token draw −1."""
+    from pipeline import teachers
+
+    torch.manual_seed(0)
+    logits = torch.randn(48, 8) * torch.linspace(0.5, 6, 48)[:, None]
+    temps = (1.0, 2.0)
+    rows = teachers.topk_rows(logits, 6, temps, weights=True)
+    rows["ids"] = torch.nn.functional.pad(rows["ids"], (0, 2), value=-1)  # as cache-teacher pads narrow rows
+    widths = torch.randint(0, 7, (48,))
+    u = torch.rand(2, 48, 300, dtype=torch.float64)
+    got = teachers.draw_tail(logits, rows, widths, temps, u)
+    for j, t in enumerate(temps):
+        p = torch.softmax(logits.double() / t, -1)
+        for r in range(48):
+            p[r, rows["ids"][r, : widths[r]]] = 0
+        assert (got[j] != flat_inverse_cdf(p, u[j])).float().mean() < 1e-3
+    whole = teachers.topk_rows(logits, 8, temps, weights=True)
+    assert (teachers.draw_tail(logits, whole, torch.full((48,), 8), temps, u) == -1).all()
