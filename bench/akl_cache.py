@@ -123,9 +123,11 @@ def build_real(root: Path) -> dict:
 
 
 def build_caches(setting) -> dict:
+    """The arms' caches: all of them, or with --only those its arms train on."""
     out = {}
+    needed = set(setting.get("only", ())) | ({ARMS[2][0], ARMS[3][0]} if setting.get("other_kinds") else set())
     for name, enc, _ in ARMS:
-        if name in setting.get("skip", ()):
+        if name in setting.get("skip", ()) or setting.get("only") and name not in needed:
             continue
         if enc is None:
             if setting["counted"]:

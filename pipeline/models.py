@@ -3,6 +3,7 @@ tensor-parallel group) and tokenizers, their fingerprints, and logits at chosen 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -70,19 +71,27 @@ def load_config(name, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     where, extra = located(name)
-    return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    with _loading("a model config", name):
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+
+
+@contextlib.contextmanager
+def _loading(what: str, name):
+    """transformers' loading errors as one line naming the path (a folder without config.json, a missing file)."""
+    try:
+        yield
+    except Exception as e:
+        raise ModelError(
+            f"cannot load {what} from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     where, extra = located(name)
-    try:
+    with _loading("a tokenizer", name):
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
-    except Exception as e:
-        raise ModelError(
-            f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -92,14 +101,10 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device, trust_remote
     from transformers import AutoModelForCausalLM
 
     where, extra = located(name)
-    try:
+    with _loading("a causal LM", name):
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs
         )
-    except Exception as e:
-        raise ModelError(
-            f"cannot load a causal LM from {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
     return model.to(device)
 
 

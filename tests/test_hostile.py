@@ -156,6 +156,25 @@ def test_cache_teacher_refuses_values_that_make_no_sense(tmp_path, extra, expect
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("command", [["cache-teacher", "--teacher"], ["train", "--loss", "ce", "--student"]])
+def test_a_folder_that_holds_no_model_is_one_line_naming_it(tmp_path, command):
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "empty").mkdir()
+    args = [
+        *command,
+        tmp_path / "empty",
+        "--data",
+        tmp_path / "d.jsonl",
+        "--text-field",
+        "text",
+        "--out",
+        tmp_path / "o",
+    ]
+    res = CliRunner().invoke(main, list(map(str, args)))
+    assert res.exit_code == 1 and "cannot load" in res.output and "empty" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_convert_refuses_an_encoding_without_teacher_information(tmp_path):
     write_cache(tmp_path / "a")
     res = CliRunner().invoke(
