@@ -54,6 +54,12 @@ ARMS = [  # name, encoding (None: the setting's counted cache written before exa
     ("top-p .5, at most 16, + 24 draws q8, exact", {**HEAD, "top_k": 16, "draws": 24}, "akl"),
     ("top-p .5, at most 16, + 24 draws q8 + sketch 32 q4", {**HEAD, "top_k": 16, "draws": 24, "sketch": 32}, "akl"),
     ("FKL: top-p .5 + 24 draws q8 + sketch 32 q4", {**HEAD, "draws": 24, "sketch": 32}, "fkl"),
+    ("FKL: top-p .5, at most 16, + 24 draws q8, exact", {**HEAD, "top_k": 16, "draws": 24}, "fkl"),
+    (
+        "FKL: top-p .5, at most 16, + 24 draws q8 + sketch 32 q4",
+        {**HEAD, "top_k": 16, "draws": 24, "sketch": 32},
+        "fkl",
+    ),
 ]
 KINDS = ("akl", "rkl", "jsd", "tvd", "fkl")
 
@@ -371,6 +377,9 @@ def main(names):
         results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile
         if "--gradients-only" in sys.argv and name in results:  # keep the trained arms' rows
             result["rows"] = results[name]["rows"]
+        elif "--only" in flags and name in results:  # named arms add to (or replace) earlier --only runs' arms
+            ran = {r["arm"] for r in result["rows"]}
+            result["rows"] += [r for r in results[name]["rows"] if r["arm"] not in ran]
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(results | {name: result}, indent=1, default=str))
     results = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith("-only")}

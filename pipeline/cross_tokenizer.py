@@ -21,6 +21,7 @@ import numpy as np
 from pipeline import alignment, data
 from pipeline.errors import OptionError
 from pipeline.sources import CacheSource, Source
+from storage import CorruptCache
 
 ROW_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass")
 
@@ -57,14 +58,23 @@ def student_rows(tokenizer, pieces, texts: list[tuple[bytes, bytes]], plain: boo
     `pieces`), as the student's own cache would hold them."""
     out = []
     for a in range(0, len(texts), 1000):
-        prompts = [p.decode() for p, _ in texts[a : a + 1000]]
-        bodies = [t.decode() for _, t in texts[a : a + 1000]]
+        prompts = [_utf8(p) for p, _ in texts[a : a + 1000]]
+        bodies = [_utf8(t) for _, t in texts[a : a + 1000]]
         rows = data.tokenize_texts(tokenizer, prompts, bodies, plain, max_length, pieces)
         out += [
             {"input_ids": np.asarray(x, np.int64), "loss_mask": np.asarray(m, np.uint8), "text_end": np.asarray(e)}
             for x, m, e in zip(rows["input_ids"], rows["loss_mask"], rows["text_end"])
         ]
     return out
+
+
+def _utf8(text: bytes) -> str:
+    try:
+        return text.decode()
+    except UnicodeDecodeError as e:
+        raise CorruptCache(
+            f"a cached text is not UTF-8 (byte {e.start}): the cache is damaged; run pipeline verify"
+        ) from e
 
 
 def aligned_sample(teacher: dict, student: dict) -> dict:

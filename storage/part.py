@@ -579,6 +579,12 @@ def _text_problems(part: dict, s: int, t_off) -> list[str]:
     room = np.repeat(np.diff(o) - lengths, np.diff(t_off))
     if ends.size and (ends.min() < -2 or np.any(ends > room)):
         return ["a token's text_end lies outside its sample's text"]
+    text = np.asarray(part["text"]).tobytes()
+    for i, (a, b, n) in enumerate(zip(o[:-1], o[1:], lengths)):  # the prompt and the text are UTF-8 apart
+        try:
+            text[a : a + n].decode(), text[a + n : b].decode()
+        except UnicodeDecodeError:
+            return [f"sample {i}'s prompt or text is not UTF-8"]
     return []
 
 

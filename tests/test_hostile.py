@@ -106,6 +106,14 @@ def huge_part_count(c: Path):
     edit_json(c / "manifest.json", lambda m: m.update(num_parts=10**12))
 
 
+def text_not_utf8(c: Path):
+    import zarr
+
+    text = zarr.open_array(c / "parts/part-000000/data.zarr/text", mode="r+")
+    text[0] = 0xFF  # never the first byte of a UTF-8 character
+    reseal(c)
+
+
 @pytest.mark.parametrize(
     "craft,expect",
     [
@@ -122,6 +130,14 @@ def test_a_crafted_cache_is_a_one_line_error_in_bounded_time_and_memory(tmp_path
     write_cache(tmp_path / "c", num_rows=8, part_size=4, ids="bitpack", logprob_dtype="q8")
     craft(tmp_path / "c")
     assert expect in one_error_line(bounded(command, tmp_path / "c"))
+
+
+def test_verify_finds_a_text_that_is_not_utf8(tmp_path):
+    """Texts are written from strings, so only a forger makes one that is not UTF-8: verify names it (a student of
+    another tokenizer decodes it, and would fail)."""
+    write_cache(tmp_path / "c", num_rows=8, part_size=4, text=True)
+    text_not_utf8(tmp_path / "c")
+    assert "prompt or text is not UTF-8" in one_error_line(bounded("verify", tmp_path / "c"))
 
 
 # -- values that are not sensible do not pass
