@@ -17,9 +17,10 @@ init, batches and schedule per seed; then the exact held-out KL(teacher ‖ stud
 the full vocabulary. Gradient error of each cached arm's loss (akl, rkl, jsd, tvd, fkl) against the online dense
 gradient of the same loss on the same 128 training samples, at the online-AKL-trained student (and AKL's at init).
 
-`python bench/akl_cache.py [real|prose ...]` writes bench/out/akl_cache.json and bench/akl_cache.png. `--only "ARM|ARM"`
-trains the AKL online reference and the named arms only; `--kinds "rkl|jsd|tvd"` adds those losses trained online,
-from the exact-draws cache and from the sketched one; `--seeds 0,1`; `--table` prints the README's tables.
+`python bench/akl_cache.py [real|prose ...]` writes bench/out/akl_cache.json and bench/akl_cache.png.
+`--only "ARM|ARM"` trains the AKL online reference and the named arms only; `--kinds "rkl|jsd|tvd"` adds those
+losses trained online and from the exact-draws cache and the sketched one (or from the caches of the arms that
+`--kinds-from "ARM|ARM"` names); `--seeds 0,1`; `--table` prints the README's tables.
 """
 
 import ast
@@ -128,10 +129,15 @@ def build_real(root: Path) -> dict:
             "untrained": untrained, "gradient_kinds": ("akl",)}  # fmt: skip
 
 
+def kinds_from(setting) -> tuple:
+    """The caches (by arm) that --kinds trains from: the exact draws and the sketched cache unless named."""
+    return setting.get("kinds_from") or (ARMS[2][0], ARMS[3][0])
+
+
 def build_caches(setting) -> dict:
     """The arms' caches: all of them, or with --only those its arms train on."""
     out = {}
-    needed = set(setting.get("only", ())) | ({ARMS[2][0], ARMS[3][0]} if setting.get("other_kinds") else set())
+    needed = set(setting.get("only", ())) | (set(kinds_from(setting)) if setting.get("other_kinds") else set())
     for name, enc, _ in ARMS:
         if name in setting.get("skip", ()) or setting.get("only") and name not in needed:
             continue
@@ -175,13 +181,9 @@ def arm_rows(setting, caches, seeds) -> list[dict]:
     arms = [a for a in arms if a[0] not in setting.get("untrained", ())]
     if setting.get("only"):  # the references and the named arms
         arms = [a for a in arms if a[1] is None and "AKL" in a[0] or a[0] in setting["only"]]
-    exact, sketched = ARMS[2][0], ARMS[3][0]
-    for kind in setting.get("other_kinds", ()):  # the other student-weighted losses: online, exact draws, sketch
-        arms += [
-            (f"{kind.upper()} online (dense)", None, {"online": True, "loss": kind}),
-            (f"{kind.upper()}: {exact}", caches[exact], {"loss": kind}),
-            (f"{kind.upper()}: {sketched}", caches[sketched], {"loss": kind}),
-        ]
+    for kind in setting.get("other_kinds", ()):  # the other student-weighted losses: online, and from caches
+        arms += [(f"{kind.upper()} online (dense)", None, {"online": True, "loss": kind})]
+        arms += [(f"{kind.upper()}: {name}", caches[name], {"loss": kind}) for name in kinds_from(setting)]
     rows = []
     for arm, cache, opts in arms:
         row = {"arm": arm, **(cache_figures(cache) if cache else {}), "seeds": []}
@@ -372,6 +374,8 @@ def main(names):
             setting = {**setting, "only": tuple(flags["--only"].split("|")), "untrained": ()}
         if "--kinds" in flags:  # --kinds "rkl|jsd|tvd": those losses trained online, from exact draws, and sketched
             setting = {**setting, "other_kinds": tuple(flags["--kinds"].split("|"))}
+        if "--kinds-from" in flags:  # --kinds-from "ARM|ARM": the caches --kinds trains from
+            setting = {**setting, "kinds_from": tuple(flags["--kinds-from"].split("|"))}
         result = run_setting(name, setting, seeds, gradients_only="--gradients-only" in sys.argv)
         name += "-only" if "--only" in flags else ""
         results = json.loads(path.read_text()) if path.exists() else {}  # another setting may have run meanwhile
@@ -383,7 +387,10 @@ def main(names):
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(results | {name: result}, indent=1, default=str))
     results = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith("-only")}
-    plot(results, ROOT / ("bench/akl_cache.png" if "real" in results else f"bench/akl_cache-{'-'.join(results)}.png"))
+    if results:  # the plot shows full runs only
+        plot(
+            results, ROOT / ("bench/akl_cache.png" if "real" in results else f"bench/akl_cache-{'-'.join(results)}.png")
+        )
     return results
 
 
