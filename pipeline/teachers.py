@@ -288,8 +288,8 @@ def inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _search(cdf: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """The first index whose cumulative value passes `at`, capped at the first index that reaches the total (the last
-    entry of positive weight; 0 for a row of zeros)."""
-    last = torch.searchsorted(cdf, cdf[..., -1:].contiguous(), right=False)
+    entry of positive weight; 0 for a row of zeros) and at the last index (a row of NaN, which cache-teacher skips)."""
+    last = torch.searchsorted(cdf, cdf[..., -1:].contiguous(), right=False).clamp_max_(cdf.shape[-1] - 1)
     return torch.minimum(torch.searchsorted(cdf, at.contiguous(), right=True), last)
 
 
