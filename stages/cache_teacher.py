@@ -34,6 +34,11 @@ def run(cfg: CacheTeacherConfig) -> dict:
     """Returns {status: hit|complete|partial, path, manifest?, samples, tokens, seconds, parts_written}."""
     group = parallel.teacher_group(cfg.tp)
     teacher_cfg = models.load_config(cfg.teacher, cfg.trust_remote_code)
+    width = getattr(teacher_cfg.get_text_config(), "hidden_size", None)
+    if width and cfg.sketch_rank > width:
+        raise InputError(
+            f"--sketch-rank {cfg.sketch_rank} exceeds the teacher's hidden size {width}; use at most {width}"
+        )
     if cfg.tp > 1:
         models.check_tensor_parallel(teacher_cfg, cfg.tp, cfg.teacher)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -585,6 +585,12 @@ def test_exact_draws_and_the_teacher_sketch_equal_recomputation(tiny, tmp_path, 
         assert err.max() < 0.05
 
 
+def test_a_sketch_rank_above_the_teachers_hidden_size_is_refused_before_anything_is_written(tiny, tmp_path):
+    with pytest.raises(ct.InputError, match="--sketch-rank 33 exceeds the teacher's hidden size 32; use at most 32"):
+        run(tiny, tmp_path / "c", "llama", tail_draws=4, sketch_rank=33)
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_sharded_run_fits_the_sketch_once_and_every_shard_uses_it(tiny, tmp_path):
     enc = dict(top_p=0.5, tail_draws=4, sketch_rank=4, part_size=8, sketch_positions=32)
     ref = run(tiny, tmp_path / "one", "llama", **enc)["manifest"]
