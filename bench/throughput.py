@@ -24,8 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from command import TOP_K_ROWS
+
 import storage
 from pipeline import batches, losses, models, teachers
+from pipeline.config import CacheTeacherConfig, DataConfig
 from pipeline.losses import batch_losses
 from pipeline.scoring import forward
 from stages import cache_teacher as ct
@@ -77,15 +81,15 @@ def median_time(fn, repeats):
     return float(np.median(times))
 
 
-class Cfg:
-    """cache-teacher's options for these batches: top-64 float16 rows, no top-p, no draws."""
-
-    top_k, temperatures, top_p, min_k, tail_draws, seed = 64, (1.0,), None, 1, 0, 0
+# cache-teacher's options for these batches: top-64 float16 rows, no top-p, no draws
+Cfg = CacheTeacherConfig(
+    teacher="unused", out="unused", data=DataConfig("unused", text_field="text"), **TOP_K_ROWS, top_k=64
+)
 
 
 def cache_teacher_ratio(teacher, sample_batches, repeats):
     head = models.PositionLogits(teacher, V)
-    chunk = max(1, (1 << 29) // (V * 4 * 3))
+    chunk = ct.chunk_rows(Cfg, V)
 
     @torch.inference_mode()
     def forward():
@@ -198,7 +202,7 @@ def peak_memory(mode, n_batches=4, batch=8, seq=256):
             if mode == "forward":
                 teacher(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
             else:
-                ct.teacher_fields(Cfg, head, b, 0, "cpu", max(1, (1 << 29) // (V * 12)))
+                ct.teacher_fields(Cfg, head, b, 0, "cpu", ct.chunk_rows(Cfg, V))
     done.set()
     sampler.join()
     print(json.dumps({"peak_mb": peak[0] - base}))
