@@ -173,6 +173,29 @@ def test_alm_is_the_binary_kl_of_the_chunk_likelihoods(world):
     assert float(losses.batch_losses(logits, b, fields, "alm")["kd"]) == pytest.approx(float(dense.sum()), rel=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["uld", "gold", "alm"])
+def test_packed_batches_give_the_padded_loss_and_gradient(world, kind):
+    """The chunk indices follow the samples into a packed row: the same losses and gradients as padded rows."""
+    s_model, s_tok = load(world["student"])
+    t_tok = models.load_tokenizer(world["teacher"]) if kind == "gold" else None
+    cross = teachers.cross_tokenizer([world["cache_train"]], (), None, s_tok, 256, t_tok)
+    samples = [cross.source[i] for i in range(7)]
+    head = models.PositionLogits(s_model, len(s_tok))
+    total = sum(len(s["input_ids"]) for s in samples)
+    out = {}
+    for pack in (None, total):
+        b = batches.collate(samples, s_tok.pad_token_id, pack)
+        s_model.zero_grad()
+        terms = losses.batch_losses(scoring.forward(head, b, False), b, cross.fields(b), kind)
+        (terms["kd"] + terms["ce"]).backward()
+        out[pack] = (terms, {n: p.grad.clone() for n, p in s_model.named_parameters()}, b["input_ids"].shape)
+    assert out[total][2] == (1, total)  # one row, no padding
+    for key in ("kd", "ce"):
+        torch.testing.assert_close(out[None][0][key], out[total][0][key], rtol=1e-5, atol=1e-5)
+    for n, g in out[None][1].items():
+        torch.testing.assert_close(g, out[total][1][n], rtol=1e-4, atol=1e-6)
+
+
 # -- training and evaluation
 
 
