@@ -155,6 +155,10 @@ def check_serves(source, kind: str, *, beta: float = 0.5, tail: str = "bucket", 
                 "--tail renormalize renormalizes the head, and this cache has none (--top-p 0 --min-k 0); "
                 "use --tail bucket"
             )
+    if tail == "renormalize" and any(c.encoding.get("draws") or c.encoding.get("sketch") for c in caches):
+        warnings.warn(
+            "--tail renormalize drops the tail, and with it the cache's tail draws and sketch; --tail bucket uses them"
+        )
     if kind == "pg":
         if not all(c.has_target_logprob for c in caches):
             raise OptionError(

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -338,6 +339,20 @@ def test_drawn_tokens_keep_every_kind_finite_and_student_weighted_terms_exact(ki
             sparse_kd_loss(s, ids, lp, tail, kind, drawn_ids=d_ids, drawn_logprobs=d_lp),
             sparse_kd_loss(s, ids, lp, tail, kind),
         )
+
+
+def test_renormalize_on_a_cache_with_draws_or_a_sketch_warns_that_it_drops_them(tmp_path):
+    from synthetic import write_cache
+
+    from pipeline import teachers
+
+    write_cache(tmp_path / "plain")
+    write_cache(tmp_path / "drawn", top_p=0.5, draws=8)
+    with pytest.warns(UserWarning, match="--tail renormalize drops the tail, and with it the cache's tail draws"):
+        teachers.check_serves(teachers.cached([tmp_path / "drawn"]).source, "fkl", tail="renormalize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        teachers.check_serves(teachers.cached([tmp_path / "plain"]).source, "fkl", tail="renormalize")
 
 
 def test_renormalize_is_distillkits_sparse_kl():
