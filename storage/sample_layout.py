@@ -113,9 +113,11 @@ def to_table(arrays: dict, encoding: dict) -> pa.Table:
         offsets, bits = spans[span_of(name)], packed_bits(name, encoding)
         if bits:
             padded = _padded(offsets)
-            values = np.zeros(padded[-1], np.uint32)
-            values[_kept(offsets, padded)] = codecs.unpack_bits(a, bits, int(offsets[-1]))
-            a, offsets = codecs.pack_bits(values, bits), padded // 8 * bits
+            if padded[-1] != offsets[-1]:  # repacked with padding; without any, the stream is already those bytes
+                values = np.zeros(padded[-1], np.uint32)
+                values[_kept(offsets, padded)] = codecs.unpack_bits(a, bits, int(offsets[-1]))
+                a = codecs.pack_bits(values, bits)
+            offsets = padded // 8 * bits
         cols[name] = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(a))
     return pa.table(cols)
 
@@ -161,7 +163,7 @@ def _values(col: pa.Array, name: str, offsets: np.ndarray, encoding: dict, unpac
     if not bits:
         return values
     codes = codecs.unpack_bits(values, bits, int(padded[-1]))
-    if padded[-1] != offsets[-1]:  # some sample's count is not a multiple of 8 (never at a fixed width of 8j)
+    if padded[-1] != offsets[-1]:  # some sample's count is not a multiple of 8 (as in to_table)
         codes = codes[_kept(offsets, padded)]
     return codes if unpacked else codecs.pack_bits(codes, bits)
 
