@@ -560,8 +560,8 @@ def batch_losses(logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.
     if kind == "ce" or not teacher_fields:
         return {"ce": -token_logprob(logits, b["targets"]).sum()}
     if kind in CROSS_KINDS:
-        lp = token_logprob(logits, b["targets"])
-        lp_t = lp if temperature == 1 else token_logprob(logits.float() / temperature, b["targets"])
+        lp = token_logprob(logits, b["targets"])  # alm's own at a temperature; uld and gold take the logits
+        lp_t = lp if temperature == 1 or kind != "alm" else token_logprob(logits.float() / temperature, b["targets"])
         kd = cross_losses.chunk_losses(logits, lp_t, teacher_fields, kind, temperature)
         return {"ce": -lp.sum(), "kd": kd.sum(), "chunks": torch.tensor(len(kd))}
     if kind == "pg":
