@@ -11,6 +11,7 @@ from a teacher's logits (`topk_rows`, `draw_tail`), shared by cache-teacher and 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -222,72 +223,98 @@ def topk_rows(
     logits: torch.Tensor, k: int, temperatures, targets: torch.Tensor | None = None, weights: bool = False
 ) -> dict:
     """Rows of float32 logits [P, V] → ids [P, k] (sorted by p), logprobs [T, P, k], tail [T, P] with
-    log P_R = logsumexp(z[not topk]/t) − logsumexp(z/t) summed over the non-top-k terms themselves, target [T, P]
-    (log p of `targets`, when given), and finite [P]: a NaN or +inf logit makes the row's log-normalizer
-    non-finite, which is how rows are checked. One exp per pass over [P, V] and temperature. With `weights`, also
-    the tail's unnormalized weights per temperature, exp((z − z_top1) / t) with the top-k ids at 0: what draw_tail
-    draws from, without a second pass."""
-    vals, ids = logits.topk(k, dim=-1)
-    lps, tails, target_lps, kept = [], [], [], []
+    log P_R = log Σ_{j ∉ top-k} exp(z_j / t) − logsumexp(z / t), summed over the non-top-k terms themselves (by
+    blocks), target [T, P] (log p of `targets`, when given), and finite [P]: a NaN or +inf logit makes the row's
+    log-normalizer non-finite, which is how rows are checked. One exp and one sum over [P, V] per temperature. With
+    `weights`, also the tail's unnormalized weights per temperature, exp((z − z_top1) / t) with the top-k ids at 0,
+    and their block sums: what draw_tail draws from, without a second pass."""
+    vals, ids = topk(logits, k)
+    lps, tails, target_lps, kept, sums = [], [], [], [], []
     for t in temperatures:
         top = vals[:, :1] / t
-        e = (logits - top if t == 1 else (logits / t).sub_(top)).exp_()
-        log_z = e.sum(-1, keepdim=True).log_()
-        lps.append(vals / t - top - log_z)
+        e = (logits - top if t == 1 else (logits / t).sub_(top)).exp_().scatter_(-1, ids, 0.0)
+        block_sums = blocks(e).sum(-1)
+        tail = block_sums.sum(-1)
+        log_z = (tail + (vals / t - top).exp().sum(-1)).log()
+        lps.append(vals / t - top - log_z[:, None])
         if targets is not None:
-            target_lps.append(logits.gather(-1, targets[:, None])[:, 0] / t - top[:, 0] - log_z[:, 0])
-        tails.append(e.scatter_(-1, ids, 0.0).sum(-1).log_() - log_z[:, 0])
+            target_lps.append(logits.gather(-1, targets[:, None])[:, 0] / t - top[:, 0] - log_z)
+        tails.append(tail.log() - log_z)
         kept.append(e if weights else None)
-    finite = torch.isfinite(log_z[:, 0]) & torch.isfinite(top[:, 0])
+        sums.append(block_sums if weights else None)
+    finite = torch.isfinite(log_z) & torch.isfinite(top[:, 0])
     return {
         "ids": ids,
         "logprobs": torch.stack(lps),
         "tail": torch.stack(tails),
         "target": torch.stack(target_lps) if targets is not None else None,
         "finite": finite,
-    } | ({"weights": kept} if weights else {})
+    } | ({"weights": kept, "sums": sums} if weights else {})
+
+
+BLOCK = 64  # at most this many tokens per block: the top-k's block maxima, the tail's sums, the draws' first level
+
+
+@functools.cache
+def block_size(vocab: int) -> int:
+    """The largest divisor of the vocabulary size up to BLOCK."""
+    return max(b for b in range(1, min(BLOCK, vocab) + 1) if vocab % b == 0)
+
+
+def blocks(x: torch.Tensor) -> torch.Tensor:
+    """[P, V] → [P, V / B, B], the row's consecutive blocks of B = block_size(V) tokens."""
+    return x.reshape(len(x), -1, block_size(x.shape[-1]))
+
+
+def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits.topk(k) (values sorted), found in the k blocks of largest maxima, which hold the k largest values: the
+    same values; among exactly tied values the ids may differ. A plain top-k where the blocks would not save work."""
+    b = blocks(logits)
+    n, size = b.shape[1:]
+    if size == 1 or 4 * k * size > logits.shape[-1]:
+        return logits.topk(k, dim=-1)
+    chosen = b.amax(-1).topk(k, dim=-1).indices
+    vals, at = b[torch.arange(len(b), device=b.device)[:, None], chosen].flatten(1).topk(k, dim=-1)
+    return vals, chosen.gather(1, at // size) * size + at % size
 
 
 def draw_tail(logits: torch.Tensor, rows: dict, widths: torch.Tensor, temperatures, uniforms: torch.Tensor):
     """Tokens drawn with replacement from the teacher's tail at each temperature: softmax(z / t) over every token
     but the row's first `widths` ids, by inverse CDF (inverse_cdf) at the given uniforms [T, P, n] in [0, 1). `rows`
     is topk_rows' output with its weights (ids may be −1 past a row's sorted entries, which the weights keep): the
-    entries between a row's width and its top-k return to the weights first. The draws are a function of the
-    logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""
+    entries between a row's width and its top-k return to the weights and their block sums first. The draws are a
+    function of the logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""
     ids = rows["ids"]
     back = (torch.arange(ids.shape[1], device=ids.device)[None, :] >= widths[:, None]) & (ids >= 0)
     top, at = logits.gather(-1, ids[:, :1]), logits.gather(-1, ids.clamp_min(0))
     out = []
     for j, t in enumerate(temperatures):
-        w = rows["weights"][j]
+        w, sums = rows["weights"][j], rows["sums"][j]
+        returning = torch.where(back, ((at - top) / t).exp(), 0.0)
         # amax: each entry that returns gets its weight back; kept ids and the −1 padding (written to id 0) stay put
-        w.scatter_reduce_(-1, ids.clamp_min(0), torch.where(back, ((at - top) / t).exp(), 0.0), reduce="amax")
-        out.append(inverse_cdf(w, uniforms[j]))
+        w.scatter_reduce_(-1, ids.clamp_min(0), returning, reduce="amax")
+        sums.scatter_add_(-1, ids.clamp_min(0) // block_size(w.shape[-1]), returning)
+        out.append(inverse_cdf(w, uniforms[j], sums))
     return torch.stack(out) if out else torch.zeros((0, len(logits), uniforms.shape[-1]), dtype=torch.long)
 
 
-CDF_BLOCK = 256  # at most this many tokens per block of inverse_cdf's first level
-
-
-def inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(w: torch.Tensor, u: torch.Tensor, sums: torch.Tensor | None = None) -> torch.Tensor:
     """Draws [P, n] from weights w [P, V] ≥ 0 at uniforms u [P, n] in [0, 1): the first token whose cumulative
     weight passes u · total, or −1 where a row's weights are all zero. In two levels, so that nothing runs over
-    [P, V] in float64: the sums of blocks of B tokens (B the largest divisor of V up to CDF_BLOCK) find each draw's
+    [P, V] in float64: the float32 sums of the row's blocks (`sums`, when the caller has them) find each draw's
     block, then that block's own cumulative sum (float64) finds the token at the same fraction of the block's
     weight. At either level the search never passes the last entry of positive weight, so a zero-weight token is
     never drawn."""
-    n_rows, v = w.shape
-    size = max(b for b in range(1, min(CDF_BLOCK, v) + 1) if v % b == 0)
-    blocks = w.contiguous().view(n_rows, v // size, size)
-    sums = blocks.sum(-1).double()  # float32 sums: the second level corrects their rounding within each block
+    b = blocks(w)
+    sums = (b.sum(-1) if sums is None else sums).double()  # the second level corrects their rounding per block
     block_cdf = sums.cumsum(-1)
     at = u.to(block_cdf) * block_cdf[:, -1:]
     block = _search(block_cdf, at)
     weight = sums.gather(1, block)
     fraction = ((at - block_cdf.gather(1, block) + weight) / weight.clamp_min(1e-300)).clamp_(0, 1)
-    cdf = blocks[torch.arange(n_rows, device=w.device)[:, None], block].cumsum(-1, dtype=torch.float64)
+    cdf = b[torch.arange(len(b), device=w.device)[:, None], block].cumsum(-1, dtype=torch.float64)
     token = _search(cdf, fraction[..., None] * cdf[..., -1:])[..., 0]
-    return torch.where(block_cdf[:, -1:] > 0, block * size + token, -1)
+    return torch.where(block_cdf[:, -1:] > 0, block * b.shape[-1] + token, -1)
 
 
 def _search(cdf: torch.Tensor, at: torch.Tensor) -> torch.Tensor:

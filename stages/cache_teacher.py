@@ -173,7 +173,7 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
     models.check_vocab(model, tok, "teacher")
     head = models.PositionLogits(model, vocab)
     sketch = _sketch(cfg, writer, ds, head, tok, device, group) if cfg.sketch_rank else None
-    chunk = chunk_rows(cfg, vocab)
+    chunk = chunk_rows(cfg, vocab, device)
     lengths = ds.data.column("length").to_numpy()
     rows_of = lambda p: storage.part_rows(plan, p)
     total = int(sum(lengths[rows_of(p).start : rows_of(p).stop].sum() for p in parts))
@@ -200,10 +200,19 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
     return {"samples": n_samples, "tokens": total, "parts_written": n_parts}
 
 
-def chunk_rows(cfg: CacheTeacherConfig, vocab: int) -> int:
-    """Positions whose float32 logits and their working copies (the tail weights, with draws) fit cfg.chunk_bytes."""
-    copies = 6 if cfg.tail_draws else 3
-    return max(1, cfg.chunk_bytes // (vocab * 4 * copies))
+# on CPU each [positions, V] float32 tensor stays below glibc's largest mmap threshold (32 MiB): a larger block is
+# mapped fresh on every allocation and faults in page by page, which cost a third of cache-teacher's time beyond the
+# forward at 455 positions per chunk (V = 49152); below it, freed blocks are reused
+CPU_CHUNK_BYTES = 24 << 20
+
+
+def chunk_rows(cfg: CacheTeacherConfig, vocab: int, device="cpu") -> int:
+    """Positions whose float32 logits and their working copies (the tail weights, with draws) fit cfg.chunk_bytes,
+    and on CPU whose logits fit CPU_CHUNK_BYTES."""
+    rows = cfg.chunk_bytes // (vocab * 4 * (6 if cfg.tail_draws else 3))
+    if torch.device(device).type == "cpu":
+        rows = min(rows, CPU_CHUNK_BYTES // (vocab * 4))
+    return max(1, rows)
 
 
 def _sketch(cfg, writer, ds, head, tok, device, group) -> dict | None:
@@ -362,8 +371,9 @@ def _rows(cfg: CacheTeacherConfig, logits: torch.Tensor, targets: torch.Tensor) 
         rows = torch.from_numpy(wider).to(logits.device)
         full = teachers.topk_rows(logits[rows], k, cfg.temperatures, targets[rows], weights=draws)
         r["ids"][rows], r["logprobs"][:, rows], r["tail"][:, rows] = full["ids"], full["logprobs"], full["tail"]
-        for w, wide in zip(r.get("weights", []), full.get("weights", [])):
-            w[rows] = wide
+        for key in ("weights", "sums") if draws else ():
+            for mine, wide in zip(r[key], full[key]):
+                mine[rows] = wide
         widths[wider] = top_p_widths(full["logprobs"][0].cpu().numpy(), cfg.top_p, cfg.min_k)
     return r, widths
 
