@@ -74,11 +74,29 @@ def options(cls):
             if normalize:
                 setattr(self, f.name, normalize(getattr(self, f.name)))
         check(self)
+        join_gguf_file(self)
         if hasattr(self, "validate"):
             self.validate()
 
     cls.__post_init__ = __post_init__
     return dataclass(cls)
+
+
+def gguf_file_option():
+    """--gguf-file: the .gguf file inside the folder or hub repository that the config's model field (its option
+    marked `gguf=True`) names; on construction the two join into one model name, FOLDER/NAME.gguf."""
+    return option(None, "the .gguf file to load from the model's folder or hub repository (dequantized to float)")
+
+
+def join_gguf_file(cfg) -> None:
+    name = getattr(cfg, "gguf_file", None)
+    if name is None:
+        return
+    if not name.endswith(".gguf") or "/" in name:
+        raise OptionError(f"--gguf-file {name!r} is not a .gguf file name; give the file's name inside the folder")
+    model = next(f for f in fields(cfg) if f.metadata.get("gguf"))
+    setattr(cfg, model.name, f"{str(getattr(cfg, model.name)).rstrip('/')}/{name}")
+    cfg.gguf_file = None  # the model's name now carries it
 
 
 def flag_of(f) -> str:
@@ -228,7 +246,8 @@ class DataConfig:
 
 @options
 class CacheTeacherConfig:
-    teacher: str = option(MISSING, "Hugging Face causal LM: local path or hub name")
+    teacher: str = option(MISSING, "Hugging Face causal LM: local path, hub name or .gguf file", gguf=True)
+    gguf_file: str | None = gguf_file_option()
     data: DataConfig | None = option(None, cli=False)
     out: str | None = option(None, "cache folder")
     cache_root: str | None = option(None, "folder of caches named by cache key (instead of --out)")
@@ -439,8 +458,11 @@ class ScaleConfig:
 
 @options
 class TrainConfig:
-    student: str = option(MISSING, "Hugging Face model (path or hub name), or a config with --init-from-config")
+    student: str = option(
+        MISSING, "Hugging Face model (path, hub name or .gguf file), or a config with --init-from-config", gguf=True
+    )
     out: str = option(MISSING, "run folder")
+    gguf_file: str | None = gguf_file_option()
     data: DataConfig | None = option(None, cli=False)
     init_from_config: bool = option(False, "initialize the student from --student's config, not its weights")
     tokenizer: str | None = option(None, "tokenizer for --init-from-config")
@@ -488,8 +510,9 @@ class TrainConfig:
 
 @options
 class EvalConfig:
-    model: str = option(MISSING, "model folder (e.g. RUN/final) or hub name")
+    model: str = option(MISSING, "model folder (e.g. RUN/final), hub name or .gguf file", gguf=True)
     out: str = option(MISSING, "metrics JSON")
+    gguf_file: str | None = gguf_file_option()
     data: DataConfig | None = option(None, cli=False)
     teacher_cache: str | None = option(None, "cache of this split, for KL to the teacher (top-k + tail bucket)")
     teacher: str | None = option(None, "the teacher model, for the exact full-vocabulary KL on this split")
@@ -508,10 +531,11 @@ class EvalConfig:
 
 @options
 class GenerateConfig:
-    model: str = option(MISSING, "the student that samples (a folder, e.g. RUN/final)")
+    model: str = option(MISSING, "the student that samples (a folder, e.g. RUN/final)", gguf=True)
     source: str = option(MISSING, "prompts: any dataset --data accepts", flag="--data")
     prompt_field: str = option(MISSING, "the prompt's column")
     out: str = option(MISSING, "JSONL of rows: the prompt row + response, token ids, log-probs")
+    gguf_file: str | None = gguf_file_option()
     split: str = option("train")
     limit: int | None = option(None, "use only the first N prompts", check=at_least(1))
     max_prompt_length: int = option(1024, check=at_least(1))
@@ -597,8 +621,9 @@ class ModelConfig:
 class ExportModelConfig:
     """export-model: a model that loads slowly (a .gguf file, dequantized on every load) saved once as safetensors."""
 
-    model: str = option(MISSING, "a .gguf file, or any model the stages load", cli=False)
+    model: str = option(MISSING, "a .gguf file, or any model the stages load", cli=False, gguf=True)
     out: str = option(MISSING, "a new folder for the copy", cli=False)
+    gguf_file: str | None = gguf_file_option()
     trust_remote_code: bool = option(False, "run the model's own code from its folder or hub repository")
 
 
@@ -625,11 +650,12 @@ class InitStudentConfig:
     """init-student: a depth-pruned copy of a model (Minitron's depth pruning): the kept layers, the embeddings, the
     final norm and the head."""
 
-    teacher: str = option(MISSING, "the model to prune: a folder, hub name or .gguf file", flag="--from")
+    teacher: str = option(MISSING, "the model to prune: a folder, hub name or .gguf file", flag="--from", gguf=True)
     layers: tuple[int, ...] = option(
         MISSING, "the layers to keep, ascending, e.g. 0,6,12,18,24,29", parse=parse_layers, check=at_least(0)
     )
     out: str = option(MISSING, "a new folder for the student")
+    gguf_file: str | None = gguf_file_option()
     trust_remote_code: bool = option(False, "run the model's own code from its folder or hub repository")
 
     def validate(self):

@@ -54,13 +54,15 @@ def check_exists(name) -> None:
 
 def located(name) -> tuple[str, dict]:
     """(what from_pretrained loads, its extra arguments) for a model name: a hub name, a folder, or a `.gguf` file,
-    which transformers' GGUF reader loads from its folder, dequantized to float (package gguf)."""
+    which transformers' GGUF reader loads from its folder, dequantized to float (package gguf). A .gguf name that
+    is no local path, OWNER/REPO/FILE.gguf, is that file of a hub repository (as --gguf-file joins it)."""
     name = str(name)
     check_exists(name)
     if not name.endswith(".gguf"):
         return name, {}
     path = Path(name).expanduser()
-    if not path.is_file():
+    on_hub = not path.exists() and not name.startswith(("/", ".", "~")) and name.count("/") == 2
+    if not path.is_file() and not on_hub:
         raise ModelError(f"{name} is not a GGUF file")
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"loading {path.name} needs the gguf package: pip install 'distill-cache[gguf]'")
@@ -254,11 +256,23 @@ def model_folder(name: str) -> Path | None:
         return None
 
 
+def _gguf_path(name: str) -> Path | None:
+    """The local file a .gguf name means: the path itself, or a hub repository's file in the local hub cache."""
+    if Path(name).is_file():
+        return Path(name)
+    try:
+        from transformers.utils import cached_file
+
+        return Path(cached_file(*name.rsplit("/", 1), local_files_only=True))
+    except Exception:
+        return None
+
+
 def weights_fingerprint(name: str) -> str:
     """sha256 over each weight file's name, size and first and last MiB: cheap enough for a 140 GB checkpoint,
     and any re-save, fine-tune or conversion changes it. A .gguf model is that one file."""
-    if str(name).endswith(".gguf") and Path(name).is_file():
-        files = [Path(name)]
+    if str(name).endswith(".gguf") and (gguf := _gguf_path(str(name))) is not None:
+        files = [gguf]
     elif (folder := model_folder(name)) is not None:
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
     else:

@@ -127,3 +127,26 @@ def test_a_gguf_model_without_the_gguf_package_is_a_one_line_error_naming_it(tmp
 def test_a_missing_gguf_file_is_a_one_line_error(tmp_path):
     res = CliRunner().invoke(main, ["export-model", str(tmp_path / "none.gguf"), str(tmp_path / "out")])
     assert res.exit_code == 1 and "does not exist" in res.output, res.output
+
+
+def test_gguf_file_joins_the_model_folder_or_hub_repository_it_names(tmp_path):
+    """--gguf-file NAME with a model folder or hub repository means the one model name FOLDER/NAME.gguf, for every
+    command's model (the teacher, student, model or --from); a name that is not a .gguf file is refused in one line,
+    and a hub repository's file that cannot be had is a one-line error naming it."""
+    from pipeline.config import CacheTeacherConfig, DataConfig, EvalConfig, InitStudentConfig, LossConfig, TrainConfig
+
+    folder = str(tmp_path / "models")
+    assert CacheTeacherConfig(teacher=folder, gguf_file="m.gguf", out="c").teacher == f"{folder}/m.gguf"
+    data = DataConfig("d", text_field="text")
+    train = TrainConfig(student=folder + "/", gguf_file="m.gguf", out="r", loss=LossConfig(kind="ce"), data=data)
+    assert train.student == f"{folder}/m.gguf"
+    assert EvalConfig(model="owner/repo", gguf_file="m.gguf", out="e.json").model == "owner/repo/m.gguf"
+    assert InitStudentConfig(teacher=folder, gguf_file="m.gguf", layers=(0,), out="s").teacher == f"{folder}/m.gguf"
+    for bad in ("m.safetensors", "sub/m.gguf"):
+        res = CliRunner().invoke(main, ["init-student", "--from", folder, "--gguf-file", bad, "--layers", "0",
+                                        "--out", str(tmp_path / "s")])  # fmt: skip
+        assert res.exit_code == 1 and "is not a .gguf file name" in res.output and len(res.output.splitlines()) == 1
+    hub = ["init-student", "--from", "nobody-here/no-repo", "--gguf-file", "m.gguf", "--layers", "0"]
+    res = CliRunner().invoke(main, [*hub, "--out", str(tmp_path / "s")], env={"HF_HUB_OFFLINE": "1"})
+    assert res.exit_code == 1 and "nobody-here/no-repo/m.gguf" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()

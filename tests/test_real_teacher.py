@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import storage
 from pipeline import models
 from pipeline.cli import main
+from pipeline.config import EvalConfig
 from stages.prepare_docstrings import pairs
 
 GGUF = smollm2_gguf()
@@ -58,8 +59,10 @@ def cache(real, out, split="train", *extra, fields=("--text-field", "text"), max
 
 
 def test_the_gguf_teacher_loads_as_its_export_does(real):
-    """The .gguf file is a model wherever a model goes: loaded directly, it equals its safetensors export."""
-    direct = models.load_model(str(GGUF), torch.float32, torch.device("cpu")).eval()
+    """The .gguf file is a model wherever a model goes: loaded directly (named as its folder plus --gguf-file), it
+    equals its safetensors export."""
+    named = EvalConfig(model=str(GGUF.parent), gguf_file=GGUF.name, out="unused").model
+    direct = models.load_model(named, torch.float32, torch.device("cpu")).eval()
     exported = models.load_model(str(real / "smollm2"), torch.float32, torch.device("cpu")).eval()
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.no_grad():
