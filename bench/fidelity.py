@@ -25,7 +25,8 @@ bench/fidelity.png. `python bench/fidelity.py [--quick]`.
 `python bench/fidelity.py --real`: the real pretrained teacher alone, SmolLM2-135M-Instruct (its Q4_1 GGUF file,
 dequantized: a real pretrained distribution, not the original bf16 model), V = 49152, on passages of the standard
 library's sources (≤ 128 tokens), with its depth-pruned copy (layers 0, 6, 12, 18, 24, 29) as the student, 60 FKL
-steps, 2 seeds. Writes bench/out/fidelity-real.json and bench/fidelity-real.png.
+steps, 2 seeds. Writes bench/out/fidelity-real.json and bench/fidelity-real.png. `--real --only "A|B"`: the online
+reference and the named arms only (SFT is one), to bench/out/fidelity-real-only.json.
 """
 
 import json
@@ -79,6 +80,7 @@ REAL_ARMS = [
     ("top-k 16 fp16", {"top_k": 16}, {}),
     ("top-p .95 q8", {"top_k": 1024, "top_p": 0.95, "ids": "bitpack", "logprobs": "q8", "direct": True}, {}),
     ("top-p .50 q8 + 24 draws", {"top_k": 1024, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 24}, {}),
+    ("top-p .50 q8 + 16 draws", {"top_k": 1024, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 16}, {}),
     (
         "draws only (RS-KD, 32)",
         {"top_k": 64, "top_p": 0.0, "min_k": 0, "ids": "bitpack", "logprobs": "q8", "draws": 32},
@@ -304,9 +306,8 @@ def run_setting(name, setting, seeds, steps) -> dict:
     caches = build_caches(setting)
     teacher_model = AutoModelForCausalLM.from_pretrained(setting["teacher"]).eval()
     runs = setting["root"] / "runs"
-    arms = [("online (dense)", None, {"online": True}), ("SFT", None, {"sft": True})] + [
-        (n, caches[n], opts) for n, _, opts in setting.get("arms", ARMS)
-    ]
+    arms = [("online (dense)", None, {"online": True})] + [("SFT", None, {"sft": True})] * setting.get("sft", True)
+    arms += [(n, caches[n], opts) for n, _, opts in setting.get("arms", ARMS)]
     rows = []
     for arm, cache, opts in arms:
         row = {"arm": arm, **(cache_figures(cache) if cache else {}), "seeds": []}
@@ -431,11 +432,19 @@ def plot(results, path):
     plt.close(fig)
 
 
-def main_real(steps=60, seeds=(0, 1)):
-    """The real teacher alone: bench/out/fidelity-real.json and bench/fidelity-real.png."""
-    results = {"real": run_setting("real", build_real(OUT / "real", steps * 8, 64), list(seeds), steps)}
-    (ROOT / "bench/out/fidelity-real.json").write_text(json.dumps(results, indent=1, default=str))
-    plot(results, ROOT / "bench/fidelity-real.png")
+def main_real(steps=60, seeds=(0, 1), only=None):
+    """The real teacher alone: bench/out/fidelity-real.json and bench/fidelity-real.png; with `only` (arm names), the
+    online reference and those arms, to bench/out/fidelity-real-only.json."""
+    setting = build_real(OUT / "real", steps * 8, 64)
+    if only is not None:
+        setting |= {"arms": [a for a in REAL_ARMS if a[0] in only], "sft": "SFT" in only}
+        if len(setting["arms"]) + setting["sft"] != len(only):
+            raise SystemExit(f"--only names arms of {['SFT'] + [a[0] for a in REAL_ARMS]}")
+    results = {"real": run_setting("real", setting, list(seeds), steps)}
+    name = "fidelity-real" if only is None else "fidelity-real-only"
+    (ROOT / f"bench/out/{name}.json").write_text(json.dumps(results, indent=1, default=str))
+    if only is None:
+        plot(results, ROOT / "bench/fidelity-real.png")
     return results
 
 
@@ -461,6 +470,6 @@ def main(quick=False):
 
 if __name__ == "__main__":
     if "--real" in sys.argv:
-        main_real()
+        main_real(only=sys.argv[sys.argv.index("--only") + 1].split("|") if "--only" in sys.argv else None)
     else:
         main(quick="--quick" in sys.argv)
