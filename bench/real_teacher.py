@@ -90,7 +90,8 @@ def encodings(teacher: str, data: Path, root: Path) -> dict:
 
 
 def throughput(teacher: str, data: Path, repeats: int, options: dict | None = None) -> dict:
-    """cache-teacher's per-batch work (positions-only head, chunked top-k and exact tail, draws, part writes) in the
+    """cache-teacher's per-batch work (positions-only head, chunked top-k and exact tail, draws, part writes in the
+    background: two parts of 16 samples, where a real run's parts of 256 spread the per-part file work wider) in the
     encoding of `options` (cache-teacher's flags; default: top-k 64 fp16) against `model(ids).logits` on the same
     batches."""
     tok = models.load_tokenizer(teacher)
@@ -100,9 +101,10 @@ def throughput(teacher: str, data: Path, repeats: int, options: dict | None = No
     groups = [samples[a : a + 8] for a in range(0, len(samples), 8)]
     head, v = models.PositionLogits(model, len(tok)), len(tok)
     options = {**TOP_K_ROWS, "top_k": 64} if options is None else options
-    cfg = CacheTeacherConfig(teacher=teacher, out="unused", data=DataConfig(str(data), text_field="text"), part_size=8,
+    cfg = CacheTeacherConfig(teacher=teacher, out="unused", data=DataConfig(str(data), text_field="text"), part_size=16,
                              **options)  # fmt: skip
     cfg = dataclasses.replace(cfg, top_k=cfg.width(v))
+    chunk = ct.chunk_rows(cfg, v, "cpu")
 
     @torch.inference_mode()
     def forward():
@@ -114,9 +116,12 @@ def throughput(teacher: str, data: Path, repeats: int, options: dict | None = No
         with tempfile.TemporaryDirectory() as d:
             plan = ct.cache_plan(cfg, {}, v, len(samples), text=False)
             w = storage.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
-            for p, g in enumerate(groups):
-                fields = ct.teacher_fields(cfg, head, g, tok.pad_token_id, "cpu", ct.chunk_rows(cfg, v))
-                w.put(p, [{**s, **r} for s, r in zip(g, fields)])
+            for p in range(2):  # as the stage does: a part's batches, then the part to the writer's thread
+                rows = []
+                for g in groups[2 * p : 2 * p + 2]:
+                    fields = ct.teacher_fields(cfg, head, g, tok.pad_token_id, "cpu", chunk)
+                    rows += [{**s, **r} for s, r in zip(g, fields)]
+                w.put(p, rows)
             w.close()
 
     tokens = sum(len(s["input_ids"]) for s in samples)

@@ -200,18 +200,23 @@ def _compute(cfg, writer, plan, parts, ds, tok, vocab, device, dtype, group) -> 
     return {"samples": n_samples, "tokens": total, "parts_written": n_parts}
 
 
-# on CPU each [positions, V] float32 tensor stays below glibc's largest mmap threshold (32 MiB): a larger block is
-# mapped fresh on every allocation and faults in page by page, which cost a third of cache-teacher's time beyond the
-# forward at 455 positions per chunk (V = 49152); below it, freed blocks are reused
-CPU_CHUNK_BYTES = 24 << 20
-
-
 def chunk_rows(cfg: CacheTeacherConfig, vocab: int, device="cpu") -> int:
-    """Positions whose float32 logits and their working copies (the tail weights, with draws) fit cfg.chunk_bytes,
-    and on CPU whose logits fit CPU_CHUNK_BYTES."""
-    rows = cfg.chunk_bytes // (vocab * 4 * (6 if cfg.tail_draws else 3))
-    if torch.device(device).type == "cpu":
-        rows = min(rows, CPU_CHUNK_BYTES // (vocab * 4))
+    """Positions whose float32 logits and their working copies (the tail weights, with draws) fit cfg.chunk_bytes;
+    on CPU the working copies are a slice's (slice_rows), so the logits and their float32 copy."""
+    copies = 2 if torch.device(device).type == "cpu" else 6 if cfg.tail_draws else 3
+    return max(1, cfg.chunk_bytes // (vocab * 4 * copies))
+
+
+# on CPU the rows of a chunk's logits are computed in slices whose [positions, V] float32 temporaries stay below
+# glibc's largest mmap threshold (32 MiB): a larger block is mapped fresh on every allocation and faults in page by
+# page (a third of cache-teacher's time beyond the forward, at 455 positions per slice and V = 49152); smaller freed
+# blocks are reused. The lm_head runs over the whole chunk, where a matmul is most efficient.
+CPU_SLICE_BYTES = 24 << 20
+
+
+def slice_rows(logits: torch.Tensor) -> int:
+    """How many rows of a chunk's logits position_fields takes at a time: on CPU those of CPU_SLICE_BYTES, else all."""
+    rows = CPU_SLICE_BYTES // (4 * logits.shape[-1]) if logits.device.type == "cpu" else len(logits)
     return max(1, rows)
 
 
@@ -313,23 +318,24 @@ def teacher_fields(cfg: CacheTeacherConfig, head, samples: list[dict], pad_id: i
         if cfg.tail_draws
         else None
     )
-    pieces = [
-        position_fields(
-            cfg,
-            head.logits(hidden[a : a + chunk]).float(),
-            c["targets"][a : a + chunk],
-            uniforms[:, a : a + chunk] if uniforms is not None else None,
-        )
-        | ({"sketch": teachers.sketch_coeffs(hidden[a : a + chunk], sketch).cpu().numpy()} if sketch else {})
-        for a in range(0, len(hidden), chunk)
-    ]
+    pieces, sketches = [], []
+    for a in range(0, len(hidden), chunk):
+        logits = head.logits(hidden[a : a + chunk]).float()
+        step = slice_rows(logits)
+        for b in range(0, len(logits), step):
+            at = slice(a + b, a + min(b + step, len(logits)))  # the slice's positions in the batch
+            u = uniforms[:, at] if uniforms is not None else None
+            pieces.append(position_fields(cfg, logits[b : b + step], c["targets"][at], u))
+        if sketch:
+            sketches.append(teachers.sketch_coeffs(hidden[a : a + chunk], sketch).cpu().numpy())
+    empty = _no_positions(cfg)
     fields = {
-        key: np.concatenate([p[key] for p in pieces], axis=POSITION_AXIS.get(key, 0))
-        if pieces
-        else _no_positions(cfg)[key]
-        for key in _no_positions(cfg)
-        if key != "sketch" or sketch is not None
+        key: np.concatenate([p[key] for p in pieces], axis=POSITION_AXIS.get(key, 0)) if pieces else empty[key]
+        for key in empty
+        if key != "sketch"
     }
+    if sketch:
+        fields["sketch"] = np.concatenate(sketches) if sketches else empty["sketch"]
     out, start = [], 0
     for s in samples:
         at = slice(start, start + int(s["loss_mask"].sum()))

@@ -112,6 +112,22 @@ def test_token_budget_batches_equal_fixed_batches(tiny, tmp_path):
         np.testing.assert_allclose(a[i]["tail_logmass"], b[i]["tail_logmass"], atol=1e-5)
 
 
+def test_the_heads_chunks_and_the_rows_cpu_slices_change_nothing(tiny, tmp_path, monkeypatch):
+    """The lm_head over chunks of positions (chunk_bytes) and the rows computed in slices of a chunk (on CPU,
+    CPU_SLICE_BYTES): a cache in the default encoding (top-p rows, tail draws) with a sketch is the same whether a
+    batch is one chunk of one slice or many of each."""
+    plain = dict(top_k=None, sketch_rank=4, part_size=8, batch_size=8)
+    run(tiny, tmp_path / "whole", **plain)
+    vocab = len(AutoTokenizer.from_pretrained(tiny["gpt2"]))
+    monkeypatch.setattr(ct, "CPU_SLICE_BYTES", 4 * vocab * 3)  # slices of 3 positions
+    run(tiny, tmp_path / "sliced", **plain, chunk_bytes=4 * vocab * 2 * 7)  # chunks of 7
+    a, b = storage.open_cache(tmp_path / "whole"), storage.open_cache(tmp_path / "sliced")
+    assert len(a) == len(b) > 8
+    for i in range(len(a)):
+        for key in ("topk_ids", "drawn_ids", "sketch_coeffs", "topk_logprobs", "drawn_logprobs", "tail_logmass"):
+            np.testing.assert_allclose(a[i][key], b[i][key], atol=1e-5, err_msg=key)
+
+
 # -- many writers, resume, reuse
 
 
