@@ -270,7 +270,7 @@ def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits.topk(k) (values sorted), found in the k blocks of largest maxima, which hold the k largest values: the
     same values; among exactly tied values the ids may differ. A plain top-k where the blocks would not save work."""
     b = blocks(logits)
-    n, size = b.shape[1:]
+    size = b.shape[-1]
     if size == 1 or 4 * k * size > logits.shape[-1]:
         return logits.topk(k, dim=-1)
     chosen = b.amax(-1).topk(k, dim=-1).indices
