@@ -233,10 +233,10 @@ def topk_rows(
     for t in temperatures:
         top = vals[:, :1] / t
         e = (logits - top if t == 1 else (logits / t).sub_(top)).exp_().scatter_(-1, ids, 0.0)
-        block_sums = blocks(e).sum(-1)
+        block_sums, head = blocks(e).sum(-1), vals / t - top
         tail = block_sums.sum(-1)
-        log_z = (tail + (vals / t - top).exp().sum(-1)).log()
-        lps.append(vals / t - top - log_z[:, None])
+        log_z = (tail + head.exp().sum(-1)).log()
+        lps.append(head - log_z[:, None])
         if targets is not None:
             target_lps.append(logits.gather(-1, targets[:, None])[:, 0] / t - top[:, 0] - log_z)
         tails.append(tail.log() - log_z)
@@ -284,16 +284,16 @@ def draw_tail(logits: torch.Tensor, rows: dict, widths: torch.Tensor, temperatur
     is topk_rows' output with its weights (ids may be −1 past a row's sorted entries, which the weights keep): the
     entries between a row's width and its top-k return to the weights and their block sums first. The draws are a
     function of the logits and the uniforms alone, whatever the batch. [T, P, n]; −1 where the tail is empty."""
-    ids = rows["ids"]
-    back = (torch.arange(ids.shape[1], device=ids.device)[None, :] >= widths[:, None]) & (ids >= 0)
-    top, at = logits.gather(-1, ids[:, :1]), logits.gather(-1, ids.clamp_min(0))
+    ids = rows["ids"].clamp_min(0)  # the −1 padding points at id 0, where amax and a zero weight change nothing
+    back = (torch.arange(ids.shape[1], device=ids.device)[None, :] >= widths[:, None]) & (rows["ids"] >= 0)
+    top, at = logits.gather(-1, ids[:, :1]), logits.gather(-1, ids)
     out = []
     for j, t in enumerate(temperatures):
         w, sums = rows["weights"][j], rows["sums"][j]
         returning = torch.where(back, ((at - top) / t).exp(), 0.0)
         # amax: each entry that returns gets its weight back; kept ids and the −1 padding (written to id 0) stay put
-        w.scatter_reduce_(-1, ids.clamp_min(0), returning, reduce="amax")
-        sums.scatter_add_(-1, ids.clamp_min(0) // block_size(w.shape[-1]), returning)
+        w.scatter_reduce_(-1, ids, returning, reduce="amax")
+        sums.scatter_add_(-1, ids // block_size(w.shape[-1]), returning)
         out.append(inverse_cdf(w, uniforms[j], sums))
     return torch.stack(out) if out else torch.zeros((0, len(logits), uniforms.shape[-1]), dtype=torch.long)
 
