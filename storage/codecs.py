@@ -115,16 +115,24 @@ def decode_ids(data: np.ndarray, codec: dict, n: int) -> np.ndarray:
 # ---------------------------------------------------------------- widths and truncation
 
 
+PREFIX = 64  # top_p_widths and truncate settle the rows that end within this many columns without the rest
+
+
 def top_p_widths(logprobs: np.ndarray, top_p: float | None, min_k: int = 1) -> np.ndarray:
     """Per row of teacher-sorted log-probs [P, k]: the smallest prefix with mass ≥ top_p, at least min_k and at most
-    k (top_p None: k; top_p 0 with min_k 0: empty, for Random-Sampling KD's draws alone)."""
+    k (top_p None: k; top_p 0 with min_k 0: empty, for Random-Sampling KD's draws alone). The first PREFIX columns
+    settle the rows whose prefix ends there (a cumulative sum's prefix is the prefix's own), the rest see all k."""
     n, k = logprobs.shape
     if top_p is None:
         return np.full(n, k, np.int64)
     if top_p <= 0 or k == 0:  # the empty prefix already has mass 0
         return np.full(n, min(min_k, k), np.int64)
-    mass = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=1)
-    reached = np.where(mass[:, -1] >= top_p, (mass >= top_p).argmax(1) + 1, k)
+    reached, rows = np.full(n, k, np.int64), np.arange(n)
+    for width in sorted({min(PREFIX, k), k}):
+        mass = np.cumsum(np.exp(logprobs[rows, :width].astype(np.float64)), axis=1)
+        done = mass[:, -1] >= top_p
+        reached[rows[done]] = (mass[done] >= top_p).argmax(1) + 1
+        rows = rows[~done]
     return np.clip(reached, min(min_k, k), k).astype(np.int64)
 
 
@@ -137,10 +145,16 @@ def log1mexp(x: np.ndarray) -> np.ndarray:
 
 def truncate(logprobs: np.ndarray, tail: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows [P, k] with exact tail log-masses [P] → (the kept prefixes, flat [Σ widths]; the kept set's tail
-    log-masses [P]), the dropped entries' probabilities added to the tail one by one."""
-    k = logprobs.shape[1]
+    log-masses [P]), the dropped entries' probabilities added to the tail one by one (in the first PREFIX columns
+    only for rows whose entries past them are all −inf: rows padded from a narrower top-k)."""
+    n, k = logprobs.shape
     keep = np.arange(k)[None, :] < widths[:, None]
-    dropped = np.where(keep, 0.0, np.exp(logprobs.astype(np.float64))).sum(1)
+    c = min(PREFIX, k)
+    padded = np.zeros(n, bool) if c == k else logprobs[:, c:].max(1, initial=-np.inf) == -np.inf
+    dropped = np.zeros(n)
+    for rows, width in ((np.nonzero(padded)[0], c), (np.nonzero(~padded)[0], k)):
+        exp = np.exp(logprobs[rows, :width].astype(np.float64))
+        dropped[rows] = np.where(keep[rows, :width], 0.0, exp).sum(1)
     with np.errstate(divide="ignore"):
         new_tail = np.log(np.exp(tail.astype(np.float64)) + dropped).astype(np.float32)
     return logprobs[keep], np.minimum(np.where(widths == k, tail, new_tail), 0).astype(np.float32)  # log 1 at most

@@ -267,7 +267,7 @@ def encode(samples: list[dict], encoding: dict, n_temps: int, token_dtype) -> tu
     ids = _cat(samples, "topk_ids", (0, given), np.int64).reshape(-1, given)
     # float32 rounding can put a log-probability a hair above 0 (a tail holding all the mass): probabilities ≤ 1
     lps = _cat(samples, "topk_logprobs", (n_temps, 0, given), axis=1).reshape(n_temps, -1, given)
-    lps = np.minimum(lps, 0).astype(np.float32)
+    lps = np.minimum(lps, 0, dtype=np.float32)
     tails = np.minimum(_cat(samples, "tail_logmass", (n_temps, 0), axis=1).reshape(n_temps, -1), 0).astype(np.float32)
     widths = codecs.top_p_widths(lps[0][:, :k], encoding["top_p"], encoding["min_k"])
     if samples and "widths" in samples[0]:  # rows that hold fewer entries (re-encoding a ragged cache)

@@ -111,6 +111,28 @@ def test_truncation_moves_the_dropped_mass_into_the_tail(seed):
     assert (new_tail >= tail - 1e-7).all()
 
 
+@SETTINGS
+@given(st.integers(0, 2**31), st.floats(0.05, 1.0))
+def test_rows_padded_with_minus_inf_past_the_first_columns_get_the_widths_and_tails_of_whole_rows(seed, top_p):
+    """Wider than codecs.PREFIX: rows −inf past a random column (a narrow top-k padded) and full rows, one by one."""
+    rng = np.random.default_rng(seed)
+    n, k = 24, codecs.PREFIX + 40
+    lp = -np.sort(-log_softmax(rng.standard_normal((n, 400)) * rng.uniform(0.5, 5)), axis=1)[:, :k]
+    tail = np.log1p(-np.minimum(np.exp(lp).sum(1), 1 - 1e-9)).astype(np.float32)
+    for r in np.nonzero(rng.random(n) < 0.6)[0]:
+        lp[r, rng.integers(1, k) :] = -np.inf
+    lp = lp.astype(np.float32)
+    widths = codecs.top_p_widths(lp, top_p, 1)
+    flat, new_tail = codecs.truncate(lp, tail, widths)
+    for r in range(n):
+        mass = np.cumsum(np.exp(lp[r].astype(np.float64)))
+        assert widths[r] == (np.argmax(mass >= top_p) + 1 if mass[-1] >= top_p else k)
+        dropped = np.exp(lp[r, widths[r] :].astype(np.float64)).sum()
+        want = tail[r] if widths[r] == k else np.log(np.exp(np.float64(tail[r])) + dropped)
+        np.testing.assert_allclose(new_tail[r], min(want, 0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(flat, np.concatenate([lp[r, : widths[r]] for r in range(n)]))
+
+
 # -- log-probabilities
 
 
