@@ -5,7 +5,7 @@ torch here: the command starts fast and `--help` costs nothing."""
 import math
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 
 from pipeline.errors import DataError, OptionError
 from storage.backends import BACKENDS
@@ -21,10 +21,21 @@ DEFAULT_PART_SIZE = 256  # cache-teacher's default: a dataset split like it gets
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOP_K = 64  # cache-teacher's row width without top-p (--top-p 1)
 TOP_P_WIDTH = 1024  # its widest row with --top-p: a real teacher keeps a fifth of its mass beyond 64 tokens
-# cache-teacher's default encoding before 0.2 (top-k 64 in float16): an existing cache written with it is resumed, or
-# hit, with it when a command states no encoding option (new caches get CacheTeacherConfig's defaults)
-PREVIOUS_DEFAULT_ENCODING = {"top_k": None, "top_p": None, "tail_draws": 0, "ids": "plain", "logprob_dtype": "float16"}
-ENCODING_OPTIONS = (*PREVIOUS_DEFAULT_ENCODING, "min_k", "sketch_rank", "sketch_bits", "sketch_positions")
+# cache-teacher's earlier default encodings, newest first: an existing cache that a command would have written with
+# one (the options it leaves at their default taking that version's) is resumed, or hit, with it; new caches get
+# CacheTeacherConfig's defaults
+EARLIER_DEFAULT_ENCODINGS = {
+    "0.2–0.3 (24 tail draws)": {"tail_draws": 24},
+    "before 0.2 (top-k 64, float16)": {
+        "top_k": None,
+        "top_p": None,
+        "tail_draws": 0,
+        "ids": "plain",
+        "logprob_dtype": "float16",
+    },  # fmt: skip
+}
+ENCODING_OPTIONS = ("top_k", "top_p", "tail_draws", "ids", "logprob_dtype", "min_k")
+ENCODING_OPTIONS += ("sketch_rank", "sketch_bits", "sketch_positions")
 
 
 # -- range checks: a predicate and what it asks of the value
@@ -267,7 +278,7 @@ class CacheTeacherConfig:
         "float16/float32, or qB: B-bit power quantization (rows still sum to 1 with the exact tail)",
         choices=tuple(LOGPROB_CODECS),
     )
-    tail_draws: int = option(24, "tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none")
+    tail_draws: int = option(16, "tokens drawn per row from the teacher's tail (Random-Sampling KD); 0: none")
     seed: int = option(0, "seed of the tail draws")
     sketch_rank: int = option(
         0,
@@ -317,10 +328,23 @@ class CacheTeacherConfig:
             draws=self.tail_draws, sketch_rank=self.sketch_rank, sketch_bits=self.sketch_bits,
         )  # fmt: skip
 
-    def encoding_stated(self) -> bool:
-        """Whether any encoding option differs from its default (a command that names only defaults states none)."""
+    def earlier_defaults(self) -> dict[str, "CacheTeacherConfig"]:
+        """This command as each earlier version would have run it: the encoding options it leaves at their default
+        take that version's default (only those that differ from this one)."""
         defaults = {f.name: f.default for f in fields(self)}
-        return any(getattr(self, name) != defaults[name] for name in ENCODING_OPTIONS)
+        unstated = [name for name in ENCODING_OPTIONS if getattr(self, name) == defaults[name]]
+        out = {}
+        for when, encoding in EARLIER_DEFAULT_ENCODINGS.items():
+            earlier = replace(self, **{k: v for k, v in encoding.items() if k in unstated})
+            if earlier != self:
+                out[when] = earlier
+        return out
+
+    def default_flags(self) -> str:
+        """Today's default encoding as cache-teacher's flags."""
+        defaults = {f.name: f.default for f in fields(self)}
+        names = ("top_p", "tail_draws", "ids", "logprob_dtype")
+        return " ".join(f"--{n.replace('_', '-')} {defaults[n]}" for n in names)
 
     def width(self, vocab_size: int) -> int:
         """The widest row: --top-k, or its default for this vocabulary."""

@@ -149,7 +149,7 @@ def check_serves(source, kind: str, *, beta: float = 0.5, tail: str = "bucket", 
                 f"--loss {kind}{f' --beta {beta:g}' if kind == 'jsd' else ''} gets its signal from terms "
                 "weighted by the student's probabilities, and a cache without a head (--top-p 0 --min-k 0:"
                 " tail draws only) gives those none; use fkl, sfkl or jsd with --beta < 1, or a cache "
-                "with a head (--top-p 0.5 --tail-draws 24)"
+                "with a head (--top-p 0.5 --tail-draws 16)"
             )
         if tail == "renormalize":
             raise OptionError(

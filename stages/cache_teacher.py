@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import storage
 from pipeline import __version__, alignment, batches, data, models, parallel, teachers
-from pipeline.config import PREVIOUS_DEFAULT_ENCODING, CacheTeacherConfig
+from pipeline.config import CacheTeacherConfig
 from pipeline.errors import InputError
 from storage.codecs import top_p_widths
 
@@ -90,24 +90,23 @@ def out_path(cfg: CacheTeacherConfig, plan: dict) -> Path:
     return Path(cfg.out) if cfg.out else Path(cfg.cache_root) / plan["cache_key"][:16]
 
 
-OLD_DEFAULT = (
-    "was written with the default encoding before 0.2 (top-k 64, float16): it keeps that encoding (new caches "
-    "default to --top-p 0.5 --tail-draws 24 --ids bitpack --logprob-dtype q8)"
-)
 NO_TEXT = "was written before caches recorded their text (0.3): it keeps serving students of the teacher's tokenizer"
 
 
 def existing_encoding(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows: int, text: bool) -> tuple:
     """(cfg, plan) with the options' encoding (recording the text when `text`); or, when a cache written before
-    stands at its path, that one's, to resume or hit: one without the text (before 0.3), or, when the command
-    states no encoding option, one of the default before 0.2 (top-k 64 float16)."""
+    stands at its path, that one's, to resume or hit: one without the text (before 0.3), or one of an earlier
+    default encoding (config.EARLIER_DEFAULT_ENCODINGS) for the options the command leaves at their default."""
     given, cfg = cfg, dataclasses.replace(cfg, top_k=cfg.width(vocab))
     plan = cache_plan(cfg, identity, vocab, rows, text)
     earlier = [(cfg, False, NO_TEXT)] if text else []
-    if not given.encoding_stated():
-        old = dataclasses.replace(given, **PREVIOUS_DEFAULT_ENCODING)
+    for when, old in given.earlier_defaults().items():
         old = dataclasses.replace(old, top_k=old.width(vocab))
-        earlier += [(old, text, OLD_DEFAULT), (old, False, OLD_DEFAULT)][: 1 + text]
+        why = (
+            f"was written with the default encoding {when}: it keeps that encoding (new caches default to "
+            f"{given.default_flags()})"
+        )
+        earlier += [(old, text, why), (old, False, why)][: 1 + text]
     if storage.cache_key_at(out_path(cfg, plan)) == plan["cache_key"]:
         return cfg, plan
     for c, with_text, why in earlier:

@@ -503,7 +503,7 @@ def test_tp_groups_split_the_shards():
 
 TOP_K_ROWS = {"top_p": 1, "tail_draws": 0, "ids": "plain", "logprob_dtype": "float16"}  # the default before 0.2
 README_ENCODINGS = {  # as the README's flags state them: what is not named is the default's
-    "default: top-p .5 + 24 draws q8": {},
+    "default: top-p .5 + 16 draws q8": {},
     "top-k 64 fp16 (default before 0.2)": {**TOP_K_ROWS, "top_k": 64},
     "top-p .95 q8 bitpack": {"top_k": 64, "top_p": 0.95, "tail_draws": 0},
     "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "logprob_dtype": "float16"},
@@ -527,7 +527,7 @@ def test_every_encoding_the_readme_names_writes_a_cache_that_verifies(tiny, tmp_
 
 def test_the_default_encoding_is_the_all_loss_point_and_top_p_one_means_rows_of_top_k(tiny, tmp_path):
     default = run(tiny, tmp_path / "d", "llama", top_k=None)["manifest"]["encoding"]
-    assert default["top_p"] == 0.5 and default["draws"] == {"n": 24, "values": "logprobs"}
+    assert default["top_p"] == 0.5 and default["draws"] == {"n": 16, "values": "logprobs"}
     assert default["ids"]["codec"] == "bitpack" and default["logprobs"]["name"] == "q8" and default["min_k"] == 1
     assert default["top_k"] == min(1024, len(AutoTokenizer.from_pretrained(tiny["llama"])))
     rows = run(tiny, tmp_path / "k", "llama", top_k=8, top_p=1, tail_draws=0)["manifest"]["encoding"]
@@ -554,6 +554,23 @@ def test_a_cache_of_the_previous_default_is_resumed_and_hit_with_its_encoding(ti
     with pytest.warns(UserWarning, match="before 0.2"):
         again = run(tiny, None, "llama", **rooted)
     assert again["status"] == "hit" and again["path"] == first["path"]
+
+
+def test_a_cache_of_the_default_of_0_2_to_0_3_resumes_with_its_24_draws_beside_the_options_stated(tiny, tmp_path):
+    """The default's draws went from 24 to 16 in 0.4: a command that states other options (a sketch) but not the
+    draws finishes and hits the cache it started under 0.3, with its 24 draws; stating the draws is refused."""
+    old = dict(top_k=None, part_size=8, sketch_rank=8, sketch_positions=64)
+    ref = run(tiny, tmp_path / "ref", "llama", tail_draws=24, **old)["manifest"]
+    assert ref["encoding"]["draws"]["n"] == 24
+    run(tiny, tmp_path / "c", "llama", tail_draws=24, shard=(1, 3), **old)
+    with pytest.warns(UserWarning, match="default encoding 0.2–0.3 .* --tail-draws 16"):
+        res = run(tiny, tmp_path / "c", "llama", **old)
+    assert res["status"] == "complete" and res["manifest"]["parts"] == ref["parts"]
+    assert res["manifest"]["cache_key"] == ref["cache_key"]
+    with pytest.warns(UserWarning, match="keeps that encoding"):
+        assert run(tiny, tmp_path / "c", "llama", **old)["status"] == "hit"
+    with pytest.raises(storage.CacheMismatch, match="encoding"):
+        run(tiny, tmp_path / "c", "llama", tail_draws=20, **old)
 
 
 def test_tail_draws_do_not_depend_on_the_batch_that_computes_them(tiny, tmp_path):
