@@ -368,6 +368,9 @@ class LossConfig:
     beta: float = option(0.5, "JSD mixture weight", check=FRACTION)
     alpha: float = option(0.1, "skew KL weight", check=FRACTION)
     temperature: float = option(1.0, "must be one the cache holds", check=FINITE_POSITIVE)
+    alm_tau: float = option(
+        1.0, "alm: the chunk likelihoods' temperature τ (τ·binary KL of likelihoods^(1/τ))", check=FINITE_POSITIVE
+    )
     tail: str = option(
         "bucket",
         "the teacher's tail as one exact bin, or dropped with the head renormalized (the peers' default)",
@@ -389,6 +392,7 @@ class LossConfig:
             "beta": self.beta,
             "alpha": self.alpha,
             "temperature": self.temperature,
+            "alm_tau": self.alm_tau,
             "tail": self.tail,
         }
 

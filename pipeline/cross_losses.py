@@ -9,8 +9,11 @@
   coarsened distributions (each matched head token its own bin, the rest one bin); the rest gets ULD between the
   teacher's unmatched head and tail and the student's tokens outside the matched ones.
 - `alm`: ALM's chunk likelihoods. A chunk's teacher log-likelihood is the sum of its tokens' target_logprob, the
-  student's the sum over its own tokens of the chunk; the loss is the binary KL between the two Bernoullis
-  "the model writes this chunk": p·log(p/q) + (1 − p)·log((1 − p)/(1 − q)). Exact from the cache.
+  student's the sum over its own tokens of the chunk; the loss is τ times the binary KL between the two Bernoullis
+  "the model writes this chunk" at likelihoods raised to 1/τ (ALM's temperature): with p = P_T^(1/τ), q = P_S^(1/τ),
+  τ·[p·log(p/q) + (1 − p)·log((1 − p)/(1 − q))]. At τ = 1 a chunk both models find unlikely gives almost no
+  gradient; as τ grows the loss tends to (ℓ_T − ℓ_S) + ℓ_T·log(ℓ_S/ℓ_T) in the log-likelihoods ℓ, whose gradient
+  in ℓ_S, ℓ_T/ℓ_S − 1, is the relative gap at any likelihood. Exact from the cache.
 """
 
 from __future__ import annotations
@@ -74,22 +77,22 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def alm_loss(student_token_logprob, chunk_of, chunk_logprob) -> torch.Tensor:
-    """[C] binary KL of the chunks' likelihoods (module docstring); student_token_logprob [N] at the student's
-    distilled positions, chunk_of [N] their chunk (−1 none), chunk_logprob [C] the teacher's."""
+def alm_loss(student_token_logprob, chunk_of, chunk_logprob, tau: float = 1.0) -> torch.Tensor:
+    """[C] τ·binary KL of the chunks' likelihoods raised to 1/τ (module docstring); student_token_logprob [N] at the
+    student's distilled positions, chunk_of [N] their chunk (−1 none), chunk_logprob [C] the teacher's."""
     inside = chunk_of >= 0
     lq = torch.zeros_like(chunk_logprob, dtype=student_token_logprob.dtype)
-    lq = lq.index_add(0, chunk_of[inside], student_token_logprob[inside]).clamp_max(LOG_ONE)
-    lp = chunk_logprob.float().clamp_max(LOG_ONE)
+    lq = (lq.index_add(0, chunk_of[inside], student_token_logprob[inside]) / tau).clamp_max(LOG_ONE)
+    lp = (chunk_logprob.float() / tau).clamp_max(LOG_ONE)
     p = torch.exp(lp)
-    return p * (lp - lq) + (1 - p) * (_log1mexp(lp) - _log1mexp(lq))
+    return tau * (p * (lp - lq) + (1 - p) * (_log1mexp(lp) - _log1mexp(lq)))
 
 
-def chunk_losses(logits, token_logprob, fields: dict, kind: str, temperature: float = 1.0) -> torch.Tensor:
+def chunk_losses(logits, token_logprob, fields: dict, kind: str, temperature=1.0, alm_tau=1.0) -> torch.Tensor:
     """[C] the loss `kind` per chunk from the student's logits at its distilled positions [N, V], its log-prob of each
     of their tokens at `temperature` [N] and the batch's chunk fields (pipeline.cross_tokenizer)."""
     if kind == "alm":
-        return alm_loss(token_logprob, fields["chunk_of"], fields["chunk_logprob"])
+        return alm_loss(token_logprob, fields["chunk_of"], fields["chunk_logprob"], alm_tau)
     at = logits[fields["chunk_first"]]
     if kind == "uld":
         return uld_loss(at, fields["topk_logprobs"], fields["tail_logmass"], temperature)

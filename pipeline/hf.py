@@ -151,6 +151,7 @@ def distill_loss(
     beta: float = 0.5,
     alpha: float = 0.1,
     temperature: float = 1.0,
+    alm_tau: float = 1.0,
     tail: str = "bucket",
     sketch_basis: torch.Tensor | None = None,
     vocab_map: torch.Tensor | None = None,
@@ -161,7 +162,7 @@ def distill_loss(
     with a teacher sketch needs its basis: sketch_basis=CacheDataset(…).sketch_basis. A student of another tokenizer
     (CacheDataset(…, tokenizer=…)) takes uld, alm or gold, the last with the vocabulary map
     (cross_tokenizer.vocabulary_map)."""
-    losses.check_params("fkl" if kind in ("ce", "pg", *CROSS_KINDS) else kind, mu, beta, alpha, kd_ratio, tail)
+    losses.check_params("fkl" if kind in ("ce", "pg", *CROSS_KINDS) else kind, mu, beta, alpha, kd_ratio, tail, alm_tau)
     if kind == "gold" and vocab_map is None:
         raise OptionError("distill_loss('gold') maps the teacher's vocabulary: pass vocab_map=vocabulary_map(...)")
     basis = {"tensor": sketch_basis, "map": vocab_map}
@@ -188,6 +189,7 @@ def distill_loss(
             beta=beta,
             alpha=alpha,
             temperature=temperature,
+            alm_tau=alm_tau,
         )
         kd = terms.get("kd", torch.zeros((), device=logits.device))
         n = num_items_in_batch if num_items_in_batch is not None else max(1, len(labels["targets"]))

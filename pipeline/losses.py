@@ -231,11 +231,13 @@ def token_logprob(logits, targets):
 # ---------------------------------------------------------------- public API
 
 
-def check_params(kind, mu=0.5, beta=0.5, alpha=0.1, kd_ratio=1.0, tail="bucket"):
+def check_params(kind, mu=0.5, beta=0.5, alpha=0.1, kd_ratio=1.0, tail="bucket", alm_tau=1.0):
     """The library's checks of a divergence and its parameters: the command line's (pipeline.config.LossConfig)."""
     if kind not in KINDS:
         raise OptionError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
-    LossConfig(kind=kind, mu=mu, beta=beta, alpha=alpha, kd_ratio=kd_ratio, tail=tail)  # raises on a bad value
+    LossConfig(
+        kind=kind, mu=mu, beta=beta, alpha=alpha, kd_ratio=kd_ratio, tail=tail, alm_tau=alm_tau
+    )  # raises on a bad value
 
 
 def has_teacher_weighted_terms(kind, beta=0.5) -> bool:
@@ -552,7 +554,9 @@ def onpolicy_pg_loss(student_logits, targets, teacher_logprob, behavior_logprob=
     return -(weight * advantage * log_q), (log_q - log_p).detach()
 
 
-def batch_losses(logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0) -> dict:
+def batch_losses(
+    logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0, alm_tau=1.0
+) -> dict:
     """Sums over a batch's distilled positions, from the student's logits there [N, V], the batch (its "targets"
     [N]) and the teacher's fields for them: CE, and with teacher fields the loss of `kind` as "kd" — sparse (topk_ids,
     topk_logprobs, tail_logmass, optional drawn_ids/drawn_logprobs), dense (teacher_logits), or "pg" on sampled
@@ -562,7 +566,7 @@ def batch_losses(logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.
     if kind in CROSS_KINDS:
         lp = token_logprob(logits, b["targets"])  # alm's own at a temperature; uld and gold take the logits
         lp_t = lp if temperature == 1 or kind != "alm" else token_logprob(logits.float() / temperature, b["targets"])
-        kd = cross_losses.chunk_losses(logits, lp_t, teacher_fields, kind, temperature)
+        kd = cross_losses.chunk_losses(logits, lp_t, teacher_fields, kind, temperature, alm_tau)
         return {"ce": -lp.sum(), "kd": kd.sum(), "chunks": torch.tensor(len(kd))}
     if kind == "pg":
         if "target_logprob" not in teacher_fields:

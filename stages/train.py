@@ -406,7 +406,11 @@ def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dic
 
 
 SINCE = {"text_end": "eos"}  # data settings added after runs were first saved, at what earlier versions did
-SINCE_RUN = {"teacher_tokenizer": None, "gguf_file": None}  # and run settings (--gguf-file joins the student)
+SINCE_RUN = {
+    "teacher_tokenizer": None,
+    "gguf_file": None,
+    "alm_tau": 1.0,
+}  # and run settings (--gguf-file joins the student)
 
 
 def _config_json(cfg: TrainConfig) -> dict:

@@ -159,7 +159,8 @@ def test_gold_is_the_coarsened_kl_on_exact_matches_plus_uld_on_the_rest(world):
     assert float(sparse) == pytest.approx((kl + uld).sum(), rel=1e-3)
 
 
-def test_alm_is_the_binary_kl_of_the_chunk_likelihoods(world):
+@pytest.mark.parametrize("tau", [1.0, 10.0])
+def test_alm_is_tau_times_the_binary_kl_of_the_chunk_likelihoods_at_one_over_tau(world, tau):
     b, fields, logits, _, t_chunk = dense_fields(world, world["cache_full"])
     assert torch.allclose(fields["chunk_logprob"], t_chunk, atol=1e-4)  # the cache's sums are the teacher's
     lq = torch.zeros_like(t_chunk).index_add(
@@ -168,9 +169,27 @@ def test_alm_is_the_binary_kl_of_the_chunk_likelihoods(world):
         )
     ).double()  # fmt: skip
     lp = t_chunk.double()
-    p, q = lp.exp(), lq.exp()
-    dense = p * (lp - lq) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))
-    assert float(losses.batch_losses(logits, b, fields, "alm")["kd"]) == pytest.approx(float(dense.sum()), rel=1e-4)
+    p, q = (lp / tau).exp(), (lq / tau).exp()
+    dense = tau * (p * (p.log() - q.log()) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q)))
+    got = float(losses.batch_losses(logits, b, fields, "alm", alm_tau=tau)["kd"])
+    assert got == pytest.approx(float(dense.sum()), rel=1e-4)
+
+
+def test_alm_at_a_large_tau_matches_log_likelihoods_with_a_gradient_where_both_are_unlikely():
+    """τ → ∞: (ℓ_T − ℓ_S) + ℓ_T·log(ℓ_S/ℓ_T), gradient ℓ_T/ℓ_S − 1 in ℓ_S; at τ = 1 a chunk of likelihood e^-20
+    that the student puts at e^-30 moves it by less than 1e-8."""
+    lp = torch.tensor([-20.0, -3.0, -0.5])
+    chunk_of = torch.arange(3)
+    for tau, want_grad in ((1.0, None), (1e5, lp / torch.tensor([-30.0, -2.0, -0.5]) - 1)):
+        lq = torch.tensor([-30.0, -2.0, -0.5], requires_grad=True)
+        loss = cross_losses.alm_loss(lq, chunk_of, lp, tau)
+        loss.sum().backward()
+        if want_grad is None:
+            assert abs(float(lq.grad[0])) < 1e-8
+            continue
+        limit = (lp - lq) + lp * torch.log(lq / lp)
+        torch.testing.assert_close(loss, limit.detach(), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(lq.grad, want_grad, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("kind", ["uld", "gold", "alm"])
