@@ -9,7 +9,8 @@ encoding), and scored by held-out bits per byte, which does not depend on the to
 Arms, each with seeds 0 and 1: SFT and the three cross-tokenizer losses (uld, gold, alm at ALM's temperatures
 τ = 1, 10 and 100; (1 − r)·CE + r·KD with r = 0.5, as ULD and GOLD train) for the other-tokenizer student; SFT and
 FKL (r = 1) for the same-tokenizer one.
-Writes bench/out/cross_tokenizer.json and bench/cross_tokenizer.png. `python bench/cross_tokenizer.py [--steps N]`.
+Writes bench/out/cross_tokenizer.json and bench/cross_tokenizer.png. `python bench/cross_tokenizer.py [--steps N]
+[--train N] [--only "ARM|ARM"]` (another --train writes cross_tokenizer-N.json and .png).
 """
 
 import argparse
@@ -31,6 +32,7 @@ from pipeline.config import ModelConfig
 from stages import prepare_demo
 
 OUT = ROOT / "bench/out"
+SHARED = OUT / "xtok"  # the tokenizer and the two pretrained students
 TEXT = {"text_field": "text", "max_length": 256}
 ARMS = [  # (arm, student, options)
     ("other tokenizer: SFT", "other", {"loss": "ce"}),
@@ -51,8 +53,10 @@ def write(path: Path, texts) -> str:
 
 
 def setup(root: Path, train_n: int, test_n: int, pretrain_steps: int) -> dict:
-    """Teacher, data, the two pretrained students and the cache."""
+    """Teacher, data, the two pretrained students (under SHARED: every training size starts from the same two) and
+    the caches."""
     root.mkdir(parents=True, exist_ok=True)
+    SHARED.mkdir(parents=True, exist_ok=True)
     teacher = OUT / "real/smollm2"
     if not (teacher / "config.json").exists():
         pipeline("export-model", smollm2_gguf(), teacher)
@@ -65,14 +69,14 @@ def setup(root: Path, train_n: int, test_n: int, pretrain_steps: int) -> dict:
         "test": write(root / "test.jsonl", test[:test_n]),
         "prose": write(root / "prose.jsonl", prose),
     }
-    if not (root / "ms-tokenizer").exists():  # on the prose and the training files' code (never the held-out files)
-        prepare_demo.save_tokenizer(root / "ms-tokenizer", prose + train, 4096, "metaspace")
+    if not (SHARED / "ms-tokenizer").exists():  # on the prose and the training files' code (never held-out files)
+        prepare_demo.save_tokenizer(SHARED / "ms-tokenizer", prose + train, 4096, "metaspace")
     students = {}
-    for name, tok in (("same", teacher), ("other", root / "ms-tokenizer")):
-        init = root / f"init-{name}"
+    for name, tok in (("same", teacher), ("other", SHARED / "ms-tokenizer")):
+        init = SHARED / f"init-{name}"
         if not (init / "config.json").exists():
             prepare_demo.save_model(ModelConfig(str(init), str(tok), "llama", layers=4, width=128, heads=4))
-        start = root / f"pretrained-{name}"
+        start = SHARED / f"pretrained-{name}"
         if not (start / "final").exists():
             pipeline("train", student=init, out=start, loss="ce", data=data["prose"], **TEXT, max_steps=pretrain_steps,
                      batch_size=16, lr=2e-3, warmup_steps=20, log_every=50)  # fmt: skip
@@ -92,9 +96,9 @@ def evaluate(s: dict, model: str, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def arm_rows(s: dict, steps: int, seeds) -> list[dict]:
+def arm_rows(s: dict, steps: int, seeds, arms) -> list[dict]:
     rows = []
-    for arm, student, opts in ARMS:
+    for arm, student, opts in arms:
         row = {"arm": arm, "student": student, **opts, "seeds": []}
         for seed in seeds:
             slug = arm.replace(" ", "").replace(":", "-").replace("τ=", "tau")
@@ -136,13 +140,18 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(steps: int, pretrain_steps: int, train_n: int, test_n: int) -> dict:
-    s = setup(OUT / "xtok", train_n, test_n, pretrain_steps)
+def main(steps: int, pretrain_steps: int, train_n: int, test_n: int, only: str | None = None) -> dict:
+    """Every arm (or those `only` names, "A|B"), into bench/out/cross_tokenizer.json; with another training size than
+    the default 800 passages, into cross_tokenizer-N.json and its plot."""
+    arms = [a for a in ARMS if only is None or a[0] in only.split("|")]
+    suffix = "" if train_n == 800 else f"-{train_n}"
+    s = setup(OUT / f"xtok{suffix}", train_n, test_n, pretrain_steps)
     teacher = evaluate(s, s["teacher"], s["root"] / "eval/teacher.json")
     start = {k: evaluate(s, v, s["root"] / f"eval/start-{k}.json")["bits_per_byte"] for k, v in s["students"].items()}
-    rows = arm_rows(s, steps, (0, 1))
+    rows = arm_rows(s, steps, (0, 1), arms)
     best = min((r for r in rows if r["student"] == "other" and r["loss"] != "ce"), key=lambda r: r["bits_per_byte"])
     ref = {r["arm"]: r["bits_per_byte"] for r in rows}
+    ref = {k: ref.get(k, float("nan")) for k in ("other tokenizer: SFT", "same tokenizer: FKL")}
     result = {
         "setting": {
             "steps": steps,
@@ -158,8 +167,8 @@ def main(steps: int, pretrain_steps: int, train_n: int, test_n: int) -> dict:
         "best_cross_vs_sft": best["bits_per_byte"] / ref["other tokenizer: SFT"],
         "best_cross_vs_same_tokenizer_kd": best["bits_per_byte"] / ref["same tokenizer: FKL"],
     }
-    (OUT / "cross_tokenizer.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(result, ROOT / "bench/cross_tokenizer.png")
+    (OUT / f"cross_tokenizer{suffix}.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(result, ROOT / f"bench/cross_tokenizer{suffix}.png")
     print(json.dumps({k: v for k, v in result.items() if k != "arms"}, indent=1, default=str))
     return result
 
@@ -170,5 +179,6 @@ if __name__ == "__main__":
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--train", type=int, default=800)
     p.add_argument("--test", type=int, default=64)
+    p.add_argument("--only", help='arms by name, "A|B"')
     a = p.parse_args()
-    main(a.steps, a.pretrain_steps, a.train, a.test)
+    main(a.steps, a.pretrain_steps, a.train, a.test, a.only)

@@ -80,7 +80,7 @@ REAL_ARMS = [
     ("top-k 16 fp16", {"top_k": 16}, {}),
     ("top-p .95 q8", {"top_k": 1024, "top_p": 0.95, "ids": "bitpack", "logprobs": "q8", "direct": True}, {}),
     ("top-p .50 q8 + 24 draws", {"top_k": 1024, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 24}, {}),
-    ("top-p .50 q8 + 16 draws", {"top_k": 1024, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 16}, {}),
+    ("top-p .50 q8 + 20 draws", {"top_k": 1024, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 20}, {}),
     (
         "draws only (RS-KD, 32)",
         {"top_k": 64, "top_p": 0.0, "min_k": 0, "ids": "bitpack", "logprobs": "q8", "draws": 32},

