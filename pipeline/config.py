@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 
 from pipeline.errors import DataError, OptionError
 from storage.backends import BACKENDS
+from storage.errors import CacheError
 from storage.part import ID_CODECS, LOGPROB_CODECS, MAX_TOP_K
 from storage.tables import TABLES as EXPORT_LAYOUTS
 
@@ -330,12 +331,16 @@ class CacheTeacherConfig:
 
     def earlier_defaults(self) -> dict[str, "CacheTeacherConfig"]:
         """This command as each earlier version would have run it: the encoding options it leaves at their default
-        take that version's default (only those that differ from this one)."""
+        take that version's default (only those that differ from this one and make an encoding beside the options
+        stated: RS-KD's --top-p 0 --min-k 0 with no draws makes none)."""
         defaults = {f.name: f.default for f in fields(self)}
         unstated = [name for name in ENCODING_OPTIONS if getattr(self, name) == defaults[name]]
         out = {}
         for when, encoding in EARLIER_DEFAULT_ENCODINGS.items():
-            earlier = replace(self, **{k: v for k, v in encoding.items() if k in unstated})
+            try:
+                earlier = replace(self, **{k: v for k, v in encoding.items() if k in unstated})
+            except CacheError:
+                continue
             if earlier != self:
                 out[when] = earlier
         return out

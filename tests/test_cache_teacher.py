@@ -573,6 +573,12 @@ def test_a_cache_of_the_default_of_0_2_to_0_3_resumes_with_its_24_draws_beside_t
         run(tiny, tmp_path / "c", "llama", tail_draws=20, **old)
 
 
+def test_an_earlier_default_that_makes_no_encoding_beside_the_options_stated_is_passed_over(tiny, tmp_path):
+    """RS-KD at the default draws: before 0.2 the same command would have drawn none, which is no encoding."""
+    res = run(tiny, tmp_path / "c", "llama", top_k=8, top_p=0.0, min_k=0)
+    assert res["status"] == "complete" and res["manifest"]["encoding"]["draws"]["n"] == 16
+
+
 def test_tail_draws_do_not_depend_on_the_batch_that_computes_them(tiny, tmp_path):
     """Another --batch-size (as when a run is resumed with one) pads differently, which moves the logits by float
     rounding only; the tokens drawn for each sample stay the same, so the cache key still means one content."""
