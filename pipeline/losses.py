@@ -557,10 +557,9 @@ def onpolicy_pg_loss(student_logits, targets, teacher_logprob, behavior_logprob=
 def batch_losses(
     logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0, alm_tau=1.0
 ) -> dict:
-    """Sums over a batch's distilled positions, from the student's logits there [N, V], the batch (its "targets"
-    [N]) and the teacher's fields for them: CE, and with teacher fields the loss of `kind` as "kd" — sparse (topk_ids,
-    topk_logprobs, tail_logmass, optional drawn_ids/drawn_logprobs), dense (teacher_logits), or "pg" on sampled
-    tokens (target_logprob, optional behavior_logprob) — and AKL's gap statistics."""
+    """Sums over a batch's distilled positions from the student's logits there [N, V], the batch ("targets" [N]) and
+    the teacher's fields: CE, and the loss `kind` as "kd" — sparse (topk_ids, topk_logprobs, tail_logmass, optional
+    drawn_ids/drawn_logprobs), dense (teacher_logits), pg (target_logprob, optional behavior_logprob) — and stats."""
     if kind == "ce" or not teacher_fields:
         return {"ce": -token_logprob(logits, b["targets"]).sum()}
     if kind in CROSS_KINDS:

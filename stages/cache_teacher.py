@@ -107,8 +107,8 @@ def existing_encoding(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows:
             f"{given.default_flags()})"
         )
         earlier += [(old, text, why), (old, False, why)][: 1 + text]
-    if storage.cache_key_at(out_path(cfg, plan)) == plan["cache_key"]:
-        return cfg, plan
+    if cfg.overwrite or storage.cache_key_at(out_path(cfg, plan)) == plan["cache_key"]:
+        return cfg, plan  # --overwrite asks for this encoding whatever stands there
     for c, with_text, why in earlier:
         p = cache_plan(c, identity, vocab, rows, with_text)
         if storage.cache_key_at(out_path(c, p)) == p["cache_key"]:

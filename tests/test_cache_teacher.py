@@ -558,7 +558,8 @@ def test_a_cache_of_the_previous_default_is_resumed_and_hit_with_its_encoding(ti
 
 def test_a_cache_of_the_default_of_0_2_to_0_3_resumes_with_its_24_draws_beside_the_options_stated(tiny, tmp_path):
     """The default's draws went from 24 to 16 in 0.4: a command that states other options (a sketch) but not the
-    draws finishes and hits the cache it started under 0.3, with its 24 draws; stating the draws is refused."""
+    draws finishes and hits the cache it started under 0.3, with its 24 draws; stating other draws is refused, and
+    --overwrite writes today's encoding."""
     old = dict(top_k=None, part_size=8, sketch_rank=8, sketch_positions=64)
     ref = run(tiny, tmp_path / "ref", "llama", tail_draws=24, **old)["manifest"]
     assert ref["encoding"]["draws"]["n"] == 24
@@ -571,6 +572,8 @@ def test_a_cache_of_the_default_of_0_2_to_0_3_resumes_with_its_24_draws_beside_t
         assert run(tiny, tmp_path / "c", "llama", **old)["status"] == "hit"
     with pytest.raises(storage.CacheMismatch, match="encoding"):
         run(tiny, tmp_path / "c", "llama", tail_draws=20, **old)
+    replaced = run(tiny, tmp_path / "c", "llama", overwrite=True, **old)["manifest"]  # --overwrite: today's encoding
+    assert replaced["encoding"]["draws"]["n"] == 16
 
 
 def test_an_earlier_default_that_makes_no_encoding_beside_the_options_stated_is_passed_over(tiny, tmp_path):
