@@ -33,10 +33,12 @@ EARLIER_DEFAULT_ENCODINGS = {
         "tail_draws": 0,
         "ids": "plain",
         "logprob_dtype": "float16",
-    },  # fmt: skip
+    },
 }
-ENCODING_OPTIONS = ("top_k", "top_p", "tail_draws", "ids", "logprob_dtype", "min_k")
-ENCODING_OPTIONS += ("sketch_rank", "sketch_bits", "sketch_positions")
+ENCODING_OPTIONS = (
+    *("top_k", "top_p", "tail_draws", "ids", "logprob_dtype", "min_k"),
+    *("sketch_rank", "sketch_bits", "sketch_positions"),
+)
 
 
 # -- range checks: a predicate and what it asks of the value
@@ -333,7 +335,7 @@ class CacheTeacherConfig:
         """This command as each earlier version would have run it: the encoding options it leaves at their default
         take that version's default (only those that differ from this one and make an encoding beside the options
         stated: RS-KD's --top-p 0 --min-k 0 with no draws makes none)."""
-        defaults = {f.name: f.default for f in fields(self)}
+        defaults = self.defaults()
         unstated = [name for name in ENCODING_OPTIONS if getattr(self, name) == defaults[name]]
         out = {}
         for when, encoding in EARLIER_DEFAULT_ENCODINGS.items():
@@ -345,11 +347,15 @@ class CacheTeacherConfig:
                 out[when] = earlier
         return out
 
-    def default_flags(self) -> str:
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def default_flags(cls) -> str:
         """Today's default encoding as cache-teacher's flags."""
-        defaults = {f.name: f.default for f in fields(self)}
         names = ("top_p", "tail_draws", "ids", "logprob_dtype")
-        return " ".join(f"--{n.replace('_', '-')} {defaults[n]}" for n in names)
+        return " ".join(f"--{n.replace('_', '-')} {cls.defaults()[n]}" for n in names)
 
     def width(self, vocab_size: int) -> int:
         """The widest row: --top-k, or its default for this vocabulary."""

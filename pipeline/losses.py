@@ -235,9 +235,8 @@ def check_params(kind, mu=0.5, beta=0.5, alpha=0.1, kd_ratio=1.0, tail="bucket",
     """The library's checks of a divergence and its parameters: the command line's (pipeline.config.LossConfig)."""
     if kind not in KINDS:
         raise OptionError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
-    LossConfig(
-        kind=kind, mu=mu, beta=beta, alpha=alpha, kd_ratio=kd_ratio, tail=tail, alm_tau=alm_tau
-    )  # raises on a bad value
+    # LossConfig raises on a bad value
+    LossConfig(kind=kind, mu=mu, beta=beta, alpha=alpha, kd_ratio=kd_ratio, tail=tail, alm_tau=alm_tau)
 
 
 def has_teacher_weighted_terms(kind, beta=0.5) -> bool:

@@ -99,6 +99,8 @@ def existing_encoding(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows:
     default encoding (config.EARLIER_DEFAULT_ENCODINGS) for the options the command leaves at their default."""
     given, cfg = cfg, dataclasses.replace(cfg, top_k=cfg.width(vocab))
     plan = cache_plan(cfg, identity, vocab, rows, text)
+    if cfg.overwrite or storage.cache_key_at(out_path(cfg, plan)) == plan["cache_key"]:
+        return cfg, plan  # --overwrite asks for this encoding whatever stands there
     earlier = [(cfg, False, NO_TEXT)] if text else []
     for when, old in given.earlier_defaults().items():
         old = dataclasses.replace(old, top_k=old.width(vocab))
@@ -107,8 +109,6 @@ def existing_encoding(cfg: CacheTeacherConfig, identity: dict, vocab: int, rows:
             f"{given.default_flags()})"
         )
         earlier += [(old, text, why), (old, False, why)][: 1 + text]
-    if cfg.overwrite or storage.cache_key_at(out_path(cfg, plan)) == plan["cache_key"]:
-        return cfg, plan  # --overwrite asks for this encoding whatever stands there
     for c, with_text, why in earlier:
         p = cache_plan(c, identity, vocab, rows, with_text)
         if storage.cache_key_at(out_path(c, p)) == p["cache_key"]:

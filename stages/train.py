@@ -406,11 +406,8 @@ def evaluate_teacher(cfg, student, model, teacher, tok, device, autocast) -> dic
 
 
 SINCE = {"text_end": "eos"}  # data settings added after runs were first saved, at what earlier versions did
-SINCE_RUN = {
-    "teacher_tokenizer": None,
-    "gguf_file": None,
-    "alm_tau": 1.0,
-}  # and run settings (--gguf-file joins the student)
+# and run settings (--gguf-file joins the student)
+SINCE_RUN = {"teacher_tokenizer": None, "gguf_file": None, "alm_tau": 1.0}
 
 
 def _config_json(cfg: TrainConfig) -> dict:
