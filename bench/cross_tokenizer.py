@@ -6,9 +6,9 @@ They are distilled on passages
 of the standard library's sources (text nobody here wrote, every 10th file held out) from one cache (the default
 encoding), and scored by held-out bits per byte, which does not depend on the tokenizer.
 
-Arms, each with seeds 0 and 1: SFT and the three cross-tokenizer losses (uld, gold, alm at ALM's temperatures
-τ = 1, 10 and 100; (1 − r)·CE + r·KD with r = 0.5, as ULD and GOLD train) for the other-tokenizer student; SFT and
-FKL (r = 1) for the same-tokenizer one.
+Arms, each with seeds 0 and 1: SFT and the four cross-tokenizer losses (uld, gold, pkl, alm at ALM's temperatures
+τ = 1, 10 and 100; (1 − r)·CE + r·KD with r = 0.5, as ULD and GOLD train; pkl also at r = 1) for the
+other-tokenizer student; SFT and FKL (r = 1) for the same-tokenizer one.
 Writes bench/out/cross_tokenizer.json and bench/cross_tokenizer.png. `python bench/cross_tokenizer.py [--steps N]
 [--train N] [--only "ARM|ARM"]` (another --train writes cross_tokenizer-N.json and .png).
 """
@@ -38,6 +38,8 @@ ARMS = [  # (arm, student, options)
     ("other tokenizer: SFT", "other", {"loss": "ce"}),
     ("other tokenizer: uld", "other", {"loss": "uld", "kd_ratio": 0.5}),
     ("other tokenizer: gold", "other", {"loss": "gold", "kd_ratio": 0.5}),
+    ("other tokenizer: pkl", "other", {"loss": "pkl", "kd_ratio": 0.5}),
+    ("other tokenizer: pkl, KD only", "other", {"loss": "pkl"}),
     ("other tokenizer: alm", "other", {"loss": "alm", "kd_ratio": 0.5}),
     ("other tokenizer: alm τ=10", "other", {"loss": "alm", "kd_ratio": 0.5, "alm_tau": 10.0}),
     ("other tokenizer: alm τ=100", "other", {"loss": "alm", "kd_ratio": 0.5, "alm_tau": 100.0}),

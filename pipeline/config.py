@@ -14,7 +14,7 @@ from storage.part import ID_CODECS, LOGPROB_CODECS, MAX_TOP_K
 from storage.tables import TABLES as EXPORT_LAYOUTS
 
 KINDS = ("fkl", "rkl", "akl", "jsd", "tvd", "sfkl", "srkl")  # the divergences of pipeline.losses
-CROSS_KINDS = ("uld", "gold", "alm")  # the cross-tokenizer losses of pipeline.cross_losses
+CROSS_KINDS = ("uld", "gold", "pkl", "alm")  # the cross-tokenizer losses of pipeline.cross_losses
 # what train optimizes: SFT, a divergence, the on-policy policy gradient, or a cross-tokenizer loss
 LOSSES = ("ce",) + KINDS + ("pg",) + CROSS_KINDS
 TAIL_MODES = ("bucket", "renormalize")
@@ -370,7 +370,7 @@ class LossConfig:
     kind: str = option(
         "fkl",
         "ce, fkl, rkl, akl, jsd, tvd, sfkl, srkl, pg (reverse-KL policy gradient on generated tokens), or for a "
-        "student with another tokenizer uld, gold or alm",
+        "student with another tokenizer uld, gold, pkl or alm",
         choices=LOSSES,
         flag="--loss",
     )
@@ -457,7 +457,9 @@ class TeacherConfig:
     allow_tokenizer_mismatch: bool = option(
         False, "distill although the teacher's tokenizer differs from the student's"
     )
-    teacher_tokenizer: str | None = option(None, "--loss gold: the teacher's tokenizer [default: the cache's teacher]")
+    teacher_tokenizer: str | None = option(
+        None, "--loss gold or pkl: the teacher's tokenizer [default: the cache's teacher]"
+    )
 
     def validate(self):
         n = len(self.cache)

@@ -161,8 +161,10 @@ def distill_loss(
     summed over the distilled positions and divided by Trainer's item count (the whole accumulated batch). A cache
     with a teacher sketch needs its basis: sketch_basis=CacheDataset(…).sketch_basis. A student of another tokenizer
     (CacheDataset(…, tokenizer=…)) takes uld, alm or gold, the last with the vocabulary map
-    (cross_tokenizer.vocabulary_map)."""
+    (cross_tokenizer.vocabulary_map); pkl runs in pipeline train only."""
     losses.check_params("fkl" if kind in ("ce", "pg", *CROSS_KINDS) else kind, mu, beta, alpha, kd_ratio, tail, alm_tau)
+    if kind == "pkl":
+        raise OptionError("--loss pkl runs in pipeline train only: CacheDataset does not project the teacher's rows")
     if kind == "gold" and vocab_map is None:
         raise OptionError("distill_loss('gold') maps the teacher's vocabulary: pass vocab_map=vocabulary_map(...)")
     basis = {"tensor": sketch_basis, "map": vocab_map}

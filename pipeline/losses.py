@@ -561,7 +561,10 @@ def batch_losses(
     drawn_ids/drawn_logprobs), dense (teacher_logits), pg (target_logprob, optional behavior_logprob) — and stats."""
     if kind == "ce" or not teacher_fields:
         return {"ce": -token_logprob(logits, b["targets"]).sum()}
-    if kind in CROSS_KINDS:
+    empty = None
+    if kind == "pkl":  # the teacher's rows projected onto the student's vocabulary, one per position
+        kind, empty = "fkl", (teacher_fields["topk_ids"] < 0).all(-1)  # an empty row: no loss
+    elif kind in CROSS_KINDS:
         lp = token_logprob(logits, b["targets"])  # alm's own at a temperature; uld and gold take the logits
         lp_t = lp if temperature == 1 or kind != "alm" else token_logprob(logits.float() / temperature, b["targets"])
         kd = cross_losses.chunk_losses(logits, lp_t, teacher_fields, kind, temperature, alm_tau)
@@ -609,6 +612,8 @@ def batch_losses(
             sketch_coeffs=teacher_fields.get("sketch_coeffs"),
             sketch_basis=teacher_fields.get("sketch_basis"),
         )
+    if empty is not None:
+        kd = torch.where(empty, torch.zeros_like(kd), kd)
     out = {"ce": ce.sum(), "kd": kd.sum()}
     if stats is not None:
         out.update(g_head=stats.g_head.sum(), g_tail=stats.g_tail.sum(), w_head=stats.w_head.sum())

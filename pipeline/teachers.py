@@ -88,20 +88,30 @@ class CrossTokenizerTeacher(CachedTeacher):
         return out
 
 
-def cross_tokenizer(paths, shares, temperature, tok, max_length: int, teacher_tok=None) -> CrossTokenizerTeacher:
-    """The teacher of caches for a student of tokenizer `tok` (any tokenizer); with the teacher's tokenizer, the
-    vocabulary map of exact matches (--loss gold)."""
+def cross_tokenizer(
+    paths, shares, temperature, tok, max_length: int, teacher_tok=None, kind: str = "gold"
+) -> CrossTokenizerTeacher:
+    """The teacher of caches for a student of tokenizer `tok` (any tokenizer); with the teacher's tokenizer, what the
+    loss `kind` needs of it: the vocabulary map of exact matches (gold), or the rows projected onto the student's
+    vocabulary at every position (pkl)."""
     plain, pieces = [CacheSource(p, temperature) for p in paths], alignment.token_bytes(tok)
-    source = _mixed([cross.CrossTokenizerSource(s, tok, max_length, pieces) for s in plain], shares)
+    projection = None
+    if teacher_tok is not None and kind == "pkl":
+        t_pieces = cross.plain_pieces(teacher_tok, alignment.token_bytes(teacher_tok))
+        added = getattr(tok, "added_tokens_decoder", {})
+        projection = cross.Projection(t_pieces, cross.plain_pieces(tok, pieces), added)
+    source = _mixed([cross.CrossTokenizerSource(s, tok, max_length, pieces, projection) for s in plain], shares)
     if teacher_tok is None:
         return CrossTokenizerTeacher(source)
     fingerprint = models.tokenizer_fingerprint(teacher_tok)
     for s in plain:
         if cache_vocabulary(s.cache.manifest)["fingerprint"] != fingerprint:
             raise OptionError(
-                f"{s.path} was written with another tokenizer than --teacher-tokenizer; --loss gold maps one "
+                f"{s.path} was written with another tokenizer than --teacher-tokenizer; --loss gold and pkl map one "
                 "teacher vocabulary: give the caches' own teacher tokenizer, and mix only caches that share it"
             )
+    if projection is not None:
+        return CrossTokenizerTeacher(source)
     vocab_map = cross.vocabulary_map(alignment.token_bytes(teacher_tok), pieces)
     return CrossTokenizerTeacher(source, torch.from_numpy(vocab_map))
 

@@ -63,15 +63,16 @@ def make_teacher(
 
 def cross_tokenizer_teacher(cfg: TrainConfig, data: DataConfig | None, caches: tuple, tok, kind: str | None):
     """The caches' rows aligned to the student's tokenization of their texts (the student's --max-length, or the
-    first cache's); gold also maps the teacher's vocabulary onto the student's (--teacher-tokenizer, or the
+    first cache's); gold and pkl also map the teacher's vocabulary onto the student's (--teacher-tokenizer, or the
     cache's teacher)."""
     first = storage.open_cache(caches[0]).manifest
     max_length = data.max_length if data else first["identity"]["dataset"]["max_length"]
     teacher_tok = None
-    if (kind or cfg.loss.kind) == "gold":
+    kind = kind or cfg.loss.kind
+    if kind in ("gold", "pkl"):
         name = cfg.teacher.teacher_tokenizer or first["identity"]["teacher"]["name_or_path"]
         teacher_tok = models.load_tokenizer(name, cfg.trust_remote_code)
-    return teachers.cross_tokenizer(caches, cfg.teacher.mix, cfg.loss.temperature, tok, max_length, teacher_tok)
+    return teachers.cross_tokenizer(caches, cfg.teacher.mix, cfg.loss.temperature, tok, max_length, teacher_tok, kind)
 
 
 def load_online_teacher(cfg: TrainConfig, tok, model, device):

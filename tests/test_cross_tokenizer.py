@@ -23,7 +23,7 @@ import storage
 from pipeline import alignment, batches, cross_losses, hf, losses, models, scoring, teachers
 from pipeline.cli import main
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
-from pipeline.cross_tokenizer import vocabulary_map
+from pipeline.cross_tokenizer import Projection, projected_rows, vocabulary_map
 from stages import cache_teacher as ct
 from stages import evaluate, generate, prepare_demo
 from stages import train as tr
@@ -159,6 +159,82 @@ def test_gold_is_the_coarsened_kl_on_exact_matches_plus_uld_on_the_rest(world):
     assert float(sparse) == pytest.approx((kl + uld).sum(), rel=1e-3)
 
 
+def projected(rows: dict) -> list[dict]:
+    """Each position's projected row as {student id: probability}, and its bucket under None."""
+    out = []
+    for ids, lps, tail in zip(rows["topk_ids"], rows["topk_logprobs"], rows["tail_logmass"]):
+        row = {int(i): pytest.approx(float(np.exp(lp)), rel=1e-6) for i, lp in zip(ids, lps) if i >= 0}
+        out.append({**row, None: pytest.approx(float(np.exp(tail)), abs=1e-7)})
+    return out
+
+
+@pytest.mark.parametrize("draws", [True, False])
+def test_pkl_rows_are_the_teachers_continuations_of_the_bytes_written_begun_in_the_students_tokens(draws):
+    """Text " there is"; the teacher writes " there"|" is", the student " th"|"ere"|" is". Where the student writes
+    "ere", the teacher's row for " there" has written " th": its continuations are " there" (adds "ere") and " the"
+    (adds "e"), and a drawn " therm" (adds "erm", begun by the student's "er"); " a" does not continue " th". With
+    exact draws a row is normalized over head and draws; without, a row at a teacher token's start keeps its tail."""
+    teacher_pieces = [b" there", b" the", b" a", b" is", b" was", b" therm"]
+    student_pieces = [b" th", b"ere", b" is", b" a", b"e", b" w", b"er", b"as"]
+    teacher = {
+        "text_end": np.array([6, 9]), "loss_mask": np.array([1, 1]),
+        "topk_ids": np.array([[0, 1, 2], [3, 4, -1]]), "tail_logmass": np.log([0.1, 0.1]),
+        "topk_logprobs": np.log([[0.5, 0.3, 0.1], [0.6, 0.3, 1.0]]),  # (padding: id −1, not read)
+    }  # fmt: skip
+    if draws:
+        teacher.update(drawn_ids=np.array([[5], [-1]]), drawn_logprobs=np.log([[0.05], [1.0]]),
+                       drawn_logweights=np.log([[0.1], [1.0]]))  # fmt: skip
+    student = {"input_ids": np.array([0, 1, 2]), "text_end": np.array([3, 6, 9]), "loss_mask": np.array([1, 1, 1])}
+    rows = projected_rows(teacher, student, b" there is", Projection(teacher_pieces, student_pieces))
+    if draws:
+        want = [
+            {0: 0.9, 3: 0.1, None: 0},
+            {1: 0.5 / 0.9, 4: 0.3 / 0.9, 6: 0.1 / 0.9, None: 0},
+            {2: 2 / 3, 5: 1 / 3, None: 0},
+        ]
+    else:
+        want = [{0: 0.8, 3: 0.1, None: 0.1}, {1: 0.5 / 0.8, 4: 0.3 / 0.8, None: 0}, {2: 0.6, 5: 0.3, None: 0.1}]
+    assert projected(rows) == want
+
+
+def test_a_student_token_that_is_not_its_own_bytes_gets_an_empty_row():
+    """A metaspace dummy prefix: the student's " there" spans the text's "there" (5 bytes): no row, all bucket."""
+    teacher = {"text_end": np.array([5]), "loss_mask": np.array([1]), "topk_ids": np.array([[0]]),
+               "topk_logprobs": np.array([[0.0]]), "tail_logmass": np.array([-np.inf])}  # fmt: skip
+    student = {"input_ids": np.array([0]), "text_end": np.array([5]), "loss_mask": np.array([1])}
+    rows = projected_rows(teacher, student, b"there", Projection([b"there"], [b" there", b"there"]))
+    assert projected(rows) == [{None: 1.0}]
+
+
+def test_an_empty_pkl_row_gives_no_loss_and_no_gradient():
+    """The sparse losses pad rows with a real id; a position pkl has no row for must not train on that id."""
+    z = torch.randn(2, 10, requires_grad=True)
+    fields = {"topk_ids": torch.tensor([[-1], [2]]), "topk_logprobs": torch.tensor([[-math.inf], [0.0]]),
+              "tail_logmass": torch.tensor([0.0, -math.inf])}  # fmt: skip
+    kd = losses.batch_losses(z, {"targets": torch.tensor([3, 2])}, fields, "pkl")["kd"]
+    kd.backward()
+    assert float(kd) == pytest.approx(-float(torch.log_softmax(z[1], -1)[2]), rel=1e-5)
+    assert (z.grad[0] == 0).all() and (z.grad[1] != 0).any()
+
+
+def test_the_projection_begins_a_byte_string_with_the_longest_student_token_that_starts_it():
+    teacher = [b" the", b" there", b"re", b"\xc3\xa9t\xc3\xa9", b"", b"zz"]
+    project = Projection(teacher, [b" th", b" the", b"r", b"\xc3", b"\xc3\xa9", b"<", b""])
+    assert [project.first(b) for b in teacher] == [1, 1, 2, 4, -1, -1]
+    # of two tokens with the same bytes, the one the student writes: "▁" (2), not the byte-fallback <0x20> (0)
+    assert Projection([b" x"], [b" ", b"y", b" "], student_added=[0]).first(b" x") == 2
+
+
+def test_pkl_gives_every_distilled_student_position_of_a_real_cache_a_row(world):
+    """Not a row per chunk: most positions have continuations in the default encoding (top-p head + exact draws)."""
+    s_tok = models.load_tokenizer(world["student"])
+    t_tok = models.load_tokenizer(world["teacher"])
+    cross = teachers.cross_tokenizer([world["cache_test"]], (), None, s_tok, 256, t_tok, "pkl")
+    sample = cross.source[0]
+    assert len(sample["topk_ids"]) == int(sample["loss_mask"].sum()) > len(sample["chunk_first"])
+    assert (sample["topk_ids"] >= 0).any(-1).mean() > 0.8  # most positions have continuations
+
+
 @pytest.mark.parametrize("tau", [1.0, 10.0])
 def test_alm_is_tau_times_the_binary_kl_of_the_chunk_likelihoods_at_one_over_tau(world, tau):
     b, fields, logits, _, t_chunk = dense_fields(world, world["cache_full"])
@@ -192,12 +268,12 @@ def test_alm_at_a_large_tau_matches_log_likelihoods_with_a_gradient_where_both_a
         torch.testing.assert_close(lq.grad, want_grad, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("kind", ["uld", "gold", "alm"])
+@pytest.mark.parametrize("kind", ["uld", "gold", "pkl", "alm"])
 def test_packed_batches_give_the_padded_loss_and_gradient(world, kind):
     """The chunk indices follow the samples into a packed row: the same losses and gradients as padded rows."""
     s_model, s_tok = load(world["student"])
-    t_tok = models.load_tokenizer(world["teacher"]) if kind == "gold" else None
-    cross = teachers.cross_tokenizer([world["cache_train"]], (), None, s_tok, 256, t_tok)
+    t_tok = models.load_tokenizer(world["teacher"]) if kind in ("gold", "pkl") else None
+    cross = teachers.cross_tokenizer([world["cache_train"]], (), None, s_tok, 256, t_tok, kind)
     samples = [cross.source[i] for i in range(7)]
     head = models.PositionLogits(s_model, len(s_tok))
     total = sum(len(s["input_ids"]) for s in samples)
@@ -220,13 +296,13 @@ def test_packed_batches_give_the_padded_loss_and_gradient(world, kind):
 
 def chunk_divergence(world, model_path, kind="alm"):
     model, tok = load(model_path)
-    t_tok = models.load_tokenizer(world["teacher"]) if kind == "gold" else None
-    cross = teachers.cross_tokenizer([world["cache_test"]], (), None, tok, 256, t_tok)
+    t_tok = models.load_tokenizer(world["teacher"]) if kind in ("gold", "pkl") else None
+    cross = teachers.cross_tokenizer([world["cache_test"]], (), None, tok, 256, t_tok, kind)
     head = models.PositionLogits(model, len(tok))
     return scoring.score(head, model, cross, tok.pad_token_id, torch.device("cpu"), (kind,))[kind]
 
 
-@pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
+@pytest.mark.parametrize("loss", ["uld", "gold", "pkl", "alm"])
 def test_each_cross_tokenizer_loss_lowers_its_heldout_divergence(world, tmp_path, loss):
     before = chunk_divergence(world, world["student"], loss)
     tr.run(TrainConfig.of(student=world["student"], out=str(tmp_path / "run"), loss=loss, cache=world["cache_train"],
@@ -235,10 +311,11 @@ def test_each_cross_tokenizer_loss_lowers_its_heldout_divergence(world, tmp_path
     assert after < 0.8 * before
 
 
-def test_mixed_caches_serve_a_cross_tokenizer_student(world, tmp_path):
+@pytest.mark.parametrize("loss", ["alm", "pkl"])
+def test_mixed_caches_serve_a_cross_tokenizer_student(world, tmp_path, loss):
     caches = (world["cache_train"], world["cache_test"])
     summary = tr.run(TrainConfig.of(
-        student=world["student"], out=str(tmp_path / "run"), loss="alm", cache=caches, mix=(0.25,), max_steps=4,
+        student=world["student"], out=str(tmp_path / "run"), loss=loss, cache=caches, mix=(0.25,), max_steps=4,
         lr=3e-3, batch_size=8, progress=False, log_every=2,
     ))  # fmt: skip
     rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
