@@ -31,8 +31,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
-	$(PY) -m pytest -q
+test: lint  # one worker per core (pytest-xdist), each taking whole files
+	$(PY) -m pytest -q -n $(CORES) --dist loadfile
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -147,6 +147,6 @@ def test_gguf_file_joins_the_model_folder_or_hub_repository_it_names(tmp_path):
                                         "--out", str(tmp_path / "s")])  # fmt: skip
         assert res.exit_code == 1 and "is not a .gguf file name" in res.output and len(res.output.splitlines()) == 1
     hub = ["init-student", "--from", "nobody-here/no-repo", "--gguf-file", "m.gguf", "--layers", "0"]
-    res = CliRunner().invoke(main, [*hub, "--out", str(tmp_path / "s")], env={"HF_HUB_OFFLINE": "1"})
+    res = CliRunner().invoke(main, [*hub, "--out", str(tmp_path / "s")])  # offline: conftest.py
     assert res.exit_code == 1 and "nobody-here/no-repo/m.gguf" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
