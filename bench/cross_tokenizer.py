@@ -7,7 +7,7 @@ of the standard library's sources (text nobody here wrote, every 10th file held 
 encoding), and scored by held-out bits per byte, which does not depend on the tokenizer.
 
 Arms, each with seeds 0 and 1: SFT and the four cross-tokenizer losses (uld, gold, pkl, alm at ALM's temperatures
-τ = 1, 10 and 100; (1 − r)·CE + r·KD with r = 0.5, as ULD and GOLD train; pkl also at r = 1) for the
+τ = 1, 10 and 100; (1 − r)·CE + r·KD with r = 0.5, as ULD and GOLD train; pkl also at r = 1 and 0.25) for the
 other-tokenizer student; SFT and FKL (r = 1) for the same-tokenizer one.
 Writes bench/out/cross_tokenizer.json and bench/cross_tokenizer.png. `python bench/cross_tokenizer.py [--steps N]
 [--train N] [--only "ARM|ARM"]` (another --train writes cross_tokenizer-N.json and .png).
@@ -40,6 +40,7 @@ ARMS = [  # (arm, student, options)
     ("other tokenizer: gold", "other", {"loss": "gold", "kd_ratio": 0.5}),
     ("other tokenizer: pkl", "other", {"loss": "pkl", "kd_ratio": 0.5}),
     ("other tokenizer: pkl, KD only", "other", {"loss": "pkl"}),
+    ("other tokenizer: pkl r=0.25", "other", {"loss": "pkl", "kd_ratio": 0.25}),
     ("other tokenizer: alm", "other", {"loss": "alm", "kd_ratio": 0.5}),
     ("other tokenizer: alm τ=10", "other", {"loss": "alm", "kd_ratio": 0.5, "alm_tau": 10.0}),
     ("other tokenizer: alm τ=100", "other", {"loss": "alm", "kd_ratio": 0.5, "alm_tau": 100.0}),

@@ -234,6 +234,13 @@ class Projection:
                     into[s] = into.get(s, 0.0) + math.exp(lw)
 
 
+def projection(teacher_tokenizer, tokenizer, pieces: list[bytes] | None = None) -> Projection:
+    """The Projection of the teacher's tokenizer onto the student's (`pieces`: its alignment.token_bytes)."""
+    pieces = pieces if pieces is not None else alignment.token_bytes(tokenizer)
+    t_pieces = plain_pieces(teacher_tokenizer, alignment.token_bytes(teacher_tokenizer))
+    return Projection(t_pieces, plain_pieces(tokenizer, pieces), getattr(tokenizer, "added_tokens_decoder", {}))
+
+
 def plain_pieces(tokenizer, pieces: list[bytes]) -> list[bytes]:
     """`pieces` (alignment.token_bytes) with the tokenizer's special tokens emptied: their text is not their bytes
     (byte-fallback tokens such as <0x41>, which token_bytes reads as their byte, stay)."""

@@ -36,14 +36,16 @@ class CacheDataset(torch.utils.data.Dataset):
     """A teacher cache as a map-style dataset: item i is stored sample i (numpy arrays: input_ids, loss_mask and the
     teacher rows) at the chosen cached temperature. Parts are read on demand. With a `tokenizer` that is not the
     teacher's, item i is the sample's text in that tokenizer's tokens with the teacher's fields per aligned chunk
-    (pipeline.cross_tokenizer; for distill_loss("uld" | "gold" | "alm"))."""
+    (pipeline.cross_tokenizer; for distill_loss("uld" | "gold" | "alm")), or with the `teacher_tokenizer` too, the
+    teacher's rows projected onto the student's vocabulary at every position (for distill_loss("pkl"))."""
 
-    def __init__(self, path, temperature: float | None = None, tokenizer=None, max_length: int | None = None):
+    def __init__(self, path, temperature=None, tokenizer=None, max_length: int | None = None, teacher_tokenizer=None):
         self.source = sources.CacheSource(path, temperature)
         self.cache = self.source.cache
         if tokenizer is not None:
             length = max_length or self.cache.manifest["identity"]["dataset"]["max_length"]
-            self.source = cross_tokenizer.CrossTokenizerSource(self.source, tokenizer, length)
+            project = cross_tokenizer.projection(teacher_tokenizer, tokenizer) if teacher_tokenizer else None
+            self.source = cross_tokenizer.CrossTokenizerSource(self.source, tokenizer, length, projection=project)
 
     def __len__(self):
         return len(self.source)
@@ -161,10 +163,8 @@ def distill_loss(
     summed over the distilled positions and divided by Trainer's item count (the whole accumulated batch). A cache
     with a teacher sketch needs its basis: sketch_basis=CacheDataset(…).sketch_basis. A student of another tokenizer
     (CacheDataset(…, tokenizer=…)) takes uld, alm or gold, the last with the vocabulary map
-    (cross_tokenizer.vocabulary_map); pkl runs in pipeline train only."""
+    (cross_tokenizer.vocabulary_map), and pkl from CacheDataset(…, tokenizer=…, teacher_tokenizer=…)."""
     losses.check_params("fkl" if kind in ("ce", "pg", *CROSS_KINDS) else kind, mu, beta, alpha, kd_ratio, tail, alm_tau)
-    if kind == "pkl":
-        raise OptionError("--loss pkl runs in pipeline train only: CacheDataset does not project the teacher's rows")
     if kind == "gold" and vocab_map is None:
         raise OptionError("distill_loss('gold') maps the teacher's vocabulary: pass vocab_map=vocabulary_map(...)")
     basis = {"tensor": sketch_basis, "map": vocab_map}
@@ -172,6 +172,8 @@ def distill_loss(
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits[labels["row_index"], labels["col_index"], : labels["vocab_size"]]
         fields = {k: labels[k] for k in batches.TEACHER_KEYS if k in labels}
+        if kind == "pkl" and len(fields.get("topk_ids", ())) != len(labels["targets"]):
+            raise OptionError("distill_loss('pkl') takes rows per position: CacheDataset(…, teacher_tokenizer=…)")
         if "sketch_coeffs" in fields:
             if basis["tensor"] is None:
                 raise OptionError(

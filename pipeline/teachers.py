@@ -95,11 +95,7 @@ def cross_tokenizer(
     loss `kind` needs of it: the vocabulary map of exact matches (gold), or the rows projected onto the student's
     vocabulary at every position (pkl)."""
     plain, pieces = [CacheSource(p, temperature) for p in paths], alignment.token_bytes(tok)
-    projection = None
-    if teacher_tok is not None and kind == "pkl":
-        t_pieces = cross.plain_pieces(teacher_tok, alignment.token_bytes(teacher_tok))
-        added = getattr(tok, "added_tokens_decoder", {})
-        projection = cross.Projection(t_pieces, cross.plain_pieces(tok, pieces), added)
+    projection = cross.projection(teacher_tok, tok, pieces) if teacher_tok is not None and kind == "pkl" else None
     source = _mixed([cross.CrossTokenizerSource(s, tok, max_length, pieces, projection) for s in plain], shares)
     if teacher_tok is None:
         return CrossTokenizerTeacher(source)

@@ -24,6 +24,7 @@ from pipeline import alignment, batches, cross_losses, hf, losses, models, scori
 from pipeline.cli import main
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.cross_tokenizer import Projection, projected_rows, vocabulary_map
+from pipeline.errors import OptionError
 from stages import cache_teacher as ct
 from stages import evaluate, generate, prepare_demo
 from stages import train as tr
@@ -371,7 +372,8 @@ def test_a_cache_without_text_is_refused_in_one_line(world, tmp_path):
 
 
 def test_the_trainer_surface_gives_the_loss_of_pipeline_train(world):
-    """CacheDataset(…, tokenizer=…) + DistillCollator + distill_loss: the same per-position loss as train's path."""
+    """CacheDataset(…, tokenizer=…[, teacher_tokenizer=…]) + DistillCollator + distill_loss: the same per-position
+    loss as train's path, for every cross-tokenizer loss."""
     model, tok = load(world["student"])
     t_tok = models.load_tokenizer(world["teacher"])
     dataset = hf.CacheDataset(world["cache_train"], tokenizer=tok, max_length=256)
@@ -386,6 +388,14 @@ def test_the_trainer_surface_gives_the_loss_of_pipeline_train(world):
         got = hf.distill_loss(kind, vocab_map=vocab_map if kind == "gold" else None)(outputs, labels)
         want = losses.batch_losses(logits, b, cross.fields(b), kind)["kd"] / len(b["targets"])
         assert float(got) == pytest.approx(float(want), rel=1e-4)
+    with pytest.raises(OptionError, match="teacher_tokenizer"):  # pkl's rows are per position, not per chunk
+        hf.distill_loss("pkl")(outputs, labels)
+    projected = hf.CacheDataset(world["cache_train"], tokenizer=tok, max_length=256, teacher_tokenizer=t_tok)
+    labels = hf.DistillCollator(tok)([projected[i] for i in range(4)]).pop("labels")
+    cross = teachers.cross_tokenizer([world["cache_train"]], (), None, tok, 256, t_tok, "pkl")
+    b = batches.collate([cross.source[i] for i in range(4)], tok.pad_token_id)
+    want = losses.batch_losses(logits, b, cross.fields(b), "pkl")["kd"] / len(b["targets"])
+    assert float(hf.distill_loss("pkl")(outputs, labels)) == pytest.approx(float(want), rel=1e-4)
 
 
 def test_an_on_policy_round_of_a_student_of_another_tokenizer(world, tmp_path):
