@@ -553,6 +553,9 @@ def onpolicy_pg_loss(student_logits, targets, teacher_logprob, behavior_logprob=
     return -(weight * advantage * log_q), (log_q - log_p).detach()
 
 
+SPARSE_EXTRAS = ("drawn_ids", "drawn_logprobs", "drawn_logweights", "sketch_coeffs", "sketch_basis")
+
+
 def batch_losses(
     logits, b, teacher_fields, kind, tail="bucket", mu=0.5, beta=0.5, alpha=0.1, temperature=1.0, alm_tau=1.0
 ) -> dict:
@@ -580,38 +583,14 @@ def batch_losses(
             temperature=temperature,
         )
         return {"ce": -token_logprob(logits, b["targets"]).sum(), "kd": pg.sum(), "rkl_estimate": estimate.sum()}
+    params = {"mu": mu, "beta": beta, "alpha": alpha, "temperature": temperature}
     if "teacher_logits" in teacher_fields:
-        kd, stats = dense_kd_loss(
-            logits,
-            teacher_fields["teacher_logits"],
-            kind,
-            mu=mu,
-            beta=beta,
-            alpha=alpha,
-            temperature=temperature,
-            return_stats=True,
-        )
+        kd, stats = dense_kd_loss(logits, teacher_fields["teacher_logits"], kind, return_stats=True, **params)
         ce = -token_logprob(logits, b["targets"])
     else:
-        kd, ce, stats = sparse_kd_loss_with_ce(
-            logits,
-            b["targets"],
-            teacher_fields["topk_ids"],
-            teacher_fields["topk_logprobs"],
-            teacher_fields["tail_logmass"],
-            kind,
-            mu=mu,
-            beta=beta,
-            alpha=alpha,
-            temperature=temperature,
-            validate=False,
-            tail=tail,
-            drawn_ids=teacher_fields.get("drawn_ids"),
-            drawn_logprobs=teacher_fields.get("drawn_logprobs"),
-            drawn_logweights=teacher_fields.get("drawn_logweights"),
-            sketch_coeffs=teacher_fields.get("sketch_coeffs"),
-            sketch_basis=teacher_fields.get("sketch_basis"),
-        )
+        rows = [teacher_fields[k] for k in ("topk_ids", "topk_logprobs", "tail_logmass")]
+        params.update({k: teacher_fields.get(k) for k in SPARSE_EXTRAS}, validate=False, tail=tail)
+        kd, ce, stats = sparse_kd_loss_with_ce(logits, b["targets"], *rows, kind, **params)
     if empty is not None:
         kd = torch.where(empty, torch.zeros_like(kd), kd)
     out = {"ce": ce.sum(), "kd": kd.sum()}

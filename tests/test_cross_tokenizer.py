@@ -411,17 +411,20 @@ def test_an_on_policy_round_of_a_student_of_another_tokenizer(world, tmp_path):
     texts = storage.open_cache(tmp_path / "c").texts()
     assert [t.decode() for _, t in texts] == [r["response"] for r in rows]
     caches = (world["cache_train"], str(tmp_path / "c"))
-    tr.run(TrainConfig.of(
-        student=world["student"], out=str(tmp_path / "run"), loss="alm", cache=caches, mix=(0.5,), max_steps=3,
-        batch_size=8, progress=False, log_every=1,
-    ))  # fmt: skip
-    assert (tmp_path / "run/final/config.json").exists()
+    for loss in ("alm", "pkl"):
+        tr.run(TrainConfig.of(
+            student=world["student"], out=str(tmp_path / loss), loss=loss, cache=caches, mix=(0.5,), max_steps=3,
+            batch_size=8, progress=False, log_every=1,
+        ))  # fmt: skip
+        assert (tmp_path / loss / "final/config.json").exists()
 
 
 @pytest.mark.distributed
-def test_fsdp_on_two_ranks_ends_where_one_process_does(world, tmp_path):
-    """gold (chunk fields, the vocabulary map) under FSDP2 on 2 CPU ranks ends at one process's weights."""
-    args = ["train", "--student", world["student"], "--cache", world["cache_train"], "--loss", "gold", "--max-steps",
+@pytest.mark.parametrize("loss", ["gold", "pkl"])
+def test_fsdp_on_two_ranks_ends_where_one_process_does(world, tmp_path, loss):
+    """gold (chunk fields, the vocabulary map) and pkl (projected rows per position) under FSDP2 on 2 CPU ranks end
+    at one process's weights."""
+    args = ["train", "--student", world["student"], "--cache", world["cache_train"], "--loss", loss, "--max-steps",
             "6", "--batch-size", "8", "--lr", "2e-3", "--log-every", "2"]  # fmt: skip
     single = CliRunner().invoke(main, args + ["--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
