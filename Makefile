@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: lint  # one worker per core (pytest-xdist), each taking whole files
-	$(PY) -m pytest -q -n $(CORES) --dist loadfile
+	$(PY) -m pytest -q -n $(CORES) --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -166,7 +166,7 @@ def projected_rows(teacher: dict, student: dict, text: bytes, projection: Projec
 def _row_arrays(rows: list[tuple[dict, float]]) -> dict:
     """(student id → weight, the bucket's log weight) per position → normalized rows padded with −1 / −inf; an empty
     row is all bucket."""
-    width = max((len(r) for r, _ in rows), default=0)
+    width = max([1] + [len(r) for r, _ in rows])  # at least one column, so that a batch of empty rows has rows
     ids = np.full((len(rows), width), -1, np.int64)
     lps = np.full((len(rows), width), -np.inf, np.float32)
     tails = np.zeros(len(rows), np.float32)
