@@ -138,8 +138,8 @@ def projected_rows(teacher: dict, student: dict, text: bytes, projection: Projec
     gives no loss) where none applies."""
     t_ends, t_mask = np.asarray(teacher["text_end"]), np.asarray(teacher["loss_mask"]).astype(bool)
     t_row, t_start = np.cumsum(t_mask) - 1, _starts(t_ends)
-    covering = sorted((end, j) for j, end in enumerate(t_ends.tolist()) if j in t_start)
-    stops = np.array([end for end, _ in covering], np.int64)
+    t_text = np.nonzero(t_ends >= 0)[0]  # the teacher's tokens in the text, whose ends never decrease
+    stops = t_ends[t_text]
     head, head_lp, tail = (np.asarray(teacher[k]) for k in ("topk_ids", "topk_logprobs", "tail_logmass"))
     drawn = teacher.get("drawn_ids")
     drawn_lw = teacher.get("drawn_logweights", teacher.get("drawn_logprobs"))
@@ -150,8 +150,8 @@ def projected_rows(teacher: dict, student: dict, text: bytes, projection: Projec
         if o is None or s_ends[i] - o != len(projection.student[s_ids[i]]):  # outside the text, or a dummy prefix
             rows.append((row, -math.inf))
             continue
-        k = int(np.searchsorted(stops, o, side="right"))
-        j = covering[k][1] if k < len(covering) else -1
+        k = int(np.searchsorted(stops, o, side="right"))  # the first to end after o covers it
+        j = t_text[k] if k < len(t_text) else -1
         if j < 0 or not t_mask[j]:
             rows.append((row, -math.inf))
             continue
@@ -214,14 +214,16 @@ class Projection:
             if b:  # of tokens with the same bytes, the first regular one: the student writes "▁", not <0x20>
                 self.ids.setdefault(b, i)
         self.longest = max(map(len, self.ids), default=0)
+        self.firsts: dict[bytes, int] = {}  # first's answers: the same teacher tokens recur every sample and epoch
 
     def first(self, b: bytes) -> int:
         """The student token that begins `b`, −1 for none."""
-        for n in range(min(len(b), self.longest), 0, -1):
-            i = self.ids.get(b[:n])
-            if i is not None:
-                return i
-        return -1
+        if b not in self.firsts:
+            n = min(len(b), self.longest)
+            while n and b[:n] not in self.ids:
+                n -= 1
+            self.firsts[b] = self.ids[b[:n]] if n else -1
+        return self.firsts[b]
 
     def continuations(self, ids, log_weights, written: bytes, into: dict) -> None:
         """Add the weights of teacher tokens `ids` that begin with `written` and go on to the student token that
