@@ -368,6 +368,8 @@ def main(names):
     flags = dict(zip(sys.argv[1:], sys.argv[2:]))  # --only "ARM|ARM" (trained even if marked untrained), --seeds 0,1,
     # --kinds "rkl|jsd|tvd"
     seeds = tuple(int(x) for x in flags.get("--seeds", "0,1").split(","))
+    if set(flags.get("--kinds-from", "").split("|")) - {"", *(a[0] for a in ARMS)}:
+        raise SystemExit(f'--kinds-from names caches by their arm, "A|B", of {[a[0] for a in ARMS]}')
     for name in names:
         setting = builders[name]()
         if "--only" in flags:

@@ -147,6 +147,8 @@ def main(steps: int, pretrain_steps: int, train_n: int, test_n: int, only: str |
     """Every arm (or those `only` names, "A|B"), into bench/out/cross_tokenizer.json; with another training size than
     the default 800 passages, into cross_tokenizer-N.json and its plot."""
     arms = [a for a in ARMS if only is None or a[0] in only.split("|")]
+    if only is not None and len(arms) != len(only.split("|")):
+        raise SystemExit(f'--only names arms by name, "A|B", of {[a[0] for a in ARMS]}')
     suffix = "" if train_n == 800 else f"-{train_n}"
     s = setup(OUT / f"xtok{suffix}", train_n, test_n, pretrain_steps)
     teacher = evaluate(s, s["teacher"], s["root"] / "eval/teacher.json")

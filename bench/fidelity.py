@@ -1,32 +1,39 @@
 """The size/fidelity frontier: what a student loses by learning from a cache instead of from the teacher itself,
-for each cache encoding, against the bytes it stores per distilled position.
+for each cache encoding, against the bytes it stores per distilled position. Three teachers side by side in one run
+(`python bench/fidelity.py`; the teachers, caches and finished students are kept in bench/out/fidelity/, so an
+interrupted run resumes): two trained here and the real pretrained one.
 
-Two real trained teachers (built here once, kept in bench/out/fidelity/):
+The two trained here (built once):
   demo    the demo's generated instruction tasks (add/reverse/sort/count/max); Llama 4×128, V = 600, SFT.
   stdlib  CPython's own standard library sources (the running interpreter's Lib/*.py, tests, idlelib and
           site-packages left out), cut into ~1 KB plain-text chunks, every 10th file held out; a byte-level BPE
           of V = 2048 trained on the training chunks; Llama 4×256 trained as an LM on them.
 
 Arms: top-k at several k in float16 (tail as one exact bucket), the same k=16 rows with the tail dropped and the
-head renormalized (the peers' default), top-p rows (≤ 64 wide) with bit-packed ids and 8-bit log-probs,
-quantized log-probs at 8 and 4 bits, an exact head plus tail draws (top-p .90 + 16, top-p .50 + 24), draws alone
-(Random-Sampling KD, 32), the online teacher (dense full-vocabulary loss every step: the reference) and SFT. The
-non-draw caches are converted from one top-64 float32 cache (storage.convert: truncation adds the dropped mass to
-the tail term by term); draw caches need the full logits and are written by cache-teacher directly.
+head renormalized (the peers' default), top-p rows (≤ 64 wide) with bit-packed ids and 8-bit log-probs, quantized
+log-probs at 8 and 4 bits, an exact head plus tail draws (top-p .90 + 16, top-p .50 + 24, top-p .50 + 16: the
+default), draws alone (Random-Sampling KD, 32), the online teacher (dense full-vocabulary loss every step: the
+reference) and SFT. The non-draw caches are converted from one top-64 float32 cache (storage.convert: truncation
+adds the dropped mass to the tail term by term); draw caches need the full logits and are written by cache-teacher
+directly.
 
 Every student (same init, same batches, same lr schedule, per seed) trains with FKL (kd_ratio 1) for the same
 number of steps; then, on the held-out split, the exact KL(teacher ‖ student) over the full vocabulary (the
 teacher model run alongside) and the student's NLL. Seeds give mean ± std. Final KL carries the training
 trajectory's noise (±1-4 % between seeds), so each arm's FKL gradient is also compared with the online teacher's
 dense gradient on the same 128 training samples, at the student's init and at the online-trained student: the
-angle and the relative error, with no trajectory in between. Writes bench/out/fidelity.json and
-bench/fidelity.png. `python bench/fidelity.py [--quick]`.
+angle and the relative error, with no trajectory in between.
 
-`python bench/fidelity.py --real`: the real pretrained teacher alone, SmolLM2-135M-Instruct (its Q4_1 GGUF file,
-dequantized: a real pretrained distribution, not the original bf16 model), V = 49152, on passages of the standard
-library's sources (≤ 128 tokens), with its depth-pruned copy (layers 0, 6, 12, 18, 24, 29) as the student, 60 FKL
-steps, 2 seeds. Writes bench/out/fidelity-real.json and bench/fidelity-real.png. `--real --only "A|B"`: the online
-reference and the named arms only (SFT is one), to bench/out/fidelity-real-only.json.
+The real teacher: SmolLM2-135M-Instruct (its Q4_1 GGUF file, dequantized: a real pretrained distribution, not the
+original bf16 model), V = 49152, on passages of the standard library's sources (≤ 128 tokens), with its depth-pruned
+copy (layers 0, 6, 12, 18, 24, 29) as the student, 60 FKL steps, 2 seeds, its own arms (REAL_ARMS: top-p rows as
+wide as the teacher needs).
+
+Writes bench/out/fidelity.json and bench/fidelity.png (about four hours on 2 cores, most of it the real teacher's
+students). `python bench/fidelity.py demo stdlib`: the settings named, replacing theirs in fidelity.json (each entry
+says when it was measured). `--quick`: the two trained here only, smaller, one seed (bench/fidelity-quick.png).
+`--real`: the real teacher alone, to bench/out/fidelity-real.json and bench/fidelity-real.png; `--real --only
+"A|B"`: the online reference and the named arms only (SFT is one), to bench/out/fidelity-real-only.json.
 """
 
 import json
@@ -65,6 +72,7 @@ ARMS = [
     ("top-p .99 q8", {"top_k": 64, "top_p": 0.99, "ids": "bitpack", "logprobs": "q8"}, {}),
     ("top-p .90 q8 + 16 draws", {"top_k": 64, "top_p": 0.90, "ids": "bitpack", "logprobs": "q8", "draws": 16}, {}),
     ("top-p .50 q8 + 24 draws", {"top_k": 64, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 24}, {}),
+    ("top-p .50 q8 + 16 draws", {"top_k": 64, "top_p": 0.50, "ids": "bitpack", "logprobs": "q8", "draws": 16}, {}),
     (
         "draws only (RS-KD, 32)",
         {"top_k": 64, "top_p": 0.0, "min_k": 0, "ids": "bitpack", "logprobs": "q8", "draws": 32},
@@ -94,6 +102,7 @@ REAL_ARMS = [
     ),
 ]
 REAL_LAYERS = "0,6,12,18,24,29"
+REAL_STEPS = 60
 
 
 # ---------------------------------------------------------------- teachers
@@ -438,7 +447,7 @@ def plot(results, path):
     plt.close(fig)
 
 
-def main_real(steps=60, seeds=(0, 1), only=None):
+def main_real(steps=REAL_STEPS, seeds=(0, 1), only=None):
     """The real teacher alone: bench/out/fidelity-real.json and bench/fidelity-real.png; with `only` (arm names), the
     online reference and those arms, to bench/out/fidelity-real-only.json."""
     setting = build_real(OUT / "real", steps * 8, 64)
@@ -454,22 +463,29 @@ def main_real(steps=60, seeds=(0, 1), only=None):
     return results
 
 
-def main(quick=False):
+def main(names=("demo", "stdlib", "real"), quick=False):
+    """The settings named (all three by default: side by side in one run) into bench/out/fidelity.json, beside the
+    other settings' entries of an earlier run (each entry dated), and bench/fidelity.png. `quick`: fewer passages and
+    steps, one seed, the real teacher left out, to bench/fidelity-quick.png only."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = [0] if quick else [0, 1]
-    settings = {
-        "demo": build_demo(
-            OUT / "demo", 3000 if not quick else 800, 200 if not quick else 64, 600 if not quick else 100
+    builders = {
+        "demo": lambda: build_demo(OUT / "demo", 800 if quick else 3000, 64 if quick else 200, 100 if quick else 600),
+        "stdlib": lambda: build_stdlib(
+            OUT / "stdlib", 800 if quick else 4000, 64 if quick else 200, 100 if quick else 1500
         ),
-        "stdlib": build_stdlib(
-            OUT / "stdlib", 4000 if not quick else 800, 200 if not quick else 64, 1500 if not quick else 100
-        ),
+        "real": lambda: build_real(OUT / "real", REAL_STEPS * 8, 64),
     }
-    steps = {"demo": 200 if not quick else 20, "stdlib": 150 if not quick else 20}
-    results = {name: run_setting(name, s, seeds, steps[name]) for name, s in settings.items()}
-    out = ROOT / "bench/out"
-    out.mkdir(exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(results, indent=1, default=str))
+    steps = {"demo": 20 if quick else 200, "stdlib": 20 if quick else 150, "real": REAL_STEPS}
+    names = [n for n in names if not (quick and n == "real")]
+    path = ROOT / "bench/out/fidelity.json"
+    results = {} if quick or not path.exists() else json.loads(path.read_text())
+    for name in names:
+        results[name] = run_setting(name, builders[name](), seeds, steps[name])
+        results[name]["measured"] = time.strftime("%Y-%m-%d")
+    if not quick:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=str))
     plot(results, ROOT / ("bench/fidelity-quick.png" if quick else "bench/fidelity.png"))
     return results
 
@@ -478,4 +494,4 @@ if __name__ == "__main__":
     if "--real" in sys.argv:
         main_real(only=sys.argv[sys.argv.index("--only") + 1].split("|") if "--only" in sys.argv else None)
     else:
-        main(quick="--quick" in sys.argv)
+        main([a for a in sys.argv[1:] if not a.startswith("--")] or ("demo", "stdlib", "real"), "--quick" in sys.argv)

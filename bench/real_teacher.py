@@ -7,23 +7,19 @@ wrote). Side by side in one run:
   bytes          bytes per distilled position of every encoding the README names, each written by cache-teacher
                  from the real teacher (widths, draws and compression as a real distribution makes them), on code
                  and on prose (the standard library's held-out docstrings: a flatter teacher, wider rows)
-  throughput     cache-teacher ÷ plain forward tokens/s on the same batches (median of `repeats` after a warm-up)
 
-Writes bench/out/real_teacher.json. `python bench/real_teacher.py [--passages N] [--only throughput|bytes]`.
+cache-teacher ÷ forward on this teacher is measured beside the random teachers' in bench/throughput.py. Writes
+bench/out/real_teacher.json. `python bench/real_teacher.py [--passages N]`.
 """
 
 import argparse
-import dataclasses
 import json
 import random
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,10 +29,6 @@ from command import TOP_K_ROWS, pipeline
 from tiny import smollm2_gguf
 
 import storage
-from pipeline import batches, models
-from pipeline.config import CacheTeacherConfig, DataConfig
-from pipeline.data import tokenized
-from stages import cache_teacher as ct
 from stages.prepare_demo import stdlib_chunks
 
 OUT = ROOT / "bench/out"
@@ -100,76 +92,17 @@ def encodings(teacher: str, data: Path, root: Path) -> dict:
     return out
 
 
-def throughput(teacher: str, data: Path, repeats: int, options: dict | None = None) -> dict:
-    """cache-teacher's per-batch work (positions-only head, chunked top-k and exact tail, draws, part writes in the
-    background: two parts of 16 samples, where a real run's parts of 256 spread the per-part file work wider) in the
-    encoding of `options` (cache-teacher's flags; default: top-k 64 fp16) against `model(ids).logits` on the same
-    batches."""
-    tok = models.load_tokenizer(teacher)
-    model = models.load_model(teacher, torch.float32, torch.device("cpu")).eval()
-    ds = tokenized(DataConfig(str(data), text_field="text", max_length=128), tok, progress=False)
-    samples = [{"sample_index": i, **ds[i]} for i in range(min(32, len(ds)))]
-    groups = [samples[a : a + 8] for a in range(0, len(samples), 8)]
-    head, v = models.PositionLogits(model, len(tok)), len(tok)
-    options = {**TOP_K_ROWS, "top_k": 64} if options is None else options
-    cfg = CacheTeacherConfig(teacher=teacher, out="unused", data=DataConfig(str(data), text_field="text"), part_size=16,
-                             **options)  # fmt: skip
-    cfg = dataclasses.replace(cfg, top_k=cfg.width(v))
-    chunk = ct.chunk_rows(cfg, v, "cpu")
-
-    @torch.inference_mode()
-    def forward():
-        for g in groups:
-            c = batches.collate(g, tok.pad_token_id)
-            model(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
-
-    def cache():
-        with tempfile.TemporaryDirectory() as d:
-            plan = ct.cache_plan(cfg, {}, v, len(samples), text=False)
-            w = storage.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
-            for p in range(2):  # as the stage does: a part's batches, then the part to the writer's thread
-                rows = []
-                for g in groups[2 * p : 2 * p + 2]:
-                    fields = ct.teacher_fields(cfg, head, g, tok.pad_token_id, "cpu", chunk)
-                    rows += [{**s, **r} for s, r in zip(g, fields)]
-                w.put(p, rows)
-            w.close()
-
-    tokens = sum(len(s["input_ids"]) for s in samples)
-    times = {"forward": [], "cache_teacher": []}
-    forward(), cache()
-    for _ in range(repeats):  # interleaved, so that both see the same machine
-        for name, fn in (("forward", forward), ("cache_teacher", cache)):
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "tokens": tokens,
-        "forward_tok_s": tokens / med["forward"],
-        "cache_teacher_tok_s": tokens / med["cache_teacher"],
-        "cache_teacher_over_forward": med["forward"] / med["cache_teacher"],
-    }
-
-
-def main(passages: int, parts: list[str], repeats=5) -> dict:
-    """The parts asked for, over those of an earlier run in bench/out/real_teacher.json."""
-    path = OUT / "real_teacher.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results |= {"teacher": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized", "vocab": 49152, "passages": passages}
+def main(passages: int) -> dict:
+    results = {"teacher": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized", "vocab": 49152, "passages": passages}
+    results["encodings"], results["distribution"] = {}, {}
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         teacher, data = setup(root, passages)
-        if "throughput" in parts:
-            results["throughput"] = throughput(teacher, data["code"], repeats)
-            results["throughput_default_encoding"] = throughput(teacher, data["code"], repeats, {})
-            print(json.dumps({k: results[k] for k in ("throughput", "throughput_default_encoding")}), flush=True)
-        if "bytes" in parts:
-            results["encodings"], results["distribution"] = {}, {}
-            for kind, text in data.items():
-                results["encodings"][kind] = encodings(teacher, text, root / kind)
-                results["distribution"][kind] = distribution(root / kind / "top-k_64_fp16_(default_before_0.2)")
-                print(kind, json.dumps(results["distribution"][kind]), flush=True)
+        for kind, text in data.items():
+            results["encodings"][kind] = encodings(teacher, text, root / kind)
+            results["distribution"][kind] = distribution(root / kind / "top-k_64_fp16_(default_before_0.2)")
+            print(kind, json.dumps(results["distribution"][kind]), flush=True)
+    path = OUT / "real_teacher.json"
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
     return results
@@ -178,7 +111,5 @@ def main(passages: int, parts: list[str], repeats=5) -> dict:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--passages", type=int, default=160)
-    p.add_argument("--only", choices=["throughput", "bytes"], help="one part (the other kept from an earlier run)")
-    a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    main(a.passages, [a.only] if a.only else ["throughput", "bytes"])
+    main(p.parse_args().passages)

@@ -49,15 +49,14 @@ def fidelity_table(r) -> list[str]:
         lines += [
             "",
             f"**{name}** ({res['where']}; V = {res['vocab']}, {res['steps']} steps, seeds "
-            f"{res['seeds']}, {res['positions']} distilled training positions)",
+            f"{res['seeds']}, {res['positions']} distilled training positions; measured {res.get('measured', '?')})",
             "",
-            "| arm | B/pos | B/pos at V=151936 | decode KL | held-out KL(T‖S) | ÷ online | NLL | FKL gradient error "
-            "vs online (angle), student at init / trained |",
-            "|---|---|---|---|---|---|---|---|",
+            "| arm | B/pos | decode KL | held-out KL(T‖S) | ÷ online | NLL | FKL gradient error vs online (angle), "
+            "student at init / trained |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in res["rows"]:
             b = f"{row['bytes_per_position']:.0f}" if "bytes_per_position" in row else "–"
-            big = f"{row['bytes_per_position_at_151936']:.0f}" if "bytes_per_position" in row else "–"
             dkl = f"{row['decode_kl_mean']:.1e}" if row.get("decode_kl_mean") is not None else "–"
             ang = (
                 f"{row['grad_rel_error_at_student_init']:.1%} ({row['grad_angle_deg_at_student_init']:.1f}°) / "
@@ -66,7 +65,7 @@ def fidelity_table(r) -> list[str]:
                 else "–"
             )
             lines.append(
-                f"| {row['arm']} | {b} | {big} | {dkl} | {row['kl']:.4f} ± {row['kl_std']:.4f} | "
+                f"| {row['arm']} | {b} | {dkl} | {row['kl']:.4f} ± {row['kl_std']:.4f} | "
                 f"{row['kl_vs_online']:.3f} | {row['nll']:.3f} ± {row['nll_std']:.3f} | {ang} |"
             )
     return lines
@@ -84,15 +83,25 @@ def loss_table(r) -> list[str]:
 
 def throughput_table(t) -> list[str]:
     lines = [
-        "| data | cache-teacher ÷ forward, 46M teacher | same, 12×1024 teacher | cached KD ÷ SFT | "
-        "cached KD ÷ online KD (measured) | theoretical |",
-        "|---|---|---|---|---|---|",
+        "| teacher | data | cache encoding | cache-teacher ÷ forward: median of rounds (range) | forward tok/s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in t["cache_teacher"]:
+        lines.append(
+            f"| {r['teacher']} | {r['data']} | {r['encoding']} | **{r['ratio']:.3f}** ({r['ratio_min']:.3f}–"
+            f"{r['ratio_max']:.3f}, {r['rounds']} rounds) | {r['forward_tok_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "| data | cached KD ÷ SFT: median of rounds (range) | cached KD ÷ online KD (measured) | theoretical |",
+        "|---|---|---|---|",
     ]
     for row in t["rows"]:
+        sft, online = row["cached_kd_over_sft"], row["cached_kd_speedup_over_online"]
         lines.append(
-            f"| {row['data']} | {row['cache_teacher_over_forward']:.3f} | "
-            f"{row['body_heavy_cache_teacher_over_forward']:.3f} | {row['cached_kd_over_sft']:.3f} | "
-            f"{row['cached_kd_speedup_over_online']:.2f}× | {t['theoretical_speedup_over_online']:.2f}× |"
+            f"| {row['data']} | {sft['ratio']:.3f} ({sft['ratio_min']:.3f}–{sft['ratio_max']:.3f}) | "
+            f"{online['ratio']:.2f}× ({online['ratio_min']:.2f}–{online['ratio_max']:.2f}) | "
+            f"{t['theoretical_speedup_over_online']:.2f}× |"
         )
     return lines
 
@@ -125,17 +134,21 @@ def onpolicy_lines(o) -> list[str]:
 
 
 def real_teacher_table(r) -> list[str]:
-    d, t = r["distribution"], r["throughput"]
+    d, e = r["distribution"], r["encodings"]
     out = [
-        f"{r['teacher']}, V = {r['vocab']}, {r['passages']} passages: mean top-1 probability {d['mean_top1']:.2f}, "
-        f"mass beyond the top 64 {d['mean_tail_beyond_64']:.2f}; cache-teacher ÷ forward "
-        f"{t['cache_teacher_over_forward']:.2f} ({t['cache_teacher_tok_s']:.0f} vs {t['forward_tok_s']:.0f} tok/s)",
+        f"{r['teacher']}, V = {r['vocab']}, {r['passages']} passages of each text; "
+        + "; ".join(
+            f"{kind}: mean top-1 probability {x['mean_top1']:.2f}, beyond the top 64 {x['mean_tail_beyond_64']:.2f}"
+            for kind, x in d.items()
+        ),
         "",
-        "| encoding | B/pos | mean width | mean distinct draws |",
-        "|---|---|---|---|",
+        "| encoding | " + " | ".join(f"B/pos {kind} | mean width {kind} | distinct draws {kind}" for kind in e) + " |",
+        "|---|" + "---|---|---|" * len(e),
     ]
-    for name, e in r["encodings"].items():
-        out.append(f"| {name} | {e['bytes_per_position']:.0f} | {e['mean_width']:.1f} | {e['mean_drawn']:.1f} |")
+    for name in next(iter(e.values())):
+        cells = [f"{x[name]['bytes_per_position']:.1f} | {x[name]['mean_width']:.1f} | {x[name]['mean_drawn']:.1f}"
+                 for x in e.values()]  # fmt: skip
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
 

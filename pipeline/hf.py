@@ -40,6 +40,8 @@ class CacheDataset(torch.utils.data.Dataset):
     teacher's rows projected onto the student's vocabulary at every position (for distill_loss("pkl"))."""
 
     def __init__(self, path, temperature=None, tokenizer=None, max_length: int | None = None, teacher_tokenizer=None):
+        if teacher_tokenizer is not None and tokenizer is None:
+            raise OptionError("CacheDataset(teacher_tokenizer=…) projects onto the student's tokens: pass tokenizer=…")
         self.source = sources.CacheSource(path, temperature)
         self.cache = self.source.cache
         if tokenizer is not None:

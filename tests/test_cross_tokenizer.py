@@ -390,6 +390,8 @@ def test_the_trainer_surface_gives_the_loss_of_pipeline_train(world):
         assert float(got) == pytest.approx(float(want), rel=1e-4)
     with pytest.raises(OptionError, match="teacher_tokenizer"):  # pkl's rows are per position, not per chunk
         hf.distill_loss("pkl")(outputs, labels)
+    with pytest.raises(OptionError, match="pass tokenizer=…"):  # a projection needs the student's tokens
+        hf.CacheDataset(world["cache_train"], teacher_tokenizer=t_tok)
     projected = hf.CacheDataset(world["cache_train"], tokenizer=tok, max_length=256, teacher_tokenizer=t_tok)
     labels = hf.DistillCollator(tok)([projected[i] for i in range(4)]).pop("labels")
     cross = teachers.cross_tokenizer([world["cache_train"]], (), None, tok, 256, t_tok, "pkl")

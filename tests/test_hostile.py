@@ -218,6 +218,21 @@ def test_mix_with_one_cache_is_refused(tmp_path):
     assert res.exit_code == 1 and "with one cache it would be ignored" in res.output, res.output
 
 
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["--loss", "uld", "--teacher-tokenizer", "gpt2"], "--teacher-tokenizer maps the teacher's vocabulary"),
+        (["--loss", "fkl", "--alm-tau", "10"], "--alm-tau is alm's temperature; --loss fkl does not use it"),
+    ],
+)
+def test_an_option_the_loss_does_not_use_is_refused(tmp_path, extra, expect):
+    """An option that would be silently ignored is a one-line error before anything loads."""
+    write_cache(tmp_path / "a")
+    args = ["train", "--student", str(tmp_path), "--cache", str(tmp_path / "a"), "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(main, args + extra)
+    assert res.exit_code == 1 and expect in res.output and not (tmp_path / "r").exists(), res.output
+
+
 def test_a_failed_json_write_leaves_no_temporary(tmp_path):
     with pytest.raises(TypeError):
         storage.manifest.write_json_atomic(tmp_path / "manifest.json", {"bad": object()})
