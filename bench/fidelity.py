@@ -480,12 +480,12 @@ def main(names=("demo", "stdlib", "real"), quick=False):
     names = [n for n in names if not (quick and n == "real")]
     path = ROOT / "bench/out/fidelity.json"
     results = {} if quick or not path.exists() else json.loads(path.read_text())
-    for name in names:
+    for name in names:  # each setting written as it ends, so that an interrupted run keeps the finished ones
         results[name] = run_setting(name, builders[name](), seeds, steps[name])
         results[name]["measured"] = time.strftime("%Y-%m-%d")
-    if not quick:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, default=str))
+        if not quick:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(results, indent=1, default=str))
     plot(results, ROOT / ("bench/fidelity-quick.png" if quick else "bench/fidelity.png"))
     return results
 
