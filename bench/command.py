@@ -1,5 +1,7 @@
 """The benchmarks drive the stages as a user does: through the `pipeline` command (options named as its flags)."""
 
+from pathlib import Path
+
 from pipeline.cli import main
 
 # cache-teacher's flags for rows of --top-k tokens in float16 (its default before 0.2, with top-k 64)
@@ -18,3 +20,14 @@ def pipeline(command: str, *arguments, **options):
             elif v is not None and v is not False:
                 args += [flag, str(v)]
     return main(args, standalone_mode=False)
+
+
+def exported_real_teacher() -> Path:
+    """SmolLM2-135M-Instruct exported from its GGUF file once (bench/out/real/smollm2): the dequantization takes ~20 s
+    a load, the export's safetensors load at once."""
+    from tiny import smollm2_gguf  # tests/ on the path, as for every benchmark that uses the real teacher
+
+    path = Path(__file__).parent / "out/real/smollm2"
+    if not (path / "config.json").exists():
+        pipeline("export-model", smollm2_gguf(), path)
+    return path

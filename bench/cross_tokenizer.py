@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 from akl_cache import prose_chunks
-from command import pipeline
-from tiny import smollm2_gguf
+from command import exported_real_teacher, pipeline
 
 from pipeline.config import ModelConfig
 from stages import prepare_demo
@@ -60,9 +59,7 @@ def setup(root: Path, train_n: int, test_n: int, pretrain_steps: int) -> dict:
     the caches."""
     root.mkdir(parents=True, exist_ok=True)
     SHARED.mkdir(parents=True, exist_ok=True)
-    teacher = OUT / "real/smollm2"
-    if not (teacher / "config.json").exists():
-        pipeline("export-model", smollm2_gguf(), teacher)
+    teacher = exported_real_teacher()
     train, test, _ = prepare_demo.stdlib_chunks(300)
     random.Random(0).shuffle(train)
     random.Random(1).shuffle(test)

@@ -49,7 +49,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from command import TOP_K_ROWS, pipeline
+from command import TOP_K_ROWS, exported_real_teacher, pipeline
 
 import storage
 from pipeline import batches, losses, models, scoring, sources, teachers
@@ -111,8 +111,6 @@ REAL_STEPS = 60
 def build_real(root: Path, train_n: int, test_n: int) -> dict:
     """SmolLM2-135M-Instruct (GGUF, dequantized) as the teacher, its depth-pruned copy (layers 0, 6, 12, 18, 24,
     29) as the student, passages of the standard library's sources (every 10th file held out) as the data."""
-    from tiny import smollm2_gguf
-
     train, test, where = prepare_demo.stdlib_chunks(500)
     random.Random(0).shuffle(train)
     random.Random(1).shuffle(test)
@@ -120,9 +118,7 @@ def build_real(root: Path, train_n: int, test_n: int) -> dict:
     for name, rows in (("train", train[:train_n]), ("test", test[:test_n])):
         with open(root / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in rows)
-    teacher, student = ROOT / "bench/out/real/smollm2", root / "student"
-    if not (teacher / "config.json").exists():
-        pipeline("export-model", smollm2_gguf(), teacher)
+    teacher, student = exported_real_teacher(), root / "student"
     if not (student / "config.json").exists():
         pipeline("init-student", **{"from": str(teacher)}, layers=REAL_LAYERS, out=str(student))
     return {

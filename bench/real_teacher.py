@@ -25,8 +25,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from akl_cache import prose_chunks
-from command import TOP_K_ROWS, pipeline
-from tiny import smollm2_gguf
+from command import TOP_K_ROWS, exported_real_teacher, pipeline
 
 import storage
 from stages.prepare_demo import stdlib_chunks
@@ -48,9 +47,7 @@ ENCODINGS = {  # the README's, as cache-teacher flags
 def setup(root: Path, passages: int) -> tuple[str, dict[str, Path]]:
     """The exported teacher, and `passages` of each text: the standard library's sources (code) and its docstrings
     and reference topics (prose, from the held-out files: flatter for this teacher than code)."""
-    teacher = OUT / "real/smollm2"
-    if not (teacher / "config.json").exists():
-        pipeline("export-model", str(smollm2_gguf()), str(teacher))
+    teacher = exported_real_teacher()
     code = stdlib_chunks(500)[0]
     prose = prose_chunks(500)[1]
     random.Random(0).shuffle(prose)

