@@ -31,8 +31,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint  # one worker per core (pytest-xdist), each taking whole files
-	$(PY) -m pytest -q -n $(CORES) --dist loadfile --no-loadscope-reorder
+test: lint  # one worker per core (pytest-xdist), each taking whole files; the 10 slowest listed for CI's log
+	$(PY) -m pytest -q -n $(CORES) --dist loadfile --no-loadscope-reorder --durations 10
 
 bench: setup
 	$(PY) bench/run_all.py

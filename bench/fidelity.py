@@ -461,8 +461,9 @@ def main_real(steps=REAL_STEPS, seeds=(0, 1), only=None):
 
 def main(names=("demo", "stdlib", "real"), quick=False):
     """The settings named (all three by default: side by side in one run) into bench/out/fidelity.json, beside the
-    other settings' entries of an earlier run (each entry dated), and bench/fidelity.png. `quick`: fewer passages and
-    steps, one seed, the real teacher left out, to bench/fidelity-quick.png only."""
+    other settings' entries of an earlier run (each entry dated), and the settings run plotted to bench/fidelity.png
+    (the real teacher alone: bench/fidelity-real.png). `quick`: fewer passages and steps, one seed, the real teacher
+    left out, to bench/fidelity-quick.png only."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = [0] if quick else [0, 1]
     builders = {
@@ -474,16 +475,25 @@ def main(names=("demo", "stdlib", "real"), quick=False):
     }
     steps = {"demo": 20 if quick else 200, "stdlib": 20 if quick else 150, "real": REAL_STEPS}
     names = [n for n in names if not (quick and n == "real")]
+    if unknown := set(names) - set(builders):
+        raise SystemExit(f"unknown settings {sorted(unknown)}: name some of {list(builders)}")
     path = ROOT / "bench/out/fidelity.json"
-    results = {} if quick or not path.exists() else json.loads(path.read_text())
+    results = {} if quick else json.loads(path.read_text()) if path.exists() else last_results()
     for name in names:  # each setting written as it ends, so that an interrupted run keeps the finished ones
         results[name] = run_setting(name, builders[name](), seeds, steps[name])
         results[name]["measured"] = time.strftime("%Y-%m-%d")
         if not quick:
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(results, indent=1, default=str))
-    plot(results, ROOT / ("bench/fidelity-quick.png" if quick else "bench/fidelity.png"))
+    png = "fidelity-quick" if quick else "fidelity-real" if names == ["real"] else "fidelity"
+    plot({n: results[n] for n in names}, ROOT / f"bench/{png}.png")  # what this run measured
     return results
+
+
+def last_results() -> dict:
+    """The settings' entries as bench/results.json keeps them (a fresh clone has no bench/out)."""
+    path = ROOT / "bench/results.json"
+    return json.loads(path.read_text()).get("fidelity", {}) if path.exists() else {}
 
 
 if __name__ == "__main__":

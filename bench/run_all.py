@@ -1,5 +1,5 @@
 """Run the benchmarks (or those named), merge every script's latest JSON into bench/results.json, and print the
-README's tables. `python bench/run_all.py [storage_size.py fidelity.py …]`."""
+README's tables. `python bench/run_all.py [storage_size.py fidelity.py …]`; `--tables` runs none (merge and print)."""
 
 import json
 import platform
@@ -171,13 +171,13 @@ def tables(r: dict) -> str:
 def main(only=None):
     out = HERE / "out"
     out.mkdir(exist_ok=True)
-    for s in only or SCRIPTS:
+    for s in SCRIPTS if only is None else only:
         print(f"== {s}", flush=True)
         subprocess.run([sys.executable, str(HERE / s)], check=True)
-    results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, CPU"
-    }
+    # the entries of scripts not run here (a fresh clone has no bench/out) stay as the last run left them
+    results = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
+    machine = platform.processor() or platform.machine()
+    results["machine"] = f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
     for key in SCRIPTS.values():
         if (out / f"{key}.json").exists():
             results[key] = json.loads((out / f"{key}.json").read_text())
@@ -186,4 +186,4 @@ def main(only=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or None)
+    main([] if sys.argv[1:] == ["--tables"] else sys.argv[1:] or None)

@@ -101,9 +101,12 @@ def ratio(times: dict, a: str, b: str) -> dict:
 
 # cache-teacher's options for the random teachers: top-64 float16 rows, no top-p, no draws (a random teacher's flat
 # rows would make the default's top-p .5 rows 1024 wide, which no trained teacher's are)
-Cfg = CacheTeacherConfig(
-    teacher="unused", out="unused", data=DataConfig("unused", text_field="text"), **TOP_K_ROWS, top_k=64
-)
+TOP_64 = {**TOP_K_ROWS, "top_k": 64}
+
+
+def cache_config(options: dict, **extra) -> CacheTeacherConfig:
+    data = DataConfig("unused", text_field="text")
+    return CacheTeacherConfig(teacher="unused", out="unused", data=data, **options, **extra)
 
 
 def cache_teacher_ratio(model, vocab, groups, pad_id, repeats, options=None) -> dict:
@@ -111,9 +114,7 @@ def cache_teacher_ratio(model, vocab, groups, pad_id, repeats, options=None) -> 
     background writer, as the stage does) in the encoding of `options` (cache-teacher's flags; None: top-64 float16
     rows) against `model(ids).logits` on the same batches. Passes alternate after a warm-up, so each pair sees the
     same machine: the ratio is the median of the rounds' ratios, with their range."""
-    options = {**TOP_K_ROWS, "top_k": 64} if options is None else options
-    cfg = CacheTeacherConfig(teacher="unused", out="unused", data=DataConfig("unused", text_field="text"),
-                             part_size=2 * len(groups[0]), **options)  # fmt: skip
+    cfg = cache_config(TOP_64 if options is None else options, part_size=2 * len(groups[0]))
     cfg = dataclasses.replace(cfg, top_k=cfg.width(vocab))
     head, chunk = models.PositionLogits(model, vocab), ct.chunk_rows(cfg, vocab, "cpu")
 
@@ -218,14 +219,14 @@ def peak_memory(mode, n_batches=4, batch=8, seq=256):
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    head = models.PositionLogits(teacher, V)
+    head, cfg = models.PositionLogits(teacher, V), cache_config(TOP_64)
     with torch.inference_mode():
         for b in bs:
             c = batches.collate(b, 0)
             if mode == "forward":
                 teacher(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).logits
             else:
-                ct.teacher_fields(Cfg, head, b, 0, "cpu", ct.chunk_rows(Cfg, V))
+                ct.teacher_fields(cfg, head, b, 0, "cpu", ct.chunk_rows(cfg, V))
     done.set()
     sampler.join()
     print(json.dumps({"peak_mb": peak[0] - base}))
