@@ -1,4 +1,4 @@
-"""On-policy round costs, side by side in one run:
+"""On-policy round costs, side by side in one run (the generators take turns round by round; bench/timing.py):
 
   generate    tokens/s of `pipeline generate` (our batched loop: KV cache, left padding, length-sorted batches,
               per-token log-probs recorded) against plain `model.generate(do_sample=True)` on the same prompts,
@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 from command import TOP_K_ROWS, pipeline
+from timing import interleaved, ratio
 
 from pipeline import data, models
 from pipeline.config import ModelConfig
@@ -52,6 +53,42 @@ def plain_generate(model, tok, prompts, batch_size, max_new_tokens, seed):
     return n
 
 
+def generation_rates(generators: dict, repeats: int) -> dict:
+    """tokens/s of each generator (called with a seed, it returns the tokens it generated), the generators taking
+    turns round by round after a warm-up."""
+    tokens = {name: [] for name in generators}
+
+    def counted(name, fn):
+        return lambda: tokens[name].append(fn(len(tokens[name])))
+
+    times = interleaved({name: counted(name, fn) for name, fn in generators.items()}, repeats)
+    return {name: np.array(tokens[name][1:]) / times[name] for name in generators}  # the warm-up's tokens left out
+
+
+def round_seconds(root: Path, teacher, base: dict, prompts: int, batch_size: int) -> dict:
+    """One on-policy round's stages, timed: generate, cache-teacher on the generations, train from that cache."""
+    stages, t = {}, time.perf_counter()
+    pipeline("generate", out=str(root / "round.jsonl"), seed=0, **base)
+    stages["generate"] = time.perf_counter() - t
+    generated = dict(
+        data=str(root / "round.jsonl"),
+        prompt_field="prompt",
+        response_field="response",
+        response_ids_field="response_token_ids",
+        behavior_field="behavior_logprobs",
+    )
+    t = time.perf_counter()
+    pipeline("cache-teacher", teacher=teacher, **generated, out=str(root / "cache"), top_k=16, **TOP_K_ROWS)
+    stages["cache_teacher"] = time.perf_counter() - t
+    t = time.perf_counter()
+    student, steps = base["model"], prompts // batch_size
+    cache = str(root / "cache")
+    pipeline("train", student=student, out=str(root / "run"), loss="akl", cache=cache, max_steps=steps,
+             batch_size=batch_size)  # fmt: skip
+    stages["train"] = time.perf_counter() - t
+    return stages
+
+
 def main(prompts=256, batch_size=32, max_new_tokens=48, repeats=3):
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -62,64 +99,25 @@ def main(prompts=256, batch_size=32, max_new_tokens=48, repeats=3):
         model = models.load_model(student, torch.float32, torch.device("cpu")).eval()
         texts = [json.loads(l)["prompt"] for l in open(paths["train"])]
         base = dict(
-            model=student,
-            data=paths["train"],
-            prompt_field="prompt",
-            max_new_tokens=max_new_tokens,
+            model=student, data=paths["train"], prompt_field="prompt", max_new_tokens=max_new_tokens,
             batch_size=batch_size,
+        )  # fmt: skip
+        generate = lambda out, s, **mixed: pipeline("generate", out=str(root / out), seed=s, **mixed, **base)["tokens"]
+        rates = generation_rates(
+            {
+                "plain_model_generate": lambda s: plain_generate(model, tok, texts, batch_size, max_new_tokens, s),
+                "pipeline_generate": lambda s: generate("g.jsonl", s),
+                "pipeline_generate_teacher_mixed": lambda s: generate("m.jsonl", s, teacher=teacher, alpha=0.2),
+            },
+            repeats,
         )
         results = {"prompts": prompts, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "repeats": repeats}
-        for name, fn in (
-            ("plain_model_generate", lambda s: plain_generate(model, tok, texts, batch_size, max_new_tokens, s)),
-            (
-                "pipeline_generate",
-                lambda s: pipeline("generate", out=str(root / "g.jsonl"), seed=s, **base)["tokens"],
-            ),
-            (
-                "pipeline_generate_teacher_mixed",
-                lambda s: pipeline("generate", out=str(root / "m.jsonl"), seed=s, teacher=teacher, alpha=0.2, **base)[
-                    "tokens"
-                ],
-            ),
-        ):
-            rates = []
-            for s in range(repeats):
-                t = time.perf_counter()
-                n = fn(s)
-                rates.append(n / (time.perf_counter() - t))
-            results[name] = {"tokens_per_s": float(np.median(rates)), "all": rates}
-            print(f"{name:32s} {np.median(rates):8.0f} tokens/s", flush=True)
-        results["pipeline_over_plain"] = (
-            results["pipeline_generate"]["tokens_per_s"] / results["plain_model_generate"]["tokens_per_s"]
-        )
-
-        stages = {}
-        t = time.perf_counter()
-        pipeline("generate", out=str(root / "round.jsonl"), seed=0, **base)
-        stages["generate"] = time.perf_counter() - t
-        generated = dict(
-            data=str(root / "round.jsonl"),
-            prompt_field="prompt",
-            response_field="response",
-            response_ids_field="response_token_ids",
-            behavior_field="behavior_logprobs",
-        )
-        t = time.perf_counter()
-        pipeline("cache-teacher", teacher=teacher, **generated, out=str(root / "cache"), top_k=16, **TOP_K_ROWS)
-        stages["cache_teacher"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pipeline(
-            "train",
-            student=student,
-            out=str(root / "run"),
-            loss="akl",
-            cache=str(root / "cache"),
-            max_steps=prompts // batch_size,
-            batch_size=batch_size,
-        )
-        stages["train"] = time.perf_counter() - t
-        results["round_seconds"] = stages
-        print("one round: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()), flush=True)
+        for name, r in rates.items():
+            results[name] = {"tokens_per_s": float(np.median(r)), "all": r.tolist()}
+            print(f"{name:32s} {np.median(r):8.0f} tokens/s", flush=True)
+        results["pipeline_over_plain"] = ratio(rates, "pipeline_generate", "plain_model_generate")
+        results["round_seconds"] = round_seconds(root, teacher, base, prompts, batch_size)
+        print("one round: " + ", ".join(f"{k} {v:.1f} s" for k, v in results["round_seconds"].items()), flush=True)
     return results
 
 

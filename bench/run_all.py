@@ -123,10 +123,15 @@ def scale_lines(s) -> list[str]:
 
 
 def onpolicy_lines(o) -> list[str]:
-    r = o["round_seconds"]
+    r, x = o["round_seconds"], o["pipeline_over_plain"]
+    x = (
+        f"×{x:.2f}"
+        if isinstance(x, float)
+        else f"×{x['ratio']:.2f}, {x['ratio_min']:.2f}–{x['ratio_max']:.2f} over rounds"
+    )
     return [
         f"- generation: `pipeline generate` {o['pipeline_generate']['tokens_per_s']:.0f} tokens/s, plain "
-        f"`model.generate` {o['plain_model_generate']['tokens_per_s']:.0f} (×{o['pipeline_over_plain']:.2f}); "
+        f"`model.generate` {o['plain_model_generate']['tokens_per_s']:.0f} ({x}); "
         f"teacher-mixed (α = 0.2) {o['pipeline_generate_teacher_mixed']['tokens_per_s']:.0f}.",
         f"- one round ({o['prompts']} prompts): generate {r['generate']:.1f} s, cache-teacher "
         f"{r['cache_teacher']:.1f} s, train {r['train']:.1f} s.",

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 from command import TOP_K_ROWS, exported_real_teacher
+from timing import interleaved, ratio
 
 import storage
 from pipeline import batches, losses, models, teachers
@@ -77,26 +78,6 @@ def make_batches(n_batches, batch, seq, distilled, seed=0):
             samples.append({"sample_index": i, "input_ids": rng.integers(0, V, seq), "loss_mask": mask})
         out.append(samples)
     return out
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Each function's times over `repeats` rounds after a warm-up; within a round they run one after the other, so
-    that each round's times see the same machine (this one's speed drifts by ±25 % over minutes)."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: np.array(t) for name, t in times.items()}
-
-
-def ratio(times: dict, a: str, b: str) -> dict:
-    """time(a) ÷ time(b), round by round: the median and range."""
-    r = times[a] / times[b]
-    return {"ratio": float(np.median(r)), "ratio_min": float(r.min()), "ratio_max": float(r.max()), "rounds": len(r)}
 
 
 # cache-teacher's options for the random teachers: top-64 float16 rows, no top-p, no draws (a random teacher's flat
