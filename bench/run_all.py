@@ -56,7 +56,7 @@ def fidelity_table(r) -> list[str]:
             "|---|---|---|---|---|---|---|",
         ]
         for row in res["rows"]:
-            b = f"{row['bytes_per_position']:.0f}" if "bytes_per_position" in row else "–"
+            b = f"{row['bytes_per_position']:.1f}" if "bytes_per_position" in row else "–"
             dkl = f"{row['decode_kl_mean']:.1e}" if row.get("decode_kl_mean") is not None else "–"
             ang = (
                 f"{row['grad_rel_error_at_student_init']:.1%} ({row['grad_angle_deg_at_student_init']:.1f}°) / "
