@@ -114,7 +114,8 @@ def cache_teacher(**kw):
     from stages import cache_teacher as stage
 
     data = pop_data(kw)
-    result = stage.run(config.build(config.CacheTeacherConfig, given(kw) | {"data": data}))
+    options = given(kw)
+    result = stage.run(config.build(config.CacheTeacherConfig, options | {"data": data, "stated": tuple(options)}))
     report_cache(result, data)
     return result
 

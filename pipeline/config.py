@@ -318,6 +318,9 @@ class CacheTeacherConfig:
     trust_remote_code: bool = option(False, "run the model's own code from its folder or hub repository")
     chunk_bytes: int = option(1 << 29, cli=False)
     progress: bool = option(True, cli=False)
+    # the options the command line gave (the command fills it): one stated at its default value is not left to an
+    # earlier version's default (earlier_defaults)
+    stated: tuple[str, ...] = option((), cli=False)
 
     def validate(self):
         if len(set(self.temperatures)) != len(self.temperatures):
@@ -334,9 +337,10 @@ class CacheTeacherConfig:
     def earlier_defaults(self) -> dict[str, "CacheTeacherConfig"]:
         """This command as each earlier version would have run it: the encoding options it leaves at their default
         take that version's default (only those that differ from this one and make an encoding beside the options
-        stated: RS-KD's --top-p 0 --min-k 0 with no draws makes none)."""
+        stated: RS-KD's --top-p 0 --min-k 0 with no draws makes none). An option is stated when the command line
+        gave it (`stated`) or its value is not the default."""
         defaults = self.defaults()
-        unstated = [name for name in ENCODING_OPTIONS if getattr(self, name) == defaults[name]]
+        unstated = [n for n in ENCODING_OPTIONS if n not in self.stated and getattr(self, n) == defaults[n]]
         out = {}
         for when, encoding in EARLIER_DEFAULT_ENCODINGS.items():
             try:

@@ -583,6 +583,18 @@ def test_a_cache_of_the_default_of_0_2_to_0_3_resumes_with_its_24_draws_beside_t
     assert replaced["encoding"]["draws"]["n"] == 16
 
 
+def test_a_default_value_stated_on_the_command_line_is_not_left_to_an_earlier_default(tiny, tmp_path):
+    """`--tail-draws 16` asks for 16 draws even though 16 is today's default: at an --out holding a 0.3 cache of 24
+    draws, the command is refused in one line instead of resuming that cache; left unstated, it resumes it."""
+    run(tiny, tmp_path / "c", "gpt2", top_k=None, tail_draws=24, shard=(1, 3))
+    stated = cli(tiny, tmp_path / "c", "--part-size", "16", "--tail-draws", "16")
+    assert stated.exit_code == 1 and "encoding" in stated.output and len(stated.output.strip().splitlines()) == 1
+    with pytest.warns(UserWarning, match="default encoding 0.2–0.3"):
+        unstated = cli(tiny, tmp_path / "c", "--part-size", "16")
+    assert unstated.exit_code == 0, unstated.output
+    assert storage.open_cache(tmp_path / "c").encoding["draws"]["n"] == 24
+
+
 def test_an_earlier_default_that_makes_no_encoding_beside_the_options_stated_is_passed_over(tiny, tmp_path):
     """RS-KD at the default draws: before 0.2 the same command would have drawn none, which is no encoding."""
     res = run(tiny, tmp_path / "c", "llama", top_k=8, top_p=0.0, min_k=0)
