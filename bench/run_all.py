@@ -128,7 +128,7 @@ def onpolicy_lines(o) -> list[str]:
     r, x = o["round_seconds"], o["pipeline_over_plain"]
     plain = o["plain_model_generate"]["tokens_per_s"]
     mixed = o["pipeline_generate_teacher_mixed"]["tokens_per_s"] / plain
-    x = f"×{x:.2f}" if isinstance(x, float) else f"×{x['ratio']:.2f} ({x['ratio_min']:.2f}–{x['ratio_max']:.2f})"
+    x = f"×{x['ratio']:.2f} ({x['ratio_min']:.2f}–{x['ratio_max']:.2f})"
     total = sum(r.values())
     return [
         f"- generation: `pipeline generate` {x} the tokens/s of plain `model.generate`; teacher-mixed (α = 0.2) "
